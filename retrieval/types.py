@@ -1,0 +1,44 @@
+"""The records that flow from ingest through retrieval to citations."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span of one page of one document, as stored in a tenant's index.
+
+    ``start``/``end`` are character offsets into that page's extracted text, so
+    ``page_text[start:end] == text``. Pages are numbered from 1; formats without pages have one page.
+    """
+
+    id: str  # content hash of (tenant, document_id, page, start, end, text): stable across re-ingest
+    tenant: str
+    document_id: str  # content hash of the source file's bytes
+    source: str  # the path the document was ingested from
+    page: int
+    start: int
+    end: int
+    text: str
+    heading_path: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A chunk returned for a query, with the fused score and each retriever's own score."""
+
+    chunk: Chunk
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)  # e.g. {"dense": 0.71, "keyword": 12.3}
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    """One ingested document of a tenant."""
+
+    document_id: str
+    tenant: str
+    source: str
+    pages: int
+    chunk_count: int
+    size_bytes: int
+    ingested_at: str  # ISO 8601, UTC

@@ -1,0 +1,54 @@
+"""Session-wide fixtures: a private data dir for every test run, tiny models built once."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Never touch the user's home: every lorag process started by the tests sees this data dir
+# unless a test passes its own. Set before any test module imports lorag code.
+_SESSION_ROOT = Path(tempfile.mkdtemp(prefix="lorag-tests-"))
+os.environ.setdefault("LORAG_DATA_DIR", str(_SESSION_ROOT / "default-data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO_ROOT / "data"
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A fresh, empty lorag data directory for one test."""
+    path = tmp_path / "lorag-data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Llama with a ChatML tokenizer, saved with save_pretrained."""
+    from tests.model_factory import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), architecture="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Qwen2 (biased q/k/v projections) with the same tokenizer."""
+    from tests.model_factory import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-qwen2"), architecture="qwen2", seed=1)
