@@ -1,0 +1,92 @@
+"""Settings of the serving process: HTTP limits and auth, the generator, the adapter slots.
+
+``ServerSettings`` extends the shared :class:`retrieval.settings.Settings`; environment names follow
+the sections, e.g. ``LORAG_SERVER__PORT``, ``LORAG_SERVER__ADMIN_KEY``, ``LORAG_GENERATION__MODEL``.
+"""
+
+import hashlib
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+
+from retrieval.settings import Settings
+
+# Placeholders people copy from examples; refused as admin keys on a reachable host.
+_PLACEHOLDER_KEYS = {"changethis", "changeme", "admin", "secret", "password", "lorag"}
+MIN_ADMIN_KEY_CHARS = 24
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+class HTTPSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_key: SecretStr | None = Field(
+        None, description="key for /v1/admin/* and for acting as any tenant (env LORAG_SERVER__ADMIN_KEY)"
+    )
+    admin_key_hash: str | None = Field(None, description="sha256 hex of the admin key; use instead of admin_key")
+    served_model_name: str | None = Field(None, description="name /v1/models shows for the base model")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1)
+    max_messages: int = Field(64, ge=1)
+    max_message_chars: int = Field(32_000, ge=1)
+    max_k: int = Field(50, ge=1, description="largest retrieval.k a request may ask for")
+    max_concurrent_requests: int = Field(8, ge=1, description="chat requests generating at once")
+    max_queued_requests: int = Field(32, ge=0, description="chat requests waiting beyond that; more get 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="a chat request running longer is cut off")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_admin_key(self) -> "HTTPSettings":
+        if self.admin_key is not None:
+            key = self.admin_key.get_secret_value()
+            if not key.strip():
+                raise ValueError("server.admin_key is empty: unset LORAG_SERVER__ADMIN_KEY or set a real key")
+            if not is_loopback(self.host) and (
+                len(key) < MIN_ADMIN_KEY_CHARS or key.lower() in _PLACEHOLDER_KEYS
+            ):
+                raise ValueError(
+                    f"server.admin_key is unsafe for host {self.host!r}: use at least {MIN_ADMIN_KEY_CHARS} "
+                    "random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        if self.admin_key_hash is not None and len(self.admin_key_hash) != 64:
+            raise ValueError(f"server.admin_key_hash {self.admin_key_hash!r} is not a sha256 hex digest")
+        return self
+
+    def admin_hash(self) -> str | None:
+        """sha256 hex of the admin key, whichever way it was configured; None disables admin access."""
+        if self.admin_key is not None:
+            return hashlib.sha256(self.admin_key.get_secret_value().encode()).hexdigest()
+        return self.admin_key_hash.lower() if self.admin_key_hash else None
+
+
+class GenerationSettings(BaseModel):
+    model: str | None = Field("Qwen/Qwen2.5-0.5B-Instruct", description="hub id or local path; None = extractive")
+    device: str | None = Field(None, description="torch device; None picks cuda when available")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    max_batch_size: int = Field(8, ge=1)
+    max_context_tokens: int | None = Field(None, ge=64, description="prompt + answer budget; None = model's")
+    fallback: Literal["extractive", "error"] = Field(
+        "extractive", description="what to do when the model cannot be loaded"
+    )
+
+
+class AdapterSettings(BaseModel):
+    max_resident: int = Field(4, ge=1, description="adapters kept loaded at once")
+    max_rank: int = Field(64, ge=1)
+    pinned: list[str] = Field(default_factory=list, description="'tenant/adapter' names never evicted")
+
+
+class ServerSettings(Settings):
+    server: HTTPSettings = HTTPSettings()
+    generation: GenerationSettings = GenerationSettings()
+    adapters: AdapterSettings = AdapterSettings()
