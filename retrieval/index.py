@@ -1,0 +1,357 @@
+"""One tenant's search index: vectors in FAISS, chunk text and metadata in SQLite, a JSON manifest.
+
+Files in ``<data_dir>/tenants/<tenant>/index/``: ``manifest.json`` (format version, embedder name and
+dimension, index type), ``chunks.sqlite`` (documents, chunks, and the current vector *generation*),
+``vectors-<generation>.faiss``, and ``write.lock``.
+
+Commit protocol (crash-safe at every instant): under an exclusive ``fcntl`` lock on ``write.lock``
+(one writer per tenant; readers never take it), the new vectors are written to a temporary file,
+fsynced and renamed to ``vectors-<g+1>.faiss``; then one SQLite transaction stores the changed rows
+together with ``generation = g+1``; only after that commits are older vector files deleted. A crash
+before the SQLite commit leaves SQLite naming generation ``g``, whose file still exists (the orphan
+``g+1`` file is overwritten by the next commit); a crash after it leaves the new, complete state.
+Readers load the vector file of the generation SQLite names, so vectors and rows always agree;
+:meth:`TenantIndex.refresh` picks up commits made by other processes.
+"""
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import LoragError, NotFound
+from retrieval.keyword import KeywordIndex
+from retrieval.manifest import IndexManifest, fsync_directory, read_manifest, write_manifest
+from retrieval.store import ChunkStore, ChunkWriter, create_schema
+from retrieval.tenancy import index_dir
+from retrieval.types import Chunk, DocumentRecord
+from retrieval.vector_store import FaissVectorStore
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "chunks.sqlite"
+LOCK_NAME = "write.lock"
+
+
+def vectors_path(directory: Path, generation: int) -> Path:
+    return directory / f"vectors-{generation:08d}.faiss"
+
+
+class TenantIndex:
+    """Read access to one tenant's index (thread-safe) and the entry point for atomic updates."""
+
+    def __init__(self, directory: Path, *, tenant: str, manifest: IndexManifest):
+        self.directory = Path(directory)
+        self.tenant = tenant
+        self.manifest = manifest
+        self.store = ChunkStore(self.directory / STORE_NAME, tenant=tenant)
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._vectors = FaissVectorStore.empty(manifest.dimension, index_type=manifest.index_type)
+        self._keyword: tuple[int, KeywordIndex] | None = None
+        self._load()
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        tenant: str,
+        *,
+        embedder_name: str,
+        dimension: int,
+        index_type: str = "flat",
+        create: bool = True,
+    ) -> "TenantIndex":
+        """Open the tenant's index, creating an empty one when ``create`` is true.
+
+        Raises:
+            Conflict: the index was built with another embedder name or dimension.
+            NotFound: there is no index and ``create`` is false.
+            LoragError: the tenant name or the index type is invalid, or the manifest is unreadable.
+        """
+        directory = index_dir(data_dir, tenant)
+        manifest = read_manifest(directory)
+        if manifest is None:
+            if not create:
+                raise NotFound(
+                    f"tenant {tenant!r} has no index in {str(directory)!r}",
+                    hint=f"Ingest documents first: lorag ingest PATH --tenant {tenant}",
+                )
+            manifest = _create(directory, embedder_name=embedder_name, dimension=dimension, index_type=index_type)
+        manifest.check_embedder(embedder_name=embedder_name, dimension=dimension, where=directory)
+        if manifest.index_type != index_type:
+            log.warning(
+                "tenant %s: index was built as %r, keeping that (retrieval.index_type %r applies to new tenants)",
+                tenant, manifest.index_type, index_type,
+            )
+        return cls(directory, tenant=tenant, manifest=manifest)
+
+    @staticmethod
+    def exists(data_dir: Path, tenant: str) -> bool:
+        return (index_dir(data_dir, tenant) / "manifest.json").is_file()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def refresh(self) -> bool:
+        """Reload if another process committed since this one loaded; returns whether it reloaded."""
+        if self.store.generation() == self._generation:
+            return False
+        self._load()
+        return True
+
+    def _load(self) -> None:
+        with self._lock:
+            for _ in range(20):
+                generation = self.store.generation()
+                if generation == self._generation:
+                    return
+                if generation == 0:
+                    vectors = FaissVectorStore.empty(self.manifest.dimension, index_type=self.manifest.index_type)
+                    break
+                try:
+                    vectors = FaissVectorStore.load(
+                        vectors_path(self.directory, generation),
+                        index_type=self.manifest.index_type,
+                        dimension=self.manifest.dimension,
+                    )
+                    break
+                except RuntimeError:  # a newer commit deleted that file between our two reads: read again
+                    if self.store.generation() == generation:
+                        raise
+            else:
+                raise LoragError(f"index {str(self.directory)!r} keeps changing; cannot load a stable generation")
+            self._vectors, self._generation = vectors, generation
+            log.debug("tenant %s: loaded generation %d (%d vectors)", self.tenant, generation, len(vectors))
+
+    def documents(self) -> list[DocumentRecord]:
+        return self.store.documents()
+
+    def document(self, document_id: str) -> DocumentRecord | None:
+        return self.store.document(document_id)
+
+    def document_by_source(self, source: str) -> DocumentRecord | None:
+        return self.store.document_by_source(source)
+
+    def chunk(self, chunk_id: str) -> Chunk | None:
+        return self.store.chunk(chunk_id)
+
+    def chunks_of(self, document_id: str) -> list[Chunk]:
+        """The document's chunks in reading order (empty when the document is unknown)."""
+        return self.store.chunks_of(document_id)
+
+    def neighbours(self, chunk_id: str, *, before: int = 1, after: int = 1) -> list[Chunk]:
+        """The chunk itself with up to ``before``/``after`` chunks of the same document around it, in reading order."""
+        return self.store.neighbours(chunk_id, before=before, after=after)
+
+    def search_dense(self, vector: np.ndarray, k: int, *, sources: Sequence[str] | None = None) -> list[tuple[Chunk, float]]:
+        """The ``k`` chunks whose vectors have the highest inner product with ``vector`` ``(dimension,)``.
+
+        Raises:
+            LoragError: ``vector`` does not have the index's dimension.
+        """
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != self.manifest.dimension:
+            raise LoragError(f"query vector has dimension {vector.shape[0]}, index has {self.manifest.dimension}")
+        allowed = None
+        if sources is not None:
+            allowed = self.store.rowids_of_sources(sources)
+            if len(allowed) == 0:
+                return []
+        scores, ids = self._vectors.search(vector[None, :], k, allowed_ids=allowed)
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        return self._join(hits)
+
+    def search_keyword(self, query: str, k: int, *, sources: Sequence[str] | None = None) -> list[tuple[Chunk, float]]:
+        """The ``k`` best BM25 matches for ``query`` (chunks sharing no term with it are left out)."""
+        allowed = None
+        if sources is not None:
+            allowed = self.store.rowids_of_sources(sources)
+            if len(allowed) == 0:
+                return []
+        return self._join(self._keyword_index().search(query, k, allowed_rowids=allowed))
+
+    def _keyword_index(self) -> KeywordIndex:
+        with self._lock:
+            generation = self._generation
+            if self._keyword is None or self._keyword[0] != generation:
+                rowids, texts = self.store.texts()
+                self._keyword = (generation, KeywordIndex(rowids, texts))
+            return self._keyword[1]
+
+    def _join(self, hits: list[tuple[int, float]]) -> list[tuple[Chunk, float]]:
+        chunks = self.store.chunks_by_rowid(rowid for rowid, _ in hits)
+        # A row deleted by a commit this process has not loaded yet is simply skipped.
+        return [(chunks[rowid], score) for rowid, score in hits if rowid in chunks]
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def update(self) -> "IndexUpdate":
+        """Start an update: blocks while another process or thread holds this tenant's write lock."""
+        return IndexUpdate(self)
+
+
+class IndexUpdate:
+    """Staged changes to one tenant's index; invisible to readers until :meth:`commit`.
+
+    Use as a context manager; leaving the block without ``commit()`` (or by an exception) discards them.
+    """
+
+    def __init__(self, index: TenantIndex):
+        self.index = index
+        self._lock_file = open(index.directory / LOCK_NAME, "a+b")
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            self._writer = ChunkWriter(index.directory / STORE_NAME, tenant=index.tenant)
+        except BaseException:
+            self._release()
+            raise
+        self._removed: list[np.ndarray] = []
+        self._added_ids: list[np.ndarray] = []
+        self._added_vectors: list[np.ndarray] = []
+        self._open = True
+
+    def __enter__(self) -> "IndexUpdate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def put_document(self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
+        """Store ``record`` with its ``chunks`` (reading order) and their ``vectors`` ``(len(chunks), dimension)``,
+        replacing any document stored under the same source.
+
+        Raises:
+            LoragError: the shapes disagree, or a chunk belongs to another source or tenant.
+        """
+        self._check_open()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        dimension = self.index.manifest.dimension
+        if vectors.shape != (len(chunks), dimension):
+            raise LoragError(
+                f"document {record.source!r}: {len(chunks)} chunks need vectors of shape ({len(chunks)}, {dimension}), "
+                f"got {vectors.shape}"
+            )
+        if record.tenant != self.index.tenant:
+            raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {self.index.tenant!r}")
+        self._removed.append(self._writer.remove_source(record.source))
+        self._added_ids.append(self._writer.insert_document(record, chunks))
+        self._added_vectors.append(vectors)
+
+    def remove_source(self, source: str) -> bool:
+        """Remove the document stored under ``source``; returns whether there was one."""
+        self._check_open()
+        if not self._writer.has_source(source):
+            return False
+        self._removed.append(self._writer.remove_source(source))
+        return True
+
+    def commit(self) -> None:
+        """Make every staged change visible at once (see the module docstring for why this is crash-safe).
+
+        Raises:
+            LoragError: the update was already committed or discarded.
+        """
+        self._check_open()
+        index = self.index
+        try:
+            removed = np.concatenate(self._removed) if self._removed else np.zeros(0, dtype=np.int64)
+            if len(removed) == 0 and not self._added_ids:
+                self.discard()
+                return
+            vectors = self._base_vectors().copy()
+            vectors.remove(removed)
+            if self._added_ids:
+                ids, added = np.concatenate(self._added_ids), np.concatenate(self._added_vectors)
+                keep = ~np.isin(ids, removed)  # rows added and then replaced within this same update
+                vectors.add(ids[keep], added[keep])
+            generation = self._writer.generation + 1
+            path = vectors_path(index.directory, generation)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            vectors.save(tmp)
+            os.replace(tmp, path)
+            fsync_directory(index.directory)
+            self._writer.commit(generation)  # the commit point
+        except BaseException:
+            self.discard()
+            raise
+        self._open = False
+        try:
+            _delete_old_generations(index.directory, keep=generation)  # under the lock: no writer is mid-commit
+        finally:
+            self._release()
+        with index._lock:
+            index._vectors, index._generation = vectors, generation
+        log.info("tenant %s: committed generation %d (%d chunks)", index.tenant, generation, len(vectors))
+
+    def discard(self) -> None:
+        """Drop every staged change and release the write lock (what leaving the block does)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._writer.rollback()
+        finally:
+            self._release()
+
+    def _base_vectors(self) -> FaissVectorStore:
+        index = self.index
+        if self._writer.generation == index.generation:
+            return index._vectors
+        # Another process committed since this one loaded: build on its state, not on ours.
+        if self._writer.generation == 0:
+            return FaissVectorStore.empty(index.manifest.dimension, index_type=index.manifest.index_type)
+        return FaissVectorStore.load(
+            vectors_path(index.directory, self._writer.generation),
+            index_type=index.manifest.index_type,
+            dimension=index.manifest.dimension,
+        )
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LoragError(f"index update of tenant {self.index.tenant!r} was already committed or discarded")
+
+    def _release(self) -> None:
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+
+def _create(directory: Path, *, embedder_name: str, dimension: int, index_type: str) -> IndexManifest:
+    FaissVectorStore.empty(dimension, index_type=index_type)  # validates index_type before anything is written
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_NAME, "a+b") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # two processes creating the same tenant: one manifest wins
+        manifest = read_manifest(directory)
+        if manifest is None:
+            create_schema(directory / STORE_NAME)
+            manifest = IndexManifest(
+                embedder_name=embedder_name,
+                dimension=dimension,
+                index_type=index_type,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+            write_manifest(directory, manifest)  # last: an index without a manifest does not exist yet
+    return manifest
+
+
+def _delete_old_generations(directory: Path, *, keep: int) -> None:
+    keep_name = vectors_path(directory, keep).name
+    for path in directory.glob("vectors-*.faiss"):
+        if path.name != keep_name:
+            path.unlink(missing_ok=True)
+    for path in directory.glob(".vectors-*.tmp-*"):
+        path.unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""The JSON manifest beside each tenant index: format version, embedder and index type, written atomically."""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retrieval.errors import Conflict, LoragError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    embedder_name: str
+    dimension: int
+    index_type: str
+    created_at: str
+    format_version: int = FORMAT_VERSION
+
+    def check_embedder(self, *, embedder_name: str, dimension: int, where: Path) -> None:
+        """Refuse to mix vectors from two embedders in one index.
+
+        Raises:
+            Conflict: the stored embedder name or dimension differs from the requested one.
+        """
+        if self.embedder_name != embedder_name or self.dimension != dimension:
+            raise Conflict(
+                f"index {str(where)!r} was built with embedder {self.embedder_name!r} (dimension "
+                f"{self.dimension}), not {embedder_name!r} (dimension {dimension})",
+                hint="Set embedding.model back to the stored one, or re-ingest into a fresh tenant",
+            )
+
+
+def read_manifest(directory: Path) -> IndexManifest | None:
+    """The manifest in ``directory``, or None when there is none (no index yet).
+
+    Raises:
+        LoragError: the file is unreadable, not a manifest, or from a newer format.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise LoragError(f"cannot read index manifest {str(path)!r}: {error}") from error
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise LoragError(
+            f"index manifest {str(path)!r} has format_version {version!r}, this lorag reads {FORMAT_VERSION}",
+            hint="Re-ingest the tenant's documents with this version of lorag",
+        )
+    try:
+        return IndexManifest(
+            embedder_name=str(raw["embedder_name"]),
+            dimension=int(raw["dimension"]),
+            index_type=str(raw["index_type"]),
+            created_at=str(raw["created_at"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise LoragError(f"index manifest {str(path)!r} is missing or has a bad field: {error}") from error
+
+
+def write_manifest(directory: Path, manifest: IndexManifest) -> None:
+    write_atomically(Path(directory) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

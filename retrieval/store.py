@@ -1,0 +1,226 @@
+"""Chunk text and metadata of one tenant in SQLite; the rowid of each chunk is its vector's FAISS id.
+
+The ``state`` table also records the committed vector generation, so rows and vectors change in one
+SQLite transaction (see ``retrieval.index`` for the commit protocol).
+"""
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import LoragError
+from retrieval.types import Chunk, DocumentRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    source TEXT PRIMARY KEY,
+    document_id TEXT NOT NULL,
+    pages INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    ingested_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_id ON documents(document_id);
+-- AUTOINCREMENT: a rowid is never reused, so a stale vector id can never point at a newer chunk.
+CREATE TABLE IF NOT EXISTS chunks (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    chunk_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    document_id TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    page INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    heading_path TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_id ON chunks(chunk_id);
+CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks(source, ordinal);
+"""
+_CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path'
+_DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    # WAL: readers see the last committed state and never wait for a writer.
+    connection = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    return connection
+
+
+def create_schema(path: Path) -> None:
+    connection = connect(path)
+    try:
+        connection.executescript(_SCHEMA)
+    finally:
+        connection.close()
+
+
+class ChunkStore:
+    """Read side of one tenant's SQLite file; safe to share between threads."""
+
+    def __init__(self, path: Path, *, tenant: str):
+        self.path = Path(path)
+        self.tenant = tenant
+        self._connection = connect(self.path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def _rows(self, sql: str, parameters: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._connection.execute(sql, parameters).fetchall()
+
+    def generation(self) -> int:
+        return read_generation(self._rows("SELECT value FROM state WHERE key = 'generation'"))
+
+    def count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM chunks")[0][0])
+
+    def documents(self) -> list[DocumentRecord]:
+        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents ORDER BY source")
+        return [self._document(row) for row in rows]
+
+    def document(self, document_id: str) -> DocumentRecord | None:
+        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE document_id = ? ORDER BY source LIMIT 1", (document_id,))
+        return self._document(rows[0]) if rows else None
+
+    def document_by_source(self, source: str) -> DocumentRecord | None:
+        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE source = ?", (source,))
+        return self._document(rows[0]) if rows else None
+
+    def chunk(self, chunk_id: str) -> Chunk | None:
+        rows = self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE chunk_id = ? ORDER BY rowid LIMIT 1", (chunk_id,))
+        return self._chunk(rows[0]) if rows else None
+
+    def chunks_of(self, document_id: str) -> list[Chunk]:
+        document = self.document(document_id)
+        if document is None:
+            return []
+        rows = self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE source = ? ORDER BY ordinal", (document.source,))
+        return [self._chunk(row) for row in rows]
+
+    def neighbours(self, chunk_id: str, *, before: int = 1, after: int = 1) -> list[Chunk]:
+        rows = self._rows("SELECT source, ordinal FROM chunks WHERE chunk_id = ? ORDER BY rowid LIMIT 1", (chunk_id,))
+        if not rows:
+            return []
+        source, ordinal = rows[0]
+        rows = self._rows(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE source = ? AND ordinal BETWEEN ? AND ? ORDER BY ordinal",
+            (source, ordinal - max(before, 0), ordinal + max(after, 0)),
+        )
+        return [self._chunk(row) for row in rows]
+
+    def chunks_by_rowid(self, rowids: Iterable[int]) -> dict[int, Chunk]:
+        """The chunks stored under ``rowids`` (ids no longer stored are absent from the result)."""
+        rowids = [int(rowid) for rowid in rowids]
+        found: dict[int, Chunk] = {}
+        for offset in range(0, len(rowids), 500):  # stay under SQLite's bound-parameter limit
+            batch = rowids[offset : offset + 500]
+            marks = ",".join("?" * len(batch))
+            for row in self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE rowid IN ({marks})", batch):
+                found[int(row[0])] = self._chunk(row)
+        return found
+
+    def rowids_of_sources(self, sources: Iterable[str]) -> np.ndarray:
+        sources = list(dict.fromkeys(sources))
+        rowids: list[int] = []
+        for offset in range(0, len(sources), 500):
+            batch = sources[offset : offset + 500]
+            marks = ",".join("?" * len(batch))
+            rowids += [row[0] for row in self._rows(f"SELECT rowid FROM chunks WHERE source IN ({marks})", batch)]
+        return np.asarray(rowids, dtype=np.int64)
+
+    def texts(self) -> tuple[np.ndarray, list[str]]:
+        """Every chunk's ``(rowids, texts)`` in rowid order: the keyword index's corpus."""
+        rows = self._rows("SELECT rowid, text FROM chunks ORDER BY rowid")
+        return np.asarray([row[0] for row in rows], dtype=np.int64), [row[1] for row in rows]
+
+    def _chunk(self, row: tuple) -> Chunk:
+        rowid, chunk_id, source, document_id, page, start, end, text, heading_path = row
+        return Chunk(
+            id=chunk_id,
+            tenant=self.tenant,
+            document_id=document_id,
+            source=source,
+            page=page,
+            start=start,
+            end=end,
+            text=text,
+            heading_path=tuple(json.loads(heading_path)),
+        )
+
+    def _document(self, row: tuple) -> DocumentRecord:
+        document_id, source, pages, chunk_count, size_bytes, ingested_at = row
+        return DocumentRecord(document_id, self.tenant, source, pages, chunk_count, size_bytes, ingested_at)
+
+
+def read_generation(rows: list[tuple]) -> int:
+    return int(rows[0][0]) if rows else 0
+
+
+class ChunkWriter:
+    """One write transaction on the chunk store; nothing is visible to readers until :meth:`commit`."""
+
+    def __init__(self, path: Path, *, tenant: str):
+        self.tenant = tenant
+        self._connection = connect(path)
+        self._connection.execute("BEGIN IMMEDIATE")
+        self.generation = read_generation(
+            self._connection.execute("SELECT value FROM state WHERE key = 'generation'").fetchall()
+        )
+
+    def remove_source(self, source: str) -> np.ndarray:
+        """Delete the document stored under ``source`` and its chunks; returns the removed rowids."""
+        rowids = [row[0] for row in self._connection.execute("SELECT rowid FROM chunks WHERE source = ?", (source,))]
+        self._connection.execute("DELETE FROM chunks WHERE source = ?", (source,))
+        self._connection.execute("DELETE FROM documents WHERE source = ?", (source,))
+        return np.asarray(rowids, dtype=np.int64)
+
+    def has_source(self, source: str) -> bool:
+        return self._connection.execute("SELECT 1 FROM documents WHERE source = ?", (source,)).fetchone() is not None
+
+    def insert_document(self, record: DocumentRecord, chunks: Sequence[Chunk]) -> np.ndarray:
+        """Insert ``record`` and its ``chunks`` (in reading order); returns the new rowids, one per chunk."""
+        self._connection.execute(
+            f"INSERT INTO documents ({_DOCUMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.document_id, record.source, record.pages, len(chunks), record.size_bytes, record.ingested_at),
+        )
+        rowids = []
+        for ordinal, chunk in enumerate(chunks):
+            if chunk.source != record.source or chunk.tenant != self.tenant:
+                raise LoragError(
+                    f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
+                    f"not to document {record.source!r} of tenant {self.tenant!r}"
+                )
+            cursor = self._connection.execute(
+                'INSERT INTO chunks (chunk_id, source, document_id, ordinal, page, start, "end", text, heading_path) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (chunk.id, chunk.source, chunk.document_id, ordinal, chunk.page, chunk.start, chunk.end, chunk.text,
+                 json.dumps(list(chunk.heading_path))),
+            )
+            rowids.append(cursor.lastrowid)
+        return np.asarray(rowids, dtype=np.int64)
+
+    def commit(self, generation: int) -> None:
+        """Record ``generation`` as the current vector file and make every change visible, atomically."""
+        self._connection.execute(
+            "INSERT INTO state (key, value) VALUES ('generation', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(generation),),
+        )
+        self._connection.execute("COMMIT")
+        self._connection.close()
+
+    def rollback(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+        self._connection.close()
