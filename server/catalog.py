@@ -1,0 +1,58 @@
+"""Which ``model`` names a tenant may ask for, and what each one means (base model or adapter).
+
+Names: the base model's served name and the alias ``base`` mean the base model; ``lorag`` means the
+tenant's default adapter when it has one, else the base model; any other name must be one of the
+tenant's adapters (a directory with a ``lorag_adapter.json`` manifest under its adapters dir).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.tenancy import adapters_dir
+from server.errors import ModelNotFound
+from server.schemas import ModelCard
+from server.tenants import Tenant
+
+BASE_ALIAS = "base"
+DEFAULT_ALIAS = "lorag"
+ADAPTER_MANIFEST = "lorag_adapter.json"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str  # as the client asked
+    adapter: str | None  # None = base model
+
+
+class ModelCatalog:
+    def __init__(self, data_dir: Path, *, base_name: str):
+        self.data_dir = Path(data_dir)
+        self.base_name = base_name
+
+    def adapters(self, tenant: str) -> list[str]:
+        root = adapters_dir(self.data_dir, tenant)
+        if not root.is_dir():
+            return []
+        return sorted(path.name for path in root.iterdir() if (path / ADAPTER_MANIFEST).is_file())
+
+    def cards(self, tenant: Tenant) -> list[ModelCard]:
+        cards = [
+            ModelCard(id=self.base_name, owned_by="lorag", kind="base"),
+            ModelCard(id=BASE_ALIAS, owned_by="lorag", kind="alias"),
+            ModelCard(id=DEFAULT_ALIAS, owned_by="lorag", kind="alias"),
+        ]
+        cards += [ModelCard(id=name, owned_by=tenant.id, kind="adapter") for name in self.adapters(tenant.id)]
+        return cards
+
+    def resolve(self, name: str, tenant: Tenant) -> ModelChoice:
+        """Raises: ModelNotFound (404) for a name that is neither the base model nor the tenant's adapter."""
+        if name in (self.base_name, BASE_ALIAS):
+            return ModelChoice(name, None)
+        if name == DEFAULT_ALIAS:
+            return ModelChoice(name, tenant.default_adapter)
+        if name in self.adapters(tenant.id):
+            return ModelChoice(name, name)
+        raise ModelNotFound(
+            f"The model {name!r} does not exist or you do not have access to it",
+            hint="GET /v1/models lists the names this key may use",
+        )

@@ -1,0 +1,110 @@
+"""Request limits that protect the process: body size (413) and the bounded chat queue (503)."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import BodyTooLarge, ServerBusy, error_body
+from server.metrics import Metrics
+
+
+class ChatQueue:
+    """At most ``slots`` chat requests generate at once and ``queue`` more wait; the rest get 503.
+
+    Failing fast beats an unbounded backlog: a client can retry elsewhere, a queued one just times out.
+    """
+
+    def __init__(self, *, slots: int, queue: int, metrics: Metrics | None = None):
+        self._semaphore = asyncio.Semaphore(slots)
+        self._capacity = slots + queue
+        self._admitted = 0  # generating + waiting
+        self._metrics = metrics
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one generation slot for the block. Raises: ServerBusy when slots and queue are full."""
+        if self._admitted >= self._capacity:
+            if self._metrics:
+                self._metrics.rejected.inc()
+            raise ServerBusy(
+                f"server busy: {self._capacity} chat requests already running or queued", hint="Retry shortly"
+            )
+        self._admitted += 1
+        waiting = True
+        if self._metrics:
+            self._metrics.queued.inc()
+        try:
+            async with self._semaphore:
+                waiting = False
+                if self._metrics:
+                    self._metrics.queued.dec()
+                    self._metrics.in_flight.inc()
+                try:
+                    yield
+                finally:
+                    if self._metrics:
+                        self._metrics.in_flight.dec()
+        finally:
+            self._admitted -= 1
+            if waiting and self._metrics:  # cancelled while queued
+                self._metrics.queued.dec()
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, int(declared))
+            return
+        if declared is not None:  # the server enforces the declared length
+            await self.app(scope, receive, send)
+            return
+
+        # Chunked upload: read it all (bounded) before the app sees any of it.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(send, size)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        error = BodyTooLarge(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")
+        body = json.dumps(error_body(413, str(error), code=error.code)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (several apps per process stay apart)."""
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lorag_http_requests", "HTTP requests answered", ["route", "method", "status", "tenant"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lorag_http_request_seconds", "Time to the end of the response", ["route", "tenant"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "lorag_time_to_first_token_seconds", "Chat request start to first answer text", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.retrieval = Histogram(
+            "lorag_retrieval_seconds", "Retrieval time per request", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tokens = Counter(
+            "lorag_generated_tokens", "Answer tokens generated", ["tenant", "generator"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "lorag_prompt_tokens", "Prompt tokens processed", ["tenant", "generator"], registry=self.registry
+        )
+        self.in_flight = Gauge("lorag_chat_in_flight", "Chat requests generating now", registry=self.registry)
+        self.queued = Gauge("lorag_chat_queued", "Chat requests waiting for a slot", registry=self.registry)
+        self.rejected = Counter(
+            "lorag_chat_rejected", "Chat requests refused with 503 because the queue was full",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response and its latency by route template (not raw path) and tenant.
+
+    Pure ASGI so streaming responses are timed to their last byte.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            tenant = scope.get("state", {}).get("tenant") or "-"
+            self.metrics.requests.labels(path, scope["method"], str(status["code"]), tenant).inc()
+            self.metrics.latency.labels(path, tenant).observe(time.perf_counter() - started)

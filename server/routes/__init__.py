@@ -1,0 +1,1 @@
+"""HTTP routes, one module per area; each validates, calls one service function, shapes the response."""

@@ -1,0 +1,238 @@
+"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI defines the shape)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrieval.types import Chunk, DocumentRecord, Passage
+
+RetrievalMode = Literal["hybrid", "dense", "keyword"]
+
+
+# -- shared shapes -------------------------------------------------------------------------------
+class PassageOut(BaseModel):
+    """A stored chunk: where it comes from (source, page, character span) and its text."""
+
+    id: str
+    document_id: str
+    source: str
+    page: int = Field(description="1-based page number")
+    start: int = Field(description="character offset of the passage in the page's text")
+    end: int
+    heading_path: list[str] = []
+    text: str
+    score: float | None = Field(None, description="fused retrieval score, when the passage was retrieved")
+    scores: dict[str, float] = Field(default_factory=dict, description="each retriever's own score")
+    url: str = Field(description="where to fetch this passage in its document context")
+
+    @classmethod
+    def from_chunk(cls, chunk: Chunk, *, score: float | None = None, scores: dict | None = None) -> "PassageOut":
+        return cls(
+            id=chunk.id,
+            document_id=chunk.document_id,
+            source=chunk.source,
+            page=chunk.page,
+            start=chunk.start,
+            end=chunk.end,
+            heading_path=list(chunk.heading_path),
+            text=chunk.text,
+            score=score,
+            scores=scores or {},
+            url=f"/v1/passages/{chunk.id}",
+        )
+
+    @classmethod
+    def from_passage(cls, passage: Passage) -> "PassageOut":
+        return cls.from_chunk(passage.chunk, score=passage.score, scores=passage.scores)
+
+
+class CitationOut(PassageOut):
+    """A passage the answer cites as ``[number]``."""
+
+    number: int = Field(description="the [n] used in the answer text")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- chat ----------------------------------------------------------------------------------------
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class RetrievalOptions(BaseModel):
+    """lorag extension: how to find the passages the answer may cite."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    k: int | None = Field(None, ge=1, description="passages to retrieve; default from settings")
+    sources: list[str] | None = Field(None, description="only search documents with these sources")
+    mode: RetrievalMode | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "lorag",
+                    "messages": [{"role": "user", "content": "How long is the warranty?"}],
+                    "max_tokens": 200,
+                    "retrieval": {"k": 5},
+                }
+            ]
+        }
+    )
+
+    model: str = Field(description="the base model's served name, 'lorag', 'base', or one of the tenant's adapters")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    user: str | None = None
+    seed: int | None = None
+    n: Literal[1] = Field(1, description="only one choice is supported")
+    retrieval: RetrievalOptions = RetrievalOptions()
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length", "cancelled"] | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    citations: list[CitationOut] = Field(description="passages the answer cites, by [number]")
+    context: list[PassageOut] = Field(description="retrieved passages the answer does not cite")
+    generator: str = Field(description="what produced the answer, e.g. 'extractive' or 'transformers:<model>'")
+
+
+# -- retrieval and documents ---------------------------------------------------------------------
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": "warranty period", "k": 5, "mode": "hybrid"}]}
+    )
+
+    query: str = Field(min_length=1)
+    k: int | None = Field(None, ge=1)
+    sources: list[str] | None = None
+    mode: RetrievalMode | None = None
+
+
+class RetrieveResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PassageOut]
+    retrieval_ms: float
+
+
+class PassageContext(BaseModel):
+    passage: PassageOut
+    neighbours: list[PassageOut] = Field(description="surrounding chunks of the same document, reading order")
+
+
+class NeighboursResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PassageOut]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    source: str
+    pages: int
+    chunk_count: int
+    size_bytes: int
+    ingested_at: str
+
+    @classmethod
+    def from_record(cls, record: DocumentRecord) -> "DocumentOut":
+        return cls(
+            id=record.document_id,
+            source=record.source,
+            pages=record.pages,
+            chunk_count=record.chunk_count,
+            size_bytes=record.size_bytes,
+            ingested_at=record.ingested_at,
+        )
+
+
+class DocumentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DocumentOut]
+
+
+class DocumentDetail(DocumentOut):
+    chunks: list[PassageOut]
+
+
+# -- models and admin ----------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+    kind: Literal["base", "alias", "adapter"] = Field(description="lorag extension")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TenantOut(BaseModel):
+    id: str
+    keys: int = Field(description="number of active API keys")
+    default_adapter: str | None
+    created_at: str
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantOut]
+
+
+class TenantCreate(BaseModel):
+    id: str = Field(description="tenant name: lowercase letters, digits, '-' and '_'")
+    default_adapter: str | None = None
+
+
+class TenantKey(BaseModel):
+    tenant: TenantOut
+    api_key: str = Field(description="shown only once; store it now")
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "starting", "unavailable"]
+    generator: str | None = None
+    generator_kind: str | None = None
+    retrieval: bool = False
