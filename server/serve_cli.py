@@ -1,0 +1,106 @@
+"""``lorag serve`` and ``lorag tenant add|list|remove|rotate-key``: thin shells over the app and registry."""
+
+import argparse
+
+from retrieval.settings import load_settings
+
+TENANT_EPILOG = """examples:
+  lorag tenant add acme            create tenant 'acme' and print its API key (shown once)
+  lorag tenant list
+  lorag tenant rotate-key acme     replace acme's keys with a new one
+  lorag tenant remove acme         keys stop working; acme's indexes stay on disk
+"""
+
+
+def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        parents=[common],
+        help="run the OpenAI-compatible chat server",
+        description="Serve /v1/chat/completions (with citations), /v1/retrieve, /v1/passages, /v1/models.",
+    )
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; others need server.admin_key set safely)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model", help="base model: hub id or local directory (env LORAG_GENERATION__MODEL)")
+    serve.add_argument(
+        "--generator", choices=["auto", "extractive"], default="auto",
+        help="'extractive' quotes retrieved passages without a model",
+    )
+    serve.add_argument("--device", help="torch device for the model, e.g. cuda or cpu")
+    serve.set_defaults(handler=run_serve)
+
+    tenant = subparsers.add_parser(
+        "tenant",
+        help="manage tenants and their API keys",
+        epilog=TENANT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = tenant.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", parents=[common], help="create a tenant and print its key once")
+    add.add_argument("name")
+    add.add_argument("--default-adapter", help="adapter the model name 'lorag' selects for this tenant")
+    add.set_defaults(handler=run_tenant_add)
+    listing = actions.add_parser("list", parents=[common], help="list tenants (never keys)")
+    listing.set_defaults(handler=run_tenant_list)
+    remove = actions.add_parser("remove", parents=[common], help="remove a tenant; its data stays on disk")
+    remove.add_argument("name")
+    remove.set_defaults(handler=run_tenant_remove)
+    rotate = actions.add_parser("rotate-key", parents=[common], help="replace a tenant's keys with a new one")
+    rotate.add_argument("name")
+    rotate.set_defaults(handler=run_tenant_rotate)
+
+
+def _settings(args: argparse.Namespace, **sections):
+    from server.settings import ServerSettings
+
+    return load_settings(ServerSettings, config_file=args.config, data_dir=args.data_dir, **sections)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    generation = {"model": args.model, "device": args.device}
+    settings = _settings(args, server={"host": args.host, "port": args.port}, generation=generation)
+    if args.generator == "extractive":
+        settings.generation.model = None  # no model: the factory builds the extractive generator
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="info")
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from server.tenants import TenantRegistry
+
+    return TenantRegistry(_settings(args).data_dir)
+
+
+def run_tenant_add(args: argparse.Namespace) -> int:
+    tenant, key = _registry(args).add(args.name, default_adapter=args.default_adapter)
+    print(f"tenant {tenant.id} created. API key (shown only now, store it safely):")
+    print(key)
+    return 0
+
+
+def run_tenant_list(args: argparse.Namespace) -> int:
+    tenants = _registry(args).tenants()
+    if not tenants:
+        print("no tenants; create one with `lorag tenant add NAME`")
+    for tenant in tenants:
+        adapter = tenant.default_adapter or "-"
+        print(f"{tenant.id}\tkeys={len(tenant.key_hashes)}\tdefault_adapter={adapter}\tcreated={tenant.created_at}")
+    return 0
+
+
+def run_tenant_remove(args: argparse.Namespace) -> int:
+    tenant = _registry(args).remove(args.name)
+    print(f"tenant {tenant.id} removed; its keys no longer work (indexes and adapters stay on disk)")
+    return 0
+
+
+def run_tenant_rotate(args: argparse.Namespace) -> int:
+    key = _registry(args).rotate_key(args.name)
+    print(f"tenant {args.name}: new API key (old keys stopped working):")
+    print(key)
+    return 0
