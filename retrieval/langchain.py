@@ -1,0 +1,46 @@
+"""LangChain adapter: a ``BaseRetriever`` over one tenant, returning Documents with lorag's citation metadata."""
+
+from collections.abc import Sequence
+
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+
+from retrieval.service import RetrievalService
+from retrieval.types import Passage
+
+
+class LoragRetriever(BaseRetriever):
+    """``LoragRetriever(service=RetrievalService(settings), tenant="acme", k=5).invoke("question")``."""
+
+    service: RetrievalService
+    tenant: str
+    k: int | None = None
+    mode: str | None = None
+    sources: Sequence[str] | None = None
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        passages = self.service.retrieve(self.tenant, query, k=self.k, sources=self.sources, mode=self.mode)
+        return [passage_document(p) for p in passages]
+
+
+def passage_document(passage: Passage) -> Document:
+    chunk = passage.chunk
+    return Document(
+        id=chunk.id,
+        page_content=chunk.text,
+        metadata={
+            "id": chunk.id,
+            "tenant": chunk.tenant,
+            "document_id": chunk.document_id,
+            "source": chunk.source,
+            "page": chunk.page,
+            "start": chunk.start,
+            "end": chunk.end,
+            "heading_path": list(chunk.heading_path),
+            "score": passage.score,
+            "scores": dict(passage.scores),
+        },
+    )

@@ -1,0 +1,123 @@
+"""Retrieval for the server and training: one embedder per process, each tenant's index opened once and refreshed."""
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from retrieval.embedder import Embedder
+from retrieval.errors import NotFound
+from retrieval.index import TenantIndex
+from retrieval.reranker import load_reranker
+from retrieval.retriever import HybridRetriever
+from retrieval.settings import Settings
+from retrieval.tenancy import validate_tenant_name
+from retrieval.types import Chunk, DocumentRecord, Passage
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalService:
+    """Thread-safe: requests for any tenants may call it concurrently."""
+
+    def __init__(self, settings: Settings, *, embedder: Embedder | None = None):
+        self.settings = settings
+        self.embedder = embedder or Embedder(settings.embedding)
+        self._indexes: dict[str, TenantIndex] = {}
+        self._lock = threading.Lock()
+        self._embed_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+        self._reranker_lock = threading.Lock()
+
+        self._reranker: tuple = ()  # (reranker or None,) once loading was tried
+
+    @property
+    def reranker(self):
+        """The configured cross-encoder, loaded on first use; None when none is configured or loadable."""
+        with self._reranker_lock:
+            if not self._reranker:
+                self._reranker = (load_reranker(self.settings.retrieval, device=self.settings.embedding.device),)
+            return self._reranker[0]
+
+    def index(self, tenant: str) -> TenantIndex | None:
+        """The tenant's index, reloaded if another process committed since; None when it has none.
+
+        Raises:
+            LoragError: invalid tenant name. Conflict: the index was built with another embedder.
+        """
+        validate_tenant_name(tenant)
+        with self._lock:
+            index = self._indexes.get(tenant)
+            if index is None:
+                if not TenantIndex.exists(self.settings.data_dir, tenant):
+                    return None
+                index = TenantIndex.open(
+                    self.settings.data_dir,
+                    tenant,
+                    embedder_name=self.embedder.name,
+                    dimension=self.embedder.dimension,
+                    index_type=self.settings.retrieval.index_type,
+                    create=False,
+                )
+                self._indexes[tenant] = index
+        index.refresh()
+        return index
+
+    def forget(self, tenant: str) -> None:
+        """Drop the cached index of ``tenant`` (after its data was deleted)."""
+        with self._lock:
+            index = self._indexes.pop(tenant, None)
+        if index is not None:
+            index.close()
+
+    def retrieve(
+        self, tenant: str, query: str, *, k: int | None = None, sources: Sequence[str] | None = None, mode: str | None = None
+    ) -> list[Passage]:
+        """The ``k`` best passages of ``tenant`` for ``query`` (empty when the tenant has no index).
+
+        Raises:
+            LoragError: empty query, ``k`` out of range, unknown mode or tenant name.
+        """
+        index = self.index(tenant)
+        if index is None:
+            return []
+        retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), self.settings.retrieval,
+                                    reranker=self.reranker)
+        return retriever.retrieve(query, k=k, sources=sources, mode=mode)
+
+    def chunk(self, tenant: str, chunk_id: str) -> Chunk:
+        """Raises: NotFound: no such chunk for this tenant."""
+        index = self.index(tenant)
+        chunk = index.chunk(chunk_id) if index is not None else None
+        if chunk is None:
+            raise NotFound(f"chunk {chunk_id!r} not found for tenant {tenant!r}")
+        return chunk
+
+    def neighbours(self, tenant: str, chunk_id: str, *, before: int = 1, after: int = 1) -> list[Chunk]:
+        """The chunk with its neighbours in reading order. Raises: NotFound: no such chunk."""
+        self.chunk(tenant, chunk_id)
+        return self.index(tenant).neighbours(chunk_id, before=before, after=after)
+
+    def documents(self, tenant: str) -> list[DocumentRecord]:
+        index = self.index(tenant)
+        return [] if index is None else index.documents()
+
+    def document(self, tenant: str, document_id: str) -> DocumentRecord:
+        """Raises: NotFound: no such document for this tenant."""
+        index = self.index(tenant)
+        record = index.document(document_id) if index is not None else None
+        if record is None:
+            raise NotFound(f"document {document_id!r} not found for tenant {tenant!r}")
+        return record
+
+    def chunks_of(self, tenant: str, document_id: str) -> list[Chunk]:
+        """The document's chunks in reading order. Raises: NotFound: no such document."""
+        self.document(tenant, document_id)
+        return self.index(tenant).chunks_of(document_id)
+
+
+class _LockedEmbedder:
+    def __init__(self, embedder: Embedder, lock: threading.Lock):
+        self._embedder, self._lock = embedder, lock
+
+    def embed_query(self, text: str):
+        with self._lock:
+            return self._embedder.embed_query(text)

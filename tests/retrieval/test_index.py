@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+
+from retrieval.errors import Conflict, LoragError, NotFound
+from retrieval.index import TenantIndex
+from tests.retrieval.conftest import CORPUS, make_document
+
+
+def reopen(index: TenantIndex, embedder, **options) -> TenantIndex:
+    return TenantIndex.open(index.directory.parents[2], index.tenant, embedder_name=embedder.name,
+                            dimension=embedder.dimension, **options)
+
+
+def test_save_then_load_gives_back_the_same_index(build_index, embedder, corpus_vectors):
+    index = build_index()
+    loaded = reopen(index, embedder)
+
+    assert len(loaded) == len(index) == sum(len(p) for _, p in CORPUS.values())
+    assert loaded.documents() == index.documents()
+    assert [d.source for d in loaded.documents()] == sorted(CORPUS)
+    for record in index.documents():
+        assert loaded.chunks_of(record.document_id) == index.chunks_of(record.document_id)
+        assert record.chunk_count == len(CORPUS[record.source][1])
+    query = corpus_vectors["recipes/bread.txt"][1]
+    assert loaded.search_dense(query, 3) == index.search_dense(query, 3)
+    assert loaded.search_dense(query, 1)[0][0].text == CORPUS["recipes/bread.txt"][1][1]
+    assert loaded.search_dense(query, 1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert loaded.manifest == index.manifest
+    assert loaded.manifest.format_version == 1 and loaded.manifest.dimension == embedder.dimension
+
+
+def test_chunks_keep_their_metadata(build_index):
+    index = build_index()
+    record = index.document_by_source("handbook/calibration.md")
+    chunks = index.chunks_of(record.document_id)
+    assert [c.text for c in chunks] == CORPUS["handbook/calibration.md"][1]
+    assert [c.page for c in chunks] == [1, 1, 2]
+    assert chunks[1].start == len(chunks[0].text) + 2 and chunks[1].end - chunks[1].start == len(chunks[1].text)
+    assert chunks[2].heading_path == ("Calibration",)
+    assert index.chunk(chunks[1].id) == chunks[1]
+    assert index.chunk("no-such-chunk") is None
+    assert index.document(record.document_id) == record
+    assert index.document("nope") is None and index.document_by_source("nope") is None
+
+
+def test_different_embedder_is_refused_with_a_fix(build_index, embedder, data_dir):
+    build_index()
+    with pytest.raises(Conflict, match="re-ingest into a fresh tenant") as error:
+        TenantIndex.open(data_dir, "acme", embedder_name="other-model", dimension=embedder.dimension)
+    assert "other-model" in str(error.value) and "embedding.model" in str(error.value)
+    with pytest.raises(Conflict, match="dimension 768"):
+        TenantIndex.open(data_dir, "acme", embedder_name=embedder.name, dimension=768)
+
+
+def test_missing_index_is_not_found_unless_created(data_dir):
+    with pytest.raises(NotFound, match="lorag ingest"):
+        TenantIndex.open(data_dir, "ghost", embedder_name="e", dimension=4, create=False)
+    created = TenantIndex.open(data_dir, "ghost", embedder_name="e", dimension=4)
+    assert len(created) == 0 and created.documents() == [] and created.search_dense(np.ones(4), 5) == []
+    assert created.search_keyword("anything", 5) == []
+    assert TenantIndex.open(data_dir, "ghost", embedder_name="e", dimension=4, create=False).generation == 0
+
+
+def test_bad_index_type_and_tenant_name_are_refused(data_dir):
+    with pytest.raises(LoragError, match="index_type 'annoy'"):
+        TenantIndex.open(data_dir, "acme", embedder_name="e", dimension=4, index_type="annoy")
+    with pytest.raises(LoragError, match="invalid tenant name"):
+        TenantIndex.open(data_dir, "../etc", embedder_name="e", dimension=4)
+
+
+def test_put_document_replaces_the_same_source(build_index, corpus_vectors):
+    index = build_index()
+    before = len(index)
+    record, chunks = make_document("acme", "recipes/bread.txt", "Bread", ["Rye bread is dense and dark."])
+    with index.update() as update:
+        update.put_document(record, chunks, corpus_vectors["recipes/bread.txt"][:1])
+        update.commit()
+
+    assert len(index) == before - 1
+    assert index.document_by_source("recipes/bread.txt").chunk_count == 1
+    assert [c.text for c in index.chunks_of(record.document_id)] == ["Rye bread is dense and dark."]
+    texts = [c.text for c, _ in index.search_dense(corpus_vectors["recipes/bread.txt"][0], len(index))]
+    assert "Sourdough bread needs a lively starter, flour, water and salt." not in texts
+    assert len(texts) == len(index)
+
+
+def test_remove_source(build_index, corpus_vectors):
+    index = build_index()
+    with index.update() as update:
+        assert update.remove_source("travel/norway.txt") is True
+        assert update.remove_source("travel/norway.txt") is False
+        assert update.remove_source("never/ingested.txt") is False
+        update.commit()
+    assert index.document_by_source("travel/norway.txt") is None
+    hits = index.search_dense(corpus_vectors["travel/norway.txt"][0], 100)
+    assert len(hits) == len(index) and all(c.source != "travel/norway.txt" for c, _ in hits)
+
+
+def test_leaving_without_commit_discards(build_index, embedder):
+    index = build_index()
+    with index.update() as update:
+        update.remove_source("travel/norway.txt")
+    assert index.document_by_source("travel/norway.txt") is not None
+    assert reopen(index, embedder).document_by_source("travel/norway.txt") is not None
+    with pytest.raises(LoragError, match="already committed or discarded"):
+        update.remove_source("recipes/bread.txt")
+
+
+def test_bad_vectors_are_refused(build_index, corpus_vectors):
+    index = build_index(["recipes/bread.txt"])
+    record, chunks = make_document("acme", "x.txt", "X", ["one", "two"])
+    with index.update() as update, pytest.raises(LoragError, match=r"shape \(2, 384\)"):
+        update.put_document(record, chunks, corpus_vectors["recipes/bread.txt"][:1])
+    other_record, other_chunks = make_document("other", "x.txt", "X", ["one", "two"])
+    with index.update() as update, pytest.raises(LoragError, match="tenant 'other'"):
+        update.put_document(other_record, other_chunks, corpus_vectors["travel/norway.txt"])
+    with pytest.raises(LoragError, match="dimension 3"):
+        index.search_dense(np.ones(3), 2)
+
+
+def test_neighbours_in_reading_order(build_index):
+    index = build_index()
+    chunks = index.chunks_of(index.document_by_source("handbook/warranty.md").document_id)
+    assert index.neighbours(chunks[1].id) == chunks
+    assert index.neighbours(chunks[0].id, before=1, after=1) == chunks[:2]
+    assert index.neighbours(chunks[2].id, before=2, after=0) == chunks
+    assert index.neighbours(chunks[1].id, before=0, after=0) == [chunks[1]]
+    assert index.neighbours("unknown") == []
+
+
+def test_source_filter(build_index, corpus_vectors):
+    index = build_index()
+    query = corpus_vectors["handbook/warranty.md"][0]
+    hits = index.search_dense(query, 10, sources=["recipes/bread.txt", "travel/norway.txt"])
+    assert {c.source for c, _ in hits} == {"recipes/bread.txt", "travel/norway.txt"} and len(hits) == 4
+    assert index.search_dense(query, 10, sources=["not/there"]) == []
+    keyword = index.search_keyword("warranty degrees", 10, sources=["recipes/bread.txt"])
+    assert [c.text for c, _ in keyword] == [CORPUS["recipes/bread.txt"][1][1]]
+
+
+def test_keyword_search_finds_an_exact_rare_term(build_index):
+    index = build_index()
+    hits = index.search_keyword("QX-7731B", 5)
+    assert hits[0][0].text == CORPUS["handbook/calibration.md"][1][1] and hits[0][1] > 0
+    assert index.search_keyword("xylophone", 5) == []
+
+
+def test_refresh_sees_another_writers_commit(build_index, embedder, corpus_vectors):
+    reader = build_index(["recipes/bread.txt"])
+    writer = reopen(reader, embedder)
+    record, chunks = make_document("acme", "travel/norway.txt", *CORPUS["travel/norway.txt"])
+    with writer.update() as update:
+        update.put_document(record, chunks, corpus_vectors["travel/norway.txt"])
+        update.commit()
+
+    assert len(reader) == 2 and reader.refresh() is True and reader.refresh() is False
+    assert len(reader) == 4 and reader.generation == writer.generation
+    assert reader.search_dense(corpus_vectors["travel/norway.txt"][1], 1)[0][0] == chunks[1]
+    assert reader.search_keyword("Hardanger", 1)[0][0] == chunks[1]  # the keyword index follows the generation
+    # The stale reader writes on top of the newest commit, not of the state it had loaded.
+    stale = reopen(reader, embedder)
+    with writer.update() as update:
+        update.remove_source("recipes/bread.txt")
+        update.commit()
+    with stale.update() as update:
+        update.put_document(*make_document("acme", "handbook/warranty.md", *CORPUS["handbook/warranty.md"]),
+                            corpus_vectors["handbook/warranty.md"])
+        update.commit()
+    final = reopen(reader, embedder)
+    assert [d.source for d in final.documents()] == ["handbook/warranty.md", "travel/norway.txt"]
+    assert len(final) == 5 and len(final.search_dense(corpus_vectors["recipes/bread.txt"][0], 10)) == 5
+
+
+def test_tenants_are_isolated(build_index, corpus_vectors):
+    acme = build_index(["handbook/calibration.md"], tenant="acme")
+    globex = build_index(["recipes/bread.txt"], tenant="globex")
+    hits = globex.search_dense(corpus_vectors["handbook/calibration.md"][1], 10)
+    assert hits and all(c.tenant == "globex" and c.source == "recipes/bread.txt" for c, _ in hits)
+    assert globex.search_keyword("QX-7731B probe", 10) == []
+    assert globex.search_dense(corpus_vectors["recipes/bread.txt"][0], 10, sources=["handbook/calibration.md"]) == []
+    assert globex.chunk(acme.chunks_of(acme.documents()[0].document_id)[0].id) is None
+    assert acme.directory != globex.directory
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_approximate_index_types_support_the_same_operations(build_index, embedder, corpus_vectors, index_type):
+    index = build_index(index_type=index_type)
+    query = corpus_vectors["handbook/warranty.md"][2]
+    assert index.search_dense(query, 1)[0][0].text == CORPUS["handbook/warranty.md"][1][2]
+    with index.update() as update:
+        update.remove_source("handbook/warranty.md")
+        update.commit()
+    loaded = reopen(index, embedder, index_type=index_type)
+    assert loaded.manifest.index_type == index_type and len(loaded) == len(index) == 7
+    hits = loaded.search_dense(query, 10, sources=["handbook/calibration.md"])
+    assert {c.source for c, _ in hits} == {"handbook/calibration.md"}
+    assert all(c.source != "handbook/warranty.md" for c, _ in loaded.search_dense(query, 10))
