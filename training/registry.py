@@ -1,0 +1,116 @@
+"""A tenant's trained adapters on disk: list, show, delete, and merge one into its base model."""
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from retrieval.errors import Conflict, LoragError, NotFound
+from retrieval.tenancy import adapters_dir
+from server.adapter_manifest import AdapterManifest, check_base, read_manifest, remove_adapter_dir
+
+log = logging.getLogger(__name__)
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def validate_adapter_name(name: str) -> str:
+    """Return ``name`` if it can be a directory name in the registry.
+
+    Raises:
+        LoragError: empty, too long, starting with '.', or with characters other than letters, digits, '.', '-', '_'.
+    """
+    if not _ADAPTER_NAME.fullmatch(name or "") or ".." in name:
+        raise LoragError(
+            f"invalid adapter name {name!r}",
+            hint="Use 1-63 letters, digits, '.', '-' and '_', starting with a letter or digit",
+        )
+    return name
+
+
+class AdapterRegistry:
+    def __init__(self, data_dir: Path, tenant: str):
+        self.tenant = tenant
+        self.root = adapters_dir(data_dir, tenant)
+
+    def path(self, name: str) -> Path:
+        """The directory of adapter ``name``.
+
+        Raises:
+            NotFound: no such adapter for this tenant.
+        """
+        path = self.root / validate_adapter_name(name)
+        if not path.is_dir():
+            raise NotFound(f"tenant {self.tenant!r} has no adapter {name!r}", hint="See `lorag adapters list --tenant T`")
+        return path
+
+    def list(self) -> list[AdapterManifest]:
+        """Every readable adapter, newest first; unreadable ones are logged and left out."""
+        manifests = []
+        if not self.root.is_dir():
+            return manifests
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(".") or not path.is_dir():
+                continue  # temporary directories of writes in progress
+            try:
+                manifests.append(read_manifest(path))
+            except LoragError as error:
+                log.warning("skipping adapter %s: %s", path, error)
+        return sorted(manifests, key=lambda m: m.created_at, reverse=True)
+
+    def show(self, name: str) -> AdapterManifest:
+        return read_manifest(self.path(name))
+
+    def delete(self, name: str) -> None:
+        remove_adapter_dir(self.path(name))
+
+    def merge(self, name: str, out: Path, *, dtype: str = "bf16", base_model: str | None = None) -> Path:
+        """Write base + adapter as one plain transformers model to ``out`` (bf16 or fp32, never 4-bit).
+
+        Raises:
+            NotFound: no such adapter.
+            Conflict: ``out`` exists and is not empty, or the base model's architecture differs.
+            LoragError: the base checkpoint is quantised, or cannot be loaded.
+        """
+        import torch
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        adapter = self.path(name)
+        manifest = read_manifest(adapter)
+        base = base_model or manifest.base_model
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise Conflict(f"merge output {str(out)!r} exists and is not empty", hint="Pass an empty or new --out directory")
+        if dtype not in ("bf16", "fp32"):
+            raise LoragError(f"merge dtype {dtype!r} is not supported", hint="Use bf16 or fp32")
+        try:
+            config = AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as error:
+            raise LoragError(f"cannot load base model {base!r} to merge into: {error}") from error
+        quantization = getattr(config, "quantization_config", None)
+        if quantization:
+            raise LoragError(
+                f"base model {base!r} is a quantised checkpoint ({dict(quantization).get('quant_method', 'quantised')}); "
+                "merging an adapter into 4-bit weights would round it away",
+                hint="Merge into the bf16/fp32 base model (--base PATH) and quantise the merged model afterwards",
+            )
+        check_base(manifest, config)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(base)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
