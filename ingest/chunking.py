@@ -1,0 +1,125 @@
+"""Splits pages into token-sized chunks with exact character spans and stable content-hash ids.
+
+Splitting is langchain's RecursiveCharacterTextSplitter measured in the embedder's own tokens, so a
+chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end]).
+"""
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+
+from ingest.loaders import Page, Section
+from retrieval.settings import ChunkingSettings
+from retrieval.types import Chunk
+
+
+def chunk_id_of(tenant: str, document_id: str, page: int, start: int, end: int, text: str) -> str:
+    """Stable id: the same text at the same place of the same file always gets the same id."""
+    key = "\x1f".join((tenant, document_id, str(page), str(start), str(end), text))
+    return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
+
+
+class Chunker:
+    """Splits page text with one splitter per process (the tokenizer length cache is shared across files)."""
+
+    def __init__(self, tokenizer, settings: ChunkingSettings):
+        from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+        if settings.overlap_tokens >= settings.chunk_tokens:
+            from retrieval.errors import LoragError
+
+            raise LoragError(
+                f"chunking.overlap_tokens ({settings.overlap_tokens}) must be smaller than "
+                f"chunking.chunk_tokens ({settings.chunk_tokens})"
+            )
+        self.settings = settings
+        self.count_tokens = _cached_token_counter(tokenizer)
+        # What RecursiveCharacterTextSplitter.from_huggingface_tokenizer builds, with a cached length
+        # function: the splitter measures every word (and every character of a gigantic unbroken line)
+        # separately, and those pieces repeat endlessly.
+        self.splitter = RecursiveCharacterTextSplitter(
+            chunk_size=settings.chunk_tokens,
+            chunk_overlap=settings.overlap_tokens,
+            length_function=self.count_tokens,
+        )
+
+    def split_pages(
+        self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str
+    ) -> Iterator[Chunk]:
+        """Chunks of every page in reading order; Markdown/HTML sections are split separately."""
+        for page in pages:
+            for section in _merge_bare_headings(page):
+                for start, end in self.spans(page.text, section.start, section.end):
+                    text = page.text[start:end]
+                    yield Chunk(
+                        id=chunk_id_of(tenant, document_id, page.number, start, end, text),
+                        tenant=tenant,
+                        document_id=document_id,
+                        source=source,
+                        page=page.number,
+                        start=start,
+                        end=end,
+                        text=text,
+                        heading_path=section.heading_path,
+                    )
+
+    def spans(self, text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """``(start, end)`` offsets into ``text`` of the chunks of ``text[start:end]``."""
+        piece = text[start:end]
+        if not piece.strip():
+            return
+        cursor = 0
+        for chunk_text in self.splitter.split_text(piece):
+            # The splitter returns stripped substrings in order; overlap means the next one starts
+            # after the previous start, not after its end.
+            found = piece.find(chunk_text, cursor)
+            if found < 0:  # cannot happen for substrings; refuse rather than record a wrong span
+                raise ValueError(f"chunk not found in its page text: {chunk_text[:60]!r}")
+            yield start + found, start + found + len(chunk_text)
+            cursor = found + 1
+
+
+def _merge_bare_headings(page: Page) -> list[Section]:
+    """The page's sections, a heading with no text of its own joined to the section after it.
+
+    ``# Guide`` directly followed by ``## Setup`` would otherwise become a chunk of two words.
+    """
+    if not page.sections:
+        return [Section(0, len(page.text), ())]
+    merged: list[Section] = []
+    carried: int | None = None  # start of bare headings waiting for their first section with text
+    for position, section in enumerate(page.sections):
+        body = page.text[section.start : section.end].split("\n", 1)[1:]
+        start = section.start if carried is None else carried
+        if not "".join(body).strip() and position + 1 < len(page.sections):
+            carried = start
+            continue
+        merged.append(Section(start, section.end, section.heading_path))
+        carried = None
+    return merged
+
+
+def _cached_token_counter(tokenizer):
+    # A private copy of the Rust tokenizer: same ids as tokenizer.tokenize(), several times faster, no
+    # "longer than the model maximum" warning, and safe in the parsing thread while the embedder (on
+    # the main thread) switches padding and truncation on the shared one.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+
+    def measure(text: str) -> int:
+        if backend is not None:
+            return len(backend.encode(text, add_special_tokens=False).ids)
+        return len(tokenizer.tokenize(text))
+
+    cached = lru_cache(maxsize=1 << 16)(measure)
+
+    def count_tokens(text: str) -> int:
+        # Long strings are rarely repeated: do not let them evict the short, frequent ones.
+        return cached(text) if len(text) <= 64 else measure(text)
+
+    return count_tokens

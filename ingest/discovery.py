@@ -1,0 +1,74 @@
+"""Turns the paths given to ``lorag ingest`` into the list of files to load, walking folders safely.
+
+Folders are walked recursively; symlinks are followed but each real directory and file is visited
+once, so symlink loops cannot hang the walk. Hidden and unsupported files are skipped with a note.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ingest.loaders import detect_format
+
+
+@dataclass
+class Discovery:
+    files: list[Path] = field(default_factory=list)  # absolute paths, in walk order, each real file once
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason) worth one note each
+    missing: list[Path] = field(default_factory=list)  # named on the command line but absent
+
+
+def discover_files(paths: list[Path]) -> Discovery:
+    """Every supported file under ``paths`` (files or folders), sorted within each folder."""
+    found = Discovery()
+    seen_files: set[str] = set()
+    seen_dirs: set[str] = set()
+    for given in paths:
+        path = Path(os.path.abspath(given))
+        if path.is_dir():
+            _walk(path, found, seen_files, seen_dirs)
+        elif path.is_file():
+            _add_file(path, found, seen_files, named=True)
+        else:
+            found.missing.append(path)
+    return found
+
+
+def _walk(root: Path, found: Discovery, seen_files: set[str], seen_dirs: set[str]) -> None:
+    real_root = os.path.realpath(root)
+    if real_root in seen_dirs:
+        return
+    seen_dirs.add(real_root)
+    for directory, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+        keep = []
+        for name in sorted(dirnames):
+            sub = Path(directory) / name
+            real = os.path.realpath(sub)
+            if name.startswith("."):
+                found.skipped.append((sub, "hidden folder"))
+            elif real in seen_dirs:  # a symlink back into the tree (or a loop): already walked
+                continue
+            else:
+                seen_dirs.add(real)
+                keep.append(name)
+        dirnames[:] = keep  # os.walk descends only into what is left here
+        for name in sorted(filenames):
+            path = Path(directory) / name
+            if name.startswith("."):
+                found.skipped.append((path, "hidden file"))
+            else:
+                _add_file(path, found, seen_files, named=False)
+
+
+def _add_file(path: Path, found: Discovery, seen_files: set[str], *, named: bool) -> None:
+    if detect_format(path) is None:
+        found.skipped.append((path, f"unsupported file type {path.suffix or '(no extension)'!r}"))
+        return
+    if not path.is_file():  # dangling symlink, socket, fifo
+        found.skipped.append((path, "not a regular file (dangling link?)"))
+        return
+    real = os.path.realpath(path)
+    if real in seen_files:
+        return
+    seen_files.add(real)
+    found.files.append(path)

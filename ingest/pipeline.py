@@ -1,0 +1,311 @@
+"""The ingest pipeline: files -> pages -> chunks -> vectors -> one atomic index commit (per batch).
+
+Used by ``lorag ingest`` and by the server's upload endpoint. Unchanged files (same source, same
+content hash) cost no parsing and no embedding; a bad file is reported and skipped, never fatal.
+"""
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ingest.chunking import Chunker
+from ingest.discovery import discover_files
+from ingest.loaders import LoadError, document_id_of, load_document
+from ingest.progress import IngestProgress
+from ingest.report import FileOutcome, IngestReport
+from ingest.settings import IngestSettings, ingest_settings_of
+from retrieval.errors import NotFound
+from retrieval.manifest import read_manifest
+from retrieval.settings import Settings
+from retrieval.tenancy import index_dir, validate_tenant_name
+from retrieval.types import Chunk, DocumentRecord
+
+log = logging.getLogger(__name__)
+
+# Texts per embed call: large enough for the embedder's length sorting to pay off, small enough that
+# a huge document never holds more than this many token tensors at once.
+EMBED_GROUP = 1024
+
+
+@dataclass
+class PreparedFile:
+    """A file after loading and chunking (done ahead, in a worker thread), waiting to be embedded."""
+
+    outcome: FileOutcome
+    record: DocumentRecord | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+def ingest_paths(
+    paths: Sequence[str | Path],
+    *,
+    tenant: str,
+    settings: Settings,
+    embedder=None,
+    prune: bool = False,
+    progress: IngestProgress | None = None,
+) -> IngestReport:
+    """Ingest every supported file under ``paths`` into ``tenant``'s index.
+
+    Each file ends as added, updated, unchanged, failed (with the reason) or skipped (hidden or
+    unsupported). With ``prune``, documents whose source lay under ``paths`` but no longer exists are
+    removed. Changes are committed atomically every ``ingest.commit_every_chunks`` chunks and at the end,
+    so a crash keeps the last committed state.
+
+    Raises:
+        LoragError: invalid tenant name, an index built with another embedder (Conflict), or the
+            embedding model cannot be loaded. Problems with single files never raise.
+    """
+    from retrieval.embedder import Embedder
+    from retrieval.index import TenantIndex
+
+    started = time.perf_counter()
+    validate_tenant_name(tenant)
+    limits = ingest_settings_of(settings)
+    report = IngestReport(tenant=tenant)
+    found = discover_files([Path(p) for p in paths])
+    for path in found.missing:
+        _note(report.add(FileOutcome(_display(path), "failed", "no such file or folder")))
+    for path, reason in found.skipped:
+        _note(report.add(FileOutcome(_display(path), "skipped", reason)))
+
+    embedder = embedder or Embedder(settings.embedding)
+    index = TenantIndex.open(
+        settings.data_dir,
+        tenant,
+        embedder_name=embedder.name,
+        dimension=embedder.dimension,
+        index_type=settings.retrieval.index_type,
+    )
+    chunker = Chunker(embedder.tokenizer, settings.chunking)
+    if progress is not None:
+        progress.start(len(found.files))
+    update = None
+    pending = 0  # chunks staged in the open update
+    dirty = False
+    try:
+        update = index.update()
+        for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits):
+            outcome = prepared.outcome
+            if prepared.record is not None:
+                vectors = _embed(embedder, prepared.chunks)
+                update.put_document(prepared.record, prepared.chunks, vectors)
+                outcome.chunks = len(prepared.chunks)
+                pending += len(prepared.chunks)
+                dirty = True
+            report.add(outcome)
+            _note(outcome)
+            if progress is not None:
+                progress.file_done(chunks=outcome.chunks)
+            if pending >= limits.commit_every_chunks:
+                update.commit()
+                report.commits += 1
+                pending, dirty = 0, False
+                update = index.update()
+        if prune:
+            for source in _vanished_sources(index, found_roots=[Path(os.path.abspath(p)) for p in paths]):
+                update.remove_source(source)
+                dirty = True
+                _note(report.add(FileOutcome(source, "removed", "no longer exists")))
+        if dirty:
+            update.commit()
+            report.commits += 1
+    finally:
+        if update is not None:
+            update.discard()  # no-op after commit; drops a half-staged batch on error
+        index.close()
+        if progress is not None:
+            progress.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def remove_sources(sources: Sequence[str], *, tenant: str, settings: Settings) -> int:
+    """Remove the documents ingested from ``sources`` (files, or folders meaning every document under them).
+
+    Nothing is removed unless every source matches at least one document. Returns the number removed.
+
+    Raises:
+        NotFound: the tenant has no index, or a source matches no document.
+    """
+    index = _open_existing(tenant, settings)
+    try:
+        stored = [record.source for record in index.documents()]
+        matched: list[str] = []
+        unknown: list[str] = []
+        for given in sources:
+            hits = _sources_under(stored, given)
+            (matched.extend(hits) if hits else unknown.append(given))
+        if unknown:
+            raise NotFound(
+                f"tenant {tenant!r} has no document from {', '.join(map(repr, unknown))}",
+                hint=f"List them with: lorag docs --tenant {tenant}",
+            )
+        with index.update() as update:
+            removed = sum(update.remove_source(source) for source in dict.fromkeys(matched))
+            update.commit()
+        return removed
+    finally:
+        index.close()
+
+
+def list_documents(*, tenant: str, settings: Settings) -> list[DocumentRecord]:
+    """The tenant's documents, sorted by source.
+
+    Raises:
+        NotFound: the tenant has no index.
+    """
+    index = _open_existing(tenant, settings)
+    try:
+        return sorted(index.documents(), key=lambda record: record.source)
+    finally:
+        index.close()
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _prepare_ahead(
+    files: list[Path], *, index, chunker: Chunker, tenant: str, limits: IngestSettings
+) -> Iterator[PreparedFile]:
+    """Yield prepared files in order, parsing up to ``limits.prefetch_files`` ahead in a thread.
+
+    Parsing (pypdf, pure Python) overlaps with embedding, which releases the GIL inside torch.
+    """
+
+    def prepare(path: Path) -> PreparedFile:
+        return _prepare(path, index=index, chunker=chunker, tenant=tenant, limits=limits)
+
+    if limits.prefetch_files == 0:
+        yield from map(prepare, files)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-parse") as pool:
+        ahead: deque = deque()
+        for path in files:
+            ahead.append(pool.submit(prepare, path))
+            if len(ahead) > limits.prefetch_files:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _prepare(path: Path, *, index, chunker: Chunker, tenant: str, limits: IngestSettings) -> PreparedFile:
+    source = str(path)
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        reason = "file name is not valid UTF-8; rename the file"
+        return PreparedFile(FileOutcome(_display(path), "failed", reason))
+    try:
+        size = path.stat().st_size
+        if size > limits.max_file_bytes:  # checked before hashing: never read a file we will refuse
+            raise LoadError(
+                f"file is {size / 2**20:.1f} MiB, over the {limits.max_file_bytes / 2**20:.1f} MiB limit",
+                hint="Split the file or raise ingest.max_file_bytes (LORAG_INGEST__MAX_FILE_BYTES)",
+            )
+        document_id = document_id_of(path)
+        existing = index.document_by_source(source)
+        if existing is not None and existing.document_id == document_id:
+            return PreparedFile(FileOutcome(source, "unchanged", pages=existing.pages))
+        document = load_document(path, settings=limits)
+        chunks = list(chunker.split_pages(document.pages, tenant=tenant, document_id=document_id, source=source))
+    except LoadError as error:
+        return PreparedFile(FileOutcome(source, "failed", _without_path(str(error), source)))
+    except OSError as error:
+        return PreparedFile(FileOutcome(source, "failed", f"cannot read: {error.strerror or error}"))
+    except Exception as error:  # a parser bug on one hostile file must not stop the batch
+        log.debug("unexpected error on %s", source, exc_info=True)
+        return PreparedFile(FileOutcome(source, "failed", f"cannot parse ({type(error).__name__}: {error})"))
+    record = DocumentRecord(
+        document_id=document_id,
+        tenant=tenant,
+        source=source,
+        pages=len(document.pages),
+        chunk_count=len(chunks),
+        size_bytes=size,
+        ingested_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    status = "added" if existing is None else "updated"
+    warnings = [_without_path(warning, source) for warning in document.warnings]
+    return PreparedFile(FileOutcome(source, status, pages=len(document.pages), warnings=warnings), record, chunks)
+
+
+def _embed(embedder, chunks: list[Chunk]) -> np.ndarray:
+    """Vectors ``(len(chunks), dimension)`` float32, embedded in groups so memory stays bounded."""
+    vectors = np.empty((len(chunks), embedder.dimension), dtype=np.float32)
+    for start in range(0, len(chunks), EMBED_GROUP):
+        group = chunks[start : start + EMBED_GROUP]
+        vectors[start : start + len(group)] = embedder.embed_documents([chunk.text for chunk in group])
+    return vectors
+
+
+def _vanished_sources(index, *, found_roots: list[Path]) -> list[str]:
+    """Stored sources under one of ``found_roots`` whose file no longer exists."""
+    vanished = []
+    for record in index.documents():
+        if any(_is_under(record.source, str(root)) for root in found_roots) and not os.path.exists(record.source):
+            vanished.append(record.source)
+    return vanished
+
+
+def _sources_under(stored: list[str], given: str) -> list[str]:
+    candidates = {given, os.path.abspath(given)}
+    return [source for source in stored if any(_is_under(source, root) for root in candidates)]
+
+
+def _is_under(source: str, root: str) -> bool:
+    root = root.rstrip(os.sep) or os.sep
+    return source == root or source.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+def _open_existing(tenant: str, settings: Settings):
+    """Open without loading the embedder: removing and listing need only what the manifest says."""
+    from retrieval.index import TenantIndex
+
+    directory = index_dir(settings.data_dir, tenant)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise NotFound(
+            f"tenant {tenant!r} has no index in {str(directory)!r}",
+            hint=f"Ingest documents first: lorag ingest PATH --tenant {tenant}",
+        )
+    return TenantIndex.open(
+        settings.data_dir,
+        tenant,
+        embedder_name=manifest.embedder_name,
+        dimension=manifest.dimension,
+        index_type=manifest.index_type,
+        create=False,
+    )
+
+
+def _note(outcome: FileOutcome) -> None:
+    """One line per problem, naming the file: failures and warnings as warnings, skips as info."""
+    lines = [(logging.WARNING, warning) for warning in outcome.warnings]
+    if outcome.status == "failed":
+        lines.append((logging.WARNING, f"failed: {outcome.reason}"))
+    elif outcome.status == "skipped":
+        lines.append((logging.INFO, f"skipped: {outcome.reason}"))
+    elif outcome.status == "removed":
+        lines.append((logging.INFO, f"removed: {outcome.reason}"))
+    for level, message in lines:
+        log.log(level, "%s: %s", outcome.source, message)
+
+
+def _without_path(message: str, source: str) -> str:
+    """Loader messages start with the path; outcomes carry it separately."""
+    prefix = f"{source}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def _display(path: Path) -> str:
+    """A printable name even for file names that are not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
