@@ -1,0 +1,152 @@
+"""POST /v1/chat/completions with the extractive generator: citations resolve to real passages,
+SSE streaming in OpenAI's chunk format, model selection, limits and error shapes."""
+
+import asyncio
+import json
+
+import pytest
+
+from server.errors import ServerBusy
+from server.limits import ChatQueue
+from tests.server.conftest import assert_error, auth
+
+QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
+
+
+def _chat(client, key, **body):
+    payload = {"model": "lorag", "messages": [{"role": "user", "content": QUESTION}], **body}
+    return client.post("/v1/chat/completions", json=payload, headers=auth(key))
+
+
+def test_chat_answer_cites_real_passages(client, corpus):
+    response = _chat(client, corpus.acme_key)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "lorag"
+    assert body["generator"] == "extractive"
+    answer = body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["citations"], answer
+    for citation in body["citations"]:
+        assert f"[{citation['number']}]" in answer
+        stored = client.get(citation["url"], headers=auth(corpus.acme_key)).json()["passage"]
+        assert (stored["text"], stored["page"], stored["source"]) == (
+            citation["text"], citation["page"], citation["source"])
+    cited = {c["id"] for c in body["citations"]}
+    assert not cited & {p["id"] for p in body["context"]}  # context holds only uncited passages
+    assert any("0.1 mg/L" in c["text"] and c["page"] == 2 for c in body["citations"] + body["context"])
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_streams_openai_chunks_with_citations_last(client, corpus):
+    response = _chat(client, corpus.acme_key, stream=True)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] is not None
+    assert final["citations"] and final["generator"] == "extractive"
+    assert all(f"[{c['number']}]" in text for c in final["citations"])
+    assert all("citations" not in c for c in chunks[:-1])
+
+
+def test_chat_without_retrieval_has_nothing_to_cite(client, corpus):
+    body = _chat(client, corpus.acme_key, retrieval={"enabled": False}).json()
+    assert body["citations"] == [] and body["context"] == []
+
+
+def test_chat_retrieval_source_filter(client, corpus):
+    documents = client.get("/v1/documents", headers=auth(corpus.acme_key)).json()["data"]
+    pdf = next(d["source"] for d in documents if d["source"].endswith(".pdf"))
+    body = _chat(client, corpus.acme_key, retrieval={"k": 3, "sources": [pdf]}).json()
+    passages = body["citations"] + body["context"]
+    assert passages and {p["source"] for p in passages} == {pdf}
+
+
+def test_chat_isolation_never_cites_another_tenant(client, corpus):
+    body = _chat(client, corpus.beta_key).json()
+    passages = body["citations"] + body["context"]
+    assert passages and all(p["source"].endswith("memo.txt") for p in passages)
+    acme_ids = {p["id"] for p in _chat(client, corpus.acme_key).json()["context"]}
+    assert not acme_ids & {p["id"] for p in passages}
+
+
+def test_chat_unknown_model_is_model_not_found(client, corpus):
+    error = assert_error(_chat(client, corpus.acme_key, model="gpt-4"), 404, error_type="invalid_request_error")
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-4" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"temperature": 5}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x"}] * 100}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages.0.content"),
+        ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages"),
+        ({"retrieval": {"k": 0}}, "retrieval.k"),
+        ({"retrieval": {"k": 500}}, "retrieval.k"),
+        ({"retrieval": {"mode": "psychic"}}, "retrieval.mode"),
+    ],
+)
+def test_chat_limits_and_validation_name_the_field(client, corpus, body, param):
+    error = assert_error(_chat(client, corpus.acme_key, **body), 400, error_type="invalid_request_error")
+    assert error["param"] == param
+    assert param.split(".")[-1] in error["message"]
+
+
+def test_body_over_the_limit_is_413(client, corpus):
+    huge = "y" * 1_100_000
+    response = _chat(client, corpus.acme_key, messages=[{"role": "user", "content": huge}])
+    error = assert_error(response, 413)
+    assert "over the limit" in error["message"]
+
+
+def test_malformed_json_is_400(client, corpus):
+    response = client.post("/v1/chat/completions", content=b"{not json",
+                           headers=auth(corpus.acme_key, **{"Content-Type": "application/json"}))
+    assert_error(response, 400, error_type="invalid_request_error")
+
+
+def test_queue_refuses_past_capacity_and_frees_slots():
+    async def scenario():
+        queue = ChatQueue(slots=1, queue=1)
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold():
+            async with queue.slot():
+                holding.set()
+                await release.wait()
+
+        first = asyncio.create_task(hold())
+        await holding.wait()
+        second = asyncio.create_task(hold())  # waits in the queue
+        await asyncio.sleep(0)
+        with pytest.raises(ServerBusy) as refused:
+            async with queue.slot():
+                pass
+        assert refused.value.http_status == 503
+        release.set()
+        await asyncio.gather(first, second)
+        async with queue.slot():  # everything released
+            pass
+
+    asyncio.run(scenario())
+
+
+def test_lorag_errors_from_services_keep_their_status(client, corpus):
+    # The retriever refuses a blank query with a LoragError: the edge turns it into a 400, not a 500.
+    response = client.post("/v1/retrieve", json={"query": "   "}, headers=auth(corpus.acme_key))
+    error = assert_error(response, 400, error_type="invalid_request_error")
+    assert "query" in error["message"]
