@@ -1,0 +1,115 @@
+import logging
+
+import pytest
+
+from retrieval.errors import LoragError
+from retrieval.reranker import CrossEncoderReranker, load_reranker
+from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, resolve_mode
+from retrieval.settings import RetrievalSettings
+from tests.retrieval.conftest import CORPUS
+
+PART_NUMBER_CHUNK = CORPUS["handbook/calibration.md"][1][1]
+TRAIN_CHUNK = CORPUS["travel/norway.txt"][1][1]
+# Shares no word with the train paragraph, so only the dense retriever can find it.
+PARAPHRASE = "How long is the rail journey over the mountains to the west coast?"
+
+
+def test_rrf_matches_hand_computed_scores():
+    rankings = {"dense": ["a", "b", "c"], "keyword": ["c", "a", "d"]}
+    fused = reciprocal_rank_fusion(rankings, k=60)
+    assert [item for item, _ in fused] == ["a", "c", "b", "d"]
+    assert dict(fused) == pytest.approx({"a": 1 / 61 + 1 / 62, "c": 1 / 63 + 1 / 61, "b": 1 / 62, "d": 1 / 63})
+    weighted = reciprocal_rank_fusion(rankings, k=60, weights={"dense": 1.0, "keyword": 2.0})
+    assert [item for item, _ in weighted] == ["c", "a", "d", "b"]  # c: 0.048660 > a: 0.048651
+    assert dict(weighted)["c"] == pytest.approx(1 / 63 + 2 / 61)
+    assert reciprocal_rank_fusion({"dense": ["x", "y"]}, k=1) == [("x", 0.5), ("y", pytest.approx(1 / 3))]
+    assert reciprocal_rank_fusion({"dense": [], "keyword": []}) == []
+
+
+def test_mode_follows_settings_unless_given():
+    assert resolve_mode(None, RetrievalSettings()) == "hybrid"
+    assert resolve_mode(None, RetrievalSettings(keyword=False)) == "dense"
+    assert resolve_mode(None, RetrievalSettings(dense=False)) == "keyword"
+    assert resolve_mode("keyword", RetrievalSettings(keyword=False)) == "keyword"
+    with pytest.raises(LoragError, match="both false"):
+        resolve_mode(None, RetrievalSettings(dense=False, keyword=False))
+    with pytest.raises(LoragError, match="unknown retrieval mode 'sparse'"):
+        resolve_mode("sparse", RetrievalSettings())
+
+
+def test_rare_exact_keyword_is_found_by_keyword_and_hybrid(build_index, embedder):
+    retriever = HybridRetriever(build_index(), embedder, RetrievalSettings())
+    keyword = retriever.retrieve("QX-7731B", k=3, mode="keyword")
+    hybrid = retriever.retrieve("QX-7731B", k=3, mode="hybrid")
+    dense = retriever.retrieve("QX-7731B", k=3, mode="dense")
+
+    assert keyword[0].chunk.text == PART_NUMBER_CHUNK and keyword[0].score == keyword[0].scores["keyword"] > 0
+    assert hybrid[0].chunk.text == PART_NUMBER_CHUNK
+    assert set(hybrid[0].scores) == {"dense", "keyword", "rrf"} and hybrid[0].score == hybrid[0].scores["rrf"]
+    assert all(set(p.scores) == {"dense"} and p.score == p.scores["dense"] for p in dense)
+
+
+def test_paraphrase_is_found_by_dense_and_hybrid_but_not_keyword(build_index, embedder):
+    retriever = HybridRetriever(build_index(), embedder, RetrievalSettings())
+    assert retriever.retrieve(PARAPHRASE, mode="keyword") == []
+    dense = retriever.retrieve(PARAPHRASE, k=3, mode="dense")
+    hybrid = retriever.retrieve(PARAPHRASE, k=3)
+    assert dense[0].chunk.text == TRAIN_CHUNK and hybrid[0].chunk.text == TRAIN_CHUNK
+    assert [p.chunk for p in hybrid] == [p.chunk for p in dense]  # one retriever only: RRF keeps its order
+    assert dense[0].score > dense[1].score and hybrid[0].scores["dense"] == pytest.approx(dense[0].score)
+
+
+def test_k_sources_and_passage_fields(build_index, embedder):
+    retriever = HybridRetriever(build_index(), embedder, RetrievalSettings(k=4))
+    passages = retriever.retrieve("warranty claim receipt")
+    assert len(passages) == 4 and passages[0].chunk.source == "handbook/warranty.md"
+    assert [p.score for p in passages] == sorted((p.score for p in passages), reverse=True)
+    chunk = passages[0].chunk
+    assert chunk.page >= 1 and chunk.end - chunk.start == len(chunk.text) and chunk.heading_path == ("Warranty",)
+    only = retriever.retrieve("warranty claim receipt", k=10, sources=["recipes/bread.txt"])
+    assert len(only) == 2 and {p.chunk.source for p in only} == {"recipes/bread.txt"}
+
+
+@pytest.mark.parametrize(("query", "k", "message"), [("", None, "query is empty"), ("  ", None, "query is empty"),
+                                                     ("q", 0, "k=0"), ("q", 101, "k=101")])
+def test_bad_requests_are_refused(build_index, embedder, query, k, message):
+    retriever = HybridRetriever(build_index(["recipes/bread.txt"]), embedder, RetrievalSettings())
+    with pytest.raises(LoragError, match=message):
+        retriever.retrieve(query, k=k)
+
+
+def test_unavailable_reranker_is_skipped_with_a_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="retrieval.reranker"):
+        assert load_reranker(RetrievalSettings(reranker=str(tmp_path / "no-such-model"))) is None
+    assert "no-such-model" in caplog.text and "not reranked" in caplog.text
+    assert load_reranker(RetrievalSettings()) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory, embedder):
+    """A 1-layer BERT sequence classifier with random weights and the embedder's own (offline) tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-cross-encoder")
+    config = BertConfig(vocab_size=embedder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(path)
+    embedder.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reranker_reorders_candidates_by_its_own_scores(build_index, embedder, tiny_cross_encoder):
+    reranker = load_reranker(RetrievalSettings(reranker=str(tiny_cross_encoder)), device="cpu")
+    assert isinstance(reranker, CrossEncoderReranker)
+    retriever = HybridRetriever(build_index(), embedder, RetrievalSettings(candidates=6), reranker=reranker)
+    passages = retriever.retrieve("how do I calibrate the probe?", k=3)
+
+    plain = HybridRetriever(retriever.index, embedder, RetrievalSettings(candidates=6)).retrieve(
+        "how do I calibrate the probe?", k=6)
+    expected = reranker.model.predict([("how do I calibrate the probe?", p.chunk.text) for p in plain])
+    best = sorted(zip(expected, (p.chunk for p in plain)), key=lambda pair: -pair[0])[:3]
+    assert [p.chunk for p in passages] == [chunk for _, chunk in best]
+    assert [p.score for p in passages] == pytest.approx([float(score) for score, _ in best], abs=1e-5)
+    assert all({"rerank", "rrf", "dense"} <= set(p.scores) for p in passages)
