@@ -1,0 +1,192 @@
+"""The in-process transformers generator on the tiny Llama: streaming, batching, stops, cancellation."""
+
+import asyncio
+
+import pytest
+
+from retrieval.errors import LoragError, NotFound
+from server.generation import ChatMessage, GenerationRequest, Generator, SamplingParams
+from server.transformers_generator import TransformersGenerator
+from tests.server_generation.conftest import make_passage
+
+QUESTIONS = [
+    "hello",
+    "The warranty covers manufacturing defects for two years from the date of purchase. How long?",
+    "refunds?",
+    "What does the quarterly report show about revenue growth and operating margins this year?",
+]
+
+
+def request(question: str, **sampling) -> GenerationRequest:
+    return GenerationRequest(messages=(ChatMessage("user", question),), passages=(), sampling=SamplingParams(**sampling))
+
+
+async def answer(generator, req: GenerationRequest):
+    stream = await generator.start(req)
+    deltas = [delta async for delta in stream.deltas]
+    return stream, deltas
+
+
+def run(coroutine_function, path, **options):
+    """Run ``coroutine_function(generator)`` on a fresh generator, closing it afterwards."""
+
+    async def main():
+        generator = TransformersGenerator.from_pretrained(str(path), **options)
+        try:
+            return await coroutine_function(generator)
+        finally:
+            await generator.close()
+
+    return asyncio.run(main())
+
+
+def test_streams_text_with_token_counts_and_is_deterministic_when_greedy(tiny_llama_path):
+    async def scenario(generator):
+        assert isinstance(generator, Generator) and generator.kind == "generative"
+        first = await answer(generator, request(QUESTIONS[0], max_tokens=12))
+        second = await answer(generator, request(QUESTIONS[0], max_tokens=12))
+        return first, second, reference_answer(generator, QUESTIONS[0], 12)
+
+    (stream, deltas), (_, again), reference = run(scenario, tiny_llama_path)
+
+    assert len(deltas) > 1  # streamed, not one blob
+    assert all(delta.finish_reason is None for delta in deltas[:-1])
+    assert deltas[-1].finish_reason == "length"
+    assert sum(delta.tokens for delta in deltas) == 12
+    assert stream.prompt.prompt_tokens == len(generator_prompt_ids(tiny_llama_path, QUESTIONS[0]))
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in again) == reference
+    assert "".join(d.text for d in deltas).strip()
+
+
+def reference_answer(generator, question: str, max_tokens: int) -> str:
+    """Plain model.generate on one prompt, decoded in one piece: what the stream must add up to."""
+    import torch
+
+    ids = generator_prompt_ids(generator.model.name_or_path, question)
+    with torch.inference_mode():
+        output = generator.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+    return generator.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def generator_prompt_ids(path, question):
+    from transformers import AutoTokenizer
+
+    from server.prompting import build_prompt
+
+    return build_prompt([ChatMessage("user", question)], [], tokenizer=AutoTokenizer.from_pretrained(path)).token_ids
+
+
+def test_end_of_sequence_token_finishes_with_stop_and_is_counted(tiny_llama_path):
+    async def scenario(generator):
+        return await answer(generator, request(QUESTIONS[1], max_tokens=40))
+
+    _, deltas = run(scenario, tiny_llama_path)
+
+    # The tiny model (seed 0) ends this answer with <|im_end|> after a few tokens.
+    assert deltas[-1].finish_reason == "stop"
+    assert 0 < sum(d.tokens for d in deltas) < 40
+    assert "<|im_end|>" not in "".join(d.text for d in deltas)
+
+
+def test_seeded_sampling_repeats_and_passages_are_reported(tiny_llama_path):
+    passages = (make_passage(1, "The warranty lasts two years."), make_passage(2, "Refunds take fourteen days."))
+    req = GenerationRequest(
+        messages=(ChatMessage("user", "warranty?"),), passages=passages,
+        sampling=SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7),
+    )
+
+    async def scenario(generator):
+        return await answer(generator, req), await answer(generator, req)
+
+    (stream, first), (_, second) = run(scenario, tiny_llama_path)
+
+    assert stream.prompt.passages_used == passages and stream.prompt.dropped_passages == 0
+    assert "".join(d.text for d in first) == "".join(d.text for d in second)
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched_greedy_output(tiny_llama_path):
+    limits = [5, 17, 9, 12]
+
+    async def scenario(generator):
+        alone = [await answer(generator, request(q, max_tokens=n)) for q, n in zip(QUESTIONS, limits)]
+        # Keep the worker busy so the four requests queue up and run as one batch.
+        blocker = await generator.start(request("block", max_tokens=3000))
+        blocker_deltas = aiter(blocker.deltas)
+        await anext(blocker_deltas)
+        pending = [asyncio.ensure_future(answer(generator, request(q, max_tokens=n))) for q, n in zip(QUESTIONS, limits)]
+        while len(generator._pending) < len(QUESTIONS):
+            await asyncio.sleep(0.01)
+        await blocker_deltas.aclose()  # cancels the blocker; the worker moves on to the queued four
+        together = await asyncio.gather(*pending)
+        return alone, together, generator.stats
+
+    alone, together, stats = run(scenario, tiny_llama_path)
+
+    assert stats.batch_sizes[4] == 1
+    for (_, single), (_, batched), limit in zip(alone, together, limits):
+        assert "".join(d.text for d in batched) == "".join(d.text for d in single)
+        assert sum(d.tokens for d in batched) == sum(d.tokens for d in single) <= limit
+        assert batched[-1].finish_reason == single[-1].finish_reason
+    assert {single[-1].finish_reason for _, single in alone} == {"stop", "length"}  # rows end differently
+
+
+def test_stop_sequence_ends_the_answer_before_it(tiny_llama_path):
+    async def scenario(generator):
+        _, free = await answer(generator, request(QUESTIONS[3], max_tokens=30))
+        text = "".join(d.text for d in free)
+        stop = next(text[i : i + 3] for i in range(8, len(text)) if "\ufffd" not in text[i : i + 3])
+        _, stopped = await answer(generator, request(QUESTIONS[3], max_tokens=30, stop=("never-seen", stop)))
+        return text, stop, stopped
+
+    text, stop, stopped = run(scenario, tiny_llama_path)
+
+    answer_text = "".join(d.text for d in stopped)
+    assert answer_text == text[: text.find(stop)]
+    assert stop not in answer_text
+    assert stopped[-1].finish_reason == "stop"
+
+
+def test_cancelling_the_consumer_stops_generation(tiny_llama_path):
+    async def scenario(generator):
+        first_delta = asyncio.Event()
+
+        async def consume():
+            stream = await generator.start(request(QUESTIONS[0], max_tokens=3000))
+            async for _ in stream.deltas:
+                first_delta.set()
+
+        task = asyncio.ensure_future(consume())
+        await first_delta.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while generator.stats.finish_reasons["cancelled"] == 0:
+            await asyncio.sleep(0.01)
+        # The worker is free again: a new request runs to completion.
+        _, deltas = await answer(generator, request(QUESTIONS[2], max_tokens=3))
+        return generator.stats, deltas
+
+    stats, deltas = run(scenario, tiny_llama_path)
+
+    assert stats.finish_reasons["cancelled"] == 1
+    assert stats.generated_tokens < 3000
+    assert deltas[-1].finish_reason == "length"
+
+
+def test_bad_requests_are_refused(tiny_llama_path):
+    async def scenario(generator):
+        with pytest.raises(NotFound, match="adapter 'acme-v1'"):
+            await generator.start(GenerationRequest(messages=(ChatMessage("user", "hi"),), passages=(), adapter="acme-v1"))
+        with pytest.raises(LoragError, match="max_tokens=5000"):
+            await generator.start(request("hi", max_tokens=5000))
+        with pytest.raises(LoragError, match="temperature"):
+            await generator.start(request("hi", temperature=-1.0))
+
+    run(scenario, tiny_llama_path)
+
+
+def test_loading_failures_are_lorag_errors(tmp_path, tiny_llama_path):
+    with pytest.raises(LoragError, match="cannot load generation model"):
+        TransformersGenerator.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(LoragError, match="generation.dtype"):
+        TransformersGenerator.from_pretrained(str(tiny_llama_path), dtype="int3")
