@@ -1,0 +1,116 @@
+"""One batched decode step over cache rows 0..n-1: eager (CPU, fallback) or replayed CUDA graphs (GPU).
+
+Both take python lists (token, position, adapter slot per row; idle rows carry the cache's scratch
+position) and return float32 logits whose first n rows belong to those rows.
+"""
+
+import logging
+
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.lora_slots import AdapterSelection, AdapterSlots
+
+log = logging.getLogger(__name__)
+
+
+def onehot_rows(slots: list[int], num_slots: int, *, device) -> torch.Tensor | None:
+    """(rows, num_slots) float mask selecting each row's adapter slot; None when no row has one."""
+    if not any(slots):
+        return None
+    mask = torch.zeros(len(slots), num_slots)
+    for row, slot in enumerate(slots):
+        if slot:
+            mask[row, slot - 1] = 1.0
+    return mask.to(device)
+
+
+class EagerDecode:
+    """Runs the model forward directly; shapes follow the batch (no padding)."""
+
+    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None):
+        self.model, self.cache, self.adapters = model, cache, adapters
+
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        device = self.model.device
+        onehot = None
+        if self.adapters is not None:
+            onehot = onehot_rows(slots, self.adapters.num_slots, device=device)
+            if onehot is not None:
+                onehot = onehot.to(self.model.dtype)
+        return self.model.forward(
+            torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
+            cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters if onehot is not None else None,
+            selection=AdapterSelection(onehot=onehot), last_only=True,
+        )
+
+
+class GraphedDecode:
+    """Decode steps captured as CUDA graphs, one per (batch bucket, with/without adapters).
+
+    Inputs live in static device buffers; adapter weights live in the slot tensors, so loading an
+    adapter (a copy into its slot) needs no re-capture. A batch runs in the smallest bucket that
+    holds its highest row; rows past n are idle rows writing to the scratch position.
+    """
+
+    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = ()):
+        self.model, self.cache, self.adapters = model, cache, adapters
+        default = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
+        self.buckets = sorted({b for b in (buckets or default) if b < cache.rows} | {cache.rows})
+        device, rows = model.device, cache.rows
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((rows, 1), cache.scratch_position, dtype=torch.long, device=device)
+        slots = adapters.num_slots if adapters is not None else 1
+        self.onehot = torch.zeros(rows, slots, dtype=model.dtype, device=device)
+        self._host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
+        self._host_onehot = torch.zeros(rows, slots, dtype=model.dtype).pin_memory()
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _forward(self, bucket: int, lora: bool) -> torch.Tensor:
+        return self.model.forward(
+            self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
+            adapters=self.adapters if lora else None,
+            selection=AdapterSelection(onehot=self.onehot[:bucket]) if lora else AdapterSelection(), last_only=True,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket (largest first so smaller graphs reuse its memory pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        variants = (False, True) if self.adapters is not None else (False,)
+        side = torch.cuda.Stream()
+        for bucket in sorted(self.buckets, reverse=True):
+            for lora in variants:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up allocates workspaces outside the graph
+                    for _ in range(2):
+                        self._forward(bucket, lora)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(bucket, lora)
+                self.graphs[(bucket, lora)] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs for buckets %s", len(self.graphs), self.buckets)
+
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        bucket = next(b for b in self.buckets if b >= n)
+        lora = self.adapters is not None and any(slots)
+        host = self._host
+        host[0, :bucket] = 0
+        host[1, :bucket] = self.cache.scratch_position
+        host[0, :n] = torch.tensor(tokens)
+        host[1, :n] = torch.tensor(positions)
+        self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
+        self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
+        if lora:
+            onehot = self._host_onehot
+            onehot[:bucket] = 0
+            for row, slot in enumerate(slots):
+                if slot:
+                    onehot[row, slot - 1] = 1
+            self.onehot[:bucket].copy_(onehot[:bucket], non_blocking=True)
+        graph, logits = self.graphs[(bucket, lora)]
+        graph.replay()
+        return logits

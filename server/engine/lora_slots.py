@@ -1,0 +1,280 @@
+"""Resident LoRA adapters in preallocated device slots, applied per batch row without recompiling.
+
+Per layer, modules that read the same input form a group (q/k/v, o, gate/up, down). A group keeps
+A as (in, slots * modules * r_max) and B as (slots * modules * r_max, out_total), B block-diagonal
+over the modules and pre-multiplied by the adapter's scaling. A mixed batch multiplies by every
+slot at once and masks each row to its own slot: two small GEMMs whose cost does not depend on how
+the rows' adapters are mixed, with static shapes a captured CUDA graph can replay.
+"""
+
+import json
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retrieval.errors import Conflict, LoragError, NotFound
+
+log = logging.getLogger(__name__)
+
+# group name -> the peft module names in it, in output order
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class UnsupportedAdapter(LoragError):
+    """The adapter is valid for peft but not for the engine's fast path (the server falls back)."""
+
+
+@dataclass(frozen=True)
+class AdapterSelection:
+    """Which slot each row of a forward uses: one slot for a whole single-request forward, or a
+    (rows, slots) one-hot float mask for a mixed batch (a zero row means the base model)."""
+
+    slot: int = 0
+    onehot: torch.Tensor | None = None
+
+
+@dataclass
+class _Group:
+    a: torch.Tensor  # (in, slots * modules * r_max)
+    b: torch.Tensor  # (slots * modules * r_max, out_total), block-diagonal over the modules
+    out_offsets: tuple[int, ...]  # column where each module's output starts in b
+
+
+class AdapterSlots:
+    """``num_slots`` resident adapters (slot numbers 1..num_slots; 0 = no adapter).
+
+    ``load(name, path)`` copies a peft adapter dir into a free slot; ``unload(name)`` frees it.
+    Requests ``acquire`` a slot by adapter name and ``release`` it when done; an adapter in use
+    cannot be unloaded or reloaded.
+    """
+
+    def __init__(self, *, layers: int, dims: dict[str, tuple[int, int]], num_slots: int, max_rank: int, dtype, device):
+        if num_slots < 1 or max_rank < 1:
+            raise LoragError(f"adapter slots need num_slots >= 1 and max_rank >= 1, got {num_slots} and {max_rank}")
+        self.layers, self.dims = layers, dims
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self._groups: list[dict[str, _Group]] = []
+        for _ in range(layers):
+            by_group = {}
+            for group, modules in GROUPS.items():
+                in_features = dims[modules[0]][0]
+                outs = [dims[m][1] for m in modules]
+                width = num_slots * len(modules) * max_rank
+                offsets = tuple(sum(outs[:i]) for i in range(len(outs)))
+                by_group[group] = _Group(
+                    a=torch.zeros(in_features, width, dtype=dtype, device=device),
+                    b=torch.zeros(width, sum(outs), dtype=dtype, device=device),
+                    out_offsets=offsets,
+                )
+            self._groups.append(by_group)
+        self._lock = threading.Lock()
+        self._by_name: dict[str, int] = {}
+        self._users = [0] * (num_slots + 1)
+
+    # ---- residency -------------------------------------------------------------------------------
+    def resident(self) -> dict[str, int]:
+        """Loaded adapter names and their slots."""
+        with self._lock:
+            return dict(self._by_name)
+
+    def in_use(self, name: str) -> int:
+        """How many running requests use adapter ``name`` (0 when not resident)."""
+        with self._lock:
+            slot = self._by_name.get(name)
+            return 0 if slot is None else self._users[slot]
+
+    def load(self, name: str, path: str | Path) -> int:
+        """Copy the peft adapter in ``path`` into a slot under ``name``; returns the slot (1-based).
+
+        Reloading a resident, idle name replaces its weights in the same slot.
+
+        Raises:
+            LoragError: the dir lacks adapter_config.json / adapter_model.safetensors or does not fit the model.
+            UnsupportedAdapter: DoRA, modules_to_save, biases, or modules outside q/k/v/o/gate/up/down.
+            Conflict: all slots are taken, or ``name`` is resident and in use.
+        """
+        weights = read_peft_adapter(path, layers=self.layers, dims=self.dims, max_rank=self.max_rank)
+        with self._lock:
+            slot = self._by_name.get(name)
+            if slot is not None and self._users[slot]:
+                raise Conflict(f"adapter {name!r} is in use by {self._users[slot]} running request(s); reload it later")
+            if slot is None:
+                taken = set(self._by_name.values())
+                free = [s for s in range(1, self.num_slots + 1) if s not in taken]
+                if not free:
+                    raise Conflict(
+                        f"all {self.num_slots} adapter slots are taken ({', '.join(sorted(self._by_name))}); "
+                        f"unload one before loading {name!r}"
+                    )
+                slot = free[0]
+            self._write_slot(slot, weights)
+            self._by_name[name] = slot
+        log.info("adapter %s loaded into slot %d from %s", name, slot, path)
+        return slot
+
+    def unload(self, name: str) -> None:
+        """Free the slot of ``name``.
+
+        Raises:
+            NotFound: ``name`` is not resident.  Conflict: a running request uses it.
+        """
+        with self._lock:
+            slot = self._by_name.get(name)
+            if slot is None:
+                raise NotFound(f"adapter {name!r} is not loaded")
+            if self._users[slot]:
+                raise Conflict(f"adapter {name!r} is in use by {self._users[slot]} running request(s); unload it later")
+            del self._by_name[name]
+            self._write_slot(slot, {})
+
+    def acquire(self, name: str | None) -> int:
+        """The slot of adapter ``name`` (0 for None), counted as used until :meth:`release`.
+
+        Raises:
+            NotFound: ``name`` is not resident.
+        """
+        if name is None:
+            return 0
+        with self._lock:
+            slot = self._by_name.get(name)
+            if slot is None:
+                raise NotFound(f"adapter {name!r} is not loaded", hint="load it first (resident: "
+                               f"{', '.join(sorted(self._by_name)) or 'none'})")
+            self._users[slot] += 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        if slot:
+            with self._lock:
+                self._users[slot] -= 1
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def apply(self, layer: int, group: str, x: torch.Tensor, base: torch.Tensor, selection: AdapterSelection) -> torch.Tensor:
+        """``base`` (tokens, out_total) plus the LoRA delta of ``x`` (tokens, in) for the selected slots."""
+        g = self._groups[layer][group]
+        if selection.onehot is not None:
+            slots = selection.onehot.shape[1]
+            h = x @ g.a  # (tokens, slots * modules * r_max)
+            h = (h.view(h.shape[0], slots, -1) * selection.onehot[:, :, None]).view(h.shape[0], -1)
+            return torch.addmm(base, h, g.b)
+        if selection.slot == 0:
+            return base
+        width = len(GROUPS[group]) * self.max_rank
+        cols = slice((selection.slot - 1) * width, selection.slot * width)
+        return torch.addmm(base, x @ g.a[:, cols], g.b[cols])
+
+    def _write_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Zero ``slot`` then copy (A (in, r), scaled B (r, out)) per (layer, module) into it."""
+        for layer, by_group in enumerate(self._groups):
+            for group, g in by_group.items():
+                modules = GROUPS[group]
+                width = len(modules) * self.max_rank
+                cols = slice((slot - 1) * width, slot * width)
+                g.a[:, cols].zero_()
+                g.b[cols].zero_()
+                for j, module in enumerate(modules):
+                    pair = weights.get((layer, module))
+                    if pair is None:
+                        continue
+                    a, b = pair
+                    rank = a.shape[1]
+                    start = cols.start + j * self.max_rank
+                    out = slice(g.out_offsets[j], g.out_offsets[j] + b.shape[1])
+                    g.a[:, start : start + rank].copy_(a)
+                    g.b[start : start + rank, out].copy_(b)
+
+    def nbytes(self) -> int:
+        return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()
+                   for by_group in self._groups for g in by_group.values())
+
+
+def read_peft_adapter(
+    path: str | Path, *, layers: int, dims: dict[str, tuple[int, int]], max_rank: int
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Read a peft LoRA dir into {(layer, module): (A (in, r), B (r, out) times scaling)} as float32 CPU tensors.
+
+    Only adapter_config.json and adapter_model.safetensors are read (never pickle).
+
+    Raises:
+        LoragError: missing files, shapes that do not fit the model, non-finite weights, rank > max_rank.
+        UnsupportedAdapter: DoRA, modules_to_save, trained biases, or modules the engine does not adapt.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise LoragError(f"adapter dir {path} has no {required.name}", hint="save it with peft save_pretrained")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LoragError(f"cannot read {config_path}: {error}") from error
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedAdapter(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise UnsupportedAdapter(f"{config_path}: DoRA adapters are not supported by the engine's fast path")
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapter(f"{config_path}: modules_to_save {config['modules_to_save']} is not supported by the engine")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapter(f"{config_path}: bias={config['bias']!r} is not supported by the engine (needs 'none')")
+    if config.get("fan_in_fan_out"):
+        raise UnsupportedAdapter(f"{config_path}: fan_in_fan_out adapters are not supported by the engine")
+
+    tensors = load_file(str(weights_path))
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None or match.group(3) not in MODULE_GROUP:
+            raise UnsupportedAdapter(f"{weights_path}: tensor {key!r} adapts a module the engine does not support "
+                                     f"(supported: {', '.join(MODULE_GROUP)})")
+        layer = int(match.group(1))
+        if layer >= layers:
+            raise LoragError(f"{weights_path}: tensor {key!r} names layer {layer} but the model has {layers} layers")
+        halves.setdefault((layer, match.group(3)), {})[match.group(4)] = tensor
+
+    weights = {}
+    for (layer, module), pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            raise LoragError(f"{weights_path}: layer {layer} {module} has lora_{''.join(pair)} but not both A and B")
+        a, b = pair["A"].float(), pair["B"].float()  # (r, in), (out, r)
+        rank = a.shape[0]
+        in_features, out_features = dims[module]
+        if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+            raise LoragError(
+                f"{weights_path}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, expected "
+                f"({rank}, {in_features}) and ({out_features}, {rank}): the adapter was trained for another base model"
+            )
+        if rank > max_rank:
+            raise LoragError(f"{weights_path}: rank {rank} exceeds adapters.max_rank={max_rank}",
+                             hint="raise adapters.max_rank or train with a smaller r")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoragError(f"{weights_path}: layer {layer} {module} has non-finite weights")
+        name = f"model.layers.{layer}.{'self_attn' if module in GROUPS['qkv'] + GROUPS['o'] else 'mlp'}.{module}"
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        weights[(layer, module)] = (a.t().contiguous(), (b * scaling).t().contiguous())
+    if not weights:
+        raise LoragError(f"{weights_path} holds no LoRA weights")
+    return weights
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """peft's rank/alpha pattern lookup: a key matches the full module name or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if key == module_name or re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

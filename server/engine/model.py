@@ -1,0 +1,205 @@
+"""Llama / Qwen2 forward pass over the engine's KV cache, with per-row LoRA from adapter slots.
+
+Qwen2 is Llama with biases on q/k/v. Weights come from a transformers model loaded with
+``from_pretrained``; q/k/v and gate/up are fused into one matrix each (fewer kernels per step).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.kv_cache import KVCache
+from server.engine.lora_slots import AdapterSelection, AdapterSlots
+from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    rms_eps: float
+    max_positions: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def lora_dims(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every module an adapter may target."""
+        return {
+            "q_proj": (self.hidden, self.q_dim), "k_proj": (self.hidden, self.kv_dim),
+            "v_proj": (self.hidden, self.kv_dim), "o_proj": (self.q_dim, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # (q_dim + 2 * kv_dim, hidden)
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 * intermediate, hidden)
+    down: torch.Tensor
+
+
+def check_supported(config) -> None:
+    """Raise UnsupportedModel unless the engine can run ``config`` exactly as transformers would."""
+    model_type = getattr(config, "model_type", None)
+    name = getattr(config, "name_or_path", "") or "the model"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(f"{name}: architecture {model_type!r} is not supported by the engine "
+                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModel(f"{name}: mlp_bias=True is not supported by the engine")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"{name}: hidden_act {config.hidden_act!r} is not supported by the engine (needs silu)")
+    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise UnsupportedModel(f"{name}: sliding-window attention is not supported by the engine")
+
+
+class EngineModel:
+    """The decoder: ``forward`` runs any number of new tokens for a contiguous range of cache rows."""
+
+    def __init__(self, shape: ModelShape, *, embed, layers: list[LayerWeights], norm, lm_head, inv_freq,
+                 cache_len: int, dtype, device):
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.cos, self.sin = rope_tables(inv_freq, cache_len, dtype=dtype, device=device)
+
+    @classmethod
+    def from_hf(cls, hf_model, *, cache_len: int, dtype, device) -> "EngineModel":
+        """Take the weights of a transformers Llama/Qwen2 causal LM.
+
+        Raises:
+            UnsupportedModel: another architecture or an unsupported rope/bias/activation setting.
+        """
+        config = hf_model.config
+        check_supported(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = ModelShape(
+            vocab_size=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
+            heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            intermediate=config.intermediate_size, rms_eps=config.rms_norm_eps,
+            max_positions=config.max_position_embeddings,
+        )
+        inv_freq = inverse_frequencies(config, head_dim)
+
+        def take(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+
+        layers = []
+        for block in hf_model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            if attn.o_proj.bias is not None:
+                raise UnsupportedModel(f"{config.name_or_path}: a bias on o_proj is not supported by the engine")
+            layers.append(LayerWeights(
+                input_norm=take(block.input_layernorm.weight),
+                qkv=take(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                qkv_bias=None if biases[0] is None else take(torch.cat(biases)),
+                o=take(attn.o_proj.weight),
+                post_norm=take(block.post_attention_layernorm.weight),
+                gate_up=take(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                down=take(mlp.down_proj.weight),
+            ))
+        embed = take(hf_model.model.embed_tokens.weight)
+        head = hf_model.lm_head.weight
+        lm_head = embed if head.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr() else take(head)
+        return cls(shape, embed=embed, layers=layers, norm=take(hf_model.model.norm.weight), lm_head=lm_head,
+                   inv_freq=inv_freq, cache_len=cache_len, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        cache: KVCache,
+        rows: slice,
+        adapters: AdapterSlots | None,
+        selection: AdapterSelection,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq) of cache ``rows``.
+
+        Keys/values of the new tokens are written to the cache first; each token attends to the
+        cache positions <= its own. Returns float32 (batch, vocab) for the last token of each row
+        when ``last_only``, else (batch, seq, vocab).
+        """
+        s = self.shape
+        batch, seq = tokens.shape
+        x = F.embedding(tokens, self.embed)  # (batch, seq, hidden)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (batch, seq, 1, head_dim)
+        visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
+        mask = _group_mask(visible, s.heads // s.kv_heads)
+        use_lora = adapters is not None and (selection.onehot is not None or selection.slot != 0)
+        for i, w in enumerate(self.layers):
+            h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            if use_lora:
+                qkv = adapters.apply(i, "qkv", h, qkv, selection)
+            q, k, v = qkv.view(batch, seq, -1).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
+            q = apply_rope(q.view(batch, seq, s.heads, s.head_dim), cos, sin)
+            k = apply_rope(k.view(batch, seq, s.kv_heads, s.head_dim), cos, sin)
+            cache.write(i, rows, positions, k, v.view(batch, seq, s.kv_heads, s.head_dim))
+            keys, values = cache.read(i, rows)
+            attn = _attend(q, keys, values, mask).reshape(batch * seq, s.q_dim)
+            o = F.linear(attn, w.o)
+            if use_lora:
+                o = adapters.apply(i, "o", attn, o, selection)
+            x = x + o.view(batch, seq, s.hidden)
+            h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
+            gate_up = F.linear(h, w.gate_up)
+            if use_lora:
+                gate_up = adapters.apply(i, "gate_up", h, gate_up, selection)
+            gate, up = gate_up.split([s.intermediate, s.intermediate], dim=-1)
+            m = F.silu(gate) * up
+            down = F.linear(m, w.down)
+            if use_lora:
+                down = adapters.apply(i, "down", m, down, selection)
+            x = x + down.view(batch, seq, s.hidden)
+        if last_only:
+            x = x[:, -1]
+        return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32 then back, as transformers' Llama/Qwen2 RMSNorm does.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _group_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """(batch, seq, length) -> (batch, 1, group * seq, length), matching the query layout of _attend."""
+    batch, seq, length = visible.shape
+    return visible[:, None, None].expand(batch, 1, group, seq, length).reshape(batch, 1, group * seq, length)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention without repeating keys.
+
+    q (batch, seq, heads, head_dim); keys/values (batch, kv_heads, length, head_dim). The query heads
+    that share a kv head are folded into the query-length axis: (batch, kv_heads, group * seq, head_dim).
+    Returns (batch, seq, heads, head_dim).
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    q = q.transpose(1, 2).reshape(batch, kv_heads, group * seq, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.view(batch, heads, seq, head_dim).transpose(1, 2)
