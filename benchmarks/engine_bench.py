@@ -1,0 +1,262 @@
+"""Multi-adapter engine throughput and latency against transformers + peft, in one process.
+
+GPU:  python benchmarks/engine_bench.py --shape qwen2.5-0.5b --requests 128
+CPU smoke:  python benchmarks/engine_bench.py --shape tiny --requests 8
+Weights are random (speed depends on shapes only); adapters are random rank-16 all-linear peft dirs.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.engine.engine import Engine, EngineConfig  # noqa: E402
+from server.engine.scheduler import Sequence  # noqa: E402
+from tests.model_factory import LLAMA3_8B, QWEN25_05B, build_model, build_tokenizer  # noqa: E402
+
+SHAPES = {"tiny": dict(architecture="qwen2"), "qwen2.5-0.5b": QWEN25_05B, "llama3-8b": LLAMA3_8B}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="RAG-shaped prompt lengths (default 1000 2000; tiny: 20 60)")
+    p.add_argument("--new-tokens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="answer lengths (default 128 256; tiny: 8 16)")
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32], help="distinct adapters per mix")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-rows", type=int, default=None, help="engine rows decoding at once (default: requests)")
+    p.add_argument("--poisson-rate", type=float, default=40.0, help="requests/s of the Poisson arrival run")
+    p.add_argument("--no-poisson", action="store_true")
+    p.add_argument("--baseline-batch", type=int, default=8, help="transformers+peft rows per generate call")
+    p.add_argument("--baseline-batches", type=int, default=1)
+    p.add_argument("--baseline-new-tokens", type=int, default=32)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def build_adapters(hf_model, root: Path, count: int, rank: int, seed: int) -> list[Path]:
+    """``count`` random rank-``rank`` all-linear adapters saved as peft dirs (B != 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                     init_lora_weights=False))
+    dirs = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.02)
+        path = root / f"adapter-{i}"
+        peft_model.save_pretrained(path)
+        dirs.append(path)
+    peft_model.unload()  # give the base model back without LoRA layers
+    return dirs
+
+
+def run_engine(engine, workload, *, adapter_names, poisson_rate=None, seed=0):
+    """Submit ``workload`` [(prompt, new_tokens)] with adapters round-robin; returns metrics."""
+    records = []
+    finished = threading.Event()
+    remaining = [len(workload)]
+    lock = threading.Lock()
+
+    def make_emit(record):
+        def emit(tokens, finish, error):
+            now = time.perf_counter()
+            if tokens:
+                if record["first"] is None:
+                    record["first"] = now
+                record["last"] = now
+                record["tokens"] += len(tokens)
+            if finish is not None:
+                record["finish"] = finish
+                record["error"] = error
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        finished.set()
+        return emit
+
+    rng = random.Random(seed)
+    sched = engine.scheduler
+    start = time.perf_counter()
+    for i, (prompt, new) in enumerate(workload):
+        if poisson_rate and i:
+            time.sleep(rng.expovariate(poisson_rate))
+        name = adapter_names[i % len(adapter_names)] if adapter_names else None
+        record = {"submit": time.perf_counter(), "first": None, "last": None, "tokens": 0, "finish": None}
+        records.append(record)
+        sched.submit(Sequence(prompt=prompt, max_tokens=new, emit=make_emit(record),
+                              adapter_slot=engine.adapters.acquire(name)))
+    finished.wait()
+    elapsed = time.perf_counter() - start
+    errors = [r["error"] for r in records if r.get("error") is not None]
+    if errors:
+        raise RuntimeError(f"engine failed: {errors[0]!r}")
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [(r["first"] - r["submit"]) * 1000 for r in records]
+    tpot = [(r["last"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+            "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99)}
+
+
+def run_peft_baseline(hf_model, adapter_dirs, workload, *, batch, batches, new_tokens, device):
+    """transformers + peft mixed-adapter generate (adapter_names), a few batches only."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(hf_model, adapter_dirs[0], adapter_name="a0")
+    for i, path in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    model.eval()
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    tokens = 0
+    elapsed = 0.0
+    for b in range(batches):
+        rows = workload[b * batch : (b + 1) * batch]
+        width = max(len(p) for p, _ in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, (prompt, _) in enumerate(rows):  # left padding, as decoder-only generate wants
+            ids[r, width - len(prompt):] = torch.tensor(prompt)
+            mask[r, width - len(prompt):] = 1
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                 adapter_names=[names[(b * batch + r) % len(names)] for r in range(len(rows))])
+        sync(device)
+        elapsed += time.perf_counter() - t0
+        tokens += (out.shape[1] - width) * len(rows)
+    model.unload()
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "rows": batch, "batches": batches,
+            "adapters": min(len(names), batch)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tiny = args.shape == "tiny"
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompt_range = args.prompt_tokens or ((20, 60) if tiny else (1000, 2000))
+    new_range = args.new_tokens or ((8, 16) if tiny else (128, 256))
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    tokenizer = build_tokenizer()
+    t0 = time.perf_counter()
+    model_path = build_model(tmp / "model", dtype=dtype, tokenizer=tokenizer, **SHAPES[args.shape])
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    vocab = hf_model.config.vocab_size
+    workload = [([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*new_range))
+                for _ in range(args.requests)]
+    max_adapters = max(args.adapters)
+    adapter_dirs = build_adapters(hf_model, tmp / "adapters", max_adapters, args.rank, args.seed)
+    print(f"model + {max_adapters} adapters built in {time.perf_counter() - t0:.1f}s on {device} ({dtype})", flush=True)
+
+    config = EngineConfig(max_rows=args.max_rows or args.requests, max_len=prompt_range[1] + new_range[1] + 1,
+                          adapter_slots=max_adapters, max_rank=args.rank, prefill_chunk=2048, prefill_budget=4096,
+                          cuda_graphs=not args.no_cuda_graphs)
+    t0 = time.perf_counter()
+    engine = Engine.from_hf(hf_model, config=config, device=device, dtype=dtype)
+    for i, path in enumerate(adapter_dirs):
+        engine.adapters.load(f"a{i}", path)
+    print(f"engine built (graphs captured) in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    results = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "requests": args.requests, "prompt_tokens": prompt_range, "new_tokens": new_range, "runs": {}}
+    run_engine(engine, workload[: min(4, len(workload))], adapter_names=["a0"])  # warm-up (allocator, kernels)
+    plans = [("engine, no adapters", [], None)]
+    plans += [(f"engine, {k} adapters", [f"a{i}" for i in range(k)], None) for k in args.adapters]
+    if not args.no_poisson:
+        k = max_adapters
+        plans.append((f"engine, {k} adapters, Poisson {args.poisson_rate:g}/s", [f"a{i}" for i in range(k)],
+                      args.poisson_rate))
+    for label, names, rate in plans:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        metrics = run_engine(engine, workload, adapter_names=names, poisson_rate=rate, seed=args.seed)
+        if device.type == "cuda":
+            metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["runs"][label] = metrics
+        print(f"{label}: {metrics['tok_s']:.0f} tok/s, TTFT p50 {metrics['ttft_p50_ms']:.0f} ms", flush=True)
+
+    # single request: decode speed and time to first token of a long RAG prompt
+    single_prompt = workload[0][0][:128]
+    single = run_engine(engine, [(single_prompt, 256 if not tiny else 16)], adapter_names=["a0"])
+    results["single_request_tok_s"] = (single["tokens"] - 1) / (single["tpot_p50_ms"] * (single["tokens"] - 1) / 1000)
+    long_prompt = [rng.randrange(3, vocab) for _ in range(min(2000, config.max_len - 2))]
+    ttfts = [run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3)]
+    results["ttft_long_ms"] = min(ttfts)
+    results["ttft_long_tokens"] = len(long_prompt)
+    results["engine_memory_gib"] = {"kv_cache": engine.cache.nbytes() / 2**30, "adapter_slots": engine.adapters.nbytes() / 2**30}
+    engine.close()
+
+    if not args.no_baseline:
+        results["peft_baseline"] = run_peft_baseline(
+            hf_model, adapter_dirs, workload, batch=args.baseline_batch, batches=args.baseline_batches,
+            new_tokens=args.baseline_new_tokens if not tiny else 8, device=device)
+    print_table(results)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "engine_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def print_table(results):
+    runs = results["runs"]
+    base = runs["engine, no adapters"]["tok_s"]
+    peft = results.get("peft_baseline")
+    print(f"\n{results['shape']} on {results['device']}: {results['requests']} requests, prompts "
+          f"{results['prompt_tokens']} tokens, answers {results['new_tokens']} tokens")
+    print(f"{'run':44} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'GiB':>6} "
+          f"{'x no-ad':>8} {'x peft':>8}")
+    for label, m in runs.items():
+        vs_peft = f"{m['tok_s'] / peft['tok_s']:.1f}" if peft else "-"
+        print(f"{label:44} {m['tok_s']:8.0f} {m['ttft_p50_ms']:9.1f} {m['ttft_p99_ms']:9.1f} {m['tpot_p50_ms']:9.2f} "
+              f"{m['tpot_p99_ms']:9.2f} {m.get('peak_gpu_gib', float('nan')):6.1f} {m['tok_s'] / base:8.2f} {vs_peft:>8}")
+    if peft:
+        print(f"{'transformers+peft adapter_names (measured)':44} {peft['tok_s']:8.0f}   "
+              f"({peft['batches']} batch(es) x {peft['rows']} rows, {peft['adapters']} adapters; its tok/s is "
+              f"measured on those batches only and assumed to hold for the whole workload)")
+    print(f"single request decode: {results['single_request_tok_s']:.0f} tok/s; "
+          f"TTFT of a {results['ttft_long_tokens']}-token prompt alone: {results['ttft_long_ms']:.1f} ms")
+    mix = [label for label in runs if label.startswith("engine, ") and "adapters" in label and "Poisson" not in label
+           and "no adapters" not in label]
+    if mix:
+        widest = mix[-1]
+        print(f"ratios: {widest} / no adapters = {runs[widest]['tok_s'] / base:.2f} (target >= 0.85)"
+              + (f"; / transformers+peft = {runs[widest]['tok_s'] / peft['tok_s']:.0f}x (target >= 50x)" if peft else ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
