@@ -74,7 +74,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("step", "committed"),
     [("writing-vectors", False), ("before-sqlite-commit", False), ("before-old-files-deleted", True)],
