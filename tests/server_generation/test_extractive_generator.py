@@ -1,0 +1,69 @@
+"""The extractive fallback: cited sentences that come from the passages they cite, and an honest empty answer."""
+
+import asyncio
+
+from server.citations import extract_citations
+from server.extractive_generator import NOTHING_FOUND, ExtractiveGenerator
+from server.generation import ChatMessage, GenerationRequest, Generator
+from tests.server_generation.conftest import make_passage
+
+PASSAGES = (
+    make_passage(1, "Kestrel sensors ship with a calibration certificate. The warranty covers manufacturing "
+                    "defects for two years from the date of purchase. Batteries are not covered."),
+    make_passage(2, "Refunds are issued within fourteen days when the product is returned unused.\n\n"
+                    "Shipping is free for orders over fifty euros."),
+    make_passage(3, "The quarterly report shows revenue growth of twelve percent and stable operating margins."),
+)
+
+
+def ask(question: str, passages=PASSAGES):
+    async def main():
+        generator = ExtractiveGenerator()
+        assert isinstance(generator, Generator) and generator.name == "extractive" and generator.kind == "extractive"
+        stream = await generator.start(
+            GenerationRequest(messages=(ChatMessage("user", question),), passages=tuple(passages))
+        )
+        deltas = [delta async for delta in stream.deltas]
+        await generator.close()
+        return stream, deltas
+
+    return asyncio.run(main())
+
+
+def test_answer_quotes_the_best_sentences_each_with_the_marker_of_its_passage():
+    stream, deltas = ask("How long does the warranty cover manufacturing defects?")
+    text = "".join(d.text for d in deltas)
+
+    assert deltas[-1].finish_reason == "stop"
+    assert "No generative model is loaded" in text  # never passes itself off as a model
+    assert stream.prompt.passages_used == PASSAGES
+    citations = extract_citations(text, stream.prompt.passages_used)
+    assert citations and citations[0].number == 1
+    for line in text.split("\n\n")[1:]:
+        sentence, marker = line.rsplit(" [", 1)
+        number = int(marker.rstrip("]"))
+        assert sentence in PASSAGES[number - 1].chunk.text
+    assert text.split("\n\n")[1].startswith("The warranty covers manufacturing defects for two years")
+
+
+def test_sentences_from_several_passages_keep_their_own_numbers():
+    _, deltas = ask("refunds for unused product returned, and revenue growth percent")
+    text = "".join(d.text for d in deltas)
+
+    assert "fourteen days when the product is returned unused. [2]" in text
+    assert "revenue growth of twelve percent and stable operating margins. [3]" in text
+    assert "Shipping is free" not in text
+
+
+def test_without_passages_it_says_it_found_nothing_and_has_no_model():
+    _, deltas = ask("How long is the warranty?", passages=())
+
+    assert [d.text for d in deltas] == [NOTHING_FOUND]
+    assert "nothing in the documents" in NOTHING_FOUND and "no generative model" in NOTHING_FOUND
+
+
+def test_no_shared_word_still_cites_the_top_passage_and_says_so():
+    _, deltas = ask("xylophone?")
+    text = "".join(d.text for d in deltas)
+
+    assert "shares a word" in text and text.endswith("[1]")
