@@ -49,7 +49,9 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     async def lifespan(app: FastAPI):
         own_generator = generator is None
         services.retrieval = retrieval if retrieval is not None else await run_in_threadpool(_load_retrieval, settings)
-        services.generator = generator if generator is not None else await run_in_threadpool(_load_generator, settings)
+        services.generator = generator if generator is not None else await run_in_threadpool(
+            _load_generator, settings, services.retrieval
+        )
         _announce(services.generator, settings)
         services.catalog = ModelCatalog(settings.data_dir, base_name=served_model_name(settings, services.generator))
         services.chat = ChatService(
@@ -103,10 +105,11 @@ def _load_retrieval(settings: ServerSettings):
     return RetrievalService(settings)
 
 
-def _load_generator(settings: ServerSettings):
+def _load_generator(settings: ServerSettings, retrieval):
     from server.generator_factory import load_generator
 
-    return load_generator(settings.generation)
+    # The extractive fallback scores sentences with the same embedder retrieval already loaded.
+    return load_generator(settings.generation, embedder=getattr(retrieval, "embedder", None))
 
 
 def _announce(generator, settings: ServerSettings) -> None:

@@ -44,11 +44,11 @@ def corpus(tmp_path_factory) -> Corpus:
 
 
 @pytest.fixture(scope="session")
-def extractive_generator():
+def extractive_generator(corpus):
     from server.generator_factory import load_generator
     from server.settings import GenerationSettings
 
-    generator = load_generator(GenerationSettings(model=None))
+    generator = load_generator(GenerationSettings(model=None), embedder=corpus.retrieval.embedder)
     assert generator.kind == "extractive"
     return generator
 
