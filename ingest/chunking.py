@@ -12,6 +12,9 @@ from ingest.loaders import Page, Section
 from retrieval.settings import ChunkingSettings
 from retrieval.types import Chunk
 
+# Whitespace the splitter may strip between two chunks, for locating the next chunk (see Chunker.spans).
+_MAX_GAP = 64
+
 
 def chunk_id_of(tenant: str, document_id: str, page: int, start: int, end: int, text: str) -> str:
     """Stable id: the same text at the same place of the same file always gets the same id."""
@@ -68,15 +71,22 @@ class Chunker:
         piece = text[start:end]
         if not piece.strip():
             return
-        cursor = 0
+        cursor = previous_end = 0
         for chunk_text in self.splitter.split_text(piece):
-            # The splitter returns stripped substrings in order; overlap means the next one starts
-            # after the previous start, not after its end.
-            found = piece.find(chunk_text, cursor)
+            # The splitter returns stripped substrings in order. With overlap the next one starts after
+            # the previous start and no later than the previous end (plus stripped whitespace). Taking
+            # the last match in that window keeps repetitive text ("xxxx...") moving forward.
+            gap = piece[previous_end : previous_end + _MAX_GAP]
+            latest_start = previous_end + len(gap) - len(gap.lstrip())
+            found = piece.rfind(chunk_text, cursor, latest_start + len(chunk_text))
+            if found < 0:
+                found = piece.find(chunk_text, cursor)
+            if found < 0:  # repetitive text tiled too far ahead: any occurrence has the same text
+                found = piece.rfind(chunk_text)
             if found < 0:  # cannot happen for substrings; refuse rather than record a wrong span
                 raise ValueError(f"chunk not found in its page text: {chunk_text[:60]!r}")
             yield start + found, start + found + len(chunk_text)
-            cursor = found + 1
+            cursor, previous_end = found + 1, found + len(chunk_text)
 
 
 def _merge_bare_headings(page: Page) -> list[Section]:
