@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,6 +67,13 @@ class TransformersGenerator:
     kind: Literal["generative"] = "generative"
 
     def __init__(self, model, tokenizer, *, name: str, max_batch_size: int = 8, max_context_tokens: int | None = None):
+        """Serve ``model`` (a causal LM, or a PEFT model whose loaded adapters requests may name).
+
+        Raises:
+            LoragError: the tokenizer has no chat template or the model names no end-of-sequence token.
+        """
+        from transformers import GenerationConfig
+
         require_chat_template(tokenizer, model=name)
         if max_batch_size < 1:
             raise LoragError(f"generation.max_batch_size is {max_batch_size}; it must be at least 1")
@@ -76,8 +84,13 @@ class TransformersGenerator:
         self.max_context_tokens = max_context_tokens or _context_length(model, tokenizer)
         self._eos_ids = _eos_ids(model, tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids)
+        # Sampling comes from each request only; a checkpoint's own defaults (top_k, repetition penalty)
+        # would otherwise fill every field a request leaves unset. A PEFT wrapper generates with its base's config.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.generation_config = GenerationConfig(eos_token_id=self._eos_ids, pad_token_id=self._pad_id)
         self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is not safe to share across threads
         self._pending: list[_Row] = []
+        self._running: list[_Row] = []  # the batch in the worker, so close() can cancel it
         self._wakeup = threading.Condition()
         self._closed = False
         self.stats = GeneratorStats()
@@ -102,7 +115,7 @@ class TransformersGenerator:
             LoragError: the model or tokenizer cannot be loaded, or the tokenizer has no chat template.
         """
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _torch_dtype(dtype, device)
@@ -118,12 +131,6 @@ class TransformersGenerator:
                 hint="set generation.model to a local directory holding config.json, the tokenizer and the weights "
                 "(as written by save_pretrained), or to a hub id that is cached or downloadable",
             ) from error
-        # Sampling comes from each request only; a checkpoint's own defaults (top_k, repetition penalty)
-        # would otherwise fill every field a request leaves unset.
-        eos = _eos_ids(causal_lm, tokenizer)
-        causal_lm.generation_config = GenerationConfig(
-            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-        )
         log.info("loaded generation model %s on %s as %s", model, device, torch_dtype)
         return cls(causal_lm, tokenizer, name=model, max_batch_size=max_batch_size, max_context_tokens=max_context_tokens)
 
@@ -165,6 +172,8 @@ class TransformersGenerator:
         """Stop the worker (queued requests end as cancelled) and release the model."""
         with self._wakeup:
             self._closed = True
+            for row in self._running:
+                row.cancelled.set()
             self._wakeup.notify_all()
         await asyncio.to_thread(self._worker.join)
         self.model = None
@@ -191,6 +200,18 @@ class TransformersGenerator:
                 hint="train one with `lorag train` or ask without an adapter",
             )
 
+    @contextmanager
+    def _adapter_scope(self, adapter: str | None):
+        """Run with ``adapter`` active on a PEFT model, or with adapters switched off for the base model."""
+        if not hasattr(self.model, "peft_config"):
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
+
     # ---- worker thread -------------------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -204,6 +225,7 @@ class TransformersGenerator:
                         self._finish(row, "cancelled")
                     return
                 batch = self._take_batch()
+                self._running = batch
             batch = [row for row in batch if not self._skip_cancelled(row)]
             if not batch:
                 continue
@@ -257,7 +279,7 @@ class TransformersGenerator:
         )
         if do_sample and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapter_scope(rows[0].adapter):
             self.model.generate(
                 input_ids,
                 attention_mask=attention_mask,

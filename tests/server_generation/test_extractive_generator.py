@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from server.citations import extract_citations
 from server.extractive_generator import NOTHING_FOUND, ExtractiveGenerator
 from server.generation import ChatMessage, GenerationRequest, Generator
@@ -67,3 +69,15 @@ def test_no_shared_word_still_cites_the_top_passage_and_says_so():
     text = "".join(d.text for d in deltas)
 
     assert "shares a word" in text and text.endswith("[1]")
+
+
+@pytest.mark.slow  # loads the real embedding model
+def test_with_the_embedder_sentences_are_ranked_by_meaning():
+    from retrieval.embedder import Embedder
+    from retrieval.settings import EmbeddingSettings
+
+    generator = ExtractiveGenerator(embedder=Embedder(EmbeddingSettings()), max_sentences=1)
+    pieces = generator.answer_pieces("How much money did the company make this quarter?", PASSAGES)
+
+    assert pieces[1].strip() == ("The quarterly report shows revenue growth of twelve percent and stable operating "
+                                 "margins. [3]")

@@ -190,3 +190,53 @@ def test_loading_failures_are_lorag_errors(tmp_path, tiny_llama_path):
         TransformersGenerator.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(LoragError, match="generation.dtype"):
         TransformersGenerator.from_pretrained(str(tiny_llama_path), dtype="int3")
+
+
+def test_adapter_hook_serves_peft_adapters_and_the_base_model(tiny_llama_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_path), lora, adapter_name="acme-v1")
+
+    async def scenario(generator):
+        with_adapter = await answer(generator, GenerationRequest(
+            messages=(ChatMessage("user", QUESTIONS[0]),), passages=(), sampling=SamplingParams(max_tokens=12),
+            adapter="acme-v1"))
+        without = await answer(generator, request(QUESTIONS[0], max_tokens=12))
+        with pytest.raises(NotFound, match="other"):
+            await generator.start(GenerationRequest(messages=(ChatMessage("user", "hi"),), passages=(), adapter="other"))
+        return with_adapter, without
+
+    async def main():
+        generator = TransformersGenerator(peft_model, tokenizer, name="tiny+lora")
+        try:
+            return await scenario(generator)
+        finally:
+            await generator.close()
+
+    (_, adapted), (_, base) = asyncio.run(main())
+    plain = run(lambda g: answer(g, request(QUESTIONS[0], max_tokens=12)), tiny_llama_path)[1]
+
+    text = lambda deltas: "".join(d.text for d in deltas)  # noqa: E731
+    assert text(base) == text(plain)  # adapters switched off for base requests
+    assert text(adapted) != text(plain)
+
+
+def test_close_cancels_the_running_batch(tiny_llama_path):
+    async def main():
+        generator = TransformersGenerator.from_pretrained(str(tiny_llama_path))
+        stream = await generator.start(request(QUESTIONS[0], max_tokens=3000))
+        deltas = aiter(stream.deltas)
+        await anext(deltas)
+        await generator.close()
+        rest = [delta async for delta in deltas]
+        return rest, generator.stats
+
+    rest, stats = asyncio.run(main())
+
+    assert rest[-1].finish_reason == "cancelled"
+    assert stats.generated_tokens < 3000
