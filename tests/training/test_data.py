@@ -1,0 +1,114 @@
+"""Reading the three data formats, reporting bad records, and masking the chat-template tokens."""
+
+import json
+
+import pytest
+
+from retrieval.errors import LoragError
+from server.generation import ChatMessage
+from server.prompting import build_prompt
+from tests.training.conftest import FIXTURES
+from training.data import IGNORE_INDEX, encode_chat, load_examples, prompt_messages, split_train_val
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_path)
+
+
+def test_alpaca_json_array_with_system_history_and_a_bad_record():
+    data = load_examples(FIXTURES / "alpaca.json")
+    assert data.format == "alpaca" and data.records == 4 and len(data.examples) == 3
+    history = data.examples[1].messages
+    assert [m.role for m in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert history[0].content == "Answer briefly."
+    assert history[3].content == "Summarise the returns policy.\n\nUnused products may be returned within 30 days."
+    assert history[-1].content == "Unused products can be returned within 30 days."
+    # The bad record is the third element of the array, which starts on line 10 of the file.
+    assert [str(b) for b in data.bad] == [f"{FIXTURES / 'alpaca.json'}:10: field 'instruction' is empty"]
+
+
+def test_sharegpt_jsonl_reports_each_bad_line_with_its_reason():
+    data = load_examples(FIXTURES / "sharegpt.jsonl")
+    assert data.format == "sharegpt" and data.records == 5
+    assert [e.messages[-1].content for e in data.examples] == ["Three years.", "Ten minutes."]
+    assert data.examples[1].messages[0] == ChatMessage("system", "Answer briefly.")
+    reasons = {b.line: b.reason for b in data.bad}
+    assert set(reasons) == {3, 4, 5}
+    assert "must end with an assistant answer" in reasons[3]
+    assert "'robot'" in reasons[4]
+    assert "not valid JSON" in reasons[5]
+
+
+def test_openai_messages_sample_set_is_valid():
+    data = load_examples(FIXTURES.parents[2] / "data" / "train" / "sample.jsonl")
+    assert data.format == "openai" and not data.bad and 30 <= len(data.examples) <= 60
+    assert len(data.sha256) == 64
+
+
+def test_strict_mode_fails_on_the_first_bad_record_naming_file_and_line():
+    with pytest.raises(LoragError, match=r"sharegpt\.jsonl:3: conversations must end"):
+        load_examples(FIXTURES / "sharegpt.jsonl", strict=True)
+
+
+def test_empty_and_all_bad_files_fail_clearly(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(LoragError, match="is empty"):
+        load_examples(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n{oops\n")
+    with pytest.raises(LoragError, match=r"all 2 records are bad \(first: .*bad\.jsonl:1: messages must end"):
+        load_examples(bad)
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(LoragError, match="no record is in a known format"):
+        load_examples(unknown)
+    with pytest.raises(LoragError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_plain_chat_prompt_is_exactly_the_servers_prompt():
+    example = load_examples(FIXTURES / "sharegpt.jsonl").examples[1]
+    served = build_prompt(list(example.messages[:-1]), [])
+    assert prompt_messages(example).messages == served.messages
+    assert served.messages[0]["role"] == "system"
+
+
+def test_only_assistant_tokens_and_end_of_turn_are_trained(tokenizer):
+    example = load_examples(FIXTURES / "alpaca.json").examples[0]
+    conversation = [*prompt_messages(example).messages, {"role": "assistant", "content": example.answer}]
+    encoded = encode_chat(conversation, tokenizer, max_seq_len=2048)
+    assert len(encoded.labels) == len(encoded.input_ids)
+    trained = [token for token in encoded.labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "Three years.<|im_end|>"
+    # Every trained position holds the input token itself (labels are not shifted here).
+    assert all(l in (IGNORE_INDEX, i) for l, i in zip(encoded.labels, encoded.input_ids))
+    # The full sequence is the chat template's rendering, token for token.
+    assert encoded.input_ids == tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_multi_turn_masks_every_assistant_turn(tokenizer):
+    example = load_examples(FIXTURES / "sharegpt.jsonl").examples[1]
+    conversation = [*prompt_messages(example).messages, {"role": "assistant", "content": example.answer}]
+    encoded = encode_chat(conversation, tokenizer, max_seq_len=2048)
+    trained = [token for token in encoded.labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "Hello!<|im_end|>Ten minutes.<|im_end|>"
+
+
+def test_truncation_is_reported(tokenizer):
+    conversation = [{"role": "user", "content": "question " * 30}, {"role": "assistant", "content": "answer"}]
+    encoded = encode_chat(conversation, tokenizer, max_seq_len=20)
+    assert encoded.truncated and len(encoded.input_ids) == 20 and encoded.target_tokens == 0
+
+
+def test_validation_split_is_seeded_and_reproducible():
+    items = list(range(50))
+    first = split_train_val(items, 0.1, seed=3)
+    assert first == split_train_val(items, 0.1, seed=3)
+    assert first != split_train_val(items, 0.1, seed=4)
+    train, val = first
+    assert len(val) == 5 and sorted(train + val) == items
+    assert split_train_val(items, 0.0, seed=3) == (items, [])
