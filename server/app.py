@@ -52,7 +52,8 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
         services.generator = generator if generator is not None else await run_in_threadpool(
             _load_generator, settings, services.retrieval
         )
-        _announce(services.generator, settings)
+        if own_generator:
+            _announce(services.generator, settings)
         services.catalog = ModelCatalog(settings.data_dir, base_name=served_model_name(settings, services.generator))
         services.chat = ChatService(
             settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
