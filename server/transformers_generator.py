@@ -161,6 +161,8 @@ class TransformersGenerator:
             deltas=asyncio.Queue(),
         )
         with self._wakeup:
+            if self._closed:  # checked again under the lock: a closed worker would never serve the row
+                raise LoragError(f"generator {self.name} is closed")
             self._pending.append(row)
             self._wakeup.notify()
         info = PromptInfo(
