@@ -36,15 +36,22 @@ def train_settings(data_dir: Path, base: Path, **training):
     return TrainSettings(data_dir=data_dir, training=TrainingSettings(**defaults))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_llama_path):
     """One LoRA adapter trained for a few steps with a validation split: (settings, result)."""
+    import torch
+
     from training.recipe import train_adapter
 
     root = tmp_path_factory.mktemp("trained")
     data = write_openai_jsonl(root / "train.jsonl", MEMORISE * 3)
     settings = train_settings(root / "data", tiny_llama_path, val_split=0.25, max_steps=6, eval_steps=3)
-    result = train_adapter(settings, tenant="acme", data_file=data, name="support-v1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_torch_thread
+    try:
+        result = train_adapter(settings, tenant="acme", data_file=data, name="support-v1")
+    finally:
+        torch.set_num_threads(previous)
     return settings, result
 
 

@@ -1,0 +1,88 @@
+"""``lorag adapters list|show|delete|merge`` through the real CLI, on an adapter trained once."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from server.cli import main
+
+
+@pytest.fixture
+def registry_copy(trained, tmp_path):
+    """A private copy of the trained data dir, so deleting does not affect other tests."""
+    settings, _ = trained
+    copy = tmp_path / "data"
+    shutil.copytree(settings.data_dir, copy)
+    return copy
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_show_delete(registry_copy, capsys):
+    code, out, _ = run(capsys, "adapters", "list", "--tenant", "acme", "--data-dir", str(registry_copy), "--json")
+    assert code == 0 and [m["name"] for m in json.loads(out)] == ["support-v1"]
+    code, out, _ = run(capsys, "adapters", "list", "--tenant", "acme", "--data-dir", str(registry_copy))
+    assert code == 0 and "support-v1" in out and "lora" in out
+
+    code, out, _ = run(capsys, "adapters", "show", "--tenant", "acme", "support-v1", "--data-dir", str(registry_copy))
+    shown = json.loads(out)
+    assert code == 0 and shown["tenant"] == "acme" and shown["metrics"]["steps"] == 6
+
+    code, _, err = run(capsys, "adapters", "show", "--tenant", "acme", "nope", "--data-dir", str(registry_copy))
+    assert code == 2 and "tenant 'acme' has no adapter 'nope'" in err
+
+    code, out, _ = run(capsys, "adapters", "delete", "--tenant", "acme", "support-v1", "--data-dir", str(registry_copy))
+    assert code == 0 and "deleted" in out
+    assert list((registry_copy / "tenants" / "acme" / "adapters").iterdir()) == []
+    code, out, _ = run(capsys, "adapters", "list", "--tenant", "acme", "--data-dir", str(registry_copy))
+    assert "no adapters" in out
+
+
+def test_merge_matches_base_plus_adapter(trained, tmp_path, tiny_llama_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    settings, result = trained
+    out_dir = tmp_path / "merged"
+    code, out, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(out_dir),
+                         "--dtype", "fp32", "--data-dir", str(settings.data_dir))
+    assert code == 0, err
+    ids = torch.tensor([[1, 5, 9, 30, 42, 7]])
+    merged = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path), str(result.adapter_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert (out_dir / "tokenizer_config.json").is_file()
+
+    code, _, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(out_dir),
+                       "--data-dir", str(settings.data_dir))
+    assert code == 2 and "exists and is not empty" in err
+
+
+def test_merge_refuses_a_4bit_base(trained, tmp_path, tiny_llama_path, capsys):
+    settings, _ = trained
+    quantised = tmp_path / "base-4bit"
+    shutil.copytree(tiny_llama_path, quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (quantised / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(tmp_path / "m"),
+                       "--base", str(quantised), "--data-dir", str(settings.data_dir))
+    assert code == 2 and "quantised checkpoint (bitsandbytes)" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_cli_reports_bad_data_in_one_line(tmp_path, tiny_llama_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    code, _, err = run(capsys, "train", "--tenant", "acme", "--data", str(bad), "--base", str(tiny_llama_path),
+                       "--data-dir", str(tmp_path / "d"))
+    assert code == 2
+    assert f"lorag train: error: training data file {str(bad)!r}: all 1 records are bad (first: {bad}:1:" in err
+    assert "Traceback" not in err
