@@ -1,0 +1,188 @@
+"""The ingest pipeline end to end with the real embedder and a real tenant index."""
+
+import io
+import json
+import os
+import shutil
+
+import pytest
+
+from ingest.pipeline import ingest_paths, list_documents, remove_sources
+from ingest.progress import IngestProgress, should_show_progress
+from ingest.loaders import load_document
+from ingest.settings import IngestSettings
+from retrieval.errors import NotFound
+from tests.conftest import SAMPLE_DATA
+from tests.ingest.bad_inputs import write_bad_inputs, write_non_utf8_name
+from tests.ingest.conftest import make_settings
+
+
+def open_index(settings, tenant, embedder):
+    from retrieval.index import TenantIndex
+
+    return TenantIndex.open(
+        settings.data_dir, tenant, embedder_name=embedder.name, dimension=embedder.dimension, create=False
+    )
+
+
+def assert_consistent(index):
+    """Vectors and rows agree, and every document has exactly its recorded number of chunks."""
+    records = index.documents()
+    chunks = {record.source: index.chunks_of(record.document_id) for record in records}
+    assert len(index) == sum(len(c) for c in chunks.values()) == sum(r.chunk_count for r in records)
+    for record in records:
+        assert len(chunks[record.source]) == record.chunk_count > 0
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory, embedder):
+    settings = make_settings(tmp_path_factory.mktemp("sample-data"))
+    report = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=embedder)
+    return settings, report
+
+
+@pytest.mark.slow
+def test_sample_corpus_is_ingested_with_exact_citable_spans(sample, embedder):
+    settings, report = sample
+    assert report.failed == 0 and report.commits == 1
+    added = {os.path.relpath(o.source, SAMPLE_DATA) for o in report.of("added")}
+    assert {"handbook/getting-started.md", "support/faq.html", "specs/kestrel-tide-datasheet.pdf"} <= added
+    assert any(o.source.endswith("make_sample_pdf.py") for o in report.of("skipped"))
+    index = open_index(settings, "acme", embedder)
+    try:
+        assert_consistent(index)
+        pdf = index.document_by_source(str(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf"))
+        assert pdf.pages == 4
+        pages = {p.number: p.text for p in load_document(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf",
+                                                          settings=IngestSettings()).pages}
+        for chunk in index.chunks_of(pdf.document_id):
+            assert pages[chunk.page][chunk.start : chunk.end] == chunk.text
+        hits = index.search_dense(embedder.embed_query("accuracy of the dissolved oxygen sensor"), 3)
+        assert (hits[0][0].source, hits[0][0].page) == (pdf.source, 2)
+    finally:
+        index.close()
+
+
+def test_second_run_embeds_nothing(sample, embedder):
+    settings, first = sample
+    again = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=embedder)
+    assert again.count("unchanged") == first.count("added") and again.count("added") == 0
+    assert again.chunks_embedded == 0 and again.commits == 0
+
+
+def test_docs_lists_documents_with_page_and_chunk_counts(sample, capsys):
+    from server.cli import main
+
+    settings, report = sample
+    assert main(["docs", "--tenant", "acme", "--data-dir", str(settings.data_dir), "--json"]) == 0
+    listed = {d["source"]: d for d in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {o.source for o in report.of("added")}
+    pdf = listed[str(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf")]
+    assert pdf["pages"] == 4 and pdf["chunk_count"] >= 4
+    assert [r.source for r in list_documents(tenant="acme", settings=settings)] == sorted(listed)
+
+
+def test_changed_file_replaces_its_old_chunks(tmp_path, data_dir, embedder):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("# Alpha\n\nThe alpha pump runs at 40 litres per minute.\n")
+    (corpus / "b.txt").write_text("Bravo valves are inspected yearly.\n")
+    settings = make_settings(data_dir)
+    stream = io.StringIO()
+    first = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder, progress=IngestProgress(stream=stream))
+    assert first.count("added") == 2 and "chunks/s" in stream.getvalue()
+    (corpus / "a.md").write_text("# Alpha\n\nThe alpha pump now runs at 55 litres per minute.\n")
+    second = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder)
+    assert [(os.path.basename(o.source), o.status) for o in second.outcomes] == [("a.md", "updated"), ("b.txt", "unchanged")]
+    index = open_index(settings, "t1", embedder)
+    try:
+        assert_consistent(index)
+        record = index.document_by_source(str(corpus / "a.md"))
+        texts = [c.text for c in index.chunks_of(record.document_id)]
+        assert second.chunks_embedded == record.chunk_count == len(texts)
+        assert any("55 litres" in t for t in texts) and not any("40 litres" in t for t in texts)
+        assert len(index.documents()) == 2
+    finally:
+        index.close()
+
+
+def test_prune_and_remove(tmp_path, data_dir, embedder):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for name in ("keep.txt", "gone.txt", "sub/one.md", "sub/two.md"):
+        (corpus / name).write_text(f"Document {name} about pumps and valves.\n")
+    settings = make_settings(data_dir)
+    assert ingest_paths([corpus], tenant="t2", settings=settings, embedder=embedder).count("added") == 4
+    (corpus / "gone.txt").unlink()
+    without_prune = ingest_paths([corpus], tenant="t2", settings=settings, embedder=embedder)
+    assert without_prune.count("removed") == 0 and len(list_documents(tenant="t2", settings=settings)) == 4
+    pruned = ingest_paths([corpus], tenant="t2", settings=settings, embedder=embedder, prune=True)
+    assert [o.source for o in pruned.of("removed")] == [str(corpus / "gone.txt")]
+    with pytest.raises(NotFound, match="nothere.txt"):
+        remove_sources([str(corpus / "keep.txt"), str(corpus / "nothere.txt")], tenant="t2", settings=settings)
+    assert len(list_documents(tenant="t2", settings=settings)) == 3  # nothing removed by the refused call
+    assert remove_sources([str(corpus / "sub")], tenant="t2", settings=settings) == 2
+    assert [r.source for r in list_documents(tenant="t2", settings=settings)] == [str(corpus / "keep.txt")]
+    index = open_index(settings, "t2", embedder)
+    try:
+        assert_consistent(index)
+    finally:
+        index.close()
+    with pytest.raises(NotFound, match="no index"):
+        list_documents(tenant="nobody", settings=settings)
+
+
+@pytest.mark.slow
+def test_bad_inputs_never_stop_the_batch(tmp_path, data_dir, embedder):
+    corpus = tmp_path / "mixed"
+    expected = write_bad_inputs(corpus)
+    (corpus / "good.md").write_text("# Good\n\nThis file is fine and mentions turbines.\n")
+    (corpus / "résumé — 日本語 📄.md").write_text("Odd names are fine: hydrophones.\n", encoding="utf-8")
+    (corpus / "latin1.txt").write_bytes("Caf\xe9 sensors".encode("latin-1"))
+    (corpus / "one-line.txt").write_text("longline " * 4_000)  # one 36 KB line
+    (corpus / "huge.txt").write_text("big " * 600_000)  # 2.4 MB, over the limit set below
+    bad_name = write_non_utf8_name(corpus)
+    settings = make_settings(data_dir, max_file_bytes=2_000_000)
+    report = ingest_paths([corpus], tenant="t3", settings=settings, embedder=embedder)
+    failed = {os.path.basename(o.source): o.reason for o in report.of("failed")}
+    for name, words in expected.items():
+        assert words.lower() in failed.pop(name).lower()
+    assert "MiB limit" in failed.pop("huge.txt")
+    assert failed.pop(os.fsencode(bad_name.name).decode("utf-8", "backslashreplace")).startswith("file name is not valid UTF-8")
+    assert failed == {}
+    added = {os.path.basename(o.source): o for o in report.of("added")}
+    assert set(added) == {"good.md", "résumé — 日本語 📄.md", "latin1.txt", "one-line.txt"}
+    assert "not valid UTF-8" in added["latin1.txt"].warnings[0]
+    assert added["one-line.txt"].chunks > 5
+    index = open_index(settings, "t3", embedder)
+    try:
+        assert_consistent(index)
+    finally:
+        index.close()
+
+
+def test_cli_exit_status_and_summary(tmp_path, data_dir, capsys):
+    from server.cli import main
+
+    corpus = tmp_path / "cli"
+    corpus.mkdir()
+    shutil.copy(SAMPLE_DATA / "policies" / "returns-and-warranty.txt", corpus)
+    (corpus / "broken.pdf").write_text("<html>not a pdf</html>")
+    code = main(["ingest", str(corpus), "--tenant", "cli", "--data-dir", str(data_dir), "--chunk-tokens", "64"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "added            1" in out and "failed           1" in out
+    assert f"failed: {corpus / 'broken.pdf'}: named .pdf but the content is HTML" in out
+    (corpus / "broken.pdf").unlink()
+    assert main(["ingest", str(corpus), "--tenant", "cli", "--data-dir", str(data_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["unchanged"] == 1
+
+
+def test_progress_bar_only_on_a_terminal_outside_ci():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert should_show_progress(Terminal(), {}) is True
+    assert should_show_progress(Terminal(), {"CI": "true"}) is False
+    assert should_show_progress(io.StringIO(), {}) is False
