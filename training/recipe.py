@@ -216,7 +216,6 @@ class LoraFinetuneRecipe:
 
         Returns True when interrupted (a resumable checkpoint was saved).
         """
-        import torch
         from tqdm import tqdm
 
         cfg, accelerator = self.cfg, self.accelerator
@@ -232,27 +231,14 @@ class LoraFinetuneRecipe:
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
-                # Normalise by the step's target tokens (not per micro-batch) so accumulation = a big batch.
-                step_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch, _ in micro)
-                step_tokens = sum(tokens for _, tokens in micro)
-                loss_sum = 0.0
-                self.model.train()
-                for index, (batch, _) in enumerate(micro):
-                    batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                    sync = index == len(micro) - 1
-                    with _maybe_no_sync(accelerator, self.model, sync), self._autocast():
-                        token_loss, _ = self.model(**batch)
-                        accelerator.backward(token_loss / max(step_targets, 1))
-                    loss_sum += float(token_loss.detach())
-                torch.nn.utils.clip_grad_norm_([p for p in self.peft_model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss = optimizer_step(
+                    self.model, [batch for batch, _ in micro], optimizer=self.optimizer, scheduler=self.scheduler,
+                    accelerator=accelerator, bf16=self.bf16, max_grad_norm=cfg.max_grad_norm,
+                )
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
-                self.tokens_seen += step_tokens
+                self.tokens_seen += sum(tokens for _, tokens in micro)
 
-                loss = loss_sum / max(step_targets, 1)
                 record = {
                     "step": self.step, "epoch": self.position[0],
                     "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
@@ -298,13 +284,7 @@ class LoraFinetuneRecipe:
             self.position = (epoch, 0)
 
     def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.bf16:
-            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return _autocast(self.accelerator.device, self.bf16)
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self) -> float:
@@ -436,6 +416,42 @@ class LoraFinetuneRecipe:
         log.info("adapter saved: %s", self.adapter_dir)
         accelerator.wait_for_everyone()
         return manifest
+
+
+def optimizer_step(model, micro_batches: list[dict], *, optimizer, scheduler, accelerator, bf16: bool, max_grad_norm: float) -> float:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean token loss.
+
+    ``model`` is a :class:`training.loss.CausalLMLoss` (possibly DDP-wrapped). Gradients sync only on the
+    last micro-batch. The loss is normalised by the target tokens of the whole step, not per micro-batch,
+    so accumulating k micro-batches equals one k-times larger batch.
+    """
+    import torch
+
+    step_targets = max(sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches), 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model.train()
+    for index, batch in enumerate(micro_batches):
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        with _maybe_no_sync(accelerator, model, index == len(micro_batches) - 1), _autocast(accelerator.device, bf16):
+            token_loss, _ = model(**batch)
+            accelerator.backward(token_loss / step_targets)
+        loss_sum += token_loss.detach()  # no host sync per micro-batch
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum) / step_targets
+
+
+def _autocast(device, bf16: bool):
+    import contextlib
+
+    import torch
+
+    if bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class _InterruptFlag:
