@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="time decode graphs per bucket and prefill, then exit")
     return p.parse_args(argv)
 
 
@@ -192,9 +193,14 @@ def main(argv=None) -> int:
         engine.adapters.load(f"a{i}", path)
     print(f"engine built (graphs captured) in {time.perf_counter() - t0:.1f}s", flush=True)
 
+    if args.profile:
+        profile(engine, vocab, device)
+        engine.close()
+        return 0
     results = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "requests": args.requests, "prompt_tokens": prompt_range, "new_tokens": new_range, "runs": {}}
-    run_engine(engine, workload[: min(4, len(workload))], adapter_names=["a0"])  # warm-up (allocator, kernels)
+    # Warm-up over the whole workload: the allocator and the per-shape kernel choices of every prompt length.
+    run_engine(engine, workload, adapter_names=[f"a{i}" for i in range(max_adapters)])
     plans = [("engine, no adapters", [], None)]
     plans += [(f"engine, {k} adapters", [f"a{i}" for i in range(k)], None) for k in args.adapters]
     if not args.no_poisson:
@@ -230,6 +236,56 @@ def main(argv=None) -> int:
     if out:
         Path(out, "engine_bench.json").write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def profile(engine, vocab, device):
+    """Per-bucket decode step time (graph replay, and with the host's argmax + copy), prefill time, top kernels."""
+    from server.engine.decode_step import EagerDecode
+    from server.engine.lora_slots import AdapterSelection
+
+    decode = engine.scheduler.decode
+    at = min(1500, engine.cache.max_len - 2)
+    for bucket in (1, 8, 32, 64, 128):
+        if bucket > engine.cache.rows:
+            continue
+        for lora in (False, True):
+            tokens = [5] * bucket
+            positions = [at] * bucket
+            slots = [1 + (i % engine.adapters.num_slots) for i in range(bucket)] if lora else [0] * bucket
+            for _ in range(3):
+                decode(tokens, positions, slots).argmax(-1).tolist()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                decode(tokens, positions, slots).argmax(-1).tolist()
+            sync(device)
+            print(f"decode bucket {bucket:4d} lora={lora!s:5}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
+    model, cache = engine.model, engine.cache
+    for slot in (0, 1):
+        for n in sorted({min(512, at), min(2000, at)}):
+            toks = torch.randint(3, vocab, (1, n), device=device)
+            pos = torch.arange(n, device=device)[None]
+            for _ in range(2):
+                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters,
+                              selection=AdapterSelection(slot=slot), fresh=True)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters,
+                              selection=AdapterSelection(slot=slot), fresh=True)
+            sync(device)
+            print(f"prefill {n} tokens adapter slot {slot}: {(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
+    if device.type != "cuda":
+        return
+    eager = EagerDecode(model, cache, engine.adapters)
+    rows = min(128, cache.rows)
+    args = ([5] * rows, [at] * rows, [1 + (i % engine.adapters.num_slots) for i in range(rows)])
+    eager(*args)
+    sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager(*args)
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
 def print_table(results):

@@ -41,7 +41,7 @@ class EagerDecode:
         return self.model.forward(
             torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
             cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters if onehot is not None else None,
-            selection=AdapterSelection(onehot=onehot), last_only=True,
+            selection=AdapterSelection(onehot=onehot),
         )
 
 
@@ -70,7 +70,7 @@ class GraphedDecode:
         return self.model.forward(
             self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
             adapters=self.adapters if lora else None,
-            selection=AdapterSelection(onehot=self.onehot[:bucket]) if lora else AdapterSelection(), last_only=True,
+            selection=AdapterSelection(onehot=self.onehot[:bucket]) if lora else AdapterSelection(),
         )
 
     @torch.inference_mode()

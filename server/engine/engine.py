@@ -25,6 +25,7 @@ class EngineConfig:
     prefill_chunk: int = 1024  # prompt tokens per forward; long prompts are split
     prefill_budget: int = 2048  # prompt tokens per scheduling step, so decoding rows never stall long
     cuda_graphs: bool = True  # capture decode steps on CUDA devices
+    prefill_pad: int | None = None  # prompt chunks padded to a multiple of this; None: 64 on CUDA, 1 on CPU
 
 
 class Engine:
@@ -59,7 +60,8 @@ class Engine:
         else:
             decode = EagerDecode(model, cache, adapters)
         scheduler = Scheduler(model, cache, adapters, decode=decode, prefill_chunk=config.prefill_chunk,
-                              prefill_budget=config.prefill_budget)
+                              prefill_budget=config.prefill_budget,
+                              prefill_pad=config.prefill_pad or (64 if device.type == "cuda" else 1))
         if start:
             scheduler.start()
         log.info("engine ready: %d rows x %d tokens (KV %.2f GiB), %d adapter slots of rank %d (%.2f GiB), %s %s",

@@ -132,32 +132,43 @@ class EngineModel:
         rows: slice,
         adapters: AdapterSlots | None,
         selection: AdapterSelection,
-        last_only: bool = True,
+        logits_at: int | None = -1,
+        fresh: bool = False,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq) of cache ``rows``.
 
         Keys/values of the new tokens are written to the cache first; each token attends to the
-        cache positions <= its own. Returns float32 (batch, vocab) for the last token of each row
-        when ``last_only``, else (batch, seq, vocab).
+        cache positions <= its own. ``fresh`` says the tokens are a prompt's start (positions 0..seq-1,
+        padding after them only), so attention needs only the new keys (causal, no cache read).
+        Returns float32 (batch, vocab) for token index ``logits_at`` of each row, or
+        (batch, seq, vocab) when it is None.
         """
         s = self.shape
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.embed)  # (batch, seq, hidden)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (batch, seq, 1, head_dim)
-        visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
-        mask = _group_mask(visible, s.heads // s.kv_heads)
+        mask = None
+        if not fresh:
+            visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
+            mask = _group_mask(visible, s.heads // s.kv_heads, dtype=x.dtype)
         use_lora = adapters is not None and (selection.onehot is not None or selection.slot != 0)
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
             qkv = F.linear(h, w.qkv, w.qkv_bias)
             if use_lora:
                 qkv = adapters.apply(i, "qkv", h, qkv, selection)
-            q, k, v = qkv.view(batch, seq, -1).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
-            q = apply_rope(q.view(batch, seq, s.heads, s.head_dim), cos, sin)
-            k = apply_rope(k.view(batch, seq, s.kv_heads, s.head_dim), cos, sin)
-            cache.write(i, rows, positions, k, v.view(batch, seq, s.kv_heads, s.head_dim))
-            keys, values = cache.read(i, rows)
-            attn = _attend(q, keys, values, mask).reshape(batch * seq, s.q_dim)
+            qkv = qkv.view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
+            qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
+            q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
+            cache.write(i, rows, positions, k, v)
+            if fresh:
+                attn = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+                ).transpose(1, 2)
+            else:
+                keys, values = cache.read(i, rows)
+                attn = _attend(q, keys, values, mask)
+            attn = attn.reshape(batch * seq, s.q_dim)
             o = F.linear(attn, w.o)
             if use_lora:
                 o = adapters.apply(i, "o", attn, o, selection)
@@ -172,22 +183,28 @@ class EngineModel:
             if use_lora:
                 down = adapters.apply(i, "down", m, down, selection)
             x = x + down.view(batch, seq, s.hidden)
-        if last_only:
-            x = x[:, -1]
+        if logits_at is not None:
+            x = x[:, logits_at]
         return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In float32 then back, as transformers' Llama/Qwen2 RMSNorm does.
+    if x.is_cuda:  # one fused kernel; rounds once where transformers rounds twice (bf16 output either way)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # In float32 then back, exactly as transformers' Llama/Qwen2 RMSNorm does.
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 
 
-def _group_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
-    """(batch, seq, length) -> (batch, 1, group * seq, length), matching the query layout of _attend."""
+def _group_mask(visible: torch.Tensor, group: int, *, dtype) -> torch.Tensor:
+    """(batch, seq, length) bool -> additive (batch, 1, group * seq, length), the query layout of _attend.
+
+    Built once per forward: handing SDPA a bool mask would convert it again in every layer.
+    """
     batch, seq, length = visible.shape
-    return visible[:, None, None].expand(batch, 1, group, seq, length).reshape(batch, 1, group * seq, length)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return bias[:, None, None].expand(batch, 1, group, seq, length).reshape(batch, 1, group * seq, length)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

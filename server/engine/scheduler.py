@@ -64,9 +64,10 @@ class Scheduler:
         decode: Callable[[list[int], list[int], list[int]], torch.Tensor],
         prefill_chunk: int = 1024,
         prefill_budget: int = 2048,
+        prefill_pad: int = 1,
     ):
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
-        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
+        self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.rows: list[Sequence | None] = [None] * cache.rows
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
@@ -169,12 +170,16 @@ class Scheduler:
             while budget > 0 and seq.computed < len(seq.prompt):
                 n = min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed)
                 start = seq.computed
+                # Padding to a multiple keeps the set of shapes small (kernel choice is cached per shape);
+                # pad tokens sit at the scratch position, after every real one, so nothing attends to them.
+                padded = -(-n // self.prefill_pad) * self.prefill_pad
+                tokens = seq.prompt[start : start + n] + [0] * (padded - n)
+                positions = list(range(start, start + n)) + [self.cache.scratch_position] * (padded - n)
                 device = self.model.device
-                tokens = torch.tensor([seq.prompt[start : start + n]], device=device)
-                positions = torch.arange(start, start + n, device=device)[None]
                 logits = self.model.forward(
-                    tokens, positions, cache=self.cache, rows=slice(seq.row, seq.row + 1),
-                    adapters=self.adapters, selection=AdapterSelection(slot=seq.adapter_slot), last_only=True,
+                    torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
+                    rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
+                    selection=AdapterSelection(slot=seq.adapter_slot), logits_at=n - 1, fresh=start == 0,
                 )
                 seq.computed += n
                 budget -= n
@@ -194,8 +199,13 @@ class Scheduler:
             positions[seq.row] = len(seq.prompt) + len(seq.generated) - 1
             slots[seq.row] = seq.adapter_slot
         logits = self.decode(tokens, positions, slots)  # (>= n, vocab)
-        rows = torch.tensor([s.row for s in active], device=logits.device)
-        for seq, token in zip(active, self._sample(active, logits[rows])):
+        if all(s.temperature == 0 for s in active):  # greedy: no gather of the rows' logits needed
+            chosen = logits.argmax(dim=-1).tolist()
+            picked = [chosen[s.row] for s in active]
+        else:
+            rows = torch.tensor([s.row for s in active], device=logits.device)
+            picked = self._sample(active, logits[rows])
+        for seq, token in zip(active, picked):
             self._accept(seq, token)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
