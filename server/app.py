@@ -16,7 +16,7 @@ from server.deps import Services
 from server.errors import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import admin, chat, health, models, passages, retrieve
+from server.routes import admin, chat, health, models, passages, retrieve, uploads, web
 from server.settings import ServerSettings
 from server.tenants import TenantRegistry
 
@@ -49,9 +49,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     async def lifespan(app: FastAPI):
         own_generator = generator is None
         services.retrieval = retrieval if retrieval is not None else await run_in_threadpool(_load_retrieval, settings)
-        services.generator = generator if generator is not None else await run_in_threadpool(
-            _load_generator, settings, services.retrieval
-        )
+        services.generator = generator if generator is not None else await run_in_threadpool(_load_generator, settings)
         if own_generator:
             _announce(services.generator, settings)
         services.catalog = ModelCatalog(settings.data_dir, base_name=served_model_name(settings, services.generator))
@@ -83,7 +81,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, retrieve, passages, models, admin, health):
+    for module in (chat, retrieve, passages, uploads, models, admin, health, web):
         app.include_router(module.router)
     # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
@@ -106,11 +104,12 @@ def _load_retrieval(settings: ServerSettings):
     return RetrievalService(settings)
 
 
-def _load_generator(settings: ServerSettings, retrieval):
+def _load_generator(settings: ServerSettings):
     from server.generator_factory import load_generator
 
-    # The extractive fallback scores sentences with the same embedder retrieval already loaded.
-    return load_generator(settings.generation, embedder=getattr(retrieval, "embedder", None))
+    # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
+    # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
+    return load_generator(settings.generation)
 
 
 def _announce(generator, settings: ServerSettings) -> None:

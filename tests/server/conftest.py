@@ -44,11 +44,11 @@ def corpus(tmp_path_factory) -> Corpus:
 
 
 @pytest.fixture(scope="session")
-def extractive_generator(corpus):
+def extractive_generator():
     from server.generator_factory import load_generator
     from server.settings import GenerationSettings
 
-    generator = load_generator(GenerationSettings(model=None), embedder=corpus.retrieval.embedder)
+    generator = load_generator(GenerationSettings(model=None))
     assert generator.kind == "extractive"
     return generator
 
