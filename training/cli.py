@@ -105,6 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: lorag train ... --name {result.name} --resume", file=sys.stderr)
         return 130
+    if result.manifest is None:  # not the main process of a data-parallel run: it reports
+        return 0
     metrics = result.manifest.metrics
     print(f"adapter {args.tenant}/{result.name} saved to {result.adapter_dir}")
     print(f"  steps {metrics.steps}  train loss {_fmt(metrics.train_loss)}  val loss {_fmt(metrics.val_loss)}  "

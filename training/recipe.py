@@ -121,7 +121,8 @@ class LoraFinetuneRecipe:
         if self.resume and latest is None:
             raise LoragError(f"--resume: run {self.tenant}/{self.name} has no checkpoint in {str(self.run_dir)!r}")
 
-        self.accelerator = Accelerator()
+        # cpu=True without CUDA: torchrun/accelerate launch on CPU then runs gloo data parallel too.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.bf16 = use_bf16(cfg.precision)
         self.tokenizer = load_tokenizer(cfg.base_model)
 
@@ -238,6 +239,9 @@ class LoraFinetuneRecipe:
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
                 self.tokens_seen += sum(tokens for _, tokens in micro)
+                interrupt = stop.requested
+                if accelerator.num_processes > 1:  # every rank must agree, or the next all-reduce hangs
+                    loss, interrupt = self._all_ranks(loss, interrupt)
 
                 record = {
                     "step": self.step, "epoch": self.position[0],
@@ -253,7 +257,7 @@ class LoraFinetuneRecipe:
                         self.stopped_early = True
                 if on_step is not None:
                     on_step(self.step, record)
-                if stop.requested:
+                if interrupt:
                     self.save_checkpoint()
                     interrupted = True
                     break
@@ -266,6 +270,14 @@ class LoraFinetuneRecipe:
         if interrupted:
             log.warning("interrupted at step %d; continue with --resume --name %s", self.step, self.name)
         return interrupted
+
+    def _all_ranks(self, loss: float, interrupt: bool) -> tuple[float, bool]:
+        """The mean loss over processes, and whether any process was interrupted."""
+        import torch
+
+        values = torch.tensor([loss, float(interrupt)], device=self.accelerator.device)
+        mean = self.accelerator.reduce(values, reduction="mean")
+        return float(mean[0]), bool(mean[1] > 0)
 
     def _micro_batch_stream(self):
         """(batch, real tokens) in the seeded order from the saved position; endless (epochs repeat)."""
