@@ -101,6 +101,11 @@ class TenantIndex:
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def vectors(self) -> FaissVectorStore:
+        """The loaded vector store (its ``nprobe``/``ef_search`` may be tuned; never add to it directly)."""
+        return self._vectors
+
     def __len__(self) -> int:
         return len(self._vectors)
 

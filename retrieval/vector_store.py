@@ -163,15 +163,16 @@ class FaissVectorStore:
 
 
 def _trained_ivf(vectors: np.ndarray, dimension: int):
-    """An IVF index trained on ``vectors``: about 4*sqrt(n) lists, at least 39 training points per list."""
+    """An IVF index trained on ``vectors``: about sqrt(n) lists, k-means on at most 64 points per list."""
     import faiss
 
     n = len(vectors)
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39 or 1, 65536))
+    nlist = max(1, min(int(math.sqrt(n)), n // 39 or 1, 65536))
     quantizer = faiss.IndexFlatIP(dimension)
     index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()
+    index.cp.max_points_per_centroid = 64  # faiss subsamples (seeded) beyond this: bounded training time
     index.train(vectors)
     log.info("IVF index trained with %d lists on %d vectors", nlist, n)
     return index
