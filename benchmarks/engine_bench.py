@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     print(f"model + {max_adapters} adapters built in {time.perf_counter() - t0:.1f}s on {device} ({dtype})", flush=True)
 
     config = EngineConfig(max_rows=args.max_rows or args.requests, max_len=prompt_range[1] + new_range[1] + 1,
-                          adapter_slots=max_adapters, max_rank=args.rank, prefill_chunk=2048, prefill_budget=4096,
+                          adapter_slots=max_adapters, max_rank=args.rank, prefill_chunk=2048, prefill_budget=8192,
                           cuda_graphs=not args.no_cuda_graphs)
     t0 = time.perf_counter()
     engine = Engine.from_hf(hf_model, config=config, device=device, dtype=dtype)

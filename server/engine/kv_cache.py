@@ -21,11 +21,19 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
-    def write(self, layer: int, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (batch, seq, kv_heads, head_dim) of the requests in ``rows`` at ``positions`` (batch, seq)."""
-        batch = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self.k[layer][rows][batch, :, positions] = k
-        self.v[layer][rows][batch, :, positions] = v
+    def write(self, layer: int, rows: slice | torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, *, batch_index: torch.Tensor) -> None:
+        """Store k, v (batch, seq, kv_heads, head_dim) at ``positions`` (batch, seq) of ``rows``.
+
+        ``rows`` is a contiguous slice of rows or a (batch,) tensor of row numbers; ``batch_index`` is
+        arange(batch)[:, None] (built once per forward, not per layer).
+        """
+        if isinstance(rows, slice):
+            self.k[layer][rows][batch_index, :, positions] = k
+            self.v[layer][rows][batch_index, :, positions] = v
+        else:
+            self.k[layer][rows[:, None], :, positions] = k
+            self.v[layer][rows[:, None], :, positions] = v
 
     def read(self, layer: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (no copy) of the keys and values of ``rows``: (batch, kv_heads, length, head_dim)."""

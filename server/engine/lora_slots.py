@@ -38,11 +38,21 @@ class UnsupportedAdapter(LoragError):
 
 @dataclass(frozen=True)
 class AdapterSelection:
-    """Which slot each row of a forward uses: one slot for a whole single-request forward, or a
-    (rows, slots) one-hot float mask for a mixed batch (a zero row means the base model)."""
+    """Which slot each row of a forward uses, in one of three forms:
+
+    - ``slot``: one slot (0 = none) for every row;
+    - ``onehot``: (rows, num_slots) float mask, a zero row meaning the base model; every slot is
+      multiplied and masked (static shapes: decode graphs);
+    - ``slots``: (rows,) long slot numbers; each row's A/B are gathered (batched prompt prefill).
+    """
 
     slot: int = 0
     onehot: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.onehot is not None or self.slots is not None or self.slot != 0
 
 
 @dataclass
@@ -170,9 +180,17 @@ class AdapterSlots:
             h = x @ g.a  # (tokens, slots * modules * r_max)
             h = (h.view(h.shape[0], slots, -1) * selection.onehot[:, :, None]).view(h.shape[0], -1)
             return torch.addmm(base, h, g.b)
+        width = len(GROUPS[group]) * self.max_rank
+        if selection.slots is not None:
+            rows = selection.slots.shape[0]
+            index = (selection.slots - 1).clamp(min=0)
+            a = g.a.view(g.a.shape[0], self.num_slots, width).index_select(1, index).transpose(0, 1)  # (rows, in, width)
+            b = g.b.view(self.num_slots, width, -1).index_select(0, index)  # (rows, width, out)
+            h = torch.bmm(x.view(rows, -1, x.shape[-1]), a)  # (rows, seq, width)
+            h = h * (selection.slots > 0).to(h.dtype)[:, None, None]  # rows without an adapter add nothing
+            return base + torch.bmm(h, b).view(base.shape)
         if selection.slot == 0:
             return base
-        width = len(GROUPS[group]) * self.max_rank
         cols = slice((selection.slot - 1) * width, selection.slot * width)
         return torch.addmm(base, x @ g.a[:, cols], g.b[cols])
 

@@ -129,19 +129,20 @@ class EngineModel:
         positions: torch.Tensor,
         *,
         cache: KVCache,
-        rows: slice,
+        rows: slice | torch.Tensor,
         adapters: AdapterSlots | None,
         selection: AdapterSelection,
-        logits_at: int | None = -1,
+        logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq) of cache ``rows``.
 
         Keys/values of the new tokens are written to the cache first; each token attends to the
-        cache positions <= its own. ``fresh`` says the tokens are a prompt's start (positions 0..seq-1,
-        padding after them only), so attention needs only the new keys (causal, no cache read).
-        Returns float32 (batch, vocab) for token index ``logits_at`` of each row, or
-        (batch, seq, vocab) when it is None.
+        cache positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
+        padding after them only), so attention needs only the new keys (causal, no cache read) and
+        ``rows`` may be a (batch,) tensor of any rows; otherwise ``rows`` is a contiguous slice.
+        Returns float32 (batch, vocab) for token index ``logits_at`` (an int, or a (batch,) tensor
+        with one index per row), or (batch, seq, vocab) when it is None.
         """
         s = self.shape
         batch, seq = tokens.shape
@@ -151,7 +152,8 @@ class EngineModel:
         if not fresh:
             visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
             mask = _group_mask(visible, s.heads // s.kv_heads, dtype=x.dtype)
-        use_lora = adapters is not None and (selection.onehot is not None or selection.slot != 0)
+        use_lora = adapters is not None and selection.active
+        batch_index = torch.arange(batch, device=tokens.device)[:, None]
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
             qkv = F.linear(h, w.qkv, w.qkv_bias)
@@ -160,7 +162,7 @@ class EngineModel:
             qkv = qkv.view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
             qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
             q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
-            cache.write(i, rows, positions, k, v)
+            cache.write(i, rows, positions, k, v, batch_index=batch_index)
             if fresh:
                 attn = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
@@ -183,7 +185,9 @@ class EngineModel:
             if use_lora:
                 down = adapters.apply(i, "down", m, down, selection)
             x = x + down.view(batch, seq, s.hidden)
-        if logits_at is not None:
+        if isinstance(logits_at, torch.Tensor):
+            x = x[batch_index[:, 0], logits_at]
+        elif logits_at is not None:
             x = x[:, logits_at]
         return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
 

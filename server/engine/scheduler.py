@@ -65,9 +65,11 @@ class Scheduler:
         prefill_chunk: int = 1024,
         prefill_budget: int = 2048,
         prefill_pad: int = 1,
+        max_group: int = 16,
     ):
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
+        self.max_group = max_group  # prompts prefilled in one forward
         self.rows: list[Sequence | None] = [None] * cache.rows
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
@@ -164,29 +166,80 @@ class Scheduler:
                     self.rows[row] = seq
 
     def _prefill(self) -> None:
+        """Prefill pending prompts within the step's token budget.
+
+        Whole prompts that fit one chunk are prefilled together in one forward (padded to the
+        longest; causal attention keeps the padding after every real token). Longer prompts and
+        continuations go one chunk at a time, attending to what the cache already holds.
+        """
         budget = self.prefill_budget
+        group: list[Sequence] = []
+        width = 0
         pending = sorted((s for s in self.rows if s is not None and s.computed < len(s.prompt)), key=lambda s: s.seq_id)
         for seq in pending:
+            if seq.computed == 0 and len(seq.prompt) <= self.prefill_chunk:
+                padded = self._padded(len(seq.prompt))
+                if group and (max(width, padded) * (len(group) + 1) > budget or len(group) == self.max_group):
+                    budget -= self._prefill_group(group, width)
+                    group, width = [], 0
+                if budget <= 0:
+                    break
+                group.append(seq)
+                width = max(width, padded)
+                continue
+            if group:
+                budget -= self._prefill_group(group, width)
+                group, width = [], 0
             while budget > 0 and seq.computed < len(seq.prompt):
-                n = min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed)
-                start = seq.computed
-                # Padding to a multiple keeps the set of shapes small (kernel choice is cached per shape);
-                # pad tokens sit at the scratch position, after every real one, so nothing attends to them.
-                padded = -(-n // self.prefill_pad) * self.prefill_pad
-                tokens = seq.prompt[start : start + n] + [0] * (padded - n)
-                positions = list(range(start, start + n)) + [self.cache.scratch_position] * (padded - n)
-                device = self.model.device
-                logits = self.model.forward(
-                    torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
-                    rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
-                    selection=AdapterSelection(slot=seq.adapter_slot), logits_at=n - 1, fresh=start == 0,
-                )
-                seq.computed += n
-                budget -= n
-                if seq.computed == len(seq.prompt):
-                    self._accept(seq, self._sample([seq], logits)[0])
+                budget -= self._prefill_chunk(seq, min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed))
             if budget <= 0:
                 break
+        if group and budget > 0:
+            self._prefill_group(group, width)
+
+    def _padded(self, n: int) -> int:
+        # Padding to a multiple keeps the set of shapes small (kernel choice is cached per shape);
+        # pad tokens sit at the scratch position, after every real one, so nothing attends to them.
+        return -(-n // self.prefill_pad) * self.prefill_pad
+
+    def _prefill_group(self, group: list[Sequence], width: int) -> int:
+        """Whole prompts of ``group`` in one forward, (len(group), width) padded; returns tokens spent."""
+        device = self.model.device
+        scratch = self.cache.scratch_position
+        tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in group]
+        positions = [list(range(len(s.prompt))) + [scratch] * (width - len(s.prompt)) for s in group]
+        slots = [s.adapter_slot for s in group]
+        if len(set(slots)) == 1:
+            selection = AdapterSelection(slot=slots[0])
+        else:
+            selection = AdapterSelection(slots=torch.tensor(slots, device=device))
+        logits = self.model.forward(
+            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
+            rows=torch.tensor([s.row for s in group], device=device), adapters=self.adapters, selection=selection,
+            logits_at=torch.tensor([len(s.prompt) - 1 for s in group], device=device), fresh=True,
+        )
+        for seq in group:
+            seq.computed = len(seq.prompt)
+        for seq, token in zip(group, self._sample(group, logits)):
+            self._accept(seq, token)
+        return width * len(group)
+
+    def _prefill_chunk(self, seq: Sequence, n: int) -> int:
+        """The next ``n`` prompt tokens of ``seq``; returns tokens spent."""
+        start = seq.computed
+        padded = self._padded(n)
+        tokens = seq.prompt[start : start + n] + [0] * (padded - n)
+        positions = list(range(start, start + n)) + [self.cache.scratch_position] * (padded - n)
+        device = self.model.device
+        logits = self.model.forward(
+            torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
+            rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
+            selection=AdapterSelection(slot=seq.adapter_slot), logits_at=n - 1, fresh=start == 0,
+        )
+        seq.computed += n
+        if seq.computed == len(seq.prompt):
+            self._accept(seq, self._sample([seq], logits)[0])
+        return padded
 
     def _decode_step(self) -> None:
         active = [s for s in self.rows if s is not None and s.decoding]
