@@ -239,9 +239,8 @@ class LoraFinetuneRecipe:
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
                 self.tokens_seen += sum(tokens for _, tokens in micro)
-                interrupt = stop.requested
-                if accelerator.num_processes > 1:  # every rank must agree, or the next all-reduce hangs
-                    loss, interrupt = self._all_ranks(loss, interrupt)
+                if accelerator.num_processes > 1:
+                    loss = self._mean_over_ranks(loss)
 
                 record = {
                     "step": self.step, "epoch": self.position[0],
@@ -257,6 +256,9 @@ class LoraFinetuneRecipe:
                         self.stopped_early = True
                 if on_step is not None:
                     on_step(self.step, record)
+                interrupt = stop.requested
+                if accelerator.num_processes > 1:  # every rank must stop at the same step, or DDP hangs
+                    interrupt = self._mean_over_ranks(float(interrupt)) > 0
                 if interrupt:
                     self.save_checkpoint()
                     interrupted = True
@@ -271,13 +273,10 @@ class LoraFinetuneRecipe:
             log.warning("interrupted at step %d; continue with --resume --name %s", self.step, self.name)
         return interrupted
 
-    def _all_ranks(self, loss: float, interrupt: bool) -> tuple[float, bool]:
-        """The mean loss over processes, and whether any process was interrupted."""
+    def _mean_over_ranks(self, value: float) -> float:
         import torch
 
-        values = torch.tensor([loss, float(interrupt)], device=self.accelerator.device)
-        mean = self.accelerator.reduce(values, reduction="mean")
-        return float(mean[0]), bool(mean[1] > 0)
+        return float(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), reduction="mean"))
 
     def _micro_batch_stream(self):
         """(batch, real tokens) in the seeded order from the saved position; endless (epochs repeat)."""
