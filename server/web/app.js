@@ -345,7 +345,7 @@ async function loadDocuments() {
           el("button", { type: "button", class: "danger", "aria-label": `Delete ${name}`, text: "Delete",
             onclick: () => deleteDocument(doc, name) }))));
     }
-    $("documents-status").textContent = documents.length
+    $("documents-count").textContent = documents.length
       ? `${documents.length} document${documents.length === 1 ? "" : "s"}.`
       : "No documents yet: upload some above.";
   } catch (error) {

@@ -1,0 +1,237 @@
+"""The web page in a real headless Chromium (Playwright) against a real lorag on uvicorn: sign in, streamed
+answers, citations opened in the source panel, uploads that become citable, tenant isolation, adapters view.
+
+Screenshots of each view go to $LORAG_TEST_ARTIFACTS/web (default: the test's tmp dir)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.web.conftest import auth, site_settings, write_pdf
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("LORAG_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 60_000  # the machine is shared; a slow answer is not a failure
+PDF_QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    if not CHROMIUM.exists() and shutil.which(str(CHROMIUM)) is None:
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set LORAG_CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(site, extractive):
+    from server.app import create_app
+    from server.background import serving
+
+    with serving(create_app(site_settings(site), retrieval=site.retrieval, generator=extractive)) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=server)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto("/")
+    yield page
+    context.close()
+
+
+def sign_in(page, key):
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("#view-chat").wait_for(state="visible")
+
+
+def ask(page, question):
+    page.get_by_label("Your question").fill(question)
+    page.get_by_label("Your question").press("Enter")
+    answer = page.locator(".assistant .answer").last
+    page.wait_for_function(
+        "() => { const a = [...document.querySelectorAll('.assistant .answer')].pop();"
+        " return a && a.getAttribute('aria-busy') === 'false'; }"
+    )
+    return answer
+
+
+def _panel_ids(page) -> list[str]:
+    return page.locator(".passage").evaluate_all("nodes => nodes.map(n => n.dataset.passageId)")
+
+
+def _neighbour_ids(server, key, passage_id, radius) -> list[str]:
+    response = httpx.get(f"{server}/v1/passages/{passage_id}/neighbours",
+                         params={"before": radius, "after": radius}, headers=auth(key))
+    return [chunk["id"] for chunk in response.json()["data"]]
+
+
+def test_wrong_key_is_rejected_with_a_message(page, artifacts):
+    page.get_by_label("API key").fill("lorag-not-a-real-key")
+    page.get_by_role("button", name="Sign in").click()
+    error = page.locator("#signin-error")
+    error.wait_for(state="visible")
+    assert "not accepted" in error.inner_text() and "invalid API key" in error.inner_text()
+    assert page.locator("#nav").is_hidden() and page.locator("#view-chat").is_hidden()
+    assert page.evaluate("sessionStorage.length") == 0
+    page.screenshot(path=artifacts / "signin-rejected.png")
+
+
+def test_answer_citation_opens_passage_in_context(page, site, server, artifacts):
+    sign_in(page, site.acme_key)
+    assert page.evaluate("Object.values(sessionStorage)") == [site.acme_key]
+    assert page.locator("#model").input_value() == "lorag"
+    answer = ask(page, PDF_QUESTION)
+    assert "0.1 mg/L" in answer.inner_text()
+    assert "extractive fallback" in answer.locator(".notice").inner_text()
+
+    cite = answer.locator("p button.cite", has_text="[").filter(
+        has=page.locator("xpath=self::*[contains(@aria-label, 'kestrel-tide-datasheet.pdf, page 2')]")
+    ).first
+    cite.focus()
+    page.keyboard.press("Enter")  # keyboard opens it, like a click
+    panel = page.locator("#panel")
+    panel.wait_for(state="visible")
+    assert page.evaluate("document.activeElement.id") == "panel-title"
+    page.locator(".passage.cited mark").wait_for()
+    assert page.locator("#panel-page").inner_text() == "2"
+
+    # The highlighted passage is exactly the stored chunk the answer cites, shown among its neighbours.
+    passage_id = page.locator(".passage.cited").get_attribute("data-passage-id")
+    stored = httpx.get(f"{server}/v1/passages/{passage_id}", headers=auth(site.acme_key)).json()["passage"]
+    assert stored["page"] == 2 and "Dissolved oxygen" in stored["text"]
+    assert page.locator(".passage.cited mark").text_content() == stored["text"]
+    assert _panel_ids(page) == _neighbour_ids(server, site.acme_key, passage_id, 1)
+    page.get_by_role("button", name="Show more context").click()
+    wider = _neighbour_ids(server, site.acme_key, passage_id, 3)
+    page.wait_for_function(f"() => document.querySelectorAll('.passage').length === {len(wider)}")
+    assert _panel_ids(page) == wider
+    page.screenshot(path=artifacts / "chat-citation-panel.png")
+
+    with page.context.expect_page() as opened:
+        page.get_by_role("link", name="Open original PDF at page 2").click()
+    original = opened.value
+    original.wait_for_function("() => location.protocol === 'blob:'")
+    assert original.url.endswith("#page=2")
+    original.close()
+
+    page.locator("#panel-title").focus()
+    page.keyboard.press("Escape")
+    panel.wait_for(state="hidden")
+    assert page.evaluate("document.activeElement.classList.contains('cite')")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=artifacts / "chat-phone.png", full_page=True)
+
+
+def test_uploaded_pdf_becomes_citable_and_bad_file_is_reported(page, site, artifacts, tmp_path):
+    pdf = write_pdf(tmp_path / "osprey-valve-manual.pdf", [
+        ["Osprey valve manual", "Contents: installation, torque settings."],
+        ["Torque settings", "The Osprey valve torque is 42 newton metres.", "Tighten the bonnet bolts crosswise."],
+    ])
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4 truncated garbage")
+    sign_in(page, site.acme_key)
+    page.get_by_role("button", name="Documents").click()
+    page.locator("#documents-table tbody tr").first.wait_for()
+    page.get_by_label("Add documents (PDF, Markdown, text, HTML)").set_input_files([pdf, broken])
+    page.get_by_role("button", name="Upload").click()
+    page.locator("#documents-status", has_text="Uploads finished").wait_for()
+    good = page.locator('#upload-list li[data-file="osprey-valve-manual.pdf"]')
+    assert "ok" in good.get_attribute("class") and "Added: 2 pages" in good.inner_text()
+    assert good.locator("progress").get_attribute("value") == "100"
+    bad = page.locator('#upload-list li[data-file="broken.pdf"]')
+    assert "failed" in bad.get_attribute("class") and "Failed:" in bad.inner_text()
+    row = page.locator("#documents-table tbody tr", has_text="osprey-valve-manual.pdf")
+    assert row.locator("td").nth(0).inner_text() == "2"
+    assert page.locator("#documents-table tbody tr", has_text="broken.pdf").count() == 0
+    page.screenshot(path=artifacts / "documents.png", full_page=True)
+
+    page.get_by_role("button", name="Chat").click()
+    answer = ask(page, "What is the Osprey valve torque?")
+    cite = answer.locator(".sources button.cite", has_text="osprey-valve-manual.pdf, page 2").first
+    cite.click()
+    assert "42 newton metres" in page.locator(".passage.cited mark").inner_text()
+    page.get_by_role("button", name="Close source panel").click()
+
+    page.get_by_role("button", name="Documents").click()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete osprey-valve-manual.pdf").click()
+    page.locator("#documents-status", has_text="Deleted osprey-valve-manual.pdf").wait_for()
+    assert page.locator("#documents-table tbody tr", has_text="osprey-valve-manual.pdf").count() == 0
+
+
+def test_other_tenant_sees_only_its_documents(page, site, server, artifacts):
+    acme_docs = httpx.get(f"{server}/v1/documents", headers=auth(site.acme_key)).json()["data"]
+    sign_in(page, site.beta_key)
+    page.get_by_role("button", name="Documents").click()
+    page.locator("#documents-table tbody tr").first.wait_for()
+    names = page.locator("#documents-table tbody th").all_inner_texts()
+    assert names == ["memo.txt"]
+    # The file endpoint refuses acme's document ids to beta's key, from inside the page too.
+    statuses = page.evaluate(
+        """async (ids) => Promise.all(ids.map(async (id) => (await fetch(`/v1/documents/${id}/file`,
+             {headers: {Authorization: `Bearer ${sessionStorage.getItem('lorag.apiKey')}`}})).status))""",
+        [doc["id"] for doc in acme_docs],
+    )
+    assert statuses == [404] * len(acme_docs)
+    page.screenshot(path=artifacts / "documents-other-tenant.png")
+
+
+def test_adapters_view_without_adapter_api(page, site, artifacts):
+    sign_in(page, site.acme_key)
+    page.get_by_role("button", name="Adapters").click()
+    status = page.locator("#adapters-status")
+    status.wait_for(state="visible")
+    page.wait_for_function("() => document.getElementById('adapters-status').textContent !== ''")
+    assert status.inner_text() == "Adapter management is not available on this server."
+    page.screenshot(path=artifacts / "adapters.png")
+
+
+def test_tiny_model_answer_streams_into_the_page(browser, site, tiny_llama_path, artifacts):
+    from server.app import create_app
+    from server.background import serving
+
+    settings = site_settings(site)
+    settings.generation.model = str(tiny_llama_path)
+    settings.generation.fallback = "error"
+    with serving(create_app(settings, retrieval=site.retrieval)) as base_url:
+        context = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=base_url)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        page.goto("/")
+        sign_in(page, site.acme_key)
+        # Record what the answer shows while it is still streaming (aria-busy=true).
+        page.evaluate("""() => {
+            window.partials = [];
+            new MutationObserver(() => {
+                const a = [...document.querySelectorAll('.assistant .answer')].pop();
+                if (a && a.getAttribute('aria-busy') === 'true') window.partials.push(a.textContent.length);
+            }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        }""")
+        answer = ask(page, PDF_QUESTION)
+        partials = [n for n in page.evaluate("window.partials") if n > 0]
+        assert len(set(partials)) >= 2, partials  # text arrived in pieces, not all at once
+        assert answer.inner_text().strip()
+        assert answer.locator(".notice").count() == 0
+        assert page.locator("#chat-error").inner_text() == ""
+        page.screenshot(path=artifacts / "chat-tiny-model.png")
+        context.close()
