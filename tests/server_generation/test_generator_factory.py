@@ -60,5 +60,5 @@ def test_a_tokenizer_without_chat_template_is_refused_by_name(tiny_llama_path, t
     (base / "tokenizer_config.json").write_text(json.dumps(config))
 
     with pytest.raises(LoragError, match="no chat template"):
-        load_generator(GenerationSettings(model=str(base), fallback="error"))
-    assert isinstance(load_generator(GenerationSettings(model=str(base))), ExtractiveGenerator)
+        load_generator(GenerationSettings(model=str(base), device="cpu", fallback="error"))
+    assert isinstance(load_generator(GenerationSettings(model=str(base), device="cpu")), ExtractiveGenerator)
