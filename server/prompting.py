@@ -90,7 +90,9 @@ def build_prompt(
     require_chat_template(tokenizer)
 
     def fits(dropped_turns: int, kept: int) -> bool:
-        return max_prompt_tokens is None or len(render_prompt_ids(assemble(dropped_turns, kept), tokenizer)) <= max_prompt_tokens
+        if max_prompt_tokens is None:
+            return True
+        return len(render_prompt_ids(assemble(dropped_turns, kept), tokenizer)) <= max_prompt_tokens
 
     dropped_turns, kept = 0, len(passages)
     if not fits(0, kept):
@@ -146,7 +148,9 @@ def require_chat_template(tokenizer, *, model: str = "") -> None:
         )
 
 
-def render_prompt_ids(messages: Sequence[Mapping[str, str]], tokenizer, *, add_generation_prompt: bool = True) -> list[int]:
+def render_prompt_ids(
+    messages: Sequence[Mapping[str, str]], tokenizer, *, add_generation_prompt: bool = True
+) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template (assistant turn opened by default)."""
     require_chat_template(tokenizer)
     encoded = tokenizer.apply_chat_template(
