@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retrieval.types import Chunk, DocumentRecord, Passage
 
@@ -66,7 +66,20 @@ class ErrorResponse(BaseModel):
 # -- chat ----------------------------------------------------------------------------------------
 class ChatMessageIn(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value):
+        # Some clients send content as parts; only text parts mean anything to a text model.
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                texts.append(part["text"])
+            return "\n".join(texts)
+        return value
 
 
 class RetrievalOptions(BaseModel):

@@ -56,6 +56,29 @@ def test_chat_streams_openai_chunks_with_citations_last(client, corpus):
     assert all("citations" not in c for c in chunks[:-1])
 
 
+def test_chat_accepts_text_content_parts(client, corpus):
+    parts = [{"type": "text", "text": "What is the accuracy of"}, {"type": "text", "text": "the dissolved oxygen sensor?"}]
+    body = _chat(client, corpus.acme_key, messages=[{"role": "user", "content": parts}]).json()
+    assert any("0.1 mg/L" in p["text"] for p in body["citations"] + body["context"])
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    error = assert_error(_chat(client, corpus.acme_key, messages=[{"role": "user", "content": image}]), 400)
+    assert error["param"] == "messages.0.content"
+
+
+def test_chat_past_the_request_timeout_is_504(corpus, extractive_generator):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import server_settings
+
+    app = create_app(server_settings(corpus, request_timeout_s=1e-9), retrieval=corpus.retrieval,
+                     generator=extractive_generator)
+    with TestClient(app) as timed_client:
+        for stream in (False, True):
+            error = assert_error(_chat(timed_client, corpus.acme_key, stream=stream), 504, error_type="timeout_error")
+            assert "request_timeout_s" in error["message"]
+
+
 def test_chat_without_retrieval_has_nothing_to_cite(client, corpus):
     body = _chat(client, corpus.acme_key, retrieval={"enabled": False}).json()
     assert body["citations"] == [] and body["context"] == []
