@@ -13,7 +13,7 @@ def list_models(tenant: CurrentTenant, services: ReadyServices) -> ModelList:
     return ModelList(data=services.catalog.cards(tenant))
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 def get_model(model: str, tenant: CurrentTenant, services: ReadyServices) -> ModelCard:
     services.catalog.resolve(model, tenant)  # raises model_not_found for names this tenant cannot use
     return next(card for card in services.catalog.cards(tenant) if card.id == model)

@@ -1,6 +1,7 @@
 """Tenant registry and the `lorag tenant` commands: keys stored as hashes, atomic file, format version."""
 
 import json
+import threading
 
 import pytest
 
@@ -91,3 +92,27 @@ def test_admin_key_from_environment(monkeypatch, data_dir):
     settings = ServerSettings(data_dir=data_dir)
     assert settings.server.admin_hash() == hash_key("from-env")
     assert "from-env" not in repr(settings)  # a SecretStr never prints
+
+
+def test_concurrent_edits_are_serialised_by_the_file_lock(data_dir):
+    names = [f"t{i}" for i in range(8)]
+    keys = {}
+
+    def add(name):
+        keys[name] = TenantRegistry(data_dir).add(name)[1]  # one registry per "process"
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    registry = TenantRegistry(data_dir)
+    assert [t.id for t in registry.tenants()] == sorted(names)  # no edit lost
+    assert all(registry.authenticate(keys[name]).id == name for name in names)
+    assert not list(data_dir.glob(".tenants.json.*.tmp"))
+
+
+def test_serve_refuses_unsafe_admin_key_before_binding(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("LORAG_SERVER__ADMIN_KEY", "changeme")
+    assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(data_dir)]) == LoragError.exit_code
+    assert "unsafe for host '0.0.0.0'" in capsys.readouterr().err
