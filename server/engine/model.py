@@ -223,4 +223,4 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     group = heads // kv_heads
     q = q.transpose(1, 2).reshape(batch, kv_heads, group * seq, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return out.view(batch, heads, seq, head_dim).transpose(1, 2)
+    return out.reshape(batch, heads, seq, head_dim).transpose(1, 2)

@@ -1,0 +1,133 @@
+"""Continuous batching: joining mid-flight, queueing past the row count, chunked prefill, stops, cancellation."""
+
+import pytest
+
+from retrieval.errors import LoragError
+from server.engine.decode_step import EagerDecode
+from server.engine.scheduler import Scheduler
+from tests.engine.conftest import make_sequence, prompt_of, run_until_done
+
+
+def _alone(engine, prompt, adapter, n=12):
+    seq, collector = make_sequence(engine, prompt, adapter=adapter, max_tokens=n)
+    engine.scheduler.submit(seq)
+    run_until_done(engine.scheduler, [collector])
+    return collector.tokens
+
+
+def test_request_joining_mid_flight_gets_the_same_tokens_as_alone(engine):
+    first_prompt, late_prompt = prompt_of(1, 20), prompt_of(2, 33)
+    expected_first = _alone(engine, first_prompt, "alpha")
+    expected_late = _alone(engine, late_prompt, "gamma")
+
+    first, first_out = make_sequence(engine, first_prompt, adapter="alpha", max_tokens=12)
+    engine.scheduler.submit(first)
+    for _ in range(4):
+        engine.scheduler.step()
+    assert 0 < len(first_out.tokens) < 12  # the first request is decoding when the second arrives
+    late, late_out = make_sequence(engine, late_prompt, adapter="gamma", max_tokens=12)
+    engine.scheduler.submit(late)
+    run_until_done(engine.scheduler, [first_out, late_out])
+    assert first_out.tokens == expected_first
+    assert late_out.tokens == expected_late
+
+
+def test_more_requests_than_rows_queue_and_match(engine, reference):
+    adapters = ["alpha", None, "beta", "gamma", "beta", None]
+    prompts = [prompt_of(60 + i, 8 + 3 * i) for i in range(len(adapters))]
+    requests = [make_sequence(engine, p, adapter=a, max_tokens=10) for p, a in zip(prompts, adapters)]
+    for seq, _ in requests:
+        engine.scheduler.submit(seq)
+    engine.scheduler.step()
+    assert sum(s is not None for s in engine.scheduler.rows) == engine.cache.rows  # 4 rows, 2 waiting
+    run_until_done(engine.scheduler, [c for _, c in requests])
+    for prompt, adapter, (_, collector) in zip(prompts, adapters, requests):
+        assert collector.tokens == reference(prompt, adapter, 10)
+
+
+def test_chunked_prefill_gives_identical_tokens(engine):
+    prompt = prompt_of(7, 70)
+    expected = _alone(engine, prompt, "beta")
+    chunked = Scheduler(engine.model, engine.cache, engine.adapters,
+                        decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=9, prefill_budget=20)
+    seq, collector = make_sequence(engine, prompt, adapter="beta", max_tokens=12)
+    other, other_out = make_sequence(engine, prompt_of(8, 15), adapter="alpha", max_tokens=12)
+    chunked.submit(other)
+    chunked.step()  # "other" decodes while the long prompt is prefilled over several steps
+    chunked.submit(seq)
+    chunked.step()
+    assert 0 < seq.computed < len(prompt)
+    run_until_done(chunked, [collector, other_out])
+    assert collector.tokens == expected
+    assert other_out.tokens == _alone(engine, prompt_of(8, 15), "alpha")
+
+
+def test_stop_token_ends_the_answer_with_reason_stop(engine):
+    prompt = prompt_of(11, 16)
+    free_run = _alone(engine, prompt, None)
+    stop_id = free_run[3]
+    seq, collector = make_sequence(engine, prompt, max_tokens=12, stop_token_ids=frozenset({stop_id}))
+    engine.scheduler.submit(seq)
+    run_until_done(engine.scheduler, [collector])
+    assert collector.finish == "stop"
+    assert collector.tokens == free_run[: free_run.index(stop_id) + 1]
+
+
+def test_max_tokens_and_context_end_with_reason_length(engine):
+    seq, collector = make_sequence(engine, prompt_of(12, 90), max_tokens=50)
+    engine.scheduler.submit(seq)
+    run_until_done(engine.scheduler, [collector])
+    assert collector.finish == "length"
+    assert len(collector.tokens) == engine.cache.max_len - 90  # clipped to the row's room
+
+
+def test_cancel_frees_the_row_and_the_adapter(engine):
+    seq, collector = make_sequence(engine, prompt_of(13, 10), adapter="gamma", max_tokens=40)
+    engine.scheduler.submit(seq)
+    engine.scheduler.step()
+    engine.scheduler.step()
+    assert engine.adapters.in_use("gamma") == 1
+    engine.scheduler.cancel(seq.seq_id)
+    engine.scheduler.step()
+    assert collector.finish == "cancelled"
+    assert not any(engine.scheduler.rows)
+    assert engine.adapters.in_use("gamma") == 0
+
+
+def test_cancel_while_waiting(engine):
+    seq, collector = make_sequence(engine, prompt_of(14, 10), adapter="alpha")
+    engine.scheduler.submit(seq)
+    engine.scheduler.cancel(seq.seq_id)
+    engine.scheduler.step()
+    assert collector.finish == "cancelled" and collector.tokens == []
+    assert engine.adapters.in_use("alpha") == 0
+
+
+def test_prompt_longer_than_the_context_is_refused(engine):
+    seq, _ = make_sequence(engine, prompt_of(15, 96))
+    with pytest.raises(LoragError, match="96 tokens"):
+        engine.scheduler.submit(seq)
+    engine.adapters.release(seq.adapter_slot)
+
+
+def test_background_thread_serves_requests(arch_setup, reference):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.engine import Engine, EngineConfig
+
+    _, model_path, dirs = arch_setup
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    threaded = Engine.from_hf(hf, config=EngineConfig(max_rows=2, max_len=64, adapter_slots=1, max_rank=8),
+                              device="cpu", dtype=torch.float32)
+    try:
+        threaded.adapters.load("beta", dirs["beta"])
+        requests = [make_sequence(threaded, prompt_of(20 + i, 9), adapter="beta", max_tokens=8) for i in range(3)]
+        for seq, _ in requests:
+            threaded.scheduler.submit(seq)
+        for _, collector in requests:
+            assert collector.done.wait(60)
+        for i, (_, collector) in enumerate(requests):
+            assert collector.tokens == reference(prompt_of(20 + i, 9), "beta", 8)
+    finally:
+        threaded.close()
