@@ -222,7 +222,7 @@ function renderAnswer(container, text, final) {
   }
   if (final.citations.length) {
     const list = el("ol", { class: "sources", "aria-label": "Sources" });
-    for (const citation of final.citations) {
+    for (const citation of [...final.citations].sort((a, b) => a.number - b.number)) {
       list.append(el("li", {}, citeButton(citation, `[${citation.number}] ${basename(citation.source)}, page ${citation.page}`)));
     }
     container.append(list);
@@ -458,17 +458,24 @@ function adapterCard(adapter) {
   const action = resident ? "unload" : "load";
   card.append(el("button", {
     type: "button",
+    "data-adapter": adapter.name,
     text: resident ? "Unload" : "Load",
     "aria-label": `${resident ? "Unload" : "Load"} ${adapter.name}`,
     disabled: adapter.pinned && resident ? true : null,
     onclick: async () => {
+      let done = null;
+      let failed = null;
       try {
         await api(`/v1/adapters/${encodeURIComponent(adapter.name)}/${action}`, { method: "POST" });
-        $("adapters-status").textContent = `${adapter.name} ${action === "load" ? "loaded" : "unloaded"}.`;
+        done = `${adapter.name} ${action === "load" ? "loaded" : "unloaded"}.`;
       } catch (error) {
-        showError("adapters-error", error);
+        failed = error;
       }
-      await loadAdapters();
+      await loadAdapters(); // the list is redrawn: report afterwards and put focus back on this adapter
+      if (done) $("adapters-status").textContent = done;
+      if (failed) showError("adapters-error", failed);
+      const again = $("adapters-list").querySelector(`[data-adapter="${CSS.escape(adapter.name)}"]`);
+      (again || $("adapters-title")).focus();
     },
   }));
   return card;

@@ -235,3 +235,43 @@ def test_tiny_model_answer_streams_into_the_page(browser, site, tiny_llama_path,
         assert page.locator("#chat-error").inner_text() == ""
         page.screenshot(path=artifacts / "chat-tiny-model.png")
         context.close()
+
+
+def test_adapters_view_renders_the_adapter_api_contract(page, site, artifacts):
+    """GET /v1/adapters is not served yet: the browser answers it with the agreed shape, so this checks the
+    view's rendering and its load/unload calls. Replace with the real API once it exists."""
+    import json
+
+    adapters = [{
+        "id": "support-v1", "name": "support-v1", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "method": "lora",
+        "metrics": {"eval_loss": 1.23456, "steps": 120}, "residency": "disk", "pinned": False,
+        "loss_plot_url": "/v1/adapters/support-v1/loss.png", "created_at": "2026-01-02T03:04:05+00:00",
+    }]
+    calls = []
+
+    def adapters_api(route):
+        request = route.request
+        calls.append((request.method, request.url.split("/v1/")[1], request.headers.get("authorization")))
+        if request.url.endswith("/v1/adapters"):
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": adapters}))
+        elif request.url.endswith("/load"):
+            adapters[0]["residency"] = "gpu"
+            route.fulfill(status=200, content_type="application/json", body="{}")
+        else:
+            route.fulfill(status=404, content_type="application/json",
+                          body=json.dumps({"error": {"message": "no plot", "type": "not_found_error", "param": None, "code": None}}))
+
+    page.route("**/v1/adapters**", adapters_api)
+    sign_in(page, site.acme_key)
+    page.get_by_role("button", name="Adapters").click()
+    card = page.locator("article.card", has_text="support-v1")
+    card.wait_for()
+    text = card.inner_text()
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in text and "lora" in text and "1.2346" in text and "disk" in text
+    card.get_by_text("The loss plot could not be loaded.").wait_for()
+    card.get_by_role("button", name="Load support-v1").click()
+    page.locator("#adapters-status", has_text="support-v1 loaded.").wait_for()
+    page.get_by_role("button", name="Unload support-v1").wait_for()
+    assert page.evaluate("document.activeElement.dataset.adapter") == "support-v1"  # focus survives the redraw
+    assert ("POST", "adapters/support-v1/load", f"Bearer {site.acme_key}") in calls
+    page.screenshot(path=artifacts / "adapters-contract.png")
