@@ -16,7 +16,7 @@ from server.deps import Services
 from server.errors import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import admin, chat, health, models, passages, retrieve, uploads, web
+from server.routes import admin, chat, health, models, passages, retrieve, uploads, web, uploads, web
 from server.settings import ServerSettings
 from server.tenants import TenantRegistry
 
@@ -84,7 +84,9 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     for module in (chat, retrieve, passages, uploads, models, admin, health, web):
         app.include_router(module.router)
     # Outermost first at request time: metrics see every response, including 413s.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, max_json_bytes=settings.server.max_json_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

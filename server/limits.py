@@ -54,19 +54,27 @@ class ChatQueue:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+    """Refuses request bodies over the limit with 413, whether or not Content-Length is sent.
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int):
+    Multipart uploads may use ``max_bytes``; every other body (JSON) at most ``max_json_bytes``, since
+    the whole of it is parsed in memory.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_json_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_bytes = min(max_json_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, int(declared))
+        headers = dict(scope.get("headers") or [])
+        multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.max_bytes if multipart else self.max_json_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, int(declared), limit)
             return
         if declared is not None:  # the server enforces the declared length
             await self.app(scope, receive, send)
@@ -80,8 +88,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(send, size)
+            if size > limit:
+                await self._refuse(send, size, limit)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -97,8 +105,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, size: int) -> None:
-        error = BodyTooLarge(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")
+    async def _refuse(self, send: Send, size: int, limit: int) -> None:
+        setting = "server.max_json_bytes" if limit == self.max_json_bytes else "server.max_body_bytes"
+        error = BodyTooLarge(f"request body of {size} bytes is over the limit of {limit} bytes ({setting})")
         body = json.dumps(error_body(413, str(error), code=error.code)).encode()
         await send(
             {

@@ -132,7 +132,7 @@ def test_body_over_the_limit_is_413(client, corpus):
     huge = "y" * 1_100_000
     response = _chat(client, corpus.acme_key, messages=[{"role": "user", "content": huge}])
     error = assert_error(response, 413)
-    assert "over the limit" in error["message"]
+    assert "over the limit of 1000000 bytes (server.max_json_bytes)" in error["message"]
 
 
 def test_malformed_json_is_400(client, corpus):
