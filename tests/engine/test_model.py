@@ -1,0 +1,66 @@
+"""The engine's own forward against transformers: logits, chunked cache use, rope settings, refusals."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from server.engine.kv_cache import KVCache
+from server.engine.lora_slots import AdapterSelection
+from server.engine.model import EngineModel
+from server.engine.rope import UnsupportedModel, inverse_frequencies
+
+
+def _engine_model(path):
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    s = hf.config
+    cache = KVCache(layers=s.num_hidden_layers, rows=2, kv_heads=s.num_key_value_heads, max_len=60,
+                    head_dim=s.hidden_size // s.num_attention_heads, dtype=torch.float32, device="cpu")
+    return hf, EngineModel.from_hf(hf, cache_len=cache.length, dtype=torch.float32, device="cpu"), cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logits_match_transformers_whole_and_in_chunks(arch, request):
+    hf, model, cache = _engine_model(request.getfixturevalue(f"tiny_{arch}_path"))
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+    run = dict(cache=cache, adapters=None, selection=AdapterSelection(), logits_at=None)
+    whole = model.forward(ids, torch.arange(24)[None], rows=slice(1, 2), fresh=True, **run)[0]
+    first = model.forward(ids[:, :10], torch.arange(10)[None], rows=slice(0, 1), fresh=True, **run)[0]
+    rest = model.forward(ids[:, 10:], torch.arange(10, 24)[None], rows=slice(0, 1), **run)[0]
+    torch.testing.assert_close(whole, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([first, rest]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16384, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(inverse_frequencies(config, 16), expected)
+
+
+def test_unsupported_rope_type_is_refused():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=4096,
+                         rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(UnsupportedModel, match="'linear'"):
+        inverse_frequencies(config, 16)
+
+
+def test_other_architecture_is_refused_and_factory_falls_back(tmp_path, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from server.engine.generator import load_engine_generator
+    from server.settings import ServerSettings
+    from tests.model_factory import build_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512)).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    settings = ServerSettings(data_dir=tmp_path, generation={"model": str(path), "device": "cpu"})
+    with caplog.at_level("WARNING"):
+        assert load_engine_generator(settings) is None
+    assert "architecture 'gpt2' is not supported" in caplog.text
+    assert "falling back to transformers + peft" in caplog.text
