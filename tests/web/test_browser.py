@@ -253,13 +253,14 @@ def test_adapters_view_renders_the_adapter_api_contract(page, site, artifacts):
         request = route.request
         calls.append((request.method, request.url.split("/v1/")[1], request.headers.get("authorization")))
         if request.url.endswith("/v1/adapters"):
-            route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": adapters}))
+            body = json.dumps({"object": "list", "data": adapters})
+            route.fulfill(status=200, content_type="application/json", body=body)
         elif request.url.endswith("/load"):
             adapters[0]["residency"] = "gpu"
             route.fulfill(status=200, content_type="application/json", body="{}")
         else:
-            route.fulfill(status=404, content_type="application/json",
-                          body=json.dumps({"error": {"message": "no plot", "type": "not_found_error", "param": None, "code": None}}))
+            error = {"message": "no plot", "type": "not_found_error", "param": None, "code": None}
+            route.fulfill(status=404, content_type="application/json", body=json.dumps({"error": error}))
 
     page.route("**/v1/adapters**", adapters_api)
     sign_in(page, site.acme_key)

@@ -88,7 +88,8 @@ def test_original_file_is_served_to_its_tenant_only(client, site):
 
 def test_html_original_is_sandboxed(client, site):
     page = b"<html><body><h1>Dock rules</h1><p>Boats dock at pier 9.</p><script>alert(1)</script></body></html>"
-    response = client.post("/v1/documents", headers=auth(site.acme_key), files=[("files", ("dock.html", page, "text/html"))])
+    files = [("files", ("dock.html", page, "text/html"))]
+    response = client.post("/v1/documents", headers=auth(site.acme_key), files=files)
     outcome = response.json()["data"][0]
     assert outcome["status"] == "added", outcome
     served = client.get(f"/v1/documents/{outcome['document_id']}/file", headers=auth(site.acme_key))
