@@ -93,23 +93,26 @@ def ingest_paths(
     dirty = False
     try:
         update = index.update()
+        waiting: list[PreparedFile] = []  # parsed files whose chunks are embedded together
         for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits):
-            outcome = prepared.outcome
-            if prepared.record is not None:
-                vectors = _embed(embedder, prepared.chunks)
-                update.put_document(prepared.record, prepared.chunks, vectors)
-                outcome.chunks = len(prepared.chunks)
-                pending += len(prepared.chunks)
-                dirty = True
-            report.add(outcome)
-            _note(outcome)
-            if progress is not None:
-                progress.file_done(chunks=outcome.chunks)
+            _note(report.add(prepared.outcome))
+            if prepared.record is None:
+                if progress is not None:
+                    progress.file_done(chunks=0)
+                continue
+            waiting.append(prepared)
+            if sum(len(p.chunks) for p in waiting) < EMBED_GROUP:
+                continue  # small files share one embed call: per-call overhead dominates tiny batches
+            pending += _store(waiting, embedder=embedder, update=update, progress=progress)
+            waiting, dirty = [], True
             if pending >= limits.commit_every_chunks:
                 update.commit()
                 report.commits += 1
                 pending, dirty = 0, False
                 update = index.update()
+        if waiting:
+            _store(waiting, embedder=embedder, update=update, progress=progress)
+            dirty = True
         if prune:
             for source in _vanished_sources(index, found_roots=[Path(os.path.abspath(p)) for p in paths]):
                 update.remove_source(source)
@@ -238,12 +241,26 @@ def _prepare(path: Path, *, index, chunker: Chunker, tenant: str, limits: Ingest
     return PreparedFile(FileOutcome(source, status, pages=len(document.pages), warnings=warnings), record, chunks)
 
 
-def _embed(embedder, chunks: list[Chunk]) -> np.ndarray:
-    """Vectors ``(len(chunks), dimension)`` float32, embedded in groups so memory stays bounded."""
-    vectors = np.empty((len(chunks), embedder.dimension), dtype=np.float32)
-    for start in range(0, len(chunks), EMBED_GROUP):
-        group = chunks[start : start + EMBED_GROUP]
-        vectors[start : start + len(group)] = embedder.embed_documents([chunk.text for chunk in group])
+def _store(files: list[PreparedFile], *, embedder, update, progress: IngestProgress | None) -> int:
+    """Embed the chunks of ``files`` together and stage each document; returns the number of chunks."""
+    vectors = _embed(embedder, [chunk.text for prepared in files for chunk in prepared.chunks])
+    offset = 0
+    for prepared in files:
+        count = len(prepared.chunks)
+        update.put_document(prepared.record, prepared.chunks, vectors[offset : offset + count])
+        prepared.outcome.chunks = count
+        offset += count
+        if progress is not None:
+            progress.file_done(chunks=count)
+    return offset
+
+
+def _embed(embedder, texts: list[str]) -> np.ndarray:
+    """Vectors ``(len(texts), dimension)`` float32, embedded in groups so memory stays bounded."""
+    vectors = np.empty((len(texts), embedder.dimension), dtype=np.float32)
+    for start in range(0, len(texts), EMBED_GROUP):
+        group = texts[start : start + EMBED_GROUP]
+        vectors[start : start + len(group)] = embedder.embed_documents(group)
     return vectors
 
 
