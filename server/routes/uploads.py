@@ -5,6 +5,7 @@ Ingest runs in a worker thread with its own embedder (the retrieval embedder's t
 concurrently and must not be shared), one upload batch at a time.
 """
 
+import asyncio
 import os
 import re
 import threading
@@ -113,6 +114,8 @@ class DocumentUploads:
         self.settings = settings
         self._embedder = None
         self._lock = threading.Lock()  # one batch at a time: the embedder and the index writer are shared
+        # Held from saving to ingesting, so two uploads of one name never swap files under each other.
+        self.batch = asyncio.Lock()
 
     def ingest(self, tenant: str, staged: list[_Staged]) -> None:
         """Ingest the saved files of ``staged`` and fill in their outcomes (worker thread)."""
@@ -226,14 +229,16 @@ async def upload_documents(
         )
     directory = uploads_dir(services.settings.data_dir, tenant.id)
     max_bytes = ingest_settings_of(services.settings).max_file_bytes
+    uploads = _uploads_of(request, services)
     staged: list[_Staged] = []
     taken: set[str] = set()
-    for upload in files:
-        item = await run_in_threadpool(_save, upload, directory, max_bytes=max_bytes, taken=taken)
-        if item.path is not None:
-            taken.add(item.path.name)
-        staged.append(item)
-    await run_in_threadpool(_uploads_of(request, services).ingest, tenant.id, staged)
+    async with uploads.batch:
+        for upload in files:
+            item = await run_in_threadpool(_save, upload, directory, max_bytes=max_bytes, taken=taken)
+            if item.path is not None:
+                taken.add(item.path.name)
+            staged.append(item)
+        await run_in_threadpool(uploads.ingest, tenant.id, staged)
     return UploadResult(data=[item.outcome for item in staged])
 
 
