@@ -36,18 +36,15 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     """Build the app. ``retrieval`` (a RetrievalService) and ``generator`` (a Generator) are built at
     start-up when not given; injected ones are not closed at shutdown (their owner closes them)."""
     metrics = Metrics()
-    services = Services(
-        settings=settings,
-        registry=TenantRegistry(settings.data_dir),
-        metrics=metrics,
-        queue=ChatQueue(
-            slots=settings.server.max_concurrent_requests, queue=settings.server.max_queued_requests, metrics=metrics
-        ),
-    )
+    services = Services(settings=settings, registry=TenantRegistry(settings.data_dir), metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_generator = generator is None
+        # Built here, not in create_app: an asyncio primitive belongs to the loop that serves the app.
+        services.queue = ChatQueue(
+            slots=settings.server.max_concurrent_requests, queue=settings.server.max_queued_requests, metrics=metrics
+        )
         services.retrieval = retrieval if retrieval is not None else await run_in_threadpool(_load_retrieval, settings)
         services.generator = generator if generator is not None else await run_in_threadpool(_load_generator, settings)
         if own_generator:

@@ -5,6 +5,7 @@ tenant's default adapter when it has one, else the base model; any other name mu
 tenant's adapters (a directory with a ``lorag_adapter.json`` manifest under its adapters dir).
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from server.tenants import Tenant
 BASE_ALIAS = "base"
 DEFAULT_ALIAS = "lorag"
 ADAPTER_MANIFEST = "lorag_adapter.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,14 @@ class ModelCatalog:
         """Raises: ModelNotFound (404) for a name that is neither the base model nor the tenant's adapter."""
         if name in (self.base_name, BASE_ALIAS):
             return ModelChoice(name, None)
+        adapters = self.adapters(tenant.id)
         if name == DEFAULT_ALIAS:
+            if tenant.default_adapter and tenant.default_adapter not in adapters:
+                log.warning("tenant %r: default adapter %r is not in its adapters dir; using the base model",
+                            tenant.id, tenant.default_adapter)
+                return ModelChoice(name, None)
             return ModelChoice(name, tenant.default_adapter)
-        if name in self.adapters(tenant.id):
+        if name in adapters:
             return ModelChoice(name, name)
         raise ModelNotFound(
             f"The model {name!r} does not exist or you do not have access to it",

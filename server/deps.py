@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.catalog import ModelCatalog
 from server.chat_service import ChatService
-from server.errors import Forbidden, Unauthorized
+from server.errors import Forbidden, ServerBusy, Unauthorized
 from server.limits import ChatQueue
 from server.metrics import Metrics
 from server.settings import ServerSettings
@@ -29,7 +29,7 @@ class Services:
     settings: ServerSettings
     registry: TenantRegistry
     metrics: Metrics
-    queue: ChatQueue
+    queue: ChatQueue | None = None  # built by the lifespan, in the serving event loop
     retrieval: object | None = None  # retrieval.service.RetrievalService once ready
     generator: object | None = None  # server.generation.Generator once ready
     catalog: ModelCatalog | None = None
@@ -43,8 +43,6 @@ def get_services(request: Request) -> Services:
 def get_ready_services(request: Request) -> Services:
     services: Services = request.app.state.services
     if services.chat is None:
-        from server.errors import ServerBusy
-
         raise ServerBusy("server is still starting: retrieval and generator are loading", hint="Retry shortly")
     return services
 

@@ -160,3 +160,36 @@ def test_openapi_documents_every_route(client):
     assert chat["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatResponse")
     assert "404" in chat["responses"] and "503" in chat["responses"]
     assert "examples" in schema["components"]["schemas"]["ChatRequest"]
+
+
+def test_unexpected_errors_are_500_without_internals(corpus, extractive_generator):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import server_settings
+
+    app = create_app(server_settings(corpus), retrieval=corpus.retrieval, generator=extractive_generator)
+
+    def broken():
+        raise RuntimeError("secret internal detail /etc/lorag")
+
+    app.add_api_route("/v1/broken", broken)  # a route with a bug, to exercise the last-resort handler
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        error = assert_error(test_client.get("/v1/broken"), 500, error_type="server_error")
+    assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
+
+
+def test_default_adapter_alias_resolves_per_tenant(corpus):
+    from server.catalog import ModelCatalog
+    from server.errors import ModelNotFound
+    from server.tenants import Tenant
+
+    catalog = ModelCatalog(corpus.data_dir, base_name="base-model")
+    adapter_dir = corpus.data_dir / "tenants" / "beta" / "adapters" / "memo-style"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    (adapter_dir / "lorag_adapter.json").write_text("{}")
+    assert catalog.resolve("lorag", Tenant("beta", default_adapter="memo-style")).adapter == "memo-style"
+    assert catalog.resolve("lorag", Tenant("beta", default_adapter="gone")).adapter is None
+    assert catalog.resolve("base-model", Tenant("beta", default_adapter="memo-style")).adapter is None
+    with pytest.raises(ModelNotFound, match="'memo-style' does not exist"):
+        catalog.resolve("memo-style", Tenant("acme"))  # another tenant's adapter is not visible
