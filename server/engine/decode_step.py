@@ -9,6 +9,7 @@ import logging
 import torch
 
 from server.engine.kv_cache import KVCache
+from server.engine.lora_kernel import bgmv_available
 from server.engine.lora_slots import AdapterSelection, AdapterSlots
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class GraphedDecode:
         self.positions = torch.full((rows, 1), cache.scratch_position, dtype=torch.long, device=device)
         slots = adapters.num_slots if adapters is not None else 1
         self.onehot = torch.zeros(rows, slots, dtype=model.dtype, device=device)
+        self.slot_ids = torch.zeros(rows, dtype=torch.long, device=device)
+        # Triton's per-row kernel when present; otherwise the masked all-slots GEMMs.
+        self.use_kernel = bgmv_available(self.slot_ids)
         self._host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
         self._host_onehot = torch.zeros(rows, slots, dtype=model.dtype).pin_memory()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -70,8 +74,13 @@ class GraphedDecode:
         return self.model.forward(
             self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
             adapters=self.adapters if lora else None,
-            selection=AdapterSelection(onehot=self.onehot[:bucket]) if lora else AdapterSelection(),
+            selection=self._selection(bucket) if lora else AdapterSelection(),
         )
+
+    def _selection(self, bucket: int) -> AdapterSelection:
+        if self.use_kernel:
+            return AdapterSelection(slots=self.slot_ids[:bucket])
+        return AdapterSelection(onehot=self.onehot[:bucket])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -104,7 +113,11 @@ class GraphedDecode:
         host[1, :n] = torch.tensor(positions)
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
-        if lora:
+        if lora and self.use_kernel:
+            host[2, :bucket] = 0
+            host[2, :n] = torch.tensor(slots)
+            self.slot_ids[:bucket].copy_(host[2, :bucket], non_blocking=True)
+        elif lora:
             onehot = self._host_onehot
             onehot[:bucket] = 0
             for row, slot in enumerate(slots):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import Conflict, LoragError, NotFound
+from server.engine.lora_kernel import bgmv_, bgmv_available
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,8 @@ class AdapterSlots:
             h = (h.view(h.shape[0], slots, -1) * selection.onehot[:, :, None]).view(h.shape[0], -1)
             return torch.addmm(base, h, g.b)
         width = len(GROUPS[group]) * self.max_rank
+        if selection.slots is not None and x.shape[0] == selection.slots.shape[0] and bgmv_available(x):
+            return bgmv_(base, x, g.a, g.b, selection.slots, width=width)  # decode on CUDA: one fused kernel
         if selection.slots is not None:
             rows = selection.slots.shape[0]
             index = (selection.slots - 1).clamp(min=0)

@@ -65,3 +65,29 @@ def test_bf16_engine_runs_mixed_batch(arch_setup):
     outputs = _generate(engine, n=8)
     assert all(len(tokens) == 8 for tokens in outputs)
     assert len({tuple(t) for t in outputs}) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bgmv_kernel_matches_masked_gemms(engine, arch_setup, dtype):
+    from server.engine.lora_kernel import bgmv_
+    from server.engine.lora_slots import AdapterSelection, AdapterSlots
+
+    _, _, dirs = arch_setup
+    shape = engine.model.shape
+    slots = AdapterSlots(layers=shape.layers, dims=shape.lora_dims(), num_slots=3, max_rank=8, dtype=dtype,
+                         device="cuda")
+    for name, path in dirs.items():
+        slots.load(name, path)
+    row_slots = torch.tensor([0, 1, 2, 3, 2, 1, 0, 3], device="cuda")
+    onehot = torch.zeros(8, 3, dtype=dtype, device="cuda")
+    onehot[row_slots > 0, row_slots[row_slots > 0] - 1] = 1
+    torch.manual_seed(0)
+    for group, (in_features, out_features) in {"qkv": (shape.hidden, shape.q_dim + 2 * shape.kv_dim),
+                                               "down": (shape.intermediate, shape.hidden)}.items():
+        x = torch.randn(8, in_features, dtype=dtype, device="cuda")
+        base = torch.randn(8, out_features, dtype=dtype, device="cuda")
+        expected = slots.apply(1, group, x, base.clone(), AdapterSelection(onehot=onehot))
+        got = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        assert not torch.equal(expected, base)
