@@ -82,9 +82,16 @@ class GenerationSettings(BaseModel):
 
 
 class AdapterSettings(BaseModel):
-    max_resident: int = Field(4, ge=1, description="adapters kept loaded at once")
+    max_resident: int = Field(4, ge=1, description="adapters kept loaded at once on the model's device")
+    max_host: int = Field(16, ge=0, description="more adapters kept in host memory, ready to promote")
     max_rank: int = Field(64, ge=1)
     pinned: list[str] = Field(default_factory=list, description="'tenant/adapter' names never evicted")
+    poll_interval_s: float = Field(2.0, ge=0, description="how often adapter dirs are re-scanned; 0 = never")
+    allowed_paths: list[str] = Field(
+        default_factory=list, description="server-side dirs POST /v1/adapters may register adapters from"
+    )
+    max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="an uploaded adapter archive, unpacked")
+    load_timeout_s: float = Field(60.0, gt=0, description="a request waits this long for a free adapter slot")
 
 
 class ServerSettings(Settings):

@@ -1,15 +1,16 @@
 """In-process generation with any transformers causal LM that has a chat template.
 
 One worker thread runs ``model.generate`` on small static batches: requests that arrive while a
-batch runs wait and form the next one (left-padded, stopped per row). Simple and exact; the
-continuous-batching engine under server/engine/ is the fast path.
+batch runs wait and form the next one (left-padded, stopped per row; rows of different LoRA adapters
+share a batch through peft's per-row ``adapter_names``). Adapters are loaded and unloaded by that same
+thread between batches (the ``AdapterHost`` methods), so the model never changes under a running generate.
 """
 
 import asyncio
 import logging
 import threading
 from collections import Counter
-from contextlib import contextmanager
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +22,7 @@ from server.prompting import Prompt, build_prompt, require_chat_template
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_CONTEXT = 8192
+BASE_ROW = "__base__"  # peft's adapter name for rows that run without an adapter
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -42,14 +44,15 @@ class _Row:
     unreported_tokens: int = 0
     done: bool = False
 
-    def batch_key(self) -> tuple:
-        """Rows batch together only when one generate call can serve them all."""
+    def batch_key(self, adapter_group) -> tuple:
+        """Rows batch together only when one generate call can serve them all (``adapter_group``: see
+        TransformersGenerator._adapter_group)."""
         sampling = self.sampling
         if sampling.temperature == 0:
-            return (self.adapter, "greedy")
+            return (adapter_group, "greedy")
         if sampling.seed is not None:  # a seeded row owns the RNG for its whole run
-            return (self.adapter, "seeded", id(self))
-        return (self.adapter, "sample", sampling.temperature, sampling.top_p)
+            return (adapter_group, "seeded", id(self))
+        return (adapter_group, "sample", sampling.temperature, sampling.top_p)
 
 
 @dataclass
@@ -91,6 +94,8 @@ class TransformersGenerator:
         self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is not safe to share across threads
         self._pending: list[_Row] = []
         self._running: list[_Row] = []  # the batch in the worker, so close() can cancel it
+        self._adapter_ops: list[tuple[str, str, object, Future]] = []  # (op, key, adapter, done), worker applies
+        self._solo_adapters: set[str] = set()  # DoRA adapters: peft cannot mix them per row
         self._wakeup = threading.Condition()
         self._closed = False
         self.stats = GeneratorStats()
@@ -195,37 +200,114 @@ class TransformersGenerator:
         """Hook for the adapter registry: a PEFT model serves the adapters loaded into it, a base model none."""
         if adapter is None:
             return
-        loaded = getattr(self.model, "peft_config", None) or {}
-        if adapter not in loaded:
+        if adapter not in self.resident_keys():
             raise NotFound(
                 f"adapter {adapter!r} is not loaded in {self.name}",
                 hint="train one with `lorag train` or ask without an adapter",
             )
 
-    @contextmanager
-    def _adapter_scope(self, adapter: str | None):
-        """Run with ``adapter`` active on a PEFT model, or with adapters switched off for the base model."""
-        if not hasattr(self.model, "peft_config"):
-            yield
-        elif adapter is None:
-            with self.model.disable_adapter():
-                yield
+    # ---- AdapterHost (server.adapters.host): called from any thread, applied by the worker -------
+
+    def served_model(self):
+        """The served model's fingerprint, name and linear module shapes, for validating adapters."""
+        from server.adapters.host import ServedModel
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return ServedModel.of_module(base, name=self.name.removeprefix("transformers:"))
+
+    def resident_keys(self) -> set[str]:
+        return set(getattr(self.model, "peft_config", None) or {})
+
+    def load_adapter(self, key: str, adapter) -> None:
+        """Put ``adapter`` (a server.adapters.host.HostAdapter: peft config + CPU tensors) on the model's
+        device under ``key``. Blocks until the worker has applied it, after the running batch: a request
+        could not join that batch anyway, so a cold adapter costs its own load time and nothing more."""
+        self._adapter_op("load", key, adapter)
+
+    def unload_adapter(self, key: str) -> None:
+        """Remove adapter ``key`` from the model, after the running batch (callers unload only unused keys)."""
+        self._adapter_op("unload", key, None)
+
+    def _adapter_op(self, op: str, key: str, adapter) -> None:
+        done: Future = Future()
+        with self._wakeup:
+            if self._closed:
+                raise LoragError(f"generator {self.name} is closed")
+            self._adapter_ops.append((op, key, adapter, done))
+            self._wakeup.notify()
+        done.result()
+
+    def _apply_adapter_ops(self) -> None:
+        """Worker thread, between batches: apply the queued loads and unloads in order."""
+        with self._wakeup:
+            ops, self._adapter_ops = self._adapter_ops, []
+        for op, key, adapter, done in ops:
+            try:
+                self._load_now(key, adapter) if op == "load" else self._unload_now(key)
+            except BaseException as error:  # noqa: BLE001 - the caller waiting on ``done`` hears about it
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
+    def _load_now(self, key: str, adapter) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        config = LoraConfig.from_peft_type(**adapter.peft_config)
+        config.inference_mode = True
+        if key in self.resident_keys():
+            self._unload_now(key)
+        if isinstance(self.model, PeftModel):
+            self.model.add_adapter(key, config)
         else:
-            self.model.set_adapter(adapter)
-            yield
+            self.model = get_peft_model(self.model, config, adapter_name=key).eval()
+        result = set_peft_model_state_dict(self.model, adapter.tensors, adapter_name=key)
+        missing = [name for name in result.missing_keys if "lora_" in name and f".{key}." in name]
+        if result.unexpected_keys or missing:
+            self.model.delete_adapter(key)
+            raise LoragError(
+                f"adapter {key!r} does not fit the model: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+            )
+        if config.use_dora:
+            self._solo_adapters.add(key)
+
+    def _unload_now(self, key: str) -> None:
+        if key in self.resident_keys():
+            self.model.delete_adapter(key)
+        self._solo_adapters.discard(key)
+
+    def _adapter_group(self, row: _Row):
+        """Rows of one group share a batch: peft mixes LoRA adapters per row, but not DoRA ones."""
+        return row.adapter if row.adapter in self._solo_adapters else "mixed"
+
+    def _adapter_call(self, rows: list[_Row]):
+        """The generate function for ``rows`` and its keyword arguments selecting each row's adapter
+        (base rows: peft's "__base__")."""
+        if not self.resident_keys():  # a plain model, or a PEFT model whose adapters were all removed
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            return base.generate, {}
+        if rows[0].adapter in self._solo_adapters:
+            self.model.set_adapter(rows[0].adapter)
+            return self.model.generate, {}
+        return self.model.generate, {"adapter_names": [row.adapter or BASE_ROW for row in rows]}
 
     # ---- worker thread -------------------------------------------------------------------------
 
     def _serve(self) -> None:
         while True:
+            self._apply_adapter_ops()
             with self._wakeup:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._adapter_ops and not self._closed:
                     self._wakeup.wait()
                 if self._closed:
                     rows, self._pending = self._pending, []
                     for row in rows:
                         self._finish(row, "cancelled")
+                    for _, key, _, done in self._adapter_ops:
+                        done.set_exception(LoragError(f"generator {self.name} closed before adapter {key!r} changed"))
+                    self._adapter_ops = []
                     return
+                if not self._pending:
+                    continue
                 batch = self._take_batch()
                 self._running = batch
             batch = [row for row in batch if not self._skip_cancelled(row)]
@@ -242,8 +324,8 @@ class TransformersGenerator:
 
     def _take_batch(self) -> list[_Row]:
         """The oldest pending row plus every later one that shares its batch key, up to max_batch_size."""
-        key = self._pending[0].batch_key()
-        batch = [row for row in self._pending if row.batch_key() == key][: self.max_batch_size]
+        key = self._pending[0].batch_key(self._adapter_group(self._pending[0]))
+        batch = [row for row in self._pending if row.batch_key(self._adapter_group(row)) == key][: self.max_batch_size]
         self._pending = [row for row in self._pending if row not in batch]
         return batch
 
@@ -281,12 +363,14 @@ class TransformersGenerator:
         )
         if do_sample and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with torch.inference_mode(), self._adapter_scope(rows[0].adapter):
-            self.model.generate(
-                input_ids,
+        generate, adapter_kwargs = self._adapter_call(rows)
+        with torch.inference_mode():
+            generate(
+                input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([_RowStops(self, rows)]),
+                **adapter_kwargs,
             )
         for row in rows:  # generate ended on its own limit; rows the criteria did not close ran out of room
             if not row.done:
