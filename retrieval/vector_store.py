@@ -16,11 +16,12 @@ from retrieval.errors import LoragError
 log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
-# HNSW: 32 links per node and efSearch 128 keep recall@10 >= 0.95 at a million vectors (benchmarks/query_latency.py).
+# Measured by benchmarks/query_latency.py (see benchmarks/RESULTS.md, "Retrieval"): efSearch 128 gives
+# recall@10 0.96 at 100k vectors; IVF with sqrt(n) lists and nprobe 16 gives 0.98 at 100k, 0.99 at 1M.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
-IVF_NPROBE = 32
+IVF_NPROBE = 16
 
 
 class VectorStore(Protocol):
