@@ -16,7 +16,7 @@ from server.deps import Services
 from server.errors import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import admin, chat, health, models, passages, retrieve, uploads, web, uploads, web
+from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
 from server.settings import ServerSettings
 from server.tenants import TenantRegistry
 
@@ -49,15 +49,19 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
         services.generator = generator if generator is not None else await run_in_threadpool(_load_generator, settings)
         if own_generator:
             _announce(services.generator, settings)
-        services.catalog = ModelCatalog(settings.data_dir, base_name=served_model_name(settings, services.generator))
+        services.adapters = await run_in_threadpool(_start_adapters, settings, services.generator, metrics)
+        services.catalog = ModelCatalog(
+            settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
+        )
         services.chat = ChatService(
             settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
-            metrics=metrics,
+            metrics=metrics, adapters=services.adapters,
         )
         try:
             yield
         finally:
             services.chat = None
+            await run_in_threadpool(services.adapters.close)
             if own_generator:
                 await services.generator.close()
 
@@ -78,7 +82,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, retrieve, passages, uploads, models, admin, health, web):
+    for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web):
         app.include_router(module.router)
     # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(
@@ -109,6 +113,16 @@ def _load_generator(settings: ServerSettings):
     # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
     # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
     return load_generator(settings.generation)
+
+
+def _start_adapters(settings: ServerSettings, generator, metrics: Metrics):
+    from server.adapters.host import AdapterHost
+    from server.adapters.service import AdapterService
+
+    host = generator if isinstance(generator, AdapterHost) else None
+    service = AdapterService(settings, host=host, metrics=metrics)
+    service.start()
+    return service
 
 
 def _announce(generator, settings: ServerSettings) -> None:

@@ -2,7 +2,8 @@
 
 Names: the base model's served name and the alias ``base`` mean the base model; ``lorag`` means the
 tenant's default adapter when it has one, else the base model; any other name must be one of the
-tenant's adapters (a directory with a ``lorag_adapter.json`` manifest under its adapters dir).
+tenant's adapters (those the adapter service validated against the served model; for a generator that
+cannot serve adapters, any directory with a ``lorag_adapter.json`` manifest under its adapters dir).
 """
 
 import logging
@@ -28,11 +29,14 @@ class ModelChoice:
 
 
 class ModelCatalog:
-    def __init__(self, data_dir: Path, *, base_name: str):
+    def __init__(self, data_dir: Path, *, base_name: str, adapters=None):
         self.data_dir = Path(data_dir)
         self.base_name = base_name
+        self.adapter_service = adapters  # server.adapters.service.AdapterService or None
 
     def adapters(self, tenant: str) -> list[str]:
+        if self.adapter_service is not None and self.adapter_service.host is not None:
+            return self.adapter_service.names(tenant)  # validated against the served model
         root = adapters_dir(self.data_dir, tenant)
         if not root.is_dir():
             return []

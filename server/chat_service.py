@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.concurrency import run_in_threadpool
 
@@ -68,12 +68,14 @@ class ChatService:
         generator,
         catalog: ModelCatalog,
         metrics: Metrics,
+        adapters=None,
     ):
         self.settings = settings
         self.retrieval = retrieval
         self.generator = generator
         self.catalog = catalog
         self.metrics = metrics
+        self.adapters = adapters  # server.adapters.service.AdapterService: loads the request's adapter version
 
     # -- before generation -----------------------------------------------------------------------
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
@@ -203,11 +205,26 @@ class ChatService:
         return await self._start(prepared, deadline)
 
     async def _start(self, prepared: PreparedChat, deadline: float) -> GenerationStream:
+        lease = None
         try:
             async with asyncio.timeout_at(deadline):
-                return await self.generator.start(prepared.request)
+                request = prepared.request
+                if request.adapter is not None and self.adapters is not None and self.adapters.host is not None:
+                    # The lease pins the adapter version this request runs on until its stream ends.
+                    lease = await self.adapters.acquire(prepared.tenant, request.adapter)
+                    request = replace(request, adapter=lease.key)
+                stream = await self.generator.start(request)
         except TimeoutError:
+            if lease is not None:
+                lease.release()
             raise _timeout(prepared) from None
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if lease is not None:
+            stream.deltas = lease.hold(stream.deltas)
+        return stream
 
     def _first_token(self, prepared: PreparedChat) -> None:
         self.metrics.time_to_first_token.labels(prepared.tenant).observe(time.perf_counter() - prepared.started)

@@ -34,6 +34,7 @@ class Services:
     generator: object | None = None  # server.generation.Generator once ready
     catalog: ModelCatalog | None = None
     chat: ChatService | None = None
+    adapters: object | None = None  # server.adapters.service.AdapterService once ready
 
 
 def get_services(request: Request) -> Services:

@@ -1,0 +1,151 @@
+"""/v1/adapters: the tenant's LoRA adapters (list, show, upload or register, delete, load, unload, loss plot),
+plus vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter bodies. A tenant only ever sees its own."""
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Path as PathParam, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from server.adapters.archive import extract_adapter_archive
+from server.adapters.service import AdapterService
+from server.deps import CurrentTenant, ReadyServices
+from server.errors import Forbidden, InvalidRequest
+from server.schemas import ErrorResponse
+
+router = APIRouter(tags=["models"])
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422)}
+AdapterName = Annotated[str, PathParam(min_length=1, max_length=63)]
+
+
+class AdapterRegister(BaseModel):
+    name: str = Field(min_length=1, max_length=63)
+    path: str = Field(min_length=1, description="a server-side adapter dir under adapters.allowed_paths")
+    overwrite: bool = False
+
+
+class LoadLoraAdapter(BaseModel):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1, max_length=63)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapter(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=63)
+
+
+def _adapters(services) -> AdapterService:
+    return services.adapters
+
+
+@router.get("/v1/adapters", responses=_ERRORS)
+def list_adapters(tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """The tenant's adapters with residency ("gpu" = on the model's device), pinning, training metrics and usage."""
+    return {"object": "list", "data": _adapters(services).views(tenant.id, default=tenant.default_adapter)}
+
+
+@router.get("/v1/adapters/{name}", responses=_ERRORS)
+def get_adapter(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    return _adapters(services).view(tenant.id, name, default=tenant.default_adapter)
+
+
+@router.get("/v1/adapters/{name}/loss.png", response_class=FileResponse, responses=_ERRORS)
+def adapter_loss_plot(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> FileResponse:
+    return FileResponse(_adapters(services).loss_plot(tenant.id, name), media_type="image/png")
+
+
+@router.post("/v1/adapters", status_code=201, responses=_ERRORS)
+async def add_adapter(request: Request, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """Add (or with ``overwrite`` replace) an adapter, validated before anything changes.
+
+    multipart/form-data: ``name``, ``file`` (the adapter dir as .tar.gz/.tgz/.tar/.zip), optional ``overwrite``;
+    or JSON ``{"name", "path", "overwrite"}`` for a server-side dir under ``adapters.allowed_paths``.
+    """
+    adapters = _adapters(services)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        name, upload = form.get("name"), form.get("file")
+        overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("name: the adapter name is required", param="name")
+        if upload is None or isinstance(upload, str):
+            raise InvalidRequest("file: upload the adapter dir as an archive in the 'file' field", param="file")
+        return await run_in_threadpool(_register_upload, adapters, services.settings, tenant.id, name, upload, overwrite)
+    try:
+        body = AdapterRegister.model_validate_json(await request.body())
+    except ValueError as error:
+        raise InvalidRequest(f"invalid adapter registration body: {error}", param="body") from error
+    source = _allowed_path(services.settings, body.path)
+    return await run_in_threadpool(adapters.register, tenant.id, body.name, source, overwrite=body.overwrite)
+
+
+@router.delete("/v1/adapters/{name}", responses=_ERRORS)
+async def delete_adapter(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """Remove the adapter from disk; requests already running with it finish on it."""
+    await run_in_threadpool(_adapters(services).delete, tenant.id, name)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+@router.post("/v1/adapters/{name}/load", responses=_ERRORS)
+async def load_adapter(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    adapters = _adapters(services)
+    await run_in_threadpool(adapters.load, tenant.id, name)
+    return adapters.view(tenant.id, name, default=tenant.default_adapter)
+
+
+@router.post("/v1/adapters/{name}/unload", responses=_ERRORS)
+async def unload_adapter(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """Take the adapter out of device and host memory (it stays on disk and loads again when asked for)."""
+    adapters = _adapters(services)
+    await run_in_threadpool(adapters.unload, tenant.id, name)
+    return adapters.view(tenant.id, name, default=tenant.default_adapter)
+
+
+@router.post("/v1/load_lora_adapter", responses=_ERRORS)
+async def vllm_load_lora_adapter(body: LoadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """vLLM's call: register the server-side dir ``lora_path`` as ``lora_name`` and load it."""
+    adapters = _adapters(services)
+    source = _allowed_path(services.settings, body.lora_path)
+    await run_in_threadpool(adapters.register, tenant.id, body.lora_name, source)
+    await run_in_threadpool(adapters.load, tenant.id, body.lora_name)
+    return adapters.view(tenant.id, body.lora_name, default=tenant.default_adapter)
+
+
+@router.post("/v1/unload_lora_adapter", responses=_ERRORS)
+async def vllm_unload_lora_adapter(body: UnloadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> dict:
+    """vLLM's call: take ``lora_name`` out of memory (its files stay; DELETE /v1/adapters/{name} removes them)."""
+    adapters = _adapters(services)
+    await run_in_threadpool(adapters.unload, tenant.id, body.lora_name)
+    return adapters.view(tenant.id, body.lora_name, default=tenant.default_adapter)
+
+
+def _allowed_path(settings, path: str) -> Path:
+    """Raises: Forbidden unless ``path`` resolves inside one of adapters.allowed_paths."""
+    source = Path(path).expanduser().resolve()
+    allowed = [Path(root).expanduser().resolve() for root in settings.adapters.allowed_paths]
+    if not any(source == root or source.is_relative_to(root) for root in allowed):
+        raise Forbidden(
+            f"path {path!r} is not under adapters.allowed_paths",
+            hint="upload the adapter as an archive, or ask the admin to allow its directory",
+        )
+    return source
+
+
+def _register_upload(adapters: AdapterService, settings, tenant: str, name: str, upload, overwrite: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix=".upload-", dir=settings.data_dir) as scratch:
+        scratch = Path(scratch)
+        archive = scratch / "archive"
+        with open(archive, "wb") as out:
+            upload.file.seek(0)
+            while block := upload.file.read(1 << 20):
+                out.write(block)
+        unpacked = scratch / "unpacked"
+        unpacked.mkdir()
+        source = extract_adapter_archive(
+            archive, upload.filename or "upload", unpacked, max_bytes=settings.adapters.max_upload_bytes
+        )
+        return adapters.register(tenant, name, source, overwrite=overwrite)
