@@ -188,7 +188,7 @@ class LoraFinetuneRecipe:
             if retrieval is None:
                 from retrieval.service import RetrievalService
 
-                retrieval = RetrievalService(self.settings)
+                retrieval = self._retrieval = getattr(self, "_retrieval", None) or RetrievalService(self.settings)
             conversations = [
                 r.messages
                 for r in build_raft_examples(
@@ -203,12 +203,18 @@ class LoraFinetuneRecipe:
             conversations = [
                 [*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}] for e in examples
             ]
-        encoded = []
+        encoded, truncated = [], 0
         for conversation in conversations:
             item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len)
-            self.truncated += item.truncated
+            truncated += item.truncated
             if item.target_tokens:
                 encoded.append(item)
+        if truncated:
+            log.warning(
+                "%d of %d examples were cut at --max-seq-len %d; %d lost every answer token and were left out",
+                truncated, len(conversations), cfg.max_seq_len, len(conversations) - len(encoded),
+            )
+        self.truncated += truncated
         return encoded
 
     # ------------------------------------------------------------------ train
@@ -356,7 +362,8 @@ class LoraFinetuneRecipe:
         log_path = self.run_dir / LOG_FILE
         kept = [line for line in _read_log(log_path) if line["step"] <= self.step]
         self.history = kept
-        log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        if self.accelerator.is_main_process:
+            log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         log.info("resumed %s/%s at step %d", self.tenant, self.name, self.step)
 
     def _run_identity(self) -> dict:
