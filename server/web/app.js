@@ -442,14 +442,14 @@ function adapterCard(adapter) {
   const resident = adapter.residency === "gpu" || adapter.residency === "host";
   const details = el("dl", { class: "meta" },
     el("dt", { text: "Base model" }), el("dd", { text: adapter.base_model }),
-    el("dt", { text: "Method" }), el("dd", { text: adapter.method }),
+    el("dt", { text: "Method" }), el("dd", { text: adapter.method + (adapter.rank ? `, rank ${adapter.rank}` : "") }),
     el("dt", { text: "Residency" }), el("dd", { text: adapter.residency + (adapter.pinned ? " (pinned)" : "") }),
     el("dt", { text: "Created" }), el("dd", { text: adapter.created_at || "" }));
   for (const [name, value] of Object.entries(adapter.metrics || {})) {
     details.append(el("dt", { text: name }), el("dd", { text: typeof value === "number" ? String(+value.toFixed(4)) : JSON.stringify(value) }));
   }
   const card = el("article", { class: "card", "aria-labelledby": `adapter-${adapter.id}` },
-    el("h3", { id: `adapter-${adapter.id}`, text: adapter.name }), details);
+    el("h3", { id: `adapter-${adapter.id}`, text: adapter.name + (adapter.default ? " (default)" : "") }), details);
   if (adapter.loss_plot_url) {
     const figure = el("figure", {}, el("figcaption", { text: "Training loss" }));
     card.append(figure);
