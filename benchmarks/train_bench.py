@@ -66,7 +66,8 @@ def run_lorag(model_path: Path, rows: list[Row], *, method: str, args) -> dict:
     peft_model = attach_adapter(base, cfg)
     if method != "qlora":
         peft_model.to(accelerator.device)
-    model = accelerator.prepare_model(CausalLMLoss(peft_model, chunk_tokens=cfg.loss_chunk_tokens))
+    model = accelerator.prepare_model(CausalLMLoss(peft_model, chunk_tokens=cfg.loss_chunk_tokens),
+                                      device_placement=method != "qlora")
     optimizer = build_optimizer(peft_model.parameters(), cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.steps)
     losses, times = [], []
@@ -80,7 +81,8 @@ def run_lorag(model_path: Path, rows: list[Row], *, method: str, args) -> dict:
         times.append(time.perf_counter() - started)
         losses.append(loss)
     result = _summary("lorag", method, losses, times, args)
-    del model, peft_model, base, optimizer
+    accelerator.free_memory()
+    del model, peft_model, base, optimizer, scheduler
     return result
 
 
@@ -121,19 +123,30 @@ def run_baseline(model_path: Path, rows: list[Row], *, method: str, args) -> dic
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    sequential = {}
+    trainer_class = Trainer
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        sequential["train_sampling_strategy"] = "sequential"
+    else:  # older transformers: same order as lorag's run through a sequential sampler
+        class SequentialTrainer(Trainer):
+            def _get_train_sampler(self, *args, **kwargs):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        trainer_class = SequentialTrainer
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, bf16=cuda and torch.cuda.is_bf16_supported(), gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="no",
-            report_to=[], train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0,
+            report_to=[], dataloader_num_workers=0, seed=0, **sequential,
             optim="paged_adamw_8bit" if method == "qlora" else "adamw_torch", use_cpu=not cuda,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[Timing()])
+        trainer = trainer_class(model=model, args=training_args, train_dataset=dataset, callbacks=[Timing()])
         trainer.train()
     result = _summary("baseline", method, losses, times, args)
+    trainer.accelerator.free_memory()
     del trainer, model
     return result
 
@@ -155,6 +168,8 @@ def _reset_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # Anything still allocated here would count in the next run's peak: show it.
+        print(f"allocated before run: {torch.cuda.memory_allocated() / 2**20:.0f} MiB", flush=True)
 
 
 def _sync() -> None:

@@ -159,7 +159,10 @@ class LoraFinetuneRecipe:
         self.peft_model = attach_adapter(base, cfg)
         if cfg.method != "qlora":
             self.peft_model.to(self.accelerator.device)
-        self.model = self.accelerator.prepare_model(CausalLMLoss(self.peft_model, chunk_tokens=cfg.loss_chunk_tokens))
+        self.model = self.accelerator.prepare_model(
+            CausalLMLoss(self.peft_model, chunk_tokens=cfg.loss_chunk_tokens),
+            device_placement=cfg.method != "qlora",  # 4-bit weights were placed by device_map and cannot move
+        )
         self.optimizer = build_optimizer(self.peft_model.parameters(), cfg)
         from transformers import get_cosine_schedule_with_warmup
 
