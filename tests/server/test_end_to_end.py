@@ -148,3 +148,36 @@ def test_extractive_through_langchain_keeps_citations(extractive_server, corpus)
     chat = ChatOpenAI(base_url=f"{extractive_server}/v1", api_key=corpus.beta_key, model="lorag", max_retries=0)
     message = chat.invoke("What is the beta launch code?")
     assert "7741" in message.content
+
+
+def test_saturated_server_answers_503_in_openai_shape(corpus, tiny_llama_path):
+    import openai
+
+    from server.app import create_app
+    from server.background import serving
+
+    settings = server_settings(corpus, max_concurrent_requests=1, max_queued_requests=0)
+    settings.generation.model = str(tiny_llama_path)
+    settings.generation.fallback = "error"
+    payload = {"model": "lorag", "messages": [{"role": "user", "content": PDF_QUESTION}], "max_tokens": 2000,
+               "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {corpus.acme_key}"}
+    with serving(create_app(settings, retrieval=corpus.retrieval)) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=payload, headers=headers) as held:
+            lines = held.iter_lines()  # kept: a dropped iterator closes the connection, which frees the slot
+            next(lines)  # this request holds the only slot while it streams
+            with pytest.raises(openai.InternalServerError) as refused:
+                _openai(base_url, corpus.acme_key).chat.completions.create(
+                    model="lorag", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+            assert refused.value.status_code == 503 and refused.value.code == "server_busy"
+            assert _metric(base_url, "lorag_chat_rejected_total") == 1
+        # The held stream is gone: the slot frees and the next request is served.
+        for _ in range(600):
+            if _metric(base_url, "lorag_chat_in_flight") == 0:
+                break
+            time.sleep(0.1)
+        completion = _openai(base_url, corpus.acme_key).chat.completions.create(
+            model="lorag", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert completion.choices[0].finish_reason in ("stop", "length")
