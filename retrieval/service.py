@@ -79,8 +79,9 @@ class RetrievalService:
         index = self.index(tenant)
         if index is None:
             return []
-        retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), self.settings.retrieval,
-                                    reranker=self.reranker)
+        settings = self.settings.retrieval
+        retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), settings,
+                                    reranker=self.reranker, fusion=getattr(settings, "fusion", "relative"))
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
 
     def chunk(self, tenant: str, chunk_id: str) -> Chunk:

@@ -4,7 +4,7 @@ import pytest
 
 from retrieval.errors import LoragError
 from retrieval.reranker import CrossEncoderReranker, load_reranker
-from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, resolve_mode
+from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, resolve_mode
 from retrieval.settings import RetrievalSettings
 from tests.retrieval.conftest import CORPUS
 
@@ -26,6 +26,26 @@ def test_rrf_matches_hand_computed_scores():
     assert reciprocal_rank_fusion({"dense": [], "keyword": []}) == []
 
 
+def test_relative_score_fusion_matches_hand_computed_scores():
+    scored = {"dense": [("a", 0.9), ("b", 0.7), ("c", 0.5)], "keyword": [("c", 12.0), ("d", 4.0)]}
+    # min-max per list: dense a=1, b=0.5, c=0; keyword c=1, d=0
+    assert relative_score_fusion(scored) == [("a", 1.0), ("c", 1.0), ("b", pytest.approx(0.5)), ("d", 0.0)]
+    weighted = relative_score_fusion(scored, weights={"keyword": 2.0})
+    assert weighted == [("c", 2.0), ("a", 1.0), ("b", pytest.approx(0.5)), ("d", 0.0)]
+    assert relative_score_fusion({"dense": [("x", 0.3)], "keyword": []}) == [("x", 1.0)]
+
+
+def test_rrf_fusion_can_be_chosen(build_index, embedder):
+    index = build_index()
+    retriever = HybridRetriever(index, embedder, RetrievalSettings(), fusion="rrf")
+    passages = retriever.retrieve("QX-7731B", k=3)
+    assert passages[0].chunk.text == PART_NUMBER_CHUNK
+    dense_rank = [p.chunk for p in retriever.retrieve("QX-7731B", k=10, mode="dense")].index(passages[0].chunk) + 1
+    assert passages[0].score == pytest.approx(1 / 61 + 1 / (60 + dense_rank))  # keyword rank 1 + dense rank
+    with pytest.raises(LoragError, match="unknown retrieval fusion 'max'"):
+        HybridRetriever(index, embedder, RetrievalSettings(), fusion="max")
+
+
 def test_mode_follows_settings_unless_given():
     assert resolve_mode(None, RetrievalSettings()) == "hybrid"
     assert resolve_mode(None, RetrievalSettings(keyword=False)) == "dense"
@@ -45,7 +65,7 @@ def test_rare_exact_keyword_is_found_by_keyword_and_hybrid(build_index, embedder
 
     assert keyword[0].chunk.text == PART_NUMBER_CHUNK and keyword[0].score == keyword[0].scores["keyword"] > 0
     assert hybrid[0].chunk.text == PART_NUMBER_CHUNK
-    assert set(hybrid[0].scores) == {"dense", "keyword", "rrf"} and hybrid[0].score == hybrid[0].scores["rrf"]
+    assert set(hybrid[0].scores) == {"dense", "keyword", "fused"} and hybrid[0].score == hybrid[0].scores["fused"]
     assert all(set(p.scores) == {"dense"} and p.score == p.scores["dense"] for p in dense)
 
 
@@ -112,4 +132,4 @@ def test_reranker_reorders_candidates_by_its_own_scores(build_index, embedder, t
     best = sorted(zip(expected, (p.chunk for p in plain)), key=lambda pair: -pair[0])[:3]
     assert [p.chunk for p in passages] == [chunk for _, chunk in best]
     assert [p.score for p in passages] == pytest.approx([float(score) for score, _ in best], abs=1e-5)
-    assert all({"rerank", "rrf", "dense"} <= set(p.scores) for p in passages)
+    assert all({"rerank", "fused", "dense"} <= set(p.scores) for p in passages)
