@@ -269,6 +269,9 @@ class TransformersGenerator:
             )
         if config.use_dora:
             self._solo_adapters.add(key)
+        if self.model.active_adapter not in self.model.peft_config:
+            # peft leaves a deleted adapter active; generate() looks its config up even with per-row names.
+            self.model.set_adapter(key)
 
     def _unload_now(self, key: str) -> None:
         if key in self.resident_keys():
