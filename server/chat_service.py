@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from starlette.concurrency import run_in_threadpool
@@ -304,6 +304,3 @@ def _choice(delta: dict, finish_reason: str | None = None) -> dict:
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
-
-def passage_outs(passages: Sequence[Passage]) -> list[PassageOut]:
-    return [PassageOut.from_passage(p) for p in passages]

@@ -115,6 +115,21 @@ def test_client_disconnect_cancels_generation(tiny_server, corpus):
     assert _metric(tiny_server, "lorag_generated_tokens_total") == tokens_before  # no answer was finished
 
 
+def test_client_leaving_a_non_streaming_request_cancels_generation(tiny_server, corpus):
+    tokens_before = _metric(tiny_server, "lorag_generated_tokens_total")
+    payload = {"model": "lorag", "messages": [{"role": "user", "content": PDF_QUESTION}], "max_tokens": 2000,
+               "temperature": 0}
+    headers = {"Authorization": f"Bearer {corpus.acme_key}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{tiny_server}/v1/chat/completions", json=payload, headers=headers, timeout=0.5)
+    for _ in range(600):
+        if _metric(tiny_server, "lorag_chat_in_flight") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(tiny_server, "lorag_chat_in_flight") == 0
+    assert _metric(tiny_server, "lorag_generated_tokens_total") == tokens_before
+
+
 def test_extractive_citations_point_at_the_pdf_page(extractive_server, corpus):
     client = _openai(extractive_server, corpus.acme_key)
     completion = client.chat.completions.create(
