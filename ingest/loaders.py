@@ -83,6 +83,11 @@ def load_document(path: Path, *, settings: IngestSettings) -> LoadedDocument:
             f"{path}: file is {size / 2**20:.1f} MiB, over the {settings.max_file_bytes / 2**20:.1f} MiB limit",
             hint="Split the file or raise ingest.max_file_bytes (LORAG_INGEST__MAX_FILE_BYTES)",
         )
+    if fmt != "pdf" and size > 4 * settings.max_document_chars:  # UTF-8 needs at most 4 bytes a character
+        raise LoadError(
+            f"{path}: {size} bytes of text is over the limit of {settings.max_document_chars} characters",
+            hint="Split the file or raise ingest.max_document_chars",
+        )
     with open(path, "rb") as handle:
         head = handle.read(4096)
     _check_content_matches(path, fmt, head)

@@ -97,8 +97,10 @@ def test_size_and_character_limits_are_enforced(tmp_path):
     path.write_text("word " * 1000)
     with pytest.raises(LoadError, match="over the .* MiB limit"):
         load_document(path, settings=IngestSettings(max_file_bytes=1000))
-    with pytest.raises(LoadError, match="characters of text, over the limit"):
-        load_document(path, settings=IngestSettings(max_document_chars=100))
+    with pytest.raises(LoadError, match="bytes of text is over the limit of 100 characters"):
+        load_document(path, settings=IngestSettings(max_document_chars=100))  # refused before reading
+    with pytest.raises(LoadError, match="5000 characters of text, over the limit"):
+        load_document(path, settings=IngestSettings(max_document_chars=4000))  # refused after decoding
     pdf = SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf"
     with pytest.raises(LoadError, match="page 1 has .* characters"):
         load_document(pdf, settings=IngestSettings(max_page_chars=50))
