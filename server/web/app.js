@@ -355,13 +355,15 @@ async function loadDocuments() {
 
 async function deleteDocument(doc, name) {
   if (!window.confirm(`Delete ${name}? Answers will no longer cite it.`)) return;
+  let failed = null;
   try {
     await api(`/v1/documents/${encodeURIComponent(doc.id)}`, { method: "DELETE" });
-    $("documents-status").textContent = `Deleted ${name}.`;
   } catch (error) {
-    showError("documents-error", error);
+    failed = error;
   }
-  await loadDocuments();
+  await loadDocuments(); // redrawn first, so the message below describes what is on screen
+  if (failed) showError("documents-error", failed);
+  else $("documents-status").textContent = `Deleted ${name}.`;
   $("documents-title").focus();
 }
 
@@ -376,8 +378,8 @@ async function uploadAll(files) {
     return { file, row, progress, status };
   });
   for (const item of rows) await uploadOne(item);
-  $("documents-status").textContent = "Uploads finished.";
   await loadDocuments();
+  $("documents-status").textContent = "Uploads finished.";
 }
 
 // XHR, not fetch: only XHR reports upload progress.

@@ -177,6 +177,7 @@ def test_uploaded_pdf_becomes_citable_and_bad_file_is_reported(page, site, artif
     page.get_by_role("button", name="Delete osprey-valve-manual.pdf").click()
     page.locator("#documents-status", has_text="Deleted osprey-valve-manual.pdf").wait_for()
     assert page.locator("#documents-table tbody tr", has_text="osprey-valve-manual.pdf").count() == 0
+    assert page.locator("#documents-table tbody tr").count() == 2  # the two sample files stay
 
 
 def test_other_tenant_sees_only_its_documents(page, site, server, artifacts):
