@@ -124,7 +124,9 @@ async def vllm_unload_lora_adapter(body: UnloadLoraAdapter, tenant: CurrentTenan
 
 
 def _allowed_path(settings, path: str) -> Path:
-    """Raises: Forbidden unless ``path`` resolves inside one of adapters.allowed_paths."""
+    """Raises: InvalidRequest for an unusable path; Forbidden unless it resolves inside adapters.allowed_paths."""
+    if not path or "\x00" in path:
+        raise InvalidRequest(f"adapter path {path!r} is empty or contains a NUL character")
     source = Path(path).expanduser().resolve()
     allowed = [Path(root).expanduser().resolve() for root in settings.adapters.allowed_paths]
     if not any(source == root or source.is_relative_to(root) for root in allowed):
