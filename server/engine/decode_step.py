@@ -65,7 +65,7 @@ class GraphedDecode:
         self.onehot = torch.zeros(rows, slots, dtype=model.dtype, device=device)
         self.slot_ids = torch.zeros(rows, dtype=torch.long, device=device)
         # Triton's per-row kernel when present; otherwise the masked all-slots GEMMs.
-        self.use_kernel = bgmv_available(self.slot_ids)
+        self.use_kernel = bgmv_available(self.slot_ids) and adapters is not None and adapters.use_kernel
         self._host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
         self._host_onehot = torch.zeros(rows, slots, dtype=model.dtype).pin_memory()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

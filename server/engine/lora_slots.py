@@ -91,6 +91,9 @@ class AdapterSlots:
                     out_offsets=offsets,
                 )
             self._groups.append(by_group)
+        # Triton BGMV for decode batches on CUDA. Off by default: on an H100 with Qwen2.5-0.5B shapes the
+        # masked all-slot GEMMs measured faster (6.2 vs 6.7 ms per 128-row step with 32 adapters).
+        self.use_kernel = False
         self._lock = threading.Lock()
         self._by_name: dict[str, int] = {}
         self._users = [0] * (num_slots + 1)
@@ -182,8 +185,9 @@ class AdapterSlots:
             h = (h.view(h.shape[0], slots, -1) * selection.onehot[:, :, None]).view(h.shape[0], -1)
             return torch.addmm(base, h, g.b)
         width = len(GROUPS[group]) * self.max_rank
-        if selection.slots is not None and x.shape[0] == selection.slots.shape[0] and bgmv_available(x):
-            return bgmv_(base, x, g.a, g.b, selection.slots, width=width)  # decode on CUDA: one fused kernel
+        if (selection.slots is not None and x.shape[0] == selection.slots.shape[0] and self.use_kernel
+                and bgmv_available(x)):  # decode on CUDA: per-row Triton kernels
+            return bgmv_(base, x, g.a, g.b, selection.slots, rank=self.max_rank, out_offsets=g.out_offsets)
         if selection.slots is not None:
             rows = selection.slots.shape[0]
             index = (selection.slots - 1).clamp(min=0)

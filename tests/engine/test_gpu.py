@@ -69,7 +69,6 @@ def test_bf16_engine_runs_mixed_batch(arch_setup):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bgmv_kernel_matches_masked_gemms(engine, arch_setup, dtype):
-    from server.engine.lora_kernel import bgmv_
     from server.engine.lora_slots import AdapterSelection, AdapterSlots
 
     _, _, dirs = arch_setup
@@ -87,7 +86,11 @@ def test_bgmv_kernel_matches_masked_gemms(engine, arch_setup, dtype):
         x = torch.randn(8, in_features, dtype=dtype, device="cuda")
         base = torch.randn(8, out_features, dtype=dtype, device="cuda")
         expected = slots.apply(1, group, x, base.clone(), AdapterSelection(onehot=onehot))
-        got = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
+        slots.use_kernel = False
+        gathered = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
+        slots.use_kernel = True
+        kernel = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
         tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(gathered, expected, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(kernel, expected, rtol=tolerance, atol=tolerance)
         assert not torch.equal(expected, base)
