@@ -49,14 +49,14 @@ def run_lorag(model_path: Path, rows: list[Row], *, method: str, args) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from training.loss import CausalLMLoss
-    from training.model import attach_adapter, build_optimizer, load_base_model, use_bf16
+    from training.model import attach_adapter, build_optimizer, compile_layers, load_base_model, use_bf16
     from training.recipe import optimizer_step
     from training.settings import TrainingSettings
 
     cfg = TrainingSettings(
         base_model=str(model_path), method=method, rank=16, alpha=32, dropout=0.0, target_modules="all-linear",
         gradient_checkpointing=True, lr=2e-4, warmup_ratio=0.0, batch_size=args.batch, grad_accum=1,
-        max_seq_len=args.seq,
+        max_seq_len=args.seq, compile=args.compile,
     )
     accelerator = Accelerator()
     bf16 = use_bf16(cfg.precision)
@@ -66,6 +66,8 @@ def run_lorag(model_path: Path, rows: list[Row], *, method: str, args) -> dict:
     peft_model = attach_adapter(base, cfg)
     if method != "qlora":
         peft_model.to(accelerator.device)
+    if cfg.compile:
+        compile_layers(peft_model)
     model = accelerator.prepare_model(CausalLMLoss(peft_model, chunk_tokens=cfg.loss_chunk_tokens),
                                       device_placement=method != "qlora")
     optimizer = build_optimizer(peft_model.parameters(), cfg)
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024; tiny: 128)")
     parser.add_argument("--answer-fraction", type=float, default=0.25, help="share of each row that is trained answer")
     parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--compile", action="store_true", help="lorag side: torch.compile the decoder layers")
+    parser.add_argument("--no-baseline", action="store_true", help="lorag runs only (quick experiments)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for train_bench.json")
     args = parser.parse_args(argv)
     preset = SHAPES[args.shape]
@@ -230,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = synthetic_rows(args.steps * args.batch, seq=args.seq, vocab=vocab, answer_fraction=args.answer_fraction, seed=0)
         for method in methods:
             lorag = run_lorag(model_path, rows, method=method, args=args)
+            if args.no_baseline:
+                runs.append(lorag)
+                continue
             baseline = run_baseline(model_path, rows, method=method, args=args)
             runs += [baseline, lorag]
             comparisons.append(compare(lorag, baseline))
     print_table(runs, comparisons)
     report = {
         "shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-        "answer_fraction": args.answer_fraction,
+        "answer_fraction": args.answer_fraction, "compile": args.compile,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, **_versions()}, "runs": runs, "comparisons": comparisons,
     }

@@ -48,6 +48,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     group.add_argument("--packing", action="store_true", default=None, help="pack several examples per row")
     group.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the decoder layers")
     group.add_argument("--seed", type=int)
     group = train.add_argument_group("validation and checkpoints")
     split = group.add_mutually_exclusive_group()
@@ -93,7 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
         for key in (
             "method", "rslora", "rank", "alpha", "dropout", "target_modules", "epochs", "max_steps", "lr",
             "warmup_ratio", "batch_size", "grad_accum", "max_seq_len", "precision", "packing",
-            "gradient_checkpointing", "seed", "val_split", "eval_steps", "save_steps", "patience", "strict",
+            "gradient_checkpointing", "compile", "seed", "val_split", "eval_steps", "save_steps", "patience", "strict",
             "with_retrieval", "k", "raft_no_oracle_p",
         )
     }

@@ -83,6 +83,25 @@ def load_base_model(base_model: str, settings: TrainingSettings, *, device_index
     return model
 
 
+def compile_layers(model) -> int:
+    """``torch.compile`` every decoder layer of ``model`` (plain or peft); returns how many.
+
+    Regional compilation: the layers share one code path, so one graph is compiled and reused, which
+    keeps compile time to seconds, and gradient checkpointing still wraps each (compiled) layer. Small
+    models spend most of a step launching kernels; fusing the norm, rotary, LoRA and MLP element-wise
+    work is what removes that.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    causal_lm = get_base() if callable(get_base) else model
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise LoragError(f"--compile: {type(decoder).__name__} has no .layers to compile", hint="Run without --compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def lora_config(settings: TrainingSettings):
     from peft import LoraConfig
 

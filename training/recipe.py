@@ -106,7 +106,9 @@ class LoraFinetuneRecipe:
         from accelerate import Accelerator
 
         from training.loss import CausalLMLoss
-        from training.model import attach_adapter, build_optimizer, load_base_model, load_tokenizer, require_cuda_for, use_bf16
+        from training.model import (
+            attach_adapter, build_optimizer, compile_layers, load_base_model, load_tokenizer, require_cuda_for, use_bf16,
+        )
 
         cfg = self.cfg
         require_cuda_for(cfg.method)  # before reading data or loading anything
@@ -159,6 +161,8 @@ class LoraFinetuneRecipe:
         self.peft_model = attach_adapter(base, cfg)
         if cfg.method != "qlora":
             self.peft_model.to(self.accelerator.device)
+        if cfg.compile:
+            compile_layers(self.peft_model)
         self.model = self.accelerator.prepare_model(
             CausalLMLoss(self.peft_model, chunk_tokens=cfg.loss_chunk_tokens),
             device_placement=cfg.method != "qlora",  # 4-bit weights were placed by device_map and cannot move

@@ -32,6 +32,7 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA when supported")
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per lm_head chunk in the loss")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one graph shared by all layers)")
 
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default once per epoch")
     save_steps: int | None = Field(None, ge=1, description="resumable checkpoint every N steps")

@@ -1,0 +1,1 @@
+"""``lorag eval``: retrieval, answer, citation and perplexity metrics for base, RAG, adapter and RAG + adapter."""
