@@ -153,3 +153,12 @@ def test_gpu_training_in_bf16_and_4bit(method, memorise_file, data_dir, tiny_lla
     manifest = read_manifest(result.adapter_dir)
     assert manifest.method == method and manifest.metrics.peak_memory_bytes > 0
     assert manifest.hyperparameters["precision"] == "auto"
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_layers_give_the_eager_losses(memorise_file, data_dir, tiny_llama_path):
+    runs = {}
+    for compile_layers in (False, True):
+        settings = train_settings(data_dir, tiny_llama_path, max_steps=4, compile=compile_layers, dropout=0.0)
+        runs[compile_layers] = train_adapter(settings, tenant="acme", data_file=memorise_file, name=f"c{compile_layers:d}").losses
+    assert runs[True] == pytest.approx(runs[False], rel=2e-2)
