@@ -9,7 +9,6 @@ reported as a ratio against the better of dense and keyword measured in the same
 import argparse
 import hashlib
 import json
-import math
 import random
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ingest.chunking import Chunker  # noqa: E402
 from retrieval.embedder import Embedder  # noqa: E402
 from retrieval.index import TenantIndex  # noqa: E402
+from retrieval.ranking_metrics import hit_at_k, mean_scores, ndcg_at_k, reciprocal_rank  # noqa: E402
 from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, relative_score_fusion  # noqa: E402
 from retrieval.settings import ChunkingSettings, EmbeddingSettings, RetrievalSettings  # noqa: E402
 from retrieval.types import Chunk, DocumentRecord  # noqa: E402
@@ -156,17 +156,14 @@ def is_relevant(chunk: Chunk, spans: set) -> bool:
 
 
 def score_rankings(rankings: list[list[Chunk]], questions, relevant_counts: list[int]) -> dict[str, float]:
-    totals = {f"hit@{k}": 0.0 for k in CUTOFFS} | {"MRR": 0.0, "nDCG@10": 0.0}
+    rows = []
     for ranking, (_, spans), n_relevant in zip(rankings, questions, relevant_counts):
         flags = [is_relevant(chunk, spans) for chunk in ranking[:10]]
-        for k in CUTOFFS:
-            totals[f"hit@{k}"] += any(flags[:k])
-        first = next((i for i, flag in enumerate(flags) if flag), None)
-        totals["MRR"] += 0.0 if first is None else 1.0 / (first + 1)
-        dcg = sum(1.0 / math.log2(i + 2) for i, flag in enumerate(flags) if flag)
-        ideal = sum(1.0 / math.log2(i + 2) for i in range(min(n_relevant, 10)))
-        totals["nDCG@10"] += dcg / ideal if ideal else 0.0
-    return {name: value / len(rankings) for name, value in totals.items()}
+        row = {f"hit@{k}": hit_at_k(flags, k) for k in CUTOFFS}
+        row["MRR"] = reciprocal_rank(flags, 10)
+        row["nDCG@10"] = ndcg_at_k(flags, 10, relevant=n_relevant)
+        rows.append(row)
+    return mean_scores(rows)
 
 
 def run_dataset(name: str, documents, questions, embedder: Embedder, data_dir: Path, cache: Path | None) -> dict:
