@@ -13,7 +13,7 @@ import sys
 
 from retrieval.errors import LoragError
 
-COMMAND_MODULES = ("ingest.cli", "retrieval.cli", "server.serve_cli", "training.cli")
+COMMAND_MODULES = ("ingest.cli", "retrieval.cli", "server.serve_cli", "training.cli", "training.evaluation.cli")
 
 EPILOG = """examples:
   lorag ingest data/ --tenant acme            parse, chunk, embed and index a folder
