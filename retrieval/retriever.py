@@ -1,7 +1,7 @@
-"""Hybrid retrieval: dense (FAISS) and keyword (BM25) hits fused (relative scores or reciprocal rank), optionally reranked.
+"""Hybrid retrieval: dense (FAISS) and keyword (BM25) hits fused into one ranking, optionally reranked.
 
-Relative-score fusion is the default: on COVID-QA and HotpotQA it beat RRF and matched or beat the
-better single retriever on each set (benchmarks/retrieval_quality.py, benchmarks/RESULTS.md).
+Relative-score fusion is the default: on COVID-QA and HotpotQA it beat reciprocal-rank fusion on every
+metric (benchmarks/retrieval_quality.py; numbers in benchmarks/RESULTS.md, "Retrieval").
 """
 
 import logging
