@@ -17,7 +17,7 @@ class IngestProgress:
         from tqdm import tqdm
 
         self.started = time.perf_counter()
-        self.bar = tqdm(total=total_files, unit="file", file=self.stream, dynamic_ncols=True, desc="ingest")
+        self.bar = tqdm(total=total_files, unit="file", file=self.stream, desc="ingest")
 
     def file_done(self, *, chunks: int) -> None:
         self.chunks += chunks
