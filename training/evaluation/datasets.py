@@ -229,6 +229,8 @@ def _load_squad(path: Path):
         data = json.loads(path.read_text(encoding="utf-8-sig"))["data"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise LoragError(f"question set {str(path)!r} is not SQuAD JSON (an object with a 'data' list): {error}") from error
+    if not isinstance(data, list):
+        raise LoragError(f"question set {str(path)!r} is not SQuAD JSON: 'data' is {type(data).__name__}, not a list")
     questions, bad, documents = [], [], {}
     # SQuAD is one JSON document: "line" is the article and paragraph ("data[3].paragraphs[0].qas[5]").
     for a, article in enumerate(data):
