@@ -47,6 +47,9 @@ class RetrievalSettings(BaseModel):
     k: int = Field(5, ge=1, le=100)
     dense: bool = True
     keyword: bool = True
+    fusion: Literal["relative", "rrf"] = Field(
+        "relative", description="how dense and keyword hits merge: min-max relative scores, or reciprocal rank"
+    )
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank-fusion constant")
     candidates: int = Field(50, ge=1, description="hits each retriever contributes before fusion")
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
