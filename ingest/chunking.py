@@ -22,19 +22,26 @@ def chunk_id_of(tenant: str, document_id: str, page: int, start: int, end: int, 
     return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
 
 
+def check_chunking(settings: ChunkingSettings) -> None:
+    """Raises:
+        LoragError: the overlap is not smaller than the chunk size.
+    """
+    if settings.overlap_tokens >= settings.chunk_tokens:
+        from retrieval.errors import LoragError
+
+        raise LoragError(
+            f"chunking.overlap_tokens ({settings.overlap_tokens}) must be smaller than "
+            f"chunking.chunk_tokens ({settings.chunk_tokens})"
+        )
+
+
 class Chunker:
     """Splits page text with one splitter per process (the tokenizer length cache is shared across files)."""
 
     def __init__(self, tokenizer, settings: ChunkingSettings):
         from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-        if settings.overlap_tokens >= settings.chunk_tokens:
-            from retrieval.errors import LoragError
-
-            raise LoragError(
-                f"chunking.overlap_tokens ({settings.overlap_tokens}) must be smaller than "
-                f"chunking.chunk_tokens ({settings.chunk_tokens})"
-            )
+        check_chunking(settings)
         self.settings = settings
         self.count_tokens = _cached_token_counter(tokenizer)
         # What RecursiveCharacterTextSplitter.from_huggingface_tokenizer builds, with a cached length

@@ -8,21 +8,22 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ingest.chunking import Chunker
+from ingest.chunking import Chunker, check_chunking
 from ingest.discovery import discover_files
 from ingest.loaders import LoadError, document_id_of, load_document
 from ingest.progress import IngestProgress
 from ingest.report import FileOutcome, IngestReport
 from ingest.settings import IngestSettings, ingest_settings_of
-from retrieval.errors import NotFound
+from retrieval.errors import LoragError, NotFound
 from retrieval.manifest import read_manifest
 from retrieval.settings import Settings
 from retrieval.tenancy import index_dir, validate_tenant_name
@@ -69,6 +70,7 @@ def ingest_paths(
 
     started = time.perf_counter()
     validate_tenant_name(tenant)
+    check_chunking(settings.chunking)
     limits = ingest_settings_of(settings)
     report = IngestReport(tenant=tenant)
     found = discover_files([Path(p) for p in paths])
@@ -78,14 +80,16 @@ def ingest_paths(
         _note(report.add(FileOutcome(_display(path), "skipped", reason)))
 
     embedder = embedder or Embedder(settings.embedding)
+    # The model loads on first use: a run where every file is unchanged never loads it.
+    manifest = read_manifest(index_dir(settings.data_dir, tenant))
     index = TenantIndex.open(
         settings.data_dir,
         tenant,
         embedder_name=embedder.name,
-        dimension=embedder.dimension,
+        dimension=manifest.dimension if manifest and manifest.embedder_name == embedder.name else embedder.dimension,
         index_type=settings.retrieval.index_type,
     )
-    chunker = Chunker(embedder.tokenizer, settings.chunking)
+    chunker = cache(lambda: Chunker(embedder.tokenizer, settings.chunking))  # called from one thread only
     if progress is not None:
         progress.start(len(found.files))
     update = None
@@ -177,7 +181,7 @@ def list_documents(*, tenant: str, settings: Settings) -> list[DocumentRecord]:
 
 
 def _prepare_ahead(
-    files: list[Path], *, index, chunker: Chunker, tenant: str, limits: IngestSettings
+    files: list[Path], *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings
 ) -> Iterator[PreparedFile]:
     """Yield prepared files in order, parsing up to ``limits.prefetch_files`` ahead in a thread.
 
@@ -200,7 +204,9 @@ def _prepare_ahead(
             yield ahead.popleft().result()
 
 
-def _prepare(path: Path, *, index, chunker: Chunker, tenant: str, limits: IngestSettings) -> PreparedFile:
+def _prepare(
+    path: Path, *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings
+) -> PreparedFile:
     source = str(path)
     try:
         source.encode("utf-8")
@@ -219,11 +225,13 @@ def _prepare(path: Path, *, index, chunker: Chunker, tenant: str, limits: Ingest
         if existing is not None and existing.document_id == document_id:
             return PreparedFile(FileOutcome(source, "unchanged", pages=existing.pages))
         document = load_document(path, settings=limits)
-        chunks = list(chunker.split_pages(document.pages, tenant=tenant, document_id=document_id, source=source))
+        chunks = list(chunker().split_pages(document.pages, tenant=tenant, document_id=document_id, source=source))
     except LoadError as error:
         return PreparedFile(FileOutcome(source, "failed", _without_path(str(error), source)))
     except OSError as error:
         return PreparedFile(FileOutcome(source, "failed", f"cannot read: {error.strerror or error}"))
+    except LoragError:  # not about this file (e.g. the embedding model cannot load): stop the run
+        raise
     except Exception as error:  # a parser bug on one hostile file must not stop the batch
         log.debug("unexpected error on %s", source, exc_info=True)
         return PreparedFile(FileOutcome(source, "failed", f"cannot parse ({type(error).__name__}: {error})"))

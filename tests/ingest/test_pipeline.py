@@ -63,11 +63,15 @@ def test_sample_corpus_is_ingested_with_exact_citable_spans(sample, embedder):
         index.close()
 
 
-def test_second_run_embeds_nothing(sample, embedder):
+def test_second_run_embeds_nothing_and_never_loads_the_model(sample):
+    from retrieval.embedder import Embedder
+
     settings, first = sample
-    again = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=embedder)
+    fresh = Embedder(settings.embedding)
+    again = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=fresh)
     assert again.count("unchanged") == first.count("added") and again.count("added") == 0
     assert again.chunks_embedded == 0 and again.commits == 0
+    assert "model" not in vars(fresh)  # the cached model property was never computed
 
 
 def test_docs_lists_documents_with_page_and_chunk_counts(sample, capsys):
