@@ -54,6 +54,7 @@ class Engine:
         model = EngineModel.from_hf(hf_model, cache_len=cache.length, dtype=dtype, device=device)
         adapters = AdapterSlots(layers=model.shape.layers, dims=model.shape.lora_dims(), num_slots=config.adapter_slots,
                                 max_rank=config.max_rank, dtype=dtype, device=device)
+        model.stack_adapters(adapters)
         if device.type == "cuda" and config.cuda_graphs:
             decode = GraphedDecode(model, cache, adapters)
             decode.capture()

@@ -21,7 +21,7 @@ def bgmv_available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, h_ptr, slots_ptr, IN, stride_x, stride_a,
+    def _shrink_kernel(x_ptr, a_ptr, h_ptr, slots_ptr, IN, stride_x, stride_ak, stride_aw,
                        W: tl.constexpr, W_P2: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0)
         slot = tl.load(slots_ptr + row)
@@ -34,7 +34,8 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = (k < IN) & has
             xv = tl.load(x_ptr + row * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
-            av = tl.load(a_ptr + k[:, None] * stride_a + (first + w)[None, :], mask=kmask[:, None] & wmask[None, :],
+            av = tl.load(a_ptr + k[:, None] * stride_ak + (first + w)[None, :] * stride_aw,
+                         mask=kmask[:, None] & wmask[None, :],
                          other=0.0).to(tl.float32)
             acc += xv[:, None] * av
         h = tl.sum(acc, axis=0)
@@ -66,6 +67,8 @@ def bgmv_(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
           rank: int, out_offsets: tuple[int, ...]) -> torch.Tensor:
     """In place: base[i] += x[i] @ a[:, s*W:(s+1)*W] @ b[s*W:(s+1)*W] with s = slots[i] - 1, W = modules * rank.
 
+    ``a`` (in, slots * W) may be any strided view (e.g. the transpose of a row-major weight).
+
     base (rows, out) and x (rows, in) contiguous in their last dim; slots (rows,) integer, 0 = no adapter;
     b block-diagonal: module j's rank rows only feed the columns from ``out_offsets[j]``.
     """
@@ -75,7 +78,7 @@ def bgmv_(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     w_p2 = triton.next_power_of_2(width)
     h = torch.empty(rows, w_p2, dtype=torch.float32, device=x.device)
     block_k = max(16, min(256, 8192 // w_p2))
-    _shrink_kernel[(rows,)](x, a, h, slots, in_features, x.stride(0), a.stride(0), W=width, W_P2=w_p2,
+    _shrink_kernel[(rows,)](x, a, h, slots, in_features, x.stride(0), a.stride(0), a.stride(1), W=width, W_P2=w_p2,
                             BLOCK_K=block_k)
     offsets = list(out_offsets[1:]) + [out_features] * (3 - len(out_offsets))
     block_n = max(16, min(128, 8192 // w_p2))

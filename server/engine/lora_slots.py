@@ -1,10 +1,11 @@
 """Resident LoRA adapters in preallocated device slots, applied per batch row without recompiling.
 
 Per layer, modules that read the same input form a group (q/k/v, o, gate/up, down). A group keeps
-A as (in, slots * modules * r_max) and B as (slots * modules * r_max, out_total), B block-diagonal
-over the modules and pre-multiplied by the adapter's scaling. A mixed batch multiplies by every
-slot at once and masks each row to its own slot: two small GEMMs whose cost does not depend on how
-the rows' adapters are mixed, with static shapes a captured CUDA graph can replay.
+A as (slots * modules * r_max, in), laid out like a linear weight so the model can stack it under
+the group's base weight (one GEMM yields base output and every slot's shrink), and B as
+(slots * modules * r_max, out_total), block-diagonal over the modules and pre-multiplied by the
+adapter's scaling. A mixed batch masks each row to its own slot's shrink before the expand GEMM:
+cost independent of how the rows' adapters are mixed, static shapes a CUDA graph can replay.
 """
 
 import json
@@ -58,7 +59,7 @@ class AdapterSelection:
 
 @dataclass
 class _Group:
-    a: torch.Tensor  # (in, slots * modules * r_max)
+    a: torch.Tensor  # (slots * modules * r_max, in); may become a view into the model's stacked weight
     b: torch.Tensor  # (slots * modules * r_max, out_total), block-diagonal over the modules
     out_offsets: tuple[int, ...]  # column where each module's output starts in b
 
@@ -86,7 +87,7 @@ class AdapterSlots:
                 width = num_slots * len(modules) * max_rank
                 offsets = tuple(sum(outs[:i]) for i in range(len(outs)))
                 by_group[group] = _Group(
-                    a=torch.zeros(in_features, width, dtype=dtype, device=device),
+                    a=torch.zeros(width, in_features, dtype=dtype, device=device),
                     b=torch.zeros(width, sum(outs), dtype=dtype, device=device),
                     out_offsets=offsets,
                 )
@@ -181,17 +182,15 @@ class AdapterSlots:
         g = self._groups[layer][group]
         if selection.onehot is not None:
             slots = selection.onehot.shape[1]
-            h = x @ g.a  # (tokens, slots * modules * r_max)
-            h = (h.view(h.shape[0], slots, -1) * selection.onehot[:, :, None]).view(h.shape[0], -1)
-            return torch.addmm(base, h, g.b)
+            return self.expand(layer, group, torch.nn.functional.linear(x, g.a), base, selection.onehot)
         width = len(GROUPS[group]) * self.max_rank
         if (selection.slots is not None and x.shape[0] == selection.slots.shape[0] and self.use_kernel
                 and bgmv_available(x)):  # decode on CUDA: per-row Triton kernels
-            return bgmv_(base, x, g.a, g.b, selection.slots, rank=self.max_rank, out_offsets=g.out_offsets)
+            return bgmv_(base, x, g.a.t(), g.b, selection.slots, rank=self.max_rank, out_offsets=g.out_offsets)
         if selection.slots is not None:
             rows = selection.slots.shape[0]
             index = (selection.slots - 1).clamp(min=0)
-            a = g.a.view(g.a.shape[0], self.num_slots, width).index_select(1, index).transpose(0, 1)  # (rows, in, width)
+            a = g.a.view(self.num_slots, width, -1).index_select(0, index).transpose(1, 2)  # (rows, in, width)
             b = g.b.view(self.num_slots, width, -1).index_select(0, index)  # (rows, width, out)
             h = torch.bmm(x.view(rows, -1, x.shape[-1]), a)  # (rows, seq, width)
             h = h * (selection.slots > 0).to(h.dtype)[:, None, None]  # rows without an adapter add nothing
@@ -199,26 +198,44 @@ class AdapterSlots:
         if selection.slot == 0:
             return base
         cols = slice((selection.slot - 1) * width, selection.slot * width)
-        return torch.addmm(base, x @ g.a[:, cols], g.b[cols])
+        return torch.addmm(base, torch.nn.functional.linear(x, g.a[cols]), g.b[cols])
+
+    def expand(self, layer: int, group: str, h: torch.Tensor, base: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """``base`` plus the expand of ``h`` (tokens, slots * modules * r_max), every slot's shrink, each row
+        masked by ``onehot`` (tokens, slots) to its own slot."""
+        h = (h.view(h.shape[0], self.num_slots, -1) * onehot[:, :, None]).view(h.shape[0], -1)
+        return torch.addmm(base, h, self._groups[layer][group].b)
+
+    def shrink_weight(self, layer: int, group: str) -> torch.Tensor:
+        """A of ``group`` in ``layer``: (slots * modules * r_max, in)."""
+        return self._groups[layer][group].a
+
+    def share_shrink_weight(self, layer: int, group: str, view: torch.Tensor) -> None:
+        """Keep A in ``view`` (same shape and values, e.g. rows of the model's stacked weight) from now on."""
+        g = self._groups[layer][group]
+        if view.shape != g.a.shape:
+            raise ValueError(f"layer {layer} {group}: shrink weight view {tuple(view.shape)} != {tuple(g.a.shape)}")
+        view.copy_(g.a)
+        g.a = view
 
     def _write_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Zero ``slot`` then copy (A (in, r), scaled B (r, out)) per (layer, module) into it."""
+        """Zero ``slot`` then copy (A (r, in), scaled B (r, out)) per (layer, module) into it."""
         for layer, by_group in enumerate(self._groups):
             for group, g in by_group.items():
                 modules = GROUPS[group]
                 width = len(modules) * self.max_rank
                 cols = slice((slot - 1) * width, slot * width)
-                g.a[:, cols].zero_()
+                g.a[cols].zero_()
                 g.b[cols].zero_()
                 for j, module in enumerate(modules):
                     pair = weights.get((layer, module))
                     if pair is None:
                         continue
                     a, b = pair
-                    rank = a.shape[1]
+                    rank = a.shape[0]
                     start = cols.start + j * self.max_rank
                     out = slice(g.out_offsets[j], g.out_offsets[j] + b.shape[1])
-                    g.a[:, start : start + rank].copy_(a)
+                    g.a[start : start + rank].copy_(a)
                     g.b[start : start + rank, out].copy_(b)
 
     def nbytes(self) -> int:
@@ -229,7 +246,7 @@ class AdapterSlots:
 def read_peft_adapter(
     path: str | Path, *, layers: int, dims: dict[str, tuple[int, int]], max_rank: int
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Read a peft LoRA dir into {(layer, module): (A (in, r), B (r, out) times scaling)} as float32 CPU tensors.
+    """Read a peft LoRA dir into {(layer, module): (A (r, in), B (r, out) times scaling)} as float32 CPU tensors.
 
     Only adapter_config.json and adapter_model.safetensors are read (never pickle).
 
@@ -291,7 +308,7 @@ def read_peft_adapter(
         name = f"model.layers.{layer}.{'self_attn' if module in GROUPS['qkv'] + GROUPS['o'] else 'mlp'}.{module}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        weights[(layer, module)] = (a.t().contiguous(), (b * scaling).t().contiguous())
+        weights[(layer, module)] = (a.contiguous(), (b * scaling).t().contiguous())
     if not weights:
         raise LoragError(f"{weights_path} holds no LoRA weights")
     return weights

@@ -4,7 +4,7 @@ Qwen2 is Llama with biases on q/k/v. Weights come from a transformers model load
 ``from_pretrained``; q/k/v and gate/up are fused into one matrix each (fewer kernels per step).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,8 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # (2 * intermediate, hidden)
     down: torch.Tensor
+    # group -> (base weight with the adapters' A stacked under it, bias padded to match); see stack_adapters
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 def check_supported(config) -> None:
@@ -123,6 +125,34 @@ class EngineModel:
         return cls(shape, embed=embed, layers=layers, norm=take(hf_model.model.norm.weight), lm_head=lm_head,
                    inv_freq=inv_freq, cache_len=cache_len, dtype=dtype, device=device)
 
+    def stack_adapters(self, adapters: AdapterSlots) -> None:
+        """Stack every group's adapter A under its base weight, so a mixed batch gets base output and all
+        slots' shrink from one GEMM; the base weight and the slots' A become views of the stack."""
+        for i, w in enumerate(self.layers):
+            for group in ("qkv", "o", "gate_up", "down"):
+                base = getattr(w, group)
+                a = adapters.shrink_weight(i, group)
+                stacked = torch.cat([base, a])
+                bias = None
+                if group == "qkv" and w.qkv_bias is not None:
+                    bias = torch.cat([w.qkv_bias, w.qkv_bias.new_zeros(a.shape[0])])
+                setattr(w, group, stacked[: base.shape[0]])
+                adapters.share_shrink_weight(i, group, stacked[base.shape[0] :])
+                w.stacked[group] = (stacked, bias)
+
+    def _project(self, i: int, group: str, x: torch.Tensor, adapters, selection: AdapterSelection) -> torch.Tensor:
+        """The group's linear (base + LoRA of the selected slots) on x (tokens, in)."""
+        w = self.layers[i]
+        weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
+        if adapters is None or not selection.active:
+            return F.linear(x, weight, bias)
+        if selection.onehot is not None and group in w.stacked:
+            stacked, stacked_bias = w.stacked[group]
+            y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * modules * r_max)
+            out = weight.shape[0]
+            return adapters.expand(i, group, y[:, out:], y[:, :out], selection.onehot)
+        return adapters.apply(i, group, x, F.linear(x, weight, bias), selection)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -152,13 +182,11 @@ class EngineModel:
         if not fresh:
             visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
             mask = _group_mask(visible, s.heads // s.kv_heads, dtype=x.dtype)
-        use_lora = adapters is not None and selection.active
+        lora = adapters if adapters is not None and selection.active else None
         batch_index = torch.arange(batch, device=tokens.device)[:, None]
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            if use_lora:
-                qkv = adapters.apply(i, "qkv", h, qkv, selection)
+            qkv = self._project(i, "qkv", h, lora, selection)
             qkv = qkv.view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
             qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
             q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
@@ -171,20 +199,11 @@ class EngineModel:
                 keys, values = cache.read(i, rows)
                 attn = _attend(q, keys, values, mask)
             attn = attn.reshape(batch * seq, s.q_dim)
-            o = F.linear(attn, w.o)
-            if use_lora:
-                o = adapters.apply(i, "o", attn, o, selection)
-            x = x + o.view(batch, seq, s.hidden)
+            x = x + self._project(i, "o", attn, lora, selection).view(batch, seq, s.hidden)
             h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
-            gate_up = F.linear(h, w.gate_up)
-            if use_lora:
-                gate_up = adapters.apply(i, "gate_up", h, gate_up, selection)
-            gate, up = gate_up.split([s.intermediate, s.intermediate], dim=-1)
+            gate, up = self._project(i, "gate_up", h, lora, selection).split([s.intermediate, s.intermediate], dim=-1)
             m = F.silu(gate) * up
-            down = F.linear(m, w.down)
-            if use_lora:
-                down = adapters.apply(i, "down", m, down, selection)
-            x = x + down.view(batch, seq, s.hidden)
+            x = x + self._project(i, "down", m, lora, selection).view(batch, seq, s.hidden)
         if isinstance(logits_at, torch.Tensor):
             x = x[batch_index[:, 0], logits_at]
         elif logits_at is not None:
