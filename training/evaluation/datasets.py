@@ -288,13 +288,13 @@ def _load_beir(path: Path, split: str = "test"):
                              hint="A BEIR set has corpus.jsonl, queries.jsonl and qrels/test.tsv")
     bad, documents, texts = [], {}, {}
     for line, record, error in _jsonl(corpus_file):
-        if error is None and isinstance(record, dict) and isinstance(record.get("_id"), str | int) and isinstance(record.get("text"), str):
+        if error is None and _beir_record(record):
             title = record.get("title") or ""
             documents[_doc_name(record["_id"])] = f"{title}\n\n{record['text']}" if title else record["text"]
         else:
             bad.append(BadRecord(str(corpus_file), line, error or "needs '_id' and 'text'"))
     for line, record, error in _jsonl(queries_file):
-        if error is None and isinstance(record, dict) and isinstance(record.get("_id"), str | int) and isinstance(record.get("text"), str):
+        if error is None and _beir_record(record):
             texts[str(record["_id"])] = (record["text"], line)
         else:
             bad.append(BadRecord(str(queries_file), line, error or "needs '_id' and 'text'"))
@@ -316,3 +316,7 @@ def _load_beir(path: Path, split: str = "test"):
         text, line = texts[query_id]
         questions.append(EvalQuestion(query_id, text, sources=tuple(GoldSource(d) for d in docs), line=line))
     return questions, bad, documents
+
+
+def _beir_record(record: object) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("_id"), str | int) and isinstance(record.get("text"), str)
