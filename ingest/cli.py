@@ -12,6 +12,7 @@ INGEST_EPILOG = """examples:
   lorag ingest report.pdf notes.md --tenant acme --chunk-tokens 128
 
 Supported: .pdf (text layer; no OCR), .md/.markdown, .txt/.text, .html/.htm. Hidden files are skipped.
+Text that is not valid UTF-8 is decoded with U+FFFD replacements and a warning naming the file.
 Exit status 1 when any file failed; the other files are still ingested.
 """
 

@@ -302,7 +302,9 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
         pages.append(Page(number, text))
     if empty and len(empty) < page_count:
         listed = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
-        warnings.append(f"{path}: {len(empty)} of {page_count} pages have no text layer (pages {listed}); OCR is not done")
+        warnings.append(
+            f"{path}: {len(empty)} of {page_count} pages have no text layer (pages {listed}); OCR is not done"
+        )
     return LoadedDocument(path, "pdf", pages, warnings)
 
 

@@ -64,7 +64,8 @@ def test_invalid_utf8_is_decoded_with_replacement_and_a_warning(tmp_path):
     path.write_bytes("café au lait".encode("latin-1"))
     document = load_document(path, settings=LIMITS)
     assert document.pages[0].text == "caf\ufffd au lait"
-    assert len(document.warnings) == 1 and "not valid UTF-8" in document.warnings[0] and str(path) in document.warnings[0]
+    (warning,) = document.warnings
+    assert "not valid UTF-8" in warning and str(path) in warning
 
 
 def test_crlf_line_endings_are_normalised(tmp_path):

@@ -93,11 +93,13 @@ def test_changed_file_replaces_its_old_chunks(tmp_path, data_dir, embedder):
     (corpus / "b.txt").write_text("Bravo valves are inspected yearly.\n")
     settings = make_settings(data_dir)
     stream = io.StringIO()
-    first = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder, progress=IngestProgress(stream=stream))
+    progress = IngestProgress(stream=stream)
+    first = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder, progress=progress)
     assert first.count("added") == 2 and "chunks/s" in stream.getvalue()
     (corpus / "a.md").write_text("# Alpha\n\nThe alpha pump now runs at 55 litres per minute.\n")
     second = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder)
-    assert [(os.path.basename(o.source), o.status) for o in second.outcomes] == [("a.md", "updated"), ("b.txt", "unchanged")]
+    statuses = [(os.path.basename(o.source), o.status) for o in second.outcomes]
+    assert statuses == [("a.md", "updated"), ("b.txt", "unchanged")]
     index = open_index(settings, "t1", embedder)
     try:
         assert_consistent(index)
@@ -152,7 +154,8 @@ def test_bad_inputs_never_stop_the_batch(tmp_path, data_dir, embedder):
     for name, words in expected.items():
         assert words.lower() in failed.pop(name).lower()
     assert "MiB limit" in failed.pop("huge.txt")
-    assert failed.pop(os.fsencode(bad_name.name).decode("utf-8", "backslashreplace")).startswith("file name is not valid UTF-8")
+    shown_name = os.fsencode(bad_name.name).decode("utf-8", "backslashreplace")
+    assert failed.pop(shown_name).startswith("file name is not valid UTF-8")
     assert failed == {}
     added = {os.path.basename(o.source): o for o in report.of("added")}
     assert set(added) == {"good.md", "résumé — 日本語 📄.md", "latin1.txt", "one-line.txt"}
