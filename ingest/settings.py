@@ -1,6 +1,7 @@
 """The ``ingest`` settings section: size limits that keep bad or hostile files bounded, and commit sizes.
 
-``Settings`` has no ``ingest`` section yet; :func:`ingest_settings_of` falls back to these defaults.
+``lorag ingest`` (:class:`IngestAppSettings`) and the server (``ServerSettings``) carry this section;
+:func:`ingest_settings_of` gives the defaults to callers holding only the shared ``Settings``.
 """
 
 from pydantic import BaseModel, Field
@@ -25,5 +26,5 @@ class IngestAppSettings(Settings):
 
 
 def ingest_settings_of(settings: Settings) -> IngestSettings:
-    """The ``ingest`` section of ``settings``, or the defaults when its class has none (e.g. the server's)."""
+    """The ``ingest`` section of ``settings``, or the defaults when its class has none."""
     return getattr(settings, "ingest", None) or IngestSettings()

@@ -20,7 +20,7 @@ class Embedder:
         self.name = settings.model
         # "auto" runs the model in bfloat16 on CPUs with native bf16 math (AVX512-BF16/AMX): about 2.5x the
         # throughput of float32 there, with cosine >= 0.998 to the float32 vectors. Vectors are float32 either way.
-        self.dtype = dtype or getattr(settings, "dtype", None) or "auto"
+        self.dtype = dtype or settings.dtype
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise LoragError(f"embedding dtype {self.dtype!r} is not one of 'auto', 'float32', 'bfloat16'")
 

@@ -35,6 +35,9 @@ class EmbeddingSettings(BaseModel):
     model: str = Field(default_factory=default_embedding_model, description="sentence-transformers name or path")
     batch_size: int = Field(64, ge=1)
     device: str | None = Field(None, description="torch device; None picks cuda when available")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
+    )
     max_seq_length: int = Field(256, ge=16, description="tokens per chunk the embedder reads")
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
+from ingest.settings import IngestSettings
 from retrieval.settings import Settings
 
 # Placeholders people copy from examples; refused as admin keys on a reachable host.
@@ -98,3 +99,4 @@ class ServerSettings(Settings):
     server: HTTPSettings = HTTPSettings()
     generation: GenerationSettings = GenerationSettings()
     adapters: AdapterSettings = AdapterSettings()
+    ingest: IngestSettings = IngestSettings()  # limits for documents uploaded through the API
