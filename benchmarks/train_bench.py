@@ -4,7 +4,8 @@ Both train the same rank-16 all-linear adapter with gradient checkpointing on th
 order, from the same initial adapter weights, in one process. Prints a table with ratios and writes JSON
 to $OUT (or --out) when set.
 
-    python benchmarks/train_bench.py --shape qwen2.5-0.5b --steps 30      # GPU: LoRA and QLoRA
+    python benchmarks/train_bench.py --shape qwen2.5-0.5b --steps 30      # GPU: LoRA and QLoRA, compiled layers
+    python benchmarks/train_bench.py --shape qwen2.5-0.5b --steps 30 --no-compile   # GPU, eager lorag step
     python benchmarks/train_bench.py --shape tiny --steps 3               # CPU smoke run
 """
 
@@ -209,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput (compilation)")
     parser.add_argument("--batch", type=int, help="sequences per optimizer step (default 8)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024; tiny: 128)")
     parser.add_argument("--answer-fraction", type=float, default=0.25, help="share of each row that is trained answer")
     parser.add_argument("--methods", default="lora,qlora")
-    parser.add_argument("--compile", action="store_true", help="lorag side: torch.compile the decoder layers")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="lorag side: torch.compile the decoder layers (default: on with CUDA, off on CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="lorag runs only (quick experiments)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for train_bench.json")
     args = parser.parse_args(argv)
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or preset["batch"]
     args.seq = args.seq or preset["seq"]
     args.warmup = min(args.warmup, max(args.steps - 1, 0))
+    if args.compile is None:
+        args.compile = torch.cuda.is_available()  # compiling on CPU takes longer than the smoke run itself
 
     methods = [m for m in args.methods.split(",") if m]
     if "qlora" in methods and not torch.cuda.is_available():
