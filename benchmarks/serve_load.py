@@ -154,7 +154,7 @@ def prepare(data_dir: Path) -> tuple[str, Path]:
     from tests.model_factory import build_model
 
     settings = ServerSettings(data_dir=data_dir)
-    report = ingest_paths([REPO_ROOT / "data"], tenant="bench", settings=settings)
+    report = ingest_paths([REPO_ROOT / "data" / "docs"], tenant="bench", settings=settings)
     assert report.failed == 0
     _, key = TenantRegistry(data_dir).add("bench")
     model_path = build_model(data_dir / "tiny-llama", architecture="llama")

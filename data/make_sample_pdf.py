@@ -1,4 +1,4 @@
-"""Writes specs/kestrel-tide-datasheet.pdf: a 4-page datasheet with a real text layer, one topic per page.
+"""Writes docs/specs/kestrel-tide-datasheet.pdf: a 4-page datasheet with a real text layer, one topic per page.
 
 The PDF is committed, so running this needs fpdf2 only when the text below changes:
     python data/make_sample_pdf.py
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fpdf import FPDF
 
-OUTPUT = Path(__file__).resolve().parent / "specs" / "kestrel-tide-datasheet.pdf"
+OUTPUT = Path(__file__).resolve().parent / "docs" / "specs" / "kestrel-tide-datasheet.pdf"
 
 # One (title, paragraphs) per page; each page holds facts found nowhere else so page citations can be checked.
 PAGES = [

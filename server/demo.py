@@ -1,4 +1,4 @@
-"""The main job end to end: ingest data/ for tenant 'demo', serve, ask one question with the openai client,
+"""The main job end to end: ingest data/docs/ for tenant 'demo', serve, ask one question with the openai client,
 print the answer with its cited passages. Run ``python -m server.demo`` (``make demo``)."""
 
 import argparse
@@ -11,14 +11,14 @@ from retrieval.settings import load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TENANT = "demo"
-QUESTION = "How long is the warranty on a Kestrel Tide buoy?"  # answered in data/README.md's table
+QUESTION = "How long is the warranty on a Kestrel Tide buoy?"  # answered in data/docs/policies/returns-and-warranty.txt
 EXCERPT_CHARS = 160
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__)
     parser.add_argument("--data-dir", default=".lorag", help="demo state (default ./.lorag)")
-    parser.add_argument("--corpus", default=str(REPO_ROOT / "data"), help="folder to ingest (default data/)")
+    parser.add_argument("--corpus", default=str(REPO_ROOT / "data" / "docs"), help="folder to ingest (default data/docs/)")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--config", help="TOML settings file (env LORAG_CONFIG)")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO_ROOT / "data"
+SAMPLE_DOCS = SAMPLE_DATA / "docs"  # the sample corpus itself (data/ also holds training and eval sets)
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 

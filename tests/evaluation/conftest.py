@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 
 ADAPTER = "support-v1"
 
@@ -57,7 +57,7 @@ def eval_corpus(tmp_path_factory, tiny_llama_path) -> EvalCorpus:
     data_dir = tmp_path_factory.mktemp("eval-data")
     settings = ServerSettings(data_dir=data_dir)
     retrieval = RetrievalService(settings)
-    report = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=retrieval.embedder)
+    report = ingest_paths([SAMPLE_DOCS], tenant="acme", settings=settings, embedder=retrieval.embedder)
     assert report.failed == 0, report
     adapter_dir = make_adapter(tiny_llama_path, adapters_dir(data_dir, "acme") / ADAPTER, tenant="acme")
     _, key = TenantRegistry(data_dir).add("acme")

@@ -8,9 +8,9 @@ from pathlib import Path
 from pypdf import PdfReader, PdfWriter
 from pypdf.generic import DictionaryObject, NameObject, StreamObject
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 
-SAMPLE_PDF = SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf"
+SAMPLE_PDF = SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf"
 
 
 def encrypted_pdf() -> bytes:

@@ -8,7 +8,7 @@ from ingest.loaders import Page, load_document
 from ingest.settings import IngestSettings
 from retrieval.errors import LoragError
 from retrieval.settings import ChunkingSettings
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def chunker(embedder):
 
 
 def test_every_sample_chunk_is_an_exact_span_of_its_page(embedder, chunker):
-    files = discover_files([SAMPLE_DATA]).files
+    files = discover_files([SAMPLE_DOCS]).files
     assert {path.suffix for path in files} >= {".md", ".txt", ".html", ".pdf"}
     for path in files:
         document = load_document(path, settings=IngestSettings())
@@ -34,14 +34,14 @@ def test_every_sample_chunk_is_an_exact_span_of_its_page(embedder, chunker):
 
 
 def test_pdf_chunks_carry_their_page_number(chunker):
-    document = load_document(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf", settings=IngestSettings())
+    document = load_document(SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf", settings=IngestSettings())
     chunks = list(chunker.split_pages(document.pages, tenant="t", document_id="d", source="s"))
     pages_of = {fact: {c.page for c in chunks if fact in c.text} for fact in ("18.5 kg", "0.1 mg/L", "310 EUR")}
     assert pages_of == {"18.5 kg": {1}, "0.1 mg/L": {2}, "310 EUR": {4}}
 
 
 def test_markdown_chunks_carry_heading_paths(chunker):
-    document = load_document(SAMPLE_DATA / "handbook" / "maintenance.md", settings=IngestSettings())
+    document = load_document(SAMPLE_DOCS / "handbook" / "maintenance.md", settings=IngestSettings())
     chunks = list(chunker.split_pages(document.pages, tenant="t", document_id="d", source="s"))
     (ph,) = [c for c in chunks if "every 90 days" in c.text]
     assert ph.heading_path == ("Kestrel Tide Maintenance Guide", "Calibration", "pH calibration")

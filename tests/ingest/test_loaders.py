@@ -8,14 +8,14 @@ import pytest
 from ingest.discovery import discover_files
 from ingest.loaders import LoadError, document_id_of, load_document, markdown_sections
 from ingest.settings import IngestSettings
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 from tests.ingest.bad_inputs import write_bad_inputs
 
 LIMITS = IngestSettings()
 
 
 def test_pdf_has_one_page_per_pdf_page_with_its_own_facts():
-    document = load_document(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf", settings=LIMITS)
+    document = load_document(SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf", settings=LIMITS)
     assert document.format == "pdf"
     assert [page.number for page in document.pages] == [1, 2, 3, 4]
     facts = {1: "18.5 kg", 2: "0.1 mg/L", 3: "about 8 km", 4: "310 EUR"}
@@ -25,9 +25,9 @@ def test_pdf_has_one_page_per_pdf_page_with_its_own_facts():
 
 
 def test_markdown_keeps_heading_paths_with_offsets_into_the_page():
-    document = load_document(SAMPLE_DATA / "handbook" / "maintenance.md", settings=LIMITS)
+    document = load_document(SAMPLE_DOCS / "handbook" / "maintenance.md", settings=LIMITS)
     (page,) = document.pages
-    assert page.text == (SAMPLE_DATA / "handbook" / "maintenance.md").read_text(encoding="utf-8")
+    assert page.text == (SAMPLE_DOCS / "handbook" / "maintenance.md").read_text(encoding="utf-8")
     by_path = {section.heading_path: page.text[section.start : section.end] for section in page.sections}
     ph = by_path[("Kestrel Tide Maintenance Guide", "Calibration", "pH calibration")]
     assert ph.startswith("### pH calibration") and "every 90 days" in ph and "Conductivity" not in ph
@@ -43,14 +43,14 @@ def test_markdown_headings_inside_code_fences_are_not_headings():
 
 
 def test_plain_text_is_one_page():
-    document = load_document(SAMPLE_DATA / "policies" / "returns-and-warranty.txt", settings=LIMITS)
+    document = load_document(SAMPLE_DOCS / "policies" / "returns-and-warranty.txt", settings=LIMITS)
     assert [page.number for page in document.pages] == [1]
     assert "three-year limited warranty" in document.pages[0].text
     assert document.warnings == []
 
 
 def test_html_keeps_visible_text_only_and_heading_paths():
-    document = load_document(SAMPLE_DATA / "support" / "faq.html", settings=LIMITS)
+    document = load_document(SAMPLE_DOCS / "support" / "faq.html", settings=LIMITS)
     text = document.pages[0].text
     assert "600 per minute per API token" in text
     for boilerplate in ("KC-TRACKING-0042", "font-family", "Status page", "Sign in", "Privacy | Cookies"):
@@ -102,14 +102,14 @@ def test_size_and_character_limits_are_enforced(tmp_path):
         load_document(path, settings=IngestSettings(max_document_chars=100))  # refused before reading
     with pytest.raises(LoadError, match="5000 characters of text, over the limit"):
         load_document(path, settings=IngestSettings(max_document_chars=4000))  # refused after decoding
-    pdf = SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf"
+    pdf = SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf"
     with pytest.raises(LoadError, match="page 1 has .* characters"):
         load_document(pdf, settings=IngestSettings(max_page_chars=50))
 
 
 def test_text_file_holding_a_pdf_is_refused(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_bytes((SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf").read_bytes())
+    path.write_bytes((SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf").read_bytes())
     with pytest.raises(LoadError, match="content is a PDF"):
         load_document(path, settings=LIMITS)
 

@@ -12,7 +12,7 @@ from ingest.progress import IngestProgress, should_show_progress
 from ingest.loaders import load_document
 from ingest.settings import IngestSettings
 from retrieval.errors import NotFound
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 from tests.ingest.bad_inputs import write_bad_inputs, write_non_utf8_name
 from tests.ingest.conftest import make_settings
 
@@ -37,7 +37,7 @@ def assert_consistent(index):
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory, embedder):
     settings = make_settings(tmp_path_factory.mktemp("sample-data"))
-    report = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=embedder)
+    report = ingest_paths([SAMPLE_DOCS], tenant="acme", settings=settings, embedder=embedder)
     return settings, report
 
 
@@ -45,15 +45,15 @@ def sample(tmp_path_factory, embedder):
 def test_sample_corpus_is_ingested_with_exact_citable_spans(sample, embedder):
     settings, report = sample
     assert report.failed == 0 and report.commits == 1
-    added = {os.path.relpath(o.source, SAMPLE_DATA) for o in report.of("added")}
+    added = {os.path.relpath(o.source, SAMPLE_DOCS) for o in report.of("added")}
     assert {"handbook/getting-started.md", "support/faq.html", "specs/kestrel-tide-datasheet.pdf"} <= added
     assert any(o.source.endswith("make_sample_pdf.py") for o in report.of("skipped"))
     index = open_index(settings, "acme", embedder)
     try:
         assert_consistent(index)
-        pdf = index.document_by_source(str(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf"))
+        pdf = index.document_by_source(str(SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf"))
         assert pdf.pages == 4
-        pages = {p.number: p.text for p in load_document(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf",
+        pages = {p.number: p.text for p in load_document(SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf",
                                                           settings=IngestSettings()).pages}
         for chunk in index.chunks_of(pdf.document_id):
             assert pages[chunk.page][chunk.start : chunk.end] == chunk.text
@@ -68,7 +68,7 @@ def test_second_run_embeds_nothing_and_never_loads_the_model(sample):
 
     settings, first = sample
     fresh = Embedder(settings.embedding)
-    again = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=fresh)
+    again = ingest_paths([SAMPLE_DOCS], tenant="acme", settings=settings, embedder=fresh)
     assert again.count("unchanged") == first.count("added") and again.count("added") == 0
     assert again.chunks_embedded == 0 and again.commits == 0
     assert "model" not in vars(fresh)  # the cached model property was never computed
@@ -81,7 +81,7 @@ def test_docs_lists_documents_with_page_and_chunk_counts(sample, capsys):
     assert main(["docs", "--tenant", "acme", "--data-dir", str(settings.data_dir), "--json"]) == 0
     listed = {d["source"]: d for d in json.loads(capsys.readouterr().out)}
     assert set(listed) == {o.source for o in report.of("added")}
-    pdf = listed[str(SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf")]
+    pdf = listed[str(SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf")]
     assert pdf["pages"] == 4 and pdf["chunk_count"] >= 4
     assert [r.source for r in list_documents(tenant="acme", settings=settings)] == sorted(listed)
 
@@ -173,7 +173,7 @@ def test_cli_exit_status_and_summary(tmp_path, data_dir, capsys):
 
     corpus = tmp_path / "cli"
     corpus.mkdir()
-    shutil.copy(SAMPLE_DATA / "policies" / "returns-and-warranty.txt", corpus)
+    shutil.copy(SAMPLE_DOCS / "policies" / "returns-and-warranty.txt", corpus)
     (corpus / "broken.pdf").write_text("<html>not a pdf</html>")
     code = main(["ingest", str(corpus), "--tenant", "cli", "--data-dir", str(data_dir), "--chunk-tokens", "64"])
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 
 BETA_TEXT = "Beta Corp internal memo.\n\nThe beta launch code is 7741 and the project name is Heron.\n"
 
@@ -30,7 +30,7 @@ def corpus(tmp_path_factory) -> Corpus:
     data_dir = tmp_path_factory.mktemp("server-data")
     settings = ServerSettings(data_dir=data_dir)
     retrieval = RetrievalService(settings)
-    report = ingest_paths([SAMPLE_DATA], tenant="acme", settings=settings, embedder=retrieval.embedder)
+    report = ingest_paths([SAMPLE_DOCS], tenant="acme", settings=settings, embedder=retrieval.embedder)
     assert report.failed == 0, report
     beta_dir = tmp_path_factory.mktemp("beta-docs")
     (beta_dir / "memo.txt").write_text(BETA_TEXT)

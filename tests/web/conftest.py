@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 
 BETA_TEXT = "Beta Corp internal memo.\n\nThe beta launch code is 7741 and the project name is Heron.\n"
 ACME_FILES = ("specs/kestrel-tide-datasheet.pdf", "policies/returns-and-warranty.txt")
@@ -42,7 +42,7 @@ def site(tmp_path_factory, web_embedder) -> Site:
     settings = ServerSettings(data_dir=data_dir)
     acme_docs = tmp_path_factory.mktemp("acme-docs")
     for name in ACME_FILES:
-        shutil.copy(SAMPLE_DATA / name, acme_docs / Path(name).name)
+        shutil.copy(SAMPLE_DOCS / name, acme_docs / Path(name).name)
     report = ingest_paths([acme_docs], tenant="acme", settings=settings, embedder=web_embedder)
     assert report.failed == 0, report.to_dict()
     beta_docs = tmp_path_factory.mktemp("beta-docs")

@@ -3,7 +3,7 @@ uploads, tenant isolation; and the page's own routes."""
 
 import pytest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DOCS
 from tests.web.conftest import auth, site_settings, write_pdf
 
 PDF_FACT = "The Osprey valve torque is 42 newton metres."
@@ -73,7 +73,7 @@ def test_original_file_is_served_to_its_tenant_only(client, site):
     response = client.get(f"/v1/documents/{pdf['id']}/file", headers=auth(site.acme_key))
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/pdf"
-    assert response.content == (SAMPLE_DATA / "specs" / "kestrel-tide-datasheet.pdf").read_bytes()
+    assert response.content == (SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf").read_bytes()
     assert response.headers["content-disposition"].startswith("inline")
 
     text = next(d for d in docs if d["source"].endswith(".txt"))
