@@ -30,8 +30,8 @@ class RaftExample:
 def build_raft_examples(
     examples: Sequence[Example],
     retrieve: Callable[[str], list[Passage]],
-    settings: TrainingSettings,
     *,
+    settings: TrainingSettings,
     tokenizer=None,
     max_seq_len: int | None = None,
 ) -> list[RaftExample]:

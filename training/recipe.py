@@ -201,7 +201,7 @@ class LoraFinetuneRecipe:
                 for r in build_raft_examples(
                     examples,
                     lambda question: retrieval.retrieve(self.tenant, question, k=cfg.k),
-                    cfg,
+                    settings=cfg,
                     tokenizer=self.tokenizer,
                     max_seq_len=cfg.max_seq_len,
                 )

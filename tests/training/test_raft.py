@@ -43,7 +43,7 @@ def examples() -> list[Example]:
 
 def test_prompt_is_build_prompts_and_the_answer_cites_the_oracle():
     settings = TrainingSettings(k=3, raft_no_oracle_p=0.0, raft_distractors=1, seed=0)
-    built = build_raft_examples(examples(), retrieve, settings)
+    built = build_raft_examples(examples(), retrieve, settings=settings)
     assert len(built) == 3
     for example, raft in zip(examples(), built):
         served = build_prompt(list(example.messages[:-1]), raft.passages)
@@ -62,7 +62,7 @@ def test_prompt_is_build_prompts_and_the_answer_cites_the_oracle():
 
 def test_oracle_omitted_examples_say_the_documents_do_not_contain_it():
     settings = TrainingSettings(k=3, raft_no_oracle_p=1.0, raft_distractors=2, seed=0)
-    built = build_raft_examples(examples(), retrieve, settings)
+    built = build_raft_examples(examples(), retrieve, settings=settings)
     for example, raft in zip(examples(), built):
         oracle_id = retrieve(example.question)[0].chunk.id
         assert oracle_id not in {p.chunk.id for p in raft.passages}
@@ -73,8 +73,8 @@ def test_oracle_omitted_examples_say_the_documents_do_not_contain_it():
 
 def test_same_seed_same_examples_and_some_oracles_dropped_at_half():
     settings = TrainingSettings(k=2, raft_no_oracle_p=0.5, seed=7)
-    first = build_raft_examples(examples() * 4, retrieve, settings)
-    second = build_raft_examples(examples() * 4, retrieve, settings)
+    first = build_raft_examples(examples() * 4, retrieve, settings=settings)
+    second = build_raft_examples(examples() * 4, retrieve, settings=settings)
     assert [r.messages for r in first] == [r.messages for r in second]
     omitted = sum(not r.oracle_numbers for r in first)
     assert 0 < omitted < len(first)
@@ -85,16 +85,16 @@ def test_budget_drops_passages_before_the_answer(tiny_llama_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
     settings = TrainingSettings(k=3, raft_no_oracle_p=0.0, seed=0)
-    roomy = build_raft_examples(examples()[:1], retrieve, settings, tokenizer=tokenizer, max_seq_len=4096)[0]
+    roomy = build_raft_examples(examples()[:1], retrieve, settings=settings, tokenizer=tokenizer, max_seq_len=4096)[0]
     full = len(tokenizer.apply_chat_template(roomy.messages, tokenize=True, return_dict=True)["input_ids"])
-    tight = build_raft_examples(examples()[:1], retrieve, settings, tokenizer=tokenizer, max_seq_len=full - 10)[0]
+    tight = build_raft_examples(examples()[:1], retrieve, settings=settings, tokenizer=tokenizer, max_seq_len=full - 10)[0]
     assert len(tight.passages) < len(roomy.passages)
     assert len(tokenizer.apply_chat_template(tight.messages, tokenize=True, return_dict=True)["input_ids"]) <= full - 10
 
 
 def test_no_passages_at_all_is_a_clear_error():
     with pytest.raises(LoragError, match="ingest"):
-        build_raft_examples(examples(), lambda question: [], TrainingSettings())
+        build_raft_examples(examples(), lambda question: [], settings=TrainingSettings())
 
 
 def test_oracle_and_citation_helpers():

@@ -33,7 +33,7 @@ def test_train_with_retrieval_on_an_ingested_tenant(tmp_path, data_dir, tiny_lla
     data = write_openai_jsonl(tmp_path / "qa.jsonl", QA)
 
     built = build_raft_examples(load_examples(data).examples, lambda q: retrieval.retrieve("acme", q, k=3),
-                                settings.training)
+                                settings=settings.training)
     first = built[0]
     oracle = first.passages[first.oracle_numbers[0] - 1]
     assert "every 180 days" in oracle.chunk.text and oracle.chunk.source.endswith("maintenance.md")
