@@ -141,6 +141,8 @@ class LoraFinetuneRecipe:
         val_encoded = self._encode(val_examples, retrieval)
         if not train_encoded:
             raise LoragError(f"training data file {str(data_file)!r}: no example keeps an answer token within --max-seq-len {cfg.max_seq_len}")
+        if cfg.patience is not None and not val_encoded:
+            raise LoragError("--patience needs validation data", hint="Use --val-split > 0 or --val-file F")
         self.counts = {"train": len(train_encoded), "val": len(val_encoded)}
         make_rows = (lambda enc: pack_rows(enc, cfg.max_seq_len)) if cfg.packing else single_rows
         self.train_rows, self.val_rows = make_rows(train_encoded), make_rows(val_encoded)

@@ -90,6 +90,12 @@ def test_early_stopping_keeps_the_best_adapter(data_dir, tmp_path, tiny_llama_pa
     assert metrics.val_loss == pytest.approx(val[metrics.best_step], rel=1e-5)  # the best weights were saved
 
 
+def test_patience_without_validation_data_is_refused(data_dir, memorise_file, tiny_llama_path):
+    settings = train_settings(data_dir, tiny_llama_path, max_steps=2, patience=1, val_split=0.0)
+    with pytest.raises(LoragError, match="--patience needs validation data"):
+        train_adapter(settings, tenant="acme", data_file=memorise_file, name="p")
+
+
 def test_resume_continues_the_exact_loss_sequence(data_dir, memorise_file, tiny_llama_path):
     data = write_openai_jsonl(memorise_file.parent / "more.jsonl", MEMORISE * 3)
     common = dict(max_steps=8, dropout=0.2, batch_size=2, grad_accum=2, warmup_ratio=0.25, val_split=0.25, eval_steps=3)
