@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests import conftest
+from tests.conftest import SAMPLE_DOCS
 from tests.training.conftest import train_settings, write_openai_jsonl
 from training.raft import build_raft_examples
 
@@ -26,8 +26,7 @@ def test_train_with_retrieval_on_an_ingested_tenant(tmp_path, data_dir, tiny_lla
     settings = train_settings(data_dir, tiny_llama_path, with_retrieval=True, k=3, raft_no_oracle_p=0.0,
                               max_steps=2, max_seq_len=1024)
     retrieval = RetrievalService(settings)
-    docs = getattr(conftest, "SAMPLE_DOCS", conftest.SAMPLE_DATA)  # the corpus lives in data/docs/
-    report = ingest_paths([docs / "policies", docs / "handbook"], tenant="acme", settings=settings,
+    report = ingest_paths([SAMPLE_DOCS / "policies", SAMPLE_DOCS / "handbook"], tenant="acme", settings=settings,
                           embedder=retrieval.embedder)
     assert report.failed == 0
     data = write_openai_jsonl(tmp_path / "qa.jsonl", QA)
