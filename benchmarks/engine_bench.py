@@ -263,11 +263,11 @@ def profile(engine, vocab, device):
             print(f"decode bucket {bucket:4d} lora={lora!s:5}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
     from server.engine.decode_step import GraphedDecode
 
-    if device.type == "cuda":  # the torch masked-GEMM LoRA path, for comparison with the Triton kernel
-        engine.adapters.use_kernel = False
+    if device.type == "cuda":  # the opt-in Triton BGMV LoRA path, for comparison with the default GEMMs
+        engine.adapters.use_kernel = True
         torch_path = GraphedDecode(engine.model, engine.cache, engine.adapters)
         torch_path.capture()
-        engine.adapters.use_kernel = True
+        engine.adapters.use_kernel = False
         for bucket in (1, 32, 128):
             if bucket > engine.cache.rows:
                 continue
@@ -279,7 +279,7 @@ def profile(engine, vocab, device):
             for _ in range(20):
                 torch_path([5] * bucket, [at] * bucket, slots).argmax(-1).tolist()
             sync(device)
-            print(f"decode bucket {bucket:4d} lora=True torch masked GEMMs: "
+            print(f"decode bucket {bucket:4d} lora=True Triton BGMV: "
                   f"{(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
     model, cache = engine.model, engine.cache
     for slot in (0, 1):
