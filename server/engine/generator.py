@@ -48,11 +48,11 @@ class EngineGenerator:
         Raises:
             UnsupportedModel: the architecture or one of its settings is outside what the engine runs.
         """
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer
 
         engine = Engine.from_pretrained(path, config=config, device=device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(engine, tokenizer, name=name or f"engine:{path}", stop_token_ids=_stop_ids(path, tokenizer, GenerationConfig))
+        return cls(engine, tokenizer, name=name or f"engine:{path}", stop_token_ids=_stop_ids(path, tokenizer))
 
     async def start(self, request: GenerationRequest) -> GenerationStream:
         """Build the prompt, queue the request in the engine and return its stream.
@@ -134,11 +134,13 @@ def load_engine_generator(settings) -> EngineGenerator | None:
         return None
 
 
-def _stop_ids(path: str, tokenizer, generation_config_cls) -> frozenset[int]:
+def _stop_ids(path: str, tokenizer) -> frozenset[int]:
     """End-of-answer ids: the generation config's eos ids plus the tokenizer's eos."""
+    from transformers import GenerationConfig
+
     ids = set()
     try:
-        eos = generation_config_cls.from_pretrained(path).eos_token_id
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     except OSError:
         pass  # no generation_config.json: the tokenizer's eos is all there is

@@ -1,10 +1,13 @@
 """Greedy tokens of the engine equal transformers + peft, for every row of a mixed-adapter batch."""
 
+import pytest
+
 from tests.engine.conftest import make_sequence, prompt_of, run_until_done
 
 ROWS = [("alpha", 12), ("beta", 30), ("gamma", 7), (None, 19)]
 
 
+@pytest.mark.slow  # first peft generate of the session (~5 s on a loaded 2-core machine)
 def test_mixed_adapter_batch_matches_peft_per_row(engine, reference):
     requests = [make_sequence(engine, prompt_of(i, length), adapter=adapter) for i, (adapter, length) in enumerate(ROWS)]
     for seq, _ in requests:
