@@ -26,7 +26,8 @@ import numpy as np
 
 from retrieval.errors import LoragError, NotFound
 from retrieval.keyword import KeywordIndex
-from retrieval.manifest import IndexManifest, fsync_directory, read_manifest, write_manifest
+from retrieval.atomic_files import fsync_path
+from retrieval.manifest import IndexManifest, read_manifest, write_manifest
 from retrieval.store import ChunkStore, ChunkWriter, create_schema
 from retrieval.tenancy import index_dir
 from retrieval.types import Chunk, DocumentRecord
@@ -289,7 +290,7 @@ class IndexUpdate:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             vectors.save(tmp)
             os.replace(tmp, path)
-            fsync_directory(index.directory)
+            fsync_path(index.directory)
             self._writer.commit(generation)  # the commit point
         except BaseException:
             self.discard()

@@ -1,10 +1,10 @@
 """The JSON manifest beside each tenant index: format version, embedder and index type, written atomically."""
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from retrieval.atomic_files import write_atomically
 from retrieval.errors import Conflict, LoragError
 
 FORMAT_VERSION = 1
@@ -65,23 +65,3 @@ def read_manifest(directory: Path) -> IndexManifest | None:
 
 def write_manifest(directory: Path, manifest: IndexManifest) -> None:
     write_atomically(Path(directory) / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2).encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

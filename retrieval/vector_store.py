@@ -5,12 +5,12 @@ Vectors carry int64 ids equal to the chunk store's SQLite rowids, so a search hi
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from retrieval.atomic_files import fsync_path
 from retrieval.errors import LoragError
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,6 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
-
 
 class VectorStore(Protocol):
     """What the tenant index needs from a vector store; a server-grade vector database would be a second one."""
@@ -45,7 +44,6 @@ class VectorStore(Protocol):
 
     def save(self, path: Path) -> None:
         """Write durably to ``path`` (the caller renames it into place)."""
-
 
 class FaissVectorStore:
     """A FAISS index with int64 ids: ``IndexIDMap2(IndexFlatIP)``, ``IndexIDMap2(IndexHNSWFlat)`` or ``IndexIVFFlat``."""
@@ -159,9 +157,7 @@ class FaissVectorStore:
             faiss.write_index(faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimension)), str(path))
         else:
             faiss.write_index(self.index, str(path))
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-
+        fsync_path(path)
 
 def _trained_ivf(vectors: np.ndarray, dimension: int):
     """An IVF index trained on ``vectors``: about sqrt(n) lists, k-means on at most 64 points per list."""

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from retrieval.atomic_files import fsync_path
 from retrieval.errors import Conflict, LoragError, NotFound
 
 FORMAT_VERSION = 1
@@ -192,14 +193,14 @@ def write_adapter_dir(
             raise LoragError(f"adapter {str(target)!r} is incomplete: {', '.join(missing)} not written")
         for path in tmp.rglob("*"):
             if path.is_file():
-                _fsync_path(path)
-        _fsync_path(tmp)
+                fsync_path(path)
+        fsync_path(tmp)
         old = None
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside first
             old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
         os.rename(tmp, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -213,13 +214,6 @@ def remove_adapter_dir(target: str | Path) -> None:
     target = Path(target)
     trash = target.parent / f".deleted-{target.name}-{uuid.uuid4().hex[:8]}"
     os.rename(target, trash)
-    _fsync_path(target.parent)
+    fsync_path(target.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,7 +8,6 @@ import fcntl
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from retrieval.atomic_files import write_atomically
 from retrieval.errors import Conflict, LoragError, NotFound
 from retrieval.tenancy import validate_tenant_name
 
@@ -185,15 +185,4 @@ class TenantRegistry:
     def _write(self, tenants: dict[str, Tenant]) -> None:
         entries = [asdict(tenant) | {"key_hashes": list(tenant.key_hashes)} for tenant in tenants.values()]
         payload = json.dumps({"format_version": FORMAT_VERSION, "tenants": entries}, indent=2)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)  # hashes only, but nobody else needs to read them
-        os.replace(tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(self.path, payload, mode=0o600)  # hashes only, but nobody else needs to read them

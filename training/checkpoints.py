@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval.atomic_files import fsync_path, write_atomically
 from retrieval.errors import LoragError
 
 KEEP_CHECKPOINTS = 2
@@ -72,11 +73,11 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) 
         _save_rng(tmp)
         write_json(tmp / "state.json", state)
         for path in tmp.iterdir():
-            _fsync(path)
+            fsync_path(path)
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
-        _fsync(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,7 +113,7 @@ def save_adapter_weights(model, directory: Path, *, atomic: bool = True) -> None
     tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}.safetensors" if atomic else target
     save_file(tensors, str(tmp))
     if atomic:
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
 
 
@@ -135,10 +136,7 @@ def remove_run(run_dir: Path) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value, indent=1))
 
 
 def read_json(path: Path):
@@ -173,10 +171,3 @@ def _load_rng(directory: Path) -> None:
     version, internal, gauss = read_json(directory / "rng.json")["python"]
     random.setstate((version, tuple(internal), gauss))
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

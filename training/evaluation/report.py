@@ -6,12 +6,11 @@ answer; ``blind`` shuffles and unlabels them per question and saves the key to `
 
 import html
 import json
-import os
 import random
 import string
-import tempfile
 from pathlib import Path
 
+from retrieval.atomic_files import atomic_writer
 from training.evaluation.runner import ANSWER_METRICS, CITATION_METRICS
 
 RESULTS_FILE, MARKDOWN_FILE, HTML_FILE, KEY_FILE, PLOTS_DIR = (
@@ -184,7 +183,7 @@ def write_plots(results: dict, directory: Path) -> dict[str, Path]:
             axes.legend()
             figure.tight_layout()
             path = directory / f"{name}.png"
-            with _atomic(path) as tmp:
+            with atomic_writer(path) as tmp:
                 figure.savefig(tmp, format="png")
         finally:
             plt.close(figure)
@@ -225,32 +224,7 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-class _atomic:
-    """Write to a temporary file in the target's directory, fsync, then rename over the target."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self):
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        self.file = os.fdopen(fd, "wb")
-        self.tmp = name
-        return self.file
-
-    def __exit__(self, kind, value, traceback):
-        try:
-            if kind is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-            if kind is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-
-
 def _write(path: Path, text: str) -> Path:
-    with _atomic(path) as file:
+    with atomic_writer(path) as file:
         file.write(text.encode("utf-8"))
     return path
