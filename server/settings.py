@@ -80,6 +80,9 @@ class GenerationSettings(BaseModel):
     fallback: Literal["extractive", "error"] = Field(
         "extractive", description="what to do when the model cannot be loaded"
     )
+    engine: Literal["auto", "engine", "transformers"] = Field(
+        "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft"
+    )
 
 
 class AdapterSettings(BaseModel):

@@ -1,6 +1,6 @@
 """What a generator must offer to serve hot-swapped adapters (``AdapterHost``), and what it is given.
 
-TransformersGenerator (peft) satisfies it directly; server.adapters.engine_host adapts the engine's slots.
+TransformersGenerator (peft) and server.engine.generator.EngineGenerator (its slots) satisfy it directly.
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +18,8 @@ class ServedModel:
     fingerprint: str  # server.adapter_manifest.model_fingerprint of its config
     linear: dict[str, tuple[int, int]]  # module path -> (in_features, out_features) of every adaptable Linear
     device: str = "cpu"
+    max_adapters: int | None = None  # adapters the generator can hold at once; None: no limit of its own
+    dora: bool = True  # whether DoRA adapters can be served (the multi-adapter engine runs plain LoRA only)
 
     @classmethod
     def of_module(cls, model, *, name: str) -> "ServedModel":

@@ -140,7 +140,12 @@ class AdapterService:
         self._versions: dict[str, _Version] = {}  # current versions and retired ones not yet discarded
         self._stats: dict[tuple[str, str], AdapterStats] = {}  # survive replacement of a version
         self._rejected: dict[tuple[str, str], tuple] = {}  # stamp of a dir already refused (logged once)
-        self._residency = Residency(max_device=self.settings.max_resident, max_host=self.settings.max_host)
+        max_device = self.settings.max_resident
+        if self.served is not None and self.served.max_adapters is not None and self.served.max_adapters < max_device:
+            log.warning("adapters.max_resident=%d but the generator holds %d adapters at once; keeping %d on the device",
+                        max_device, self.served.max_adapters, self.served.max_adapters)
+            max_device = self.served.max_adapters
+        self._residency = Residency(max_device=max_device, max_host=self.settings.max_host)
         self._lock = threading.Condition()
         self._device_lock = threading.Lock()
         self._refresh_lock = threading.Lock()

@@ -99,6 +99,7 @@ def check_adapter_dir(
     rank = _check_rank(name, config, manifest, max_rank)
     if served is not None:
         _check_base(name, config, manifest, served)
+        _check_method(name, config, manifest, served)
         _check_targets(name, config, served)
     _check_tensors(name, weights_path, served, max_rank)
     digest = hashlib.sha256(f"{tenant}/{name}\0".encode())
@@ -178,6 +179,16 @@ def _check_base(name: str, config: dict, manifest: AdapterManifest | None, serve
             f"adapter {name!r} has no {MANIFEST_FILE} and its {CONFIG_FILE} field 'base_model_name_or_path' is "
             f"{base!r}, not the served model {served.name!r}",
             hint="train it with `lorag train` (which writes the manifest) or on the served model",
+        )
+
+
+def _check_method(name: str, config: dict, manifest: AdapterManifest | None, served: ServedModel) -> None:
+    dora = bool(config.get("use_dora")) or (manifest is not None and manifest.method == "dora")
+    if dora and not served.dora:
+        raise Conflict(
+            f"adapter {name!r} is a DoRA adapter ({CONFIG_FILE} field 'use_dora'), which the multi-adapter engine "
+            f"serving {served.name!r} does not run (it serves plain LoRA)",
+            hint='retrain it without DoRA, or serve with generation.engine = "transformers"',
         )
 
 

@@ -1,4 +1,5 @@
-"""EngineGenerator: the Generator protocol on top of the multi-adapter engine, streaming through asyncio."""
+"""EngineGenerator: the Generator protocol on top of the multi-adapter engine, streaming through asyncio,
+and the adapter registry's AdapterHost (its slots are the resident adapters)."""
 
 import asyncio
 import logging
@@ -8,13 +9,18 @@ import torch
 from retrieval.errors import LoragError
 from server.engine.detokenizer import IncrementalText
 from server.engine.engine import Engine, EngineConfig
-from server.engine.lora_slots import AdapterSlots
+from server.engine.lora_slots import GROUPS, AdapterSlots
+from server.engine.model import check_supported
 from server.engine.rope import UnsupportedModel
 from server.engine.scheduler import Sequence
 from server.generation import GenerationRequest, GenerationStream, PromptInfo, TextDelta
-from server.prompting import build_prompt
+from server.prompting import build_prompt, require_chat_template
 
 log = logging.getLogger(__name__)
+
+# How long unloading waits for requests that let go of an adapter (cancelled, or cut by a stop string)
+# to leave the engine: they free their slot at its next step, well within this.
+UNLOAD_WAIT_S = 30.0
 
 
 class EngineError(LoragError):
@@ -27,14 +33,20 @@ class EngineGenerator:
     """Generates for many requests at once, each with its own adapter (or none).
 
     ``adapters`` is the residency API (load(name, path) -> slot, unload(name), resident()); a
-    request's ``adapter`` must be resident when it starts.
+    request's ``adapter`` must be resident when it starts. The AdapterHost methods (served_model,
+    load_adapter, unload_adapter, resident_keys) let server.adapters.AdapterService drive it.
     """
 
     kind = "generative"
 
-    def __init__(self, engine: Engine, tokenizer, *, name: str, stop_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, engine: Engine, tokenizer, *, name: str, stop_token_ids: frozenset[int] = frozenset(),
+                 model_name: str | None = None, fingerprint: str | None = None):
+        """``model_name`` and ``fingerprint`` (server.adapter_manifest.model_fingerprint of the model's
+        config) describe the base model to adapters; without a fingerprint no adapter can be validated."""
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.model_name = model_name or name
+        self.fingerprint = fingerprint
 
     @property
     def adapters(self) -> AdapterSlots:
@@ -47,12 +59,65 @@ class EngineGenerator:
 
         Raises:
             UnsupportedModel: the architecture or one of its settings is outside what the engine runs.
+            LoragError: the tokenizer has no chat template.
         """
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        engine = Engine.from_pretrained(path, config=config, device=device, dtype=dtype)
+        from server.adapter_manifest import model_fingerprint
+
+        model_config = AutoConfig.from_pretrained(path)
+        check_supported(model_config)  # before the tokenizer, so an unsupported model falls back quietly
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(engine, tokenizer, name=name or f"engine:{path}", stop_token_ids=_stop_ids(path, tokenizer))
+        require_chat_template(tokenizer, model=str(path))
+        engine = Engine.from_pretrained(path, config=config, device=device, dtype=dtype)
+        return cls(engine, tokenizer, name=name or f"engine:{path}", stop_token_ids=_stop_ids(path, tokenizer),
+                   model_name=str(path), fingerprint=model_fingerprint(model_config))
+
+    # ---- AdapterHost (server.adapters.host): called from worker threads ----------------------------
+    def served_model(self):
+        """The base model as adapters are validated against it: only the projections the engine adapts
+        count as adaptable, and DoRA is refused (the engine runs plain LoRA only).
+
+        Raises:
+            LoragError: the generator was built without the model's fingerprint.
+        """
+        from server.adapters.host import ServedModel
+
+        if self.fingerprint is None:
+            raise LoragError(f"generator {self.name} was built without its model fingerprint, so it cannot "
+                             "validate adapters", hint="build it with EngineGenerator.from_pretrained")
+        linear = {}
+        for layer in range(self.adapters.layers):
+            for group, modules in GROUPS.items():
+                block = "self_attn" if group in ("qkv", "o") else "mlp"
+                for module in modules:
+                    linear[f"model.layers.{layer}.{block}.{module}"] = self.adapters.dims[module]
+        return ServedModel(name=self.model_name, fingerprint=self.fingerprint, linear=linear,
+                           device=str(self.engine.model.device), max_adapters=self.adapters.num_slots, dora=False)
+
+    def load_adapter(self, key: str, adapter) -> None:
+        """Copy ``adapter`` (a server.adapters.host.HostAdapter, already validated and in host memory) into
+        a free slot under ``key``. Running requests are not disturbed: they only read their own slots.
+
+        Raises:
+            UnsupportedAdapter: DoRA, modules_to_save, biases or modules outside the attention/MLP projections.
+            Conflict: every slot is taken, or ``key`` is resident and in use.
+        """
+        self.adapters.load_weights(key, adapter.peft_config, adapter.tensors, source=str(adapter.path))
+
+    def unload_adapter(self, key: str) -> None:
+        """Free the slot of ``key`` (nothing to do when it is not resident). The registry unloads only keys no
+        request holds; rows it already let go of (cancelled, stop string) leave at the engine's next step,
+        so this waits for them rather than refusing.
+
+        Raises:
+            Conflict: a request still used ``key`` after UNLOAD_WAIT_S seconds.
+        """
+        if key in self.adapters.resident():
+            self.adapters.unload(key, wait_s=UNLOAD_WAIT_S)
+
+    def resident_keys(self) -> set[str]:
+        return set(self.adapters.resident())
 
     async def start(self, request: GenerationRequest) -> GenerationStream:
         """Build the prompt, queue the request in the engine and return its stream.
@@ -117,18 +182,23 @@ class EngineGenerator:
         await asyncio.to_thread(self.engine.close)
 
 
-def load_engine_generator(settings) -> EngineGenerator | None:
-    """The engine for ``settings.generation.model``, or None (logged) when it cannot run that architecture.
+def load_engine_generator(settings, *, adapters=None) -> EngineGenerator | None:
+    """The engine for ``settings.model``, or None (logged) when it cannot run that architecture.
 
-    ``settings`` is a ServerSettings: ``generation`` gives model/device/dtype/max_batch_size/
-    max_context_tokens, ``adapters`` gives max_resident/max_rank.
+    ``settings`` is a server.settings.GenerationSettings (model, device, dtype, max_batch_size,
+    max_context_tokens); ``adapters`` an AdapterSettings (max_resident slots of max_rank; defaults when None).
+
+    Raises:
+        LoragError, OSError, ...: the model or tokenizer cannot be loaded (the caller falls back).
     """
-    gen, adapters = settings.generation, settings.adapters
-    dtype = None if gen.dtype == "auto" else getattr(torch, gen.dtype)
-    config = EngineConfig(max_rows=gen.max_batch_size, max_len=gen.max_context_tokens or EngineConfig.max_len,
+    from server.settings import AdapterSettings
+
+    adapters = adapters or AdapterSettings()
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    config = EngineConfig(max_rows=settings.max_batch_size, max_len=settings.max_context_tokens or EngineConfig.max_len,
                           adapter_slots=adapters.max_resident, max_rank=adapters.max_rank)
     try:
-        return EngineGenerator.from_pretrained(gen.model, config=config, device=gen.device, dtype=dtype)
+        return EngineGenerator.from_pretrained(settings.model, config=config, device=settings.device, dtype=dtype)
     except UnsupportedModel as error:
         log.warning("multi-adapter engine not used, falling back to transformers + peft: %s", error)
         return None

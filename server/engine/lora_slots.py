@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class _Group:
 class AdapterSlots:
     """``num_slots`` resident adapters (slot numbers 1..num_slots; 0 = no adapter).
 
-    ``load(name, path)`` copies a peft adapter dir into a free slot; ``unload(name)`` frees it.
+    ``load(name, path)`` copies a peft adapter dir into a free slot (``load_weights`` one already in
+    memory); ``unload(name)`` frees it.
     Requests ``acquire`` a slot by adapter name and ``release`` it when done; an adapter in use
     cannot be unloaded or reloaded.
     """
@@ -96,6 +98,7 @@ class AdapterSlots:
         # masked all-slot GEMMs measured faster (6.2 vs 6.7 ms per 128-row step with 32 adapters).
         self.use_kernel = False
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a slot's last user releases it
         self._by_name: dict[str, int] = {}
         self._users = [0] * (num_slots + 1)
 
@@ -121,7 +124,17 @@ class AdapterSlots:
             UnsupportedAdapter: DoRA, modules_to_save, biases, or modules outside q/k/v/o/gate/up/down.
             Conflict: all slots are taken, or ``name`` is resident and in use.
         """
-        weights = read_peft_adapter(path, layers=self.layers, dims=self.dims, max_rank=self.max_rank)
+        config, tensors = read_peft_files(path)
+        return self.load_weights(name, config, tensors, source=str(path))
+
+    def load_weights(self, name: str, config: dict, tensors: dict[str, torch.Tensor], *, source: str = "memory") -> int:
+        """Copy an adapter already in memory (its adapter_config.json as a dict and its safetensors
+        ``tensors`` under peft's saved key names) into a slot under ``name``; returns the slot (1-based).
+
+        ``source`` names where the adapter came from, in messages. Raises as :meth:`load`.
+        """
+        weights = peft_weights(config, tensors, source=source, layers=self.layers, dims=self.dims,
+                               max_rank=self.max_rank)
         with self._lock:
             slot = self._by_name.get(name)
             if slot is not None and self._users[slot]:
@@ -137,19 +150,26 @@ class AdapterSlots:
                 slot = free[0]
             self._write_slot(slot, weights)
             self._by_name[name] = slot
-        log.info("adapter %s loaded into slot %d from %s", name, slot, path)
+        log.info("adapter %s loaded into slot %d from %s", name, slot, source)
         return slot
 
-    def unload(self, name: str) -> None:
-        """Free the slot of ``name``.
+    def unload(self, name: str, *, wait_s: float = 0.0) -> None:
+        """Free the slot of ``name``, waiting up to ``wait_s`` seconds for running requests to release it
+        (a cancelled request lets go of its slot at the engine's next step).
 
         Raises:
-            NotFound: ``name`` is not resident.  Conflict: a running request uses it.
+            NotFound: ``name`` is not resident.  Conflict: a running request still uses it after ``wait_s``.
         """
-        with self._lock:
-            slot = self._by_name.get(name)
-            if slot is None:
-                raise NotFound(f"adapter {name!r} is not loaded")
+        deadline = time.monotonic() + wait_s
+        with self._idle:
+            while True:
+                slot = self._by_name.get(name)
+                if slot is None:
+                    raise NotFound(f"adapter {name!r} is not loaded")
+                remaining = deadline - time.monotonic()
+                if not self._users[slot] or remaining <= 0:
+                    break
+                self._idle.wait(remaining)
             if self._users[slot]:
                 raise Conflict(f"adapter {name!r} is in use by {self._users[slot]} running request(s); unload it later")
             del self._by_name[name]
@@ -173,8 +193,10 @@ class AdapterSlots:
 
     def release(self, slot: int) -> None:
         if slot:
-            with self._lock:
+            with self._idle:
                 self._users[slot] -= 1
+                if not self._users[slot]:
+                    self._idle.notify_all()
 
     # ---- forward ---------------------------------------------------------------------------------
     def apply(self, layer: int, group: str, x: torch.Tensor, base: torch.Tensor, selection: AdapterSelection) -> torch.Tensor:
@@ -248,11 +270,18 @@ def read_peft_adapter(
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """Read a peft LoRA dir into {(layer, module): (A (r, in), B (r, out) times scaling)} as float32 CPU tensors.
 
-    Only adapter_config.json and adapter_model.safetensors are read (never pickle).
+    Only adapter_config.json and adapter_model.safetensors are read (never pickle). Raises as :func:`peft_weights`,
+    and LoragError for missing or unreadable files.
+    """
+    config, tensors = read_peft_files(path)
+    return peft_weights(config, tensors, source=str(path), layers=layers, dims=dims, max_rank=max_rank)
+
+
+def read_peft_files(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json as a dict and adapter_model.safetensors as tensors (never pickle).
 
     Raises:
-        LoragError: missing files, shapes that do not fit the model, non-finite weights, rank > max_rank.
-        UnsupportedAdapter: DoRA, modules_to_save, trained biases, or modules the engine does not adapt.
+        LoragError: a file is missing or unreadable.
     """
     from safetensors.torch import load_file
 
@@ -265,52 +294,66 @@ def read_peft_adapter(
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise LoragError(f"cannot read {config_path}: {error}") from error
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UnsupportedAdapter(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise UnsupportedAdapter(f"{config_path}: DoRA adapters are not supported by the engine's fast path")
-    if config.get("modules_to_save"):
-        raise UnsupportedAdapter(f"{config_path}: modules_to_save {config['modules_to_save']} is not supported by the engine")
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapter(f"{config_path}: bias={config['bias']!r} is not supported by the engine (needs 'none')")
-    if config.get("fan_in_fan_out"):
-        raise UnsupportedAdapter(f"{config_path}: fan_in_fan_out adapters are not supported by the engine")
+    return config, load_file(str(weights_path))
 
-    tensors = load_file(str(weights_path))
+
+def peft_weights(
+    config: dict, tensors: dict[str, torch.Tensor], *, source: str, layers: int, dims: dict[str, tuple[int, int]],
+    max_rank: int,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """A peft LoRA (config dict, tensors under peft's saved names) as {(layer, module): (A (r, in), B (r, out)
+    times scaling)}, float32 CPU tensors; ``source`` names the adapter in messages.
+
+    Raises:
+        LoragError: shapes that do not fit the model, non-finite weights, rank > max_rank.
+        UnsupportedAdapter: DoRA, modules_to_save, trained biases, or modules the engine does not adapt.
+    """
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedAdapter(f"{source}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise UnsupportedAdapter(f"{source}: DoRA adapters are not supported by the engine's fast path",
+                                 hint='serve DoRA adapters with generation.engine = "transformers"')
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapter(f"{source}: modules_to_save {config['modules_to_save']} is not supported by the engine")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapter(f"{source}: bias={config['bias']!r} is not supported by the engine (needs 'none')")
+    if config.get("fan_in_fan_out"):
+        raise UnsupportedAdapter(f"{source}: fan_in_fan_out adapters are not supported by the engine")
+
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None or match.group(3) not in MODULE_GROUP:
-            raise UnsupportedAdapter(f"{weights_path}: tensor {key!r} adapts a module the engine does not support "
+            raise UnsupportedAdapter(f"{source}: tensor {key!r} adapts a module the engine does not support "
                                      f"(supported: {', '.join(MODULE_GROUP)})")
         layer = int(match.group(1))
         if layer >= layers:
-            raise LoragError(f"{weights_path}: tensor {key!r} names layer {layer} but the model has {layers} layers")
+            raise LoragError(f"{source}: tensor {key!r} names layer {layer} but the model has {layers} layers")
         halves.setdefault((layer, match.group(3)), {})[match.group(4)] = tensor
 
     weights = {}
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
-            raise LoragError(f"{weights_path}: layer {layer} {module} has lora_{''.join(pair)} but not both A and B")
+            raise LoragError(f"{source}: layer {layer} {module} has lora_{''.join(pair)} but not both A and B")
         a, b = pair["A"].float(), pair["B"].float()  # (r, in), (out, r)
         rank = a.shape[0]
         in_features, out_features = dims[module]
         if a.shape != (rank, in_features) or b.shape != (out_features, rank):
             raise LoragError(
-                f"{weights_path}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, expected "
+                f"{source}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, expected "
                 f"({rank}, {in_features}) and ({out_features}, {rank}): the adapter was trained for another base model"
             )
         if rank > max_rank:
-            raise LoragError(f"{weights_path}: rank {rank} exceeds adapters.max_rank={max_rank}",
+            raise LoragError(f"{source}: rank {rank} exceeds adapters.max_rank={max_rank}",
                              hint="raise adapters.max_rank or train with a smaller r")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise LoragError(f"{weights_path}: layer {layer} {module} has non-finite weights")
+            raise LoragError(f"{source}: layer {layer} {module} has non-finite weights")
         name = f"model.layers.{layer}.{'self_attn' if module in GROUPS['qkv'] + GROUPS['o'] else 'mlp'}.{module}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         weights[(layer, module)] = (a.contiguous(), (b * scaling).t().contiguous())
     if not weights:
-        raise LoragError(f"{weights_path} holds no LoRA weights")
+        raise LoragError(f"{source} holds no LoRA weights")
     return weights
 
 

@@ -61,6 +61,6 @@ def test_other_architecture_is_refused_and_factory_falls_back(tmp_path, caplog):
     build_tokenizer().save_pretrained(path)
     settings = ServerSettings(data_dir=tmp_path, generation={"model": str(path), "device": "cpu"})
     with caplog.at_level("WARNING"):
-        assert load_engine_generator(settings) is None
+        assert load_engine_generator(settings.generation) is None
     assert "architecture 'gpt2' is not supported" in caplog.text
     assert "falling back to transformers + peft" in caplog.text
