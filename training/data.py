@@ -89,7 +89,7 @@ def load_examples(path: str | Path, *, strict: bool = False) -> LoadedData:
     if not text.strip():
         raise LoragError(f"training data file {str(path)!r} is empty", hint="Add records in alpaca, sharegpt or OpenAI messages format")
 
-    records = list(_read_records(text, str(path)))
+    records = list(read_json_records(text, str(path)))
     data_format = detect_format([record for _, record, error in records if error is None])
     if data_format is None:
         raise LoragError(
@@ -130,8 +130,11 @@ def detect_format(records: Sequence[object]) -> str | None:
     return None
 
 
-def _read_records(text: str, name: str) -> Iterator[tuple[int, object, str | None]]:
-    """Yield (line, record, error) for a JSON array or JSONL text; error is None for parsed records."""
+def read_json_records(text: str, name: str) -> Iterator[tuple[int, object, str | None]]:
+    """Yield (line, record, error) for a JSON array or JSONL text; error is None for parsed records.
+
+    Shared by the training formats and the evaluation question sets, so both report bad lines alike.
+    """
     stripped = text.lstrip()
     if stripped.startswith("["):
         yield from _read_json_array(text, name)

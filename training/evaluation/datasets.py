@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import LoragError
-from training.data import BadRecord
+from training.data import BadRecord, read_json_records
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise LoragError(f"question set {str(path)!r} cannot be read as UTF-8 text: {error}") from error
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line), None
-        except json.JSONDecodeError as error:
-            yield number, None, f"not valid JSON: {error.msg} (column {error.colno})"
+    yield from read_json_records(text, str(path))
 
 
 # ---- SQuAD JSON: data[].paragraphs[].{context, qas[].{id, question, answers[].{text, answer_start}}} ---------
