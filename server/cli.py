@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # libraries' INFO lines (faiss's loader, model loading) drown the command's own output
         for noisy in ("faiss.loader", "sentence_transformers", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # bitsandbytes warns on import about optional CPU kernels lorag never uses (4-bit runs on CUDA only).
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return int(args.handler(args) or 0)
     except LoragError as error:
