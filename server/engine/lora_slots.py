@@ -232,6 +232,11 @@ class AdapterSlots:
         """A of ``group`` in ``layer``: (slots * modules * r_max, in)."""
         return self._groups[layer][group].a
 
+    def expand_weight(self, layer: int, group: str) -> torch.Tensor:
+        """B of ``group`` in ``layer``: (slots * modules * r_max, out_total), block-diagonal, scaled; slot
+        loads write into this tensor in place, so a captured or compiled step may hold on to it."""
+        return self._groups[layer][group].b
+
     def share_shrink_weight(self, layer: int, group: str, view: torch.Tensor) -> None:
         """Keep A in ``view`` (same shape and values, e.g. rows of the model's stacked weight) from now on."""
         g = self._groups[layer][group]
