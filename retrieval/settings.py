@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from retrieval.errors import LoragError
@@ -50,11 +50,14 @@ class RetrievalSettings(BaseModel):
     k: int = Field(5, ge=1, le=100)
     dense: bool = True
     keyword: bool = True
-    fusion: Literal["relative", "rrf"] = Field(
-        "relative", description="how dense and keyword hits merge: min-max relative scores, or reciprocal rank"
+    fusion: Literal["zscore", "relative", "rrf"] = Field(
+        "zscore", description="how dense and keyword hits merge: z-scored or min-max scores, or reciprocal rank"
+    )
+    dense_weight: float = Field(
+        0.55, ge=0.0, le=1.0, description="dense share of zscore/relative fusion; keyword gets 1 - dense_weight"
     )
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank-fusion constant")
-    candidates: int = Field(50, ge=1, description="hits each retriever contributes before fusion")
+    candidates: int = Field(100, ge=1, description="hits each retriever contributes before fusion")
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     reranker: str | None = Field(None, description="cross-encoder name or path; None disables reranking")
 
@@ -114,13 +117,25 @@ def load_settings(cls: type[S] = Settings, *, config_file: str | Path | None = N
         if not path.is_file():
             raise LoragError(f"config file {str(path)!r} does not exist", hint="Pass an existing TOML file")
     _CONFIG_FILE["path"] = path
+    where = f"config file {str(path)!r}, LORAG_* environment or flags" if path else "LORAG_* environment or flags"
     try:
         return cls(**_drop_none(overrides))
-    except ValueError as error:  # pydantic's ValidationError and TOML decode errors are ValueErrors
-        where = f"config file {str(path)!r}, environment or flags" if path else "environment or flags"
-        raise LoragError(f"invalid settings ({where}): {error}") from error
+    except ValidationError as error:
+        problems = "; ".join(_describe(problem) for problem in error.errors())
+        raise LoragError(f"invalid settings in {where}: {problems}") from error
+    except ValueError as error:  # TOML syntax errors
+        raise LoragError(f"invalid settings in {where}: {error}") from error
     finally:
         _CONFIG_FILE["path"] = None
+
+
+def _describe(problem: dict) -> str:
+    """One readable line per pydantic error; echoes the bad value unless it may be a secret or a whole section."""
+    field = ".".join(str(part) for part in problem["loc"])
+    value = problem.get("input")
+    if isinstance(value, (dict, list)) or "key" in field.lower():
+        return f"{field}: {problem['msg']}"
+    return f"{field}: {problem['msg']} (got {value!r})"
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
