@@ -1,4 +1,5 @@
-"""One batched decode step over cache rows 0..n-1: eager (CPU, fallback) or replayed CUDA graphs (GPU).
+"""One batched decode step over cache rows 0..n-1: eager (CPU, fallback) or replayed CUDA graphs (GPU),
+either one optionally through the model's compiled layer (``compiled=True``, after compile_decode).
 
 Both take python lists (token, position, adapter slot per row; idle rows carry the cache's scratch
 position) and return float32 logits whose first n rows belong to those rows.
@@ -29,8 +30,9 @@ def onehot_rows(slots: list[int], num_slots: int, *, device) -> torch.Tensor | N
 class EagerDecode:
     """Runs the model forward directly; shapes follow the batch (no padding)."""
 
-    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None):
+    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, compiled: bool = False):
         self.model, self.cache, self.adapters = model, cache, adapters
+        self.compiled = compiled  # every new batch size compiles once: meant for tests and small row counts
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         device = self.model.device
@@ -42,7 +44,7 @@ class EagerDecode:
         return self.model.forward(
             torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
             cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters if onehot is not None else None,
-            selection=AdapterSelection(onehot=onehot),
+            selection=AdapterSelection(onehot=onehot), compiled=self.compiled,
         )
 
 
@@ -54,7 +56,8 @@ class GraphedDecode:
     holds its highest row; rows past n are idle rows writing to the scratch position.
     """
 
-    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = ()):
+    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = (),
+                 compiled: bool = False):
         self.model, self.cache, self.adapters = model, cache, adapters
         default = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
         self.buckets = sorted({b for b in (buckets or default) if b < cache.rows} | {cache.rows})
@@ -66,6 +69,8 @@ class GraphedDecode:
         self.slot_ids = torch.zeros(rows, dtype=torch.long, device=device)
         # Triton's per-row kernel when present; otherwise the masked all-slots GEMMs.
         self.use_kernel = bgmv_available(self.slot_ids) and adapters is not None and adapters.use_kernel
+        # The compiled layer takes the masked-GEMM LoRA only (the kernel path goes through the slots API).
+        self.compiled = compiled and not self.use_kernel
         self._host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
         self._host_onehot = torch.zeros(rows, slots, dtype=model.dtype).pin_memory()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -74,7 +79,7 @@ class GraphedDecode:
         return self.model.forward(
             self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
             adapters=self.adapters if lora else None,
-            selection=self._selection(bucket) if lora else AdapterSelection(),
+            selection=self._selection(bucket) if lora else AdapterSelection(), compiled=self.compiled,
         )
 
     def _selection(self, bucket: int) -> AdapterSelection:
@@ -91,7 +96,9 @@ class GraphedDecode:
         for bucket in sorted(self.buckets, reverse=True):
             for lora in variants:
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up allocates workspaces outside the graph
+                # Warm-up allocates workspaces outside the graph and, when compiled, compiles this shape
+                # (a compile inside the capture would fail: it benchmarks and synchronizes).
+                with torch.cuda.stream(side):
                     for _ in range(2):
                         self._forward(bucket, lora)
                 torch.cuda.current_stream().wait_stream(side)
@@ -100,7 +107,8 @@ class GraphedDecode:
                     logits = self._forward(bucket, lora)
                 self.graphs[(bucket, lora)] = (graph, logits)
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs for buckets %s", len(self.graphs), self.buckets)
+        log.info("captured %d %sdecode graphs for buckets %s", len(self.graphs),
+                 "compiled " if self.compiled else "", self.buckets)
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         n = len(tokens)

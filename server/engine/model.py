@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_slots import AdapterSelection, AdapterSlots
+from server.engine.lora_slots import GROUPS, AdapterSelection, AdapterSlots
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -82,6 +82,7 @@ class EngineModel:
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.cos, self.sin = rope_tables(inv_freq, cache_len, dtype=dtype, device=device)
+        self._compiled_layer = None  # see compile_decode
 
     @classmethod
     def from_hf(cls, hf_model, *, cache_len: int, dtype, device) -> "EngineModel":
@@ -140,18 +141,25 @@ class EngineModel:
                 adapters.share_shrink_weight(i, group, stacked[base.shape[0] :])
                 w.stacked[group] = (stacked, bias)
 
-    def _project(self, i: int, group: str, x: torch.Tensor, adapters, selection: AdapterSelection) -> torch.Tensor:
-        """The group's linear (base + LoRA of the selected slots) on x (tokens, in)."""
-        w = self.layers[i]
-        weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
-        if adapters is None or not selection.active:
-            return F.linear(x, weight, bias)
-        if selection.onehot is not None and group in w.stacked:
-            stacked, stacked_bias = w.stacked[group]
-            y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * modules * r_max)
-            out = weight.shape[0]
-            return adapters.expand(i, group, y[:, out:], y[:, :out], selection.onehot)
-        return adapters.apply(i, group, x, F.linear(x, weight, bias), selection)
+    def compile_decode(self) -> None:
+        """Run decode steps' layers through torch.compile (fused elementwise work, fewer kernels per step).
+
+        One compiled graph serves every layer: the layer gets its weights, cache and adapter tensors as
+        arguments, never a layer number. Shapes are static, so each (batch, adapters on/off) pair compiles
+        once, on its first call; adapter loads copy into the slot tensors, which stay graph inputs.
+        """
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        # Dynamo counts compiles per code object, across engines of the process; the default limit (8)
+        # would silently send later batch sizes back to eager.
+        config.recompile_limit = max(config.recompile_limit, 256)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+        self._compiled_layer = torch.compile(decoder_layer, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_layer is not None
 
     def forward(
         self,
@@ -164,6 +172,7 @@ class EngineModel:
         selection: AdapterSelection,
         logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq) of cache ``rows``.
 
@@ -171,8 +180,9 @@ class EngineModel:
         cache positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
         padding after them only), so attention needs only the new keys (causal, no cache read) and
         ``rows`` may be a (batch,) tensor of any rows; otherwise ``rows`` is a contiguous slice.
-        Returns float32 (batch, vocab) for token index ``logits_at`` (an int, or a (batch,) tensor
-        with one index per row), or (batch, seq, vocab) when it is None.
+        ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
+        steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
+        int, or a (batch,) tensor with one index per row), or (batch, seq, vocab) when it is None.
         """
         s = self.shape
         batch, seq = tokens.shape
@@ -182,33 +192,95 @@ class EngineModel:
         if not fresh:
             visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
             mask = _group_mask(visible, s.heads // s.kv_heads, dtype=x.dtype)
-        lora = adapters if adapters is not None and selection.active else None
         batch_index = torch.arange(batch, device=tokens.device)[:, None]
+        if isinstance(rows, slice):  # (batch, 1) cache row of each batch row
+            row_index = batch_index if not rows.start else batch_index + rows.start
+        else:
+            row_index = rows[:, None]
+        layer = decoder_layer
+        if compiled:
+            if self._compiled_layer is None:
+                raise RuntimeError("forward(compiled=True) needs compile_decode() first")
+            layer = self._compiled_layer
+        on = adapters is not None and selection.active
+        masked = on and selection.onehot is not None and all(self.layers[0].stacked.get(g) for g in GROUPS)
         for i, w in enumerate(self.layers):
-            h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
-            qkv = self._project(i, "qkv", h, lora, selection)
-            qkv = qkv.view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
-            qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
-            q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
-            cache.write(i, rows, positions, k, v, batch_index=batch_index)
-            if fresh:
-                attn = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-                ).transpose(1, 2)
-            else:
-                keys, values = cache.read(i, rows)
-                attn = _attend(q, keys, values, mask)
-            attn = attn.reshape(batch * seq, s.q_dim)
-            x = x + self._project(i, "o", attn, lora, selection).view(batch, seq, s.hidden)
-            h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
-            gate, up = self._project(i, "gate_up", h, lora, selection).split([s.intermediate, s.intermediate], dim=-1)
-            m = F.silu(gate) * up
-            x = x + self._project(i, "down", m, lora, selection).view(batch, seq, s.hidden)
+            lora = None
+            if masked:
+                lora = MaskedLoRA(onehot=selection.onehot, num_slots=adapters.num_slots,
+                                  expand={g: adapters.expand_weight(i, g) for g in GROUPS})
+            elif on:
+                lora = SlotLoRA(adapters=adapters, layer=i, selection=selection)
+            x = layer(x, w, lora, shape=s, cos=cos, sin=sin, mask=mask, positions=positions, row_index=row_index,
+                      rows=rows, cache_k=cache.k[i], cache_v=cache.v[i], fresh=fresh)
         if isinstance(logits_at, torch.Tensor):
             x = x[batch_index[:, 0], logits_at]
         elif logits_at is not None:
             x = x[:, logits_at]
         return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
+
+
+@dataclass(frozen=True)
+class MaskedLoRA:
+    """Decode-step adapters as plain tensors (a compiled layer must see no layer number): every slot's
+    shrink comes out of the stacked base GEMM, each row is masked to its own slot, then one expand GEMM."""
+
+    onehot: torch.Tensor  # (rows, slots) float, a zero row meaning the base model
+    num_slots: int
+    expand: dict[str, torch.Tensor]  # group -> B (slots * modules * r_max, out)
+
+
+@dataclass(frozen=True)
+class SlotLoRA:
+    """Prefill adapters through the slots API (eager only): one slot for all rows, or gathered per row."""
+
+    adapters: AdapterSlots
+    layer: int
+    selection: AdapterSelection
+
+
+def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: MaskedLoRA | SlotLoRA | None) -> torch.Tensor:
+    """The group's linear (base + LoRA of the selected slots) on x (tokens, in)."""
+    weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
+    if isinstance(lora, MaskedLoRA):
+        stacked, stacked_bias = w.stacked[group]
+        y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * modules * r_max)
+        out, tokens = weight.shape[0], x.shape[0]
+        h = (y[:, out:].view(tokens, lora.num_slots, -1) * lora.onehot[:, :, None]).view(tokens, -1)
+        return torch.addmm(y[:, :out], h, lora.expand[group])
+    base = F.linear(x, weight, bias)
+    if lora is None:
+        return base
+    return lora.adapters.apply(lora.layer, group, x, base, lora.selection)
+
+
+def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: MaskedLoRA | SlotLoRA | None, *, shape: ModelShape,
+                  cos, sin, mask, positions, row_index, rows, cache_k, cache_v, fresh: bool) -> torch.Tensor:
+    """One decoder block on x (batch, seq, hidden); writes the new keys/values into cache_k/cache_v
+    (this layer's (rows, kv_heads, length, head_dim)) at (row_index (batch, 1), positions (batch, seq)).
+
+    Everything it touches comes in as arguments, so torch.compile builds one graph for all layers.
+    """
+    s = shape
+    batch, seq = x.shape[0], x.shape[1]
+    h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
+    qkv = _project("qkv", h, w, lora).view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
+    qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
+    q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
+    # Index the whole cache tensor (not a row slice of it): a compiled graph then scatters in place.
+    cache_k[row_index, :, positions] = k
+    cache_v[row_index, :, positions] = v
+    if fresh:
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        ).transpose(1, 2)
+    else:
+        attn = _attend(q, cache_k[rows], cache_v[rows], mask)
+    attn = attn.reshape(batch * seq, s.q_dim)
+    x = x + _project("o", attn, w, lora).view(batch, seq, s.hidden)
+    h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
+    gate, up = _project("gate_up", h, w, lora).split([s.intermediate, s.intermediate], dim=-1)
+    return x + _project("down", F.silu(gate) * up, w, lora).view(batch, seq, s.hidden)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
