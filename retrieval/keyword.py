@@ -1,4 +1,8 @@
-"""BM25 keyword search over a tenant's chunk texts (bm25s), built in memory from SQLite when first needed."""
+"""BM25 keyword search over a tenant's chunk texts (bm25s), built in memory from SQLite when first needed.
+
+Terms are lower-cased, English stopwords dropped and, when PyStemmer is installed, Snowball-stemmed
+("infections" matches "infection"); benchmarks/RESULTS.md ("Retrieval") has the measured effect.
+"""
 
 import logging
 
@@ -7,25 +11,41 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def tokenize(texts: list[str]) -> list[list[str]]:
+def load_stemmer(language: str | None):
+    """A PyStemmer stemmer for ``language``, or None when ``language`` is None or PyStemmer is missing."""
+    if language is None:
+        return None
+    try:
+        import Stemmer
+    except ImportError:  # keyword search still works, only without stemming
+        log.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer)")
+        return None
+    return Stemmer.Stemmer(language)
+
+
+def tokenize(texts: list[str], *, stemmer=None) -> list[list[str]]:
+    """Each text's BM25 terms: lower-cased words of 2+ characters, English stopwords out, stemmed if asked."""
     import bm25s
 
-    return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
+    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
 
 
 class KeywordIndex:
     """BM25 (Lucene variant) over ``texts``; hits are reported by the ``rowids`` given alongside them."""
 
-    def __init__(self, rowids: np.ndarray, texts: list[str]):
+    def __init__(self, rowids: np.ndarray, texts: list[str], *, stemmer_language: str | None = "english"):
         import bm25s
 
         self.rowids = np.asarray(rowids, dtype=np.int64)
+        self.stemmer_language = stemmer_language
+        self.stemmed = load_stemmer(stemmer_language) is not None
         self._bm25 = None
         if len(texts):
-            corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", show_progress=False)
+            corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=load_stemmer(stemmer_language),
+                                           show_progress=False)
             self._bm25 = bm25s.BM25()
             self._bm25.index(corpus_tokens, show_progress=False)
-        log.debug("keyword index built over %d chunks", len(texts))
+        log.debug("keyword index built over %d chunks (stemmed: %s)", len(texts), self.stemmed)
 
     def __len__(self) -> int:
         return len(self.rowids)
@@ -35,7 +55,9 @@ class KeywordIndex:
         if self._bm25 is None or k <= 0:
             return []
         vocabulary = self._bm25.vocab_dict
-        terms = [term for term in tokenize([query])[0] if term in vocabulary]
+        # A fresh stemmer per query: PyStemmer objects must not be shared between threads.
+        stemmer = load_stemmer(self.stemmer_language) if self.stemmed else None
+        terms = [term for term in tokenize([query], stemmer=stemmer)[0] if term in vocabulary]
         if not terms:
             return []
         scores = self._bm25.get_scores(terms)  # (n_chunks,)

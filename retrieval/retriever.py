@@ -1,7 +1,7 @@
 """Hybrid retrieval: dense (FAISS) and keyword (BM25) hits fused into one ranking, optionally reranked.
 
-Relative-score fusion is the default: on COVID-QA and HotpotQA it beat reciprocal-rank fusion on every
-metric (benchmarks/retrieval_quality.py; numbers in benchmarks/RESULTS.md, "Retrieval").
+Default fusion: z-scores of each retriever's candidate scores, weighted 0.55 dense / 0.45 keyword, chosen
+on one seeded COVID-QA + HotpotQA sample and checked on others (benchmarks/RESULTS.md, "Retrieval").
 """
 
 import logging
@@ -16,7 +16,7 @@ from retrieval.types import Chunk, Passage
 log = logging.getLogger(__name__)
 
 MODES = ("hybrid", "dense", "keyword")
-FUSIONS = ("relative", "rrf")
+FUSIONS = ("zscore", "relative", "rrf")
 
 
 def reciprocal_rank_fusion(
@@ -55,6 +55,38 @@ def relative_score_fusion(
     return sorted(fused.items(), key=lambda pair: -pair[1])
 
 
+def zscore_fusion(
+    scored: Mapping[str, Sequence[tuple[Hashable, float]]], *, weights: Mapping[str, float] | None = None
+) -> list[tuple[Hashable, float]]:
+    """Fuse scored lists by standardised scores: ``score(d) = sum_r weight_r * (s_r(d) - mean_r) / std_r``.
+
+    Why z-scores: min-max (:func:`relative_score_fusion`) maps every list's top hit to 1, so a retriever
+    whose candidates all score alike still gets a full vote for its first one. A z-score keeps how far a
+    hit stands out from that list's other candidates: a sure retriever outvotes an unsure one, per query,
+    whichever of the two it is. An item missing from a list gets that list's lowest z (it scored at most
+    as well as the worst candidate there); a list whose scores are all equal contributes 0 to every item.
+    Returns ``(item, score)`` best first; ties keep the order in which items were first seen.
+    """
+    standardised: dict[str, dict[Hashable, float]] = {}
+    for name, ranking in scored.items():
+        if not ranking:
+            continue
+        values = [score for _, score in ranking]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        standardised[name] = {item: (score - mean) / std if std > 0 else 0.0 for item, score in ranking}
+    fused: dict[Hashable, float] = {}
+    for z in standardised.values():
+        for item in z:
+            fused.setdefault(item, 0.0)
+    for name, z in standardised.items():
+        weight = 1.0 if weights is None else weights.get(name, 1.0)
+        floor = min(z.values())
+        for item in fused:
+            fused[item] += weight * z.get(item, floor)
+    return sorted(fused.items(), key=lambda pair: -pair[1])  # sorted() is stable: first-seen wins ties
+
+
 def resolve_mode(mode: str | None, settings: RetrievalSettings) -> str:
     """The retrieval mode for one call: ``mode`` if given, else what ``settings.dense``/``keyword`` enable.
 
@@ -86,9 +118,10 @@ class HybridRetriever:
         settings: RetrievalSettings,
         *,
         reranker: Reranker | None = None,
-        fusion: str = "relative",
+        fusion: str | None = None,
         weights: Mapping[str, float] | None = None,
     ):
+        fusion = settings.fusion if fusion is None else fusion
         if fusion not in FUSIONS:
             raise LoragError(f"unknown retrieval fusion {fusion!r}", hint=f"Use one of {', '.join(FUSIONS)}")
         self.index = index
@@ -96,7 +129,10 @@ class HybridRetriever:
         self.settings = settings
         self.reranker = reranker
         self.fusion = fusion
-        self.weights = weights  # per-retriever fusion weights, e.g. {"dense": 1.0, "keyword": 0.5}; None = equal
+        # Per-retriever fusion weights. None: settings.dense_weight for score fusion; RRF counts both equally.
+        if weights is None and fusion != "rrf":
+            weights = {"dense": settings.dense_weight, "keyword": 1.0 - settings.dense_weight}
+        self.weights = weights
 
     def retrieve(
         self, query: str, *, k: int | None = None, sources: Sequence[str] | None = None, mode: str | None = None
@@ -139,7 +175,8 @@ class HybridRetriever:
                 fused = reciprocal_rank_fusion(rankings, k=self.settings.rrf_k, weights=self.weights)
             else:
                 scored = {name: [((c.source, c.id), s) for c, s in ranked] for name, ranked in hits.items()}
-                fused = relative_score_fusion(scored, weights=self.weights)
+                fuse = zscore_fusion if self.fusion == "zscore" else relative_score_fusion
+                fused = fuse(scored, weights=self.weights)
             for key, score in fused:
                 scores[key]["fused"] = score
             ordered = fused

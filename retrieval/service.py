@@ -81,7 +81,7 @@ class RetrievalService:
             return []
         settings = self.settings.retrieval
         retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), settings,
-                                    reranker=self.reranker, fusion=settings.fusion)
+                                    reranker=self.reranker)
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
 
     def chunk(self, tenant: str, chunk_id: str) -> Chunk:

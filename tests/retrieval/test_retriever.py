@@ -4,7 +4,10 @@ import pytest
 
 from retrieval.errors import LoragError
 from retrieval.reranker import CrossEncoderReranker, load_reranker
-from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, resolve_mode
+from retrieval.keyword import KeywordIndex
+from retrieval.retriever import (
+    HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, resolve_mode, zscore_fusion,
+)
 from retrieval.settings import RetrievalSettings
 from tests.retrieval.conftest import CORPUS
 
@@ -33,6 +36,27 @@ def test_relative_score_fusion_matches_hand_computed_scores():
     weighted = relative_score_fusion(scored, weights={"keyword": 2.0})
     assert weighted == [("c", 2.0), ("a", 1.0), ("b", pytest.approx(0.5)), ("d", 0.0)]
     assert relative_score_fusion({"dense": [("x", 0.3)], "keyword": []}) == [("x", 1.0)]
+
+
+def test_zscore_fusion_matches_hand_computed_scores():
+    scored = {"dense": [("a", 0.9), ("b", 0.7), ("c", 0.5)], "keyword": [("c", 12.0), ("d", 4.0)]}
+    # dense: mean 0.7, std sqrt(0.08/3) -> a=+1.2247, b=0, c=-1.2247; keyword: mean 8, std 4 -> c=+1, d=-1.
+    # Missing items take the list's lowest z: a, b get keyword -1; d gets dense -1.2247.
+    z = 0.2 / (0.08 / 3) ** 0.5
+    fused = zscore_fusion(scored)
+    assert [item for item, _ in fused] == ["a", "c", "b", "d"]
+    assert dict(fused) == pytest.approx({"a": z - 1, "b": -1.0, "c": -z + 1, "d": -z - 1})
+    weighted = dict(zscore_fusion(scored, weights={"dense": 0.25, "keyword": 0.75}))
+    assert weighted == pytest.approx({"a": 0.25 * z - 0.75, "b": -0.75, "c": -0.25 * z + 0.75, "d": -0.25 * z - 0.75})
+    assert zscore_fusion({"dense": [("x", 0.3), ("y", 0.3)], "keyword": []}) == [("x", 0.0), ("y", 0.0)]
+
+
+def test_bm25_stems_terms_so_plural_queries_match_singular_text():
+    texts = ["The infection spread quickly through the ward.", "Bake the bread for forty minutes."]
+    stemmed = KeywordIndex([10, 20], texts)
+    hits = stemmed.search("infections", 5)
+    assert stemmed.stemmed and [rowid for rowid, _ in hits] == [10] and hits[0][1] > 0
+    assert KeywordIndex([10, 20], texts, stemmer_language=None).search("infections", 5) == []
 
 
 def test_rrf_fusion_can_be_chosen(build_index, embedder):
