@@ -112,7 +112,7 @@ def _load_generator(settings: ServerSettings):
 
     # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
     # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
-    return load_generator(settings.generation)
+    return load_generator(settings.generation, adapters=settings.adapters)
 
 
 def _start_adapters(settings: ServerSettings, generator, metrics: Metrics):

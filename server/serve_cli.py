@@ -27,6 +27,10 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
         help="'extractive' quotes retrieved passages without a model",
     )
     serve.add_argument("--device", help="torch device for the model, e.g. cuda or cpu")
+    serve.add_argument(
+        "--engine", choices=["auto", "engine", "transformers"],
+        help="generation path (generation.engine): auto = the multi-adapter engine for Llama/Qwen2 on CUDA",
+    )
     serve.set_defaults(handler=run_serve)
 
     tenant = subparsers.add_parser(
@@ -61,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
 
-    generation = {"model": args.model, "device": args.device}
+    generation = {"model": args.model, "device": args.device, "engine": args.engine}
     settings = _settings(args, server={"host": args.host, "port": args.port}, generation=generation)
     if args.generator == "extractive":
         settings.generation.model = None  # no model: the factory builds the extractive generator

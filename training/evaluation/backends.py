@@ -73,7 +73,7 @@ class InProcessBackend:
         if not generate:  # retrieval only: no model to load
             return
         self._own_generator = generator is None
-        self.generator = generator if generator is not None else load_generator(settings.generation)
+        self.generator = generator if generator is not None else load_generator(settings.generation, adapters=settings.adapters)
         metrics = Metrics()
         host = self.generator if isinstance(self.generator, AdapterHost) else None
         self.adapter_service = AdapterService(settings, host=host, metrics=metrics)
