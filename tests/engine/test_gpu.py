@@ -1,4 +1,4 @@
-"""GPU-only pieces: captured decode graphs give the same tokens as eager decoding and as peft."""
+"""GPU-only pieces: captured (and compiled) decode graphs give the same tokens as eager decoding and as peft."""
 
 import pytest
 import torch
@@ -10,15 +10,15 @@ pytestmark = pytest.mark.gpu
 ROWS = [("alpha", 12), (None, 40), ("gamma", 7), ("beta", 25), ("alpha", 3)]
 
 
-def _engine(arch_setup, *, cuda_graphs: bool, dtype=torch.float32):
+def _engine(arch_setup, *, cuda_graphs: bool, dtype=torch.float32, compile: bool = False, max_rows: int = 8):
     from transformers import AutoModelForCausalLM
 
     from server.engine.engine import Engine, EngineConfig
 
     _, model_path, dirs = arch_setup
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    config = EngineConfig(max_rows=8, max_len=128, adapter_slots=3, max_rank=8, prefill_chunk=16,
-                          prefill_budget=32, cuda_graphs=cuda_graphs)
+    config = EngineConfig(max_rows=max_rows, max_len=128, adapter_slots=3, max_rank=8, prefill_chunk=16,
+                          prefill_budget=32, cuda_graphs=cuda_graphs, compile=compile)
     engine = Engine.from_hf(hf, config=config, device="cuda", dtype=dtype, start=False)
     for name, path in dirs.items():
         engine.adapters.load(name, path)
@@ -45,6 +45,38 @@ def test_graphed_decode_matches_eager_and_peft(arch_setup, reference):
     # the CPU peft reference: float32 on both sides, so greedy ids agree
     for (adapter, length), tokens, i in zip(ROWS, graphed_tokens, range(len(ROWS))):
         assert tokens == reference(prompt_of(i, length), adapter, 16), f"row with adapter {adapter}"
+
+
+def test_compiled_graphs_match_eager_and_peft(arch_setup, reference):
+    from server.engine.decode_step import GraphedDecode
+
+    compiled = _engine(arch_setup, cuda_graphs=True, compile=True, max_rows=4)  # buckets 1, 2, 4: six compiles
+    assert isinstance(compiled.scheduler.decode, GraphedDecode) and compiled.scheduler.decode.compiled
+    eager = _engine(arch_setup, cuda_graphs=False, max_rows=4)
+    compiled_tokens = _generate(compiled)
+    assert compiled_tokens == _generate(eager)
+    for (adapter, length), tokens, i in zip(ROWS, compiled_tokens, range(len(ROWS))):
+        assert tokens == reference(prompt_of(i, length), adapter, 16), f"row with adapter {adapter}"
+
+
+def test_compiled_step_logits_close_to_eager_in_bf16(arch_setup):
+    from server.engine.decode_step import onehot_rows
+    from server.engine.lora_slots import AdapterSelection
+
+    engine = _engine(arch_setup, cuda_graphs=False, dtype=torch.bfloat16, max_rows=4)
+    model, cache = engine.model, engine.cache
+    model.compile_decode()
+    prompts = [prompt_of(70 + i, 20) for i in range(4)]
+    model.forward(torch.tensor(prompts, device="cuda"), torch.arange(20, device="cuda").expand(4, 20), cache=cache,
+                  rows=torch.arange(4, device="cuda"), adapters=None, selection=AdapterSelection(), fresh=True)
+    tokens, positions = torch.tensor([[5], [6], [7], [8]], device="cuda"), torch.full((4, 1), 20, device="cuda")
+    onehot = onehot_rows([1, 0, 2, 3], 3, device="cuda").to(torch.bfloat16)
+    for adapters, selection in ((None, AdapterSelection()), (engine.adapters, AdapterSelection(onehot=onehot))):
+        run = dict(cache=cache, rows=slice(0, 4), adapters=adapters, selection=selection)
+        expected = model.forward(tokens, positions, **run)
+        got = model.forward(tokens, positions, compiled=True, **run)
+        # one rounding per fused kernel instead of one per op: close, not equal
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.15)
 
 
 def test_adapter_reload_needs_no_recapture(arch_setup, reference):
