@@ -2,6 +2,7 @@
 
 GPU:  python benchmarks/engine_bench.py --shape qwen2.5-0.5b --requests 128
 CPU smoke:  python benchmarks/engine_bench.py --shape tiny --requests 8
+--compile (default on CUDA) measures the engine twice, eager then with compiled decode layers, in one process.
 Weights are random (speed depends on shapes only); adapters are random rank-16 all-linear peft dirs.
 """
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline-new-tokens", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure the engine with torch.compile'd decode layers (default: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="time decode graphs per bucket and prefill, then exit")
     return p.parse_args(argv)
@@ -184,21 +187,51 @@ def main(argv=None) -> int:
     adapter_dirs = build_adapters(hf_model, tmp / "adapters", max_adapters, args.rank, args.seed)
     print(f"model + {max_adapters} adapters built in {time.perf_counter() - t0:.1f}s on {device} ({dtype})", flush=True)
 
-    config = EngineConfig(max_rows=args.max_rows or args.requests, max_len=prompt_range[1] + new_range[1] + 1,
-                          adapter_slots=max_adapters, max_rank=args.rank, prefill_chunk=2048, prefill_budget=16384,
-                          cuda_graphs=not args.no_cuda_graphs)
-    t0 = time.perf_counter()
-    engine = Engine.from_hf(hf_model, config=config, device=device, dtype=dtype)
-    for i, path in enumerate(adapter_dirs):
-        engine.adapters.load(f"a{i}", path)
-    print(f"engine built (graphs captured) in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    if args.profile:
-        profile(engine, vocab, device)
-        engine.close()
-        return 0
     results = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "requests": args.requests, "prompt_tokens": prompt_range, "new_tokens": new_range, "runs": {}}
+               "requests": args.requests, "prompt_tokens": prompt_range, "new_tokens": new_range, "variants": {}}
+    compile_too = args.compile if args.compile is not None else device.type == "cuda"
+    for variant, compiled in (("eager", False), ("compiled", True)):
+        if compiled and not compile_too:
+            continue
+        config = EngineConfig(max_rows=args.max_rows or args.requests, max_len=prompt_range[1] + new_range[1] + 1,
+                              adapter_slots=max_adapters, max_rank=args.rank, prefill_chunk=2048,
+                              prefill_budget=16384, cuda_graphs=not args.no_cuda_graphs, compile=compiled)
+        t0 = time.perf_counter()
+        engine = Engine.from_hf(hf_model, config=config, device=device, dtype=dtype)
+        for i, path in enumerate(adapter_dirs):
+            engine.adapters.load(f"a{i}", path)
+        print(f"{variant} engine built (graphs captured{', layers compiled' if compiled else ''}) in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+        if args.profile:
+            profile(engine, vocab, device)
+        else:
+            results["variants"][variant] = measure_engine(engine, workload, args=args, rng=rng, vocab=vocab,
+                                                          device=device, tiny=tiny)
+        engine.close()
+        del engine
+        if device.type == "cuda":  # the next variant gets the memory back (graph pools included)
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.profile:
+        return 0
+
+    if not args.no_baseline:
+        results["peft_baseline"] = run_peft_baseline(
+            hf_model, adapter_dirs, workload, batch=args.baseline_batch, batches=args.baseline_batches,
+            new_tokens=args.baseline_new_tokens if not tiny else 8, device=device)
+    print_table(results)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "engine_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def measure_engine(engine, workload, *, args, rng, vocab, device, tiny) -> dict:
+    """Warm-up over the workload, then every run of the plan, single-request decode and long-prompt TTFT."""
+    max_adapters = max(args.adapters)
+    results = {"runs": {}}
     # Warm-up over the whole workload: the allocator and the per-shape kernel choices of every prompt length.
     run_engine(engine, workload, adapter_names=[f"a{i}" for i in range(max_adapters)])
     plans = [("engine, no adapters", [], None)]
@@ -221,22 +254,13 @@ def main(argv=None) -> int:
     for key, names in (("single_request_tok_s", []), ("single_request_adapter_tok_s", ["a0"])):
         single = run_engine(engine, [(single_prompt, 256 if not tiny else 16)], adapter_names=names)
         results[key] = 1000 / single["tpot_p50_ms"]
-    long_prompt = [rng.randrange(3, vocab) for _ in range(min(2000, config.max_len - 2))]
+    long_prompt = [rng.randrange(3, vocab) for _ in range(min(2000, engine.cache.max_len - 2))]
     ttfts = [run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3)]
     results["ttft_long_ms"] = min(ttfts)
     results["ttft_long_tokens"] = len(long_prompt)
-    results["engine_memory_gib"] = {"kv_cache": engine.cache.nbytes() / 2**30, "adapter_slots": engine.adapters.nbytes() / 2**30}
-    engine.close()
-
-    if not args.no_baseline:
-        results["peft_baseline"] = run_peft_baseline(
-            hf_model, adapter_dirs, workload, batch=args.baseline_batch, batches=args.baseline_batches,
-            new_tokens=args.baseline_new_tokens if not tiny else 8, device=device)
-    print_table(results)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "engine_bench.json").write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    results["engine_memory_gib"] = {"kv_cache": engine.cache.nbytes() / 2**30,
+                                    "adapter_slots": engine.adapters.nbytes() / 2**30}
+    return results
 
 
 def profile(engine, vocab, device):
@@ -310,31 +334,46 @@ def profile(engine, vocab, device):
 
 
 def print_table(results):
-    runs = results["runs"]
-    base = runs["engine, no adapters"]["tok_s"]
     peft = results.get("peft_baseline")
     print(f"\n{results['shape']} on {results['device']}: {results['requests']} requests, prompts "
           f"{results['prompt_tokens']} tokens, answers {results['new_tokens']} tokens")
-    print(f"{'run':44} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'GiB':>6} "
+    print(f"{'run':53} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'GiB':>6} "
           f"{'x no-ad':>8} {'x peft':>8}")
-    for label, m in runs.items():
-        vs_peft = f"{m['tok_s'] / peft['tok_s']:.1f}" if peft else "-"
-        print(f"{label:44} {m['tok_s']:8.0f} {m['ttft_p50_ms']:9.1f} {m['ttft_p99_ms']:9.1f} {m['tpot_p50_ms']:9.2f} "
-              f"{m['tpot_p99_ms']:9.2f} {m.get('peak_gpu_gib', float('nan')):6.1f} {m['tok_s'] / base:8.2f} {vs_peft:>8}")
+    variants = results["variants"]
+    for variant, v in variants.items():
+        runs = v["runs"]
+        base = runs["engine, no adapters"]["tok_s"]
+        for label, m in runs.items():
+            vs_peft = f"{m['tok_s'] / peft['tok_s']:.1f}" if peft else "-"
+            print(f"{variant + ' ' + label:53} {m['tok_s']:8.0f} {m['ttft_p50_ms']:9.1f} {m['ttft_p99_ms']:9.1f} "
+                  f"{m['tpot_p50_ms']:9.2f} {m['tpot_p99_ms']:9.2f} {m.get('peak_gpu_gib', float('nan')):6.1f} "
+                  f"{m['tok_s'] / base:8.2f} {vs_peft:>8}")
     if peft:
-        print(f"{'transformers+peft adapter_names (measured)':44} {peft['tok_s']:8.0f}   "
+        print(f"{'transformers+peft adapter_names (measured)':53} {peft['tok_s']:8.0f}   "
               f"({peft['batches']} batch(es) x {peft['rows']} rows, {peft['adapters']} adapters; its tok/s is "
               f"measured on those batches only and assumed to hold for the whole workload)")
-    print(f"single request decode: {results['single_request_tok_s']:.0f} tok/s without adapter, "
-          f"{results['single_request_adapter_tok_s']:.0f} tok/s with one; "
-          f"TTFT of a {results['ttft_long_tokens']}-token prompt alone: {results['ttft_long_ms']:.1f} ms")
-    print("(the Poisson run's throughput is bounded by its arrival rate; its TTFT is the one to read)")
-    mix = [label for label in runs if label.startswith("engine, ") and "adapters" in label and "Poisson" not in label
-           and "no adapters" not in label]
-    if mix:
-        widest = mix[-1]
-        print(f"ratios: {widest} / no adapters = {runs[widest]['tok_s'] / base:.2f} (target >= 0.85)"
-              + (f"; / transformers+peft = {runs[widest]['tok_s'] / peft['tok_s']:.0f}x (target >= 50x)" if peft else ""))
+    for variant, v in variants.items():
+        print(f"{variant}: single request decode {v['single_request_tok_s']:.0f} tok/s without adapter "
+              f"(target >= 400), {v['single_request_adapter_tok_s']:.0f} tok/s with one; "
+              f"TTFT of a {v['ttft_long_tokens']}-token prompt alone: {v['ttft_long_ms']:.1f} ms (target < 50)")
+    if any("Poisson" in label for v in variants.values() for label in v["runs"]):
+        print("(the Poisson run's throughput is bounded by its arrival rate; its TTFT is the one to read)")
+    for variant, v in variants.items():
+        runs = v["runs"]
+        mix = [label for label in runs if "adapters" in label and "Poisson" not in label and "no adapters" not in label]
+        if mix:
+            widest, base = mix[-1], runs["engine, no adapters"]["tok_s"]
+            print(f"ratios ({variant}): {widest} / no adapters = {runs[widest]['tok_s'] / base:.2f} (target >= 0.85)"
+                  + (f"; / transformers+peft = {runs[widest]['tok_s'] / peft['tok_s']:.0f}x (target >= 50x)"
+                     if peft else ""))
+    if "eager" in variants and "compiled" in variants:
+        eager, compiled = variants["eager"], variants["compiled"]
+        parts = [f"{label.removeprefix('engine, ')} {compiled['runs'][label]['tok_s'] / m['tok_s']:.2f}x"
+                 for label, m in eager["runs"].items() if label in compiled["runs"]]
+        parts.append(f"single request {compiled['single_request_tok_s'] / eager['single_request_tok_s']:.2f}x")
+        parts.append(f"single request + adapter "
+                     f"{compiled['single_request_adapter_tok_s'] / eager['single_request_adapter_tok_s']:.2f}x")
+        print("compiled / eager tok/s: " + ", ".join(parts))
 
 
 if __name__ == "__main__":
