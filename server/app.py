@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from server.catalog import ModelCatalog
 from server.chat_service import ChatService
 from server.deps import Services
-from server.errors import install_error_handlers
+from server.error_handlers import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import Metrics, MetricsMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web

@@ -5,6 +5,7 @@ and requests already running keep the version they started with until they end (
 the old key is unloaded when its last request finishes.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -14,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
-from starlette.concurrency import run_in_threadpool
 
 from retrieval.errors import Conflict, LoragError, NotFound
 from server.adapter_manifest import MANIFEST_FILE, AdapterManifest, LoraSpec
@@ -288,7 +288,7 @@ class AdapterService:
             self._metrics_for(entry, "requests").inc()
             self.metrics.last_used.labels(tenant, name).set(entry.stats.last_used)
         try:
-            await run_in_threadpool(self._to_device, entry, version)
+            await asyncio.to_thread(self._to_device, entry, version)
         except BaseException:
             self._release(version)
             raise
