@@ -14,12 +14,29 @@ PDF_QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
 
 
 @pytest.fixture(scope="module")
-def tiny_server(corpus, tiny_llama_path):
+def endless_llama_path(tiny_llama_path, tmp_path_factory):
+    """The tiny Llama with its end-of-turn row of lm_head zeroed: that logit is exactly 0 while the other 511
+    are random, so greedy decoding never ends a turn and the disconnect tests always outlast the client."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 0.0
+    path = tmp_path_factory.mktemp("endless-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_server(corpus, endless_llama_path):
     from server.app import create_app
     from server.background import serving
 
     settings = server_settings(corpus)
-    settings.generation.model = str(tiny_llama_path)
+    settings.generation.model = str(endless_llama_path)
     settings.generation.fallback = "error"  # a load failure must fail the test, not hide behind extractive
     with serving(create_app(settings, retrieval=corpus.retrieval)) as base_url:
         yield base_url
@@ -95,7 +112,7 @@ def _metric(base_url: str, name: str) -> float:
 
 def test_client_disconnect_cancels_generation(tiny_server, corpus):
     messages = [{"role": "user", "content": PDF_QUESTION}]
-    # Greedy decoding is deterministic: this prompt runs to the token limit (no end-of-turn token) ...
+    # Greedy decoding with this model never ends a turn (see endless_llama_path) ...
     probe = _openai(tiny_server, corpus.acme_key).chat.completions.create(
         model="lorag", messages=messages, max_tokens=64, temperature=0
     )
@@ -150,8 +167,9 @@ def test_extractive_citations_point_at_the_pdf_page(extractive_server, corpus):
     assert pdf_citations and all(c["page"] == 2 for c in pdf_citations if "0.1 mg/L" in c["text"])
     assert any("0.1 mg/L" in c["text"] for c in pdf_citations)
 
-    chunks = list(client.chat.completions.create(
-        model="lorag", messages=[{"role": "user", "content": PDF_QUESTION}], stream=True
+    chunks = list(client.chat.completions.create(  # the same request, streamed: the same citations
+        model="lorag", messages=[{"role": "user", "content": PDF_QUESTION}], max_tokens=200,
+        extra_body={"retrieval": {"k": 4}}, stream=True,
     ))
     streamed = chunks[-1].model_extra["citations"]
     assert [c["id"] for c in streamed] == [c["id"] for c in citations]
