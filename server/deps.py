@@ -94,6 +94,19 @@ def get_tenant(
     return tenant
 
 
+def require_metrics_access(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Metrics carry every tenant's id and adapter names: with an admin key configured, only it may read them.
+
+    Without one (a loopback-only development server) they stay open, so a local Prometheus needs no setup.
+    Raises: Unauthorized without the key, Forbidden with any other key.
+    """
+    if get_services(request).settings.server.admin_hash() is not None:
+        require_admin(get_principal(request, credentials))
+
+
 def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this endpoint needs the admin key (server.admin_key)")

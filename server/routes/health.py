@@ -1,8 +1,8 @@
-"""Liveness, readiness and Prometheus metrics (no auth: keep the port private or scrape via a proxy)."""
+"""Liveness and readiness (no auth, for orchestrators) and Prometheus metrics (the admin key, when one is set)."""
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
-from server.deps import AppServices
+from server.deps import AppServices, require_metrics_access
 from server.metrics import CONTENT_TYPE
 from server.schemas import HealthStatus
 
@@ -30,7 +30,11 @@ def readyz(services: AppServices, response: Response) -> HealthStatus:
     )
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
+    dependencies=[Depends(require_metrics_access)],
+)
 def metrics(services: AppServices) -> Response:
-    """Prometheus text format: requests, latency, time to first token, retrieval time, tokens, per tenant."""
+    """Prometheus text format: requests, latency, time to first token, retrieval time, tokens, per tenant and
+    adapter. Needs ``Authorization: Bearer <admin key>`` when ``server.admin_key`` is set."""
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)

@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import SAMPLE_DOCS
 
+ADMIN_KEY = "admin-" + "k" * 30
 BETA_TEXT = "Beta Corp internal memo.\n\nThe beta launch code is 7741 and the project name is Heron.\n"
 
 
@@ -40,7 +41,7 @@ def corpus(tmp_path_factory) -> Corpus:
     registry = TenantRegistry(data_dir)
     _, acme_key = registry.add("acme")
     _, beta_key = registry.add("beta")
-    return Corpus(data_dir, retrieval, acme_key, beta_key, admin_key="admin-" + "k" * 30)
+    return Corpus(data_dir, retrieval, acme_key, beta_key, admin_key=ADMIN_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import server_settings
+from tests.server.conftest import ADMIN_KEY, server_settings
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_unknown_model_through_openai_client(tiny_server, corpus):
 
 
 def _metric(base_url: str, name: str) -> float:
-    lines = httpx.get(f"{base_url}/metrics").text.splitlines()
+    lines = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 

@@ -140,7 +140,10 @@ def test_health_ready_and_metrics(client, corpus):
     ready = client.get("/readyz").json()
     assert ready == {"status": "ok", "generator": "extractive", "generator_kind": "extractive", "retrieval": True}
     _retrieve(client, corpus.acme_key, "warranty")
-    text = client.get("/metrics").text
+    # Tenant ids and adapter names are in the labels: with an admin key set, only it reads them.
+    assert_error(client.get("/metrics"), 401)
+    assert_error(client.get("/metrics", headers=auth(corpus.acme_key)), 403)
+    text = client.get("/metrics", headers=auth(corpus.admin_key)).text
     assert 'lorag_http_requests_total{method="POST",route="/v1/retrieve",status="200",tenant="acme"}' in text
     assert 'lorag_retrieval_seconds_count{tenant="acme"}' in text
 
