@@ -1,5 +1,5 @@
 """Load on a real `lorag serve` process: concurrent streaming chat clients on loopback, extractive generator
-vs the tiny transformers model, concurrency 1 vs N. Prints requests/s, time to first token, retrieval share.
+vs the tiny model through transformers and through the multi-adapter engine, concurrency 1 vs N. Prints requests/s, time to first token, retrieval share.
 
     python benchmarks/serve_load.py --clients 8 --seconds 10
 """
@@ -174,7 +174,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lorag-serve-load-") as tmp:
         data_dir = Path(tmp)
         key, model_path = prepare(data_dir)
-        for name, extra in (("extractive", ["--generator", "extractive"]), ("tiny-llama", ["--model", str(model_path)])):
+        runs = (
+            ("extractive", ["--generator", "extractive"]),
+            ("tiny-llama", ["--model", str(model_path), "--engine", "transformers"]),
+            ("tiny-engine", ["--model", str(model_path), "--engine", "engine"]),  # continuous batching, on CPU here
+        )
+        for name, extra in runs:
             process, base_url = start_server(data_dir, extra)
             try:
                 for n in (1, clients):
@@ -197,7 +202,7 @@ def report(results: list[RunResult], clients: int) -> None:
               f"{r.retrieval_share * 100:>6.0f}%{r.errors:>8}")
     by = {(r.generator, r.clients): r for r in results}
     print("\nratios:")
-    for name in ("extractive", "tiny-llama"):
+    for name in ("extractive", "tiny-llama", "tiny-engine"):
         one, many = by[(name, 1)], by[(name, clients)]
         print(f"  {name}: req/s at {clients} clients / at 1 client = {many.rps / one.rps:.2f}x; "
               f"ttft p50 {statistics.median(many.ttft) / statistics.median(one.ttft):.2f}x")
@@ -205,6 +210,9 @@ def report(results: list[RunResult], clients: int) -> None:
         ext, tiny = by[("extractive", n)], by[("tiny-llama", n)]
         print(f"  {n} client(s): tiny-llama / extractive req/s = {tiny.rps / ext.rps:.2f}x; "
               f"ttft p50 = {statistics.median(tiny.ttft) / statistics.median(ext.ttft):.2f}x")
+        engine = by[("tiny-engine", n)]
+        print(f"  {n} client(s): tiny-engine / tiny-llama (transformers) req/s = {engine.rps / tiny.rps:.2f}x; "
+              f"ttft p50 = {statistics.median(engine.ttft) / statistics.median(tiny.ttft):.2f}x")
 
 
 if __name__ == "__main__":
