@@ -56,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:  # libraries' INFO lines (faiss's loader, model loading) drown the command's own output
-        for noisy in ("faiss.loader", "sentence_transformers", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        # bitsandbytes warns on import about optional CPU kernels lorag never uses (4-bit runs on CUDA only).
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not args.verbose:
+        quiet_library_loggers()
     try:
         return int(args.handler(args) or 0)
     except LoragError as error:
@@ -71,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def settings_overrides(args: argparse.Namespace) -> dict:
-    """The settings fields every sub-command's common flags may override."""
-    return {"data_dir": getattr(args, "data_dir", None)}
+def quiet_library_loggers() -> None:
+    """Keep libraries' INFO/DEBUG lines (faiss's loader, model loading, HTTP clients) out of lorag's output."""
+    for noisy in ("faiss.loader", "sentence_transformers", "httpx", "httpx2", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on import about optional CPU kernels lorag never uses (4-bit runs on CUDA only).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from retrieval.errors import LoragError
 from retrieval.settings import load_settings
+from server.cli import quiet_library_loggers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TENANT = "demo"
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML settings file (env LORAG_CONFIG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_library_loggers()
     try:
         run(args)
     except LoragError as error:
