@@ -23,9 +23,18 @@ def load_stemmer(language: str | None):
     return Stemmer.Stemmer(language)
 
 
+def _bm25s():
+    """Import bm25s lazily (it pulls in scipy). It sets its own logger to DEBUG on import, which would print its
+    progress notes whatever the application configured: hand the level back to the logging configuration."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
+
+
 def tokenize(texts: list[str], *, stemmer=None) -> list[list[str]]:
     """Each text's BM25 terms: lower-cased words of 2+ characters, English stopwords out, stemmed if asked."""
-    import bm25s
+    bm25s = _bm25s()
 
     return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
 
@@ -34,7 +43,7 @@ class KeywordIndex:
     """BM25 (Lucene variant) over ``texts``; hits are reported by the ``rowids`` given alongside them."""
 
     def __init__(self, rowids: np.ndarray, texts: list[str], *, stemmer_language: str | None = "english"):
-        import bm25s
+        bm25s = _bm25s()
 
         self.rowids = np.asarray(rowids, dtype=np.int64)
         self.stemmer_language = stemmer_language

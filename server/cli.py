@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_library_loggers() -> None:
     """Keep libraries' INFO/DEBUG lines (faiss's loader, model loading, HTTP clients) out of lorag's output."""
-    for noisy in ("faiss.loader", "sentence_transformers", "httpx", "httpx2", "bm25s"):
+    for noisy in ("faiss.loader", "sentence_transformers", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on import about optional CPU kernels lorag never uses (4-bit runs on CUDA only).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
