@@ -141,8 +141,11 @@ def remove_sources(sources: Sequence[str], *, tenant: str, settings: Settings) -
     Nothing is removed unless every source matches at least one document. Returns the number removed.
 
     Raises:
+        LoragError: a source is empty (it would otherwise match every document under "/").
         NotFound: the tenant has no index, or a source matches no document.
     """
+    if not sources or any(not str(source).strip() for source in sources):
+        raise LoragError("empty source given to remove", hint="Name files or folders as `lorag docs` lists them")
     index = _open_existing(tenant, settings)
     try:
         stored = [record.source for record in index.documents()]

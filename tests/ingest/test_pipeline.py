@@ -11,7 +11,7 @@ from ingest.pipeline import ingest_paths, list_documents, remove_sources
 from ingest.progress import IngestProgress, should_show_progress
 from ingest.loaders import load_document
 from ingest.settings import IngestSettings
-from retrieval.errors import NotFound
+from retrieval.errors import LoragError, NotFound
 from tests.conftest import SAMPLE_DATA, SAMPLE_DOCS
 from tests.ingest.bad_inputs import write_bad_inputs, write_non_utf8_name
 from tests.ingest.conftest import make_settings
@@ -129,6 +129,10 @@ def test_prune_and_remove(tmp_path, data_dir, embedder):
     with pytest.raises(NotFound, match="nothere.txt"):
         remove_sources([str(corpus / "keep.txt"), str(corpus / "nothere.txt")], tenant="t2", settings=settings)
     assert len(list_documents(tenant="t2", settings=settings)) == 3  # nothing removed by the refused call
+    for empty in ([""], ["  "], []):  # an empty source would match everything under "/"
+        with pytest.raises(LoragError, match="empty source"):
+            remove_sources(empty, tenant="t2", settings=settings)
+    assert len(list_documents(tenant="t2", settings=settings)) == 3
     assert remove_sources([str(corpus / "sub")], tenant="t2", settings=settings) == 2
     assert [r.source for r in list_documents(tenant="t2", settings=settings)] == [str(corpus / "keep.txt")]
     index = open_index(settings, "t2", embedder)
