@@ -1,6 +1,7 @@
 """The model side of fine-tuning: load the base (bf16/fp32 or 4-bit NF4), attach a LoRA/DoRA adapter, pick the optimizer."""
 
 import logging
+import os
 
 from retrieval.errors import LoragError
 from training.settings import TrainingSettings
@@ -36,12 +37,22 @@ def require_cuda_for(method: str) -> None:
 
 
 def load_tokenizer(base_model: str):
+    """The base model's tokenizer, which must have a chat template (prompts are rendered with it).
+
+    Raises:
+        LoragError: a local path that does not exist, a tokenizer that cannot load, or no chat template.
+    """
     from transformers import AutoTokenizer
 
+    from server.prompting import require_chat_template
+
+    if os.sep in base_model and not os.path.exists(base_model):  # else transformers calls it a bad repo id
+        raise LoragError(f"base model directory {base_model!r} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     except (OSError, ValueError) as error:
         raise LoragError(f"cannot load the tokenizer of base model {base_model!r}: {error}") from error
+    require_chat_template(tokenizer, model=base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

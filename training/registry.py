@@ -82,8 +82,7 @@ class AdapterRegistry:
         manifest = read_manifest(adapter)
         base = base_model or manifest.base_model
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise Conflict(f"merge output {str(out)!r} exists and is not empty", hint="Pass an empty or new --out directory")
+        _check_merge_output(out)
         if dtype not in ("bf16", "fp32"):
             raise LoragError(f"merge dtype {dtype!r} is not supported", hint="Use bf16 or fp32")
         try:
@@ -102,7 +101,6 @@ class AdapterRegistry:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(base)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
         try:
             merged.save_pretrained(tmp)
@@ -110,7 +108,30 @@ class AdapterRegistry:
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.rename(tmp, out)
+        except OSError as error:  # disk full, permissions changed while merging
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LoragError(f"cannot write merge output {str(out)!r}: {error.strerror or error}") from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+
+def _check_merge_output(out: Path) -> None:
+    """Refuse an unusable ``--out`` before minutes of loading and merging, not after.
+
+    Raises:
+        Conflict: ``out`` is a file, or a directory that is not empty.
+        LoragError: its parent cannot be created or written.
+    """
+    if out.is_file():
+        raise Conflict(f"merge output {str(out)!r} is a file", hint="Pass an empty or new --out directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise Conflict(f"merge output {str(out)!r} exists and is not empty", hint="Pass an empty or new --out directory")
+    probe = out.parent / f".probe-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:  # create what the merge will create, so permissions and odd file systems fail now
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        raise LoragError(f"cannot write merge output {str(out)!r}: {error.strerror or error}") from error

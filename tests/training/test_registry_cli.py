@@ -86,3 +86,32 @@ def test_train_cli_reports_bad_data_in_one_line(tmp_path, tiny_llama_path, capsy
     assert code == 2
     assert f"lorag train: error: training data file {str(bad)!r}: all 1 records are bad (first: {bad}:1:" in err
     assert "Traceback" not in err
+
+
+def test_merge_refuses_an_unusable_output_before_loading(trained, tmp_path, capsys):
+    settings, _ = trained
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    code, _, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(a_file),
+                       "--data-dir", str(settings.data_dir))
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+    code, _, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", "/proc/lorag-merge",
+                       "--data-dir", str(settings.data_dir))
+    assert code == 2 and "cannot write merge output '/proc/lorag-merge'" in err
+
+
+def test_train_cli_refuses_a_base_without_chat_template(tmp_path, tiny_llama_path, capsys):
+    base = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_path, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "ok.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    code, _, err = run(capsys, "train", "--tenant", "acme", "--data", str(data), "--base", str(base),
+                       "--data-dir", str(tmp_path / "d"))
+    assert code == 2 and "has no chat template" in err and "Traceback" not in err
+    code, _, err = run(capsys, "train", "--tenant", "acme", "--data", str(data), "--base", str(tmp_path / "nope"),
+                       "--data-dir", str(tmp_path / "d"))
+    assert code == 2 and "base model directory" in err and "does not exist" in err
