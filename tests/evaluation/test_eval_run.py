@@ -107,6 +107,16 @@ def test_user_mistakes_are_one_line_errors(eval_corpus, tmp_path, capsys):
     assert "tenant 'nobody' has no index" in capsys.readouterr().err
     assert main([*base, "--tenant", "acme", "--generator", "extractive", "--adapter", "missing"]) != 0
     assert "adapter 'missing' is not available" in capsys.readouterr().err
+    extractive = [*base, "--tenant", "acme", "--generator", "extractive"]
+    assert main([*extractive, "--modes", "rag", "--k", "0"]) != 0
+    assert "--k 0: passages per answer must be at least 1" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main([*extractive, "--retrieval-only", "--out", str(a_file)]) != 0  # refused before evaluating
+    assert f"report directory {str(a_file)!r} is a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one line naming the flag, exit 2
+        main([*extractive, "--retrieval-only", "--limit", "-1"])
+    assert "--limit: -1 is negative" in capsys.readouterr().err
 
 
 @pytest.mark.slow

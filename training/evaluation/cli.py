@@ -1,6 +1,7 @@
 """``lorag eval``: base vs RAG vs adapter vs RAG + adapter on a question set, in-process or against a server."""
 
 import argparse
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,8 +28,9 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--questions", required=True, metavar="PATH", help="question set file or BEIR directory")
     ev.add_argument("--format", choices=("lorag", "squad", "beir"), help="question set format (default: detected)")
-    ev.add_argument("--limit", type=int, default=0, help="seeded sample of N questions (0 = all)")
-    ev.add_argument("--corpus-docs", type=int, default=0, help="SQuAD/BEIR: keep N seeded documents and their questions")
+    ev.add_argument("--limit", type=_non_negative, default=0, help="seeded sample of N questions (0 = all)")
+    ev.add_argument("--corpus-docs", type=_non_negative, default=0,
+                    help="SQuAD/BEIR: keep N seeded documents and their questions (0 = all)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--strict", action="store_true", help="fail on the first bad question record")
     where = ev.add_argument_group("where answers come from (one of)")
@@ -60,6 +62,27 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     ev.set_defaults(handler=run_eval)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for all")
+    return value
+
+
+def _prepare_output(out: Path) -> None:
+    """Raises: LoragError: ``out`` is a file, or cannot be created or written."""
+    from retrieval.errors import LoragError
+
+    if out.exists() and not out.is_dir():
+        raise LoragError(f"report directory {str(out)!r} is a file", hint="Pass a new or existing directory to --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LoragError(f"cannot create report directory {str(out)!r}: {error.strerror or error}") from error
+    if not os.access(out, os.W_OK):
+        raise LoragError(f"report directory {str(out)!r} is not writable")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from retrieval.errors import LoragError
     from retrieval.settings import load_settings
@@ -84,6 +107,9 @@ def run_eval(args: argparse.Namespace) -> int:
         extra={"questions": str(args.questions), "limit": args.limit, "corpus_docs": args.corpus_docs, "seed": args.seed},
     )
     options.check()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path(settings.data_dir) / "eval" / stamp
+    _prepare_output(out)  # before the evaluation, which can take long, not after it
     questions = load_question_set(args.questions, format=args.format, limit=args.limit, corpus_docs=args.corpus_docs,
                                   seed=args.seed, strict=args.strict)
     general = load_question_set(args.general, strict=args.strict) if args.general and not args.retrieval_only else None
@@ -97,8 +123,6 @@ def run_eval(args: argparse.Namespace) -> int:
         results = run_evaluation(backend, questions, options, general=general, perplexity=perplexity)
     finally:
         backend.close()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path(settings.data_dir) / "eval" / stamp
     write_report(results, out, blind=args.blind, seed=args.seed)
     for title, header, rows in summary_tables(results):
         print(f"\n{title}")

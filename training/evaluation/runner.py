@@ -40,7 +40,11 @@ class EvalOptions:
     extra: dict = field(default_factory=dict)  # recorded in the results as given (command line, settings)
 
     def check(self) -> None:
-        """Raises: LoragError: an unknown mode, or an adapter mode without an adapter name."""
+        """Raises: LoragError: an unknown mode, an adapter mode without an adapter name, or k/max_tokens < 1."""
+        if self.k is not None and self.k < 1:
+            raise LoragError(f"--k {self.k}: passages per answer must be at least 1")
+        if self.max_tokens < 1:
+            raise LoragError(f"--max-tokens {self.max_tokens}: must be at least 1")
         for mode in self.modes:
             if mode not in MODES:
                 raise LoragError(f"unknown answer mode {mode!r} in --modes", hint=f"Use any of {', '.join(MODES)}")
