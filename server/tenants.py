@@ -91,6 +91,9 @@ class TenantRegistry:
             stat = self.path.stat()
         except FileNotFoundError:
             return {}
+        except OSError as error:  # e.g. the data dir is a file
+            raise LoragError(f"tenant registry {str(self.path)!r} is unreadable: {error.strerror}",
+                             hint="Check --data-dir / LORAG_DATA_DIR") from error
         stamp = stat.st_mtime_ns ^ stat.st_ino
         with self._thread_lock:
             if stamp != self._snapshot.mtime_ns:
@@ -172,8 +175,13 @@ class TenantRegistry:
     @contextmanager
     def _editing(self) -> Iterator[dict[str, Tenant]]:
         """Lock, read fresh, let the caller edit, write atomically (nothing is written if it raises)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self._lock_path, "a")
+        except OSError as error:
+            raise LoragError(f"cannot write the tenant registry in {str(self.path.parent)!r}: {error.strerror}",
+                             hint="Check --data-dir / LORAG_DATA_DIR") from error
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 tenants = self._read()

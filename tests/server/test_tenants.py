@@ -77,6 +77,15 @@ def test_tenant_cli_prints_key_once_and_lists_without_keys(data_dir, capsys):
     assert TenantRegistry(data_dir).tenants() == []
 
 
+def test_tenant_cli_names_an_unusable_data_dir(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    assert main(["tenant", "list", "--data-dir", str(a_file)]) == LoragError.exit_code
+    assert "tenant registry" in capsys.readouterr().err
+    assert main(["tenant", "add", "acme", "--data-dir", str(a_file / "sub")]) == LoragError.exit_code
+    assert "cannot write the tenant registry" in capsys.readouterr().err
+
+
 def test_unsafe_admin_key_refused_on_public_host():
     with pytest.raises(ValueError, match="unsafe for host '0.0.0.0'"):
         HTTPSettings(host="0.0.0.0", admin_key="changeme")
