@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from retrieval.errors import LoragError
@@ -79,6 +79,20 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return Path(value).expanduser()
 
+    @model_validator(mode="after")
+    def _chunks_fit_the_embedder(self) -> "Settings":
+        if self.chunking.chunk_tokens > self.embedding.max_seq_length:
+            raise ValueError(
+                f"chunking.chunk_tokens={self.chunking.chunk_tokens} exceeds embedding.max_seq_length="
+                f"{self.embedding.max_seq_length}: the embedder would ignore the rest of each chunk"
+            )
+        if self.chunking.overlap_tokens >= self.chunking.chunk_tokens:
+            raise ValueError(
+                f"chunking.overlap_tokens={self.chunking.overlap_tokens} must be smaller than "
+                f"chunking.chunk_tokens={self.chunking.chunk_tokens}"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -115,7 +129,8 @@ def load_settings(cls: type[S] = Settings, *, config_file: str | Path | None = N
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise LoragError(f"config file {str(path)!r} does not exist", hint="Pass an existing TOML file")
+            reason = "is not a file" if path.exists() else "does not exist"
+            raise LoragError(f"config file {str(path)!r} {reason}", hint="Pass an existing TOML file")
     _CONFIG_FILE["path"] = path
     where = f"config file {str(path)!r}, LORAG_* environment or flags" if path else "LORAG_* environment or flags"
     try:
@@ -132,10 +147,11 @@ def load_settings(cls: type[S] = Settings, *, config_file: str | Path | None = N
 def _describe(problem: dict) -> str:
     """One readable line per pydantic error; echoes the bad value unless it may be a secret or a whole section."""
     field = ".".join(str(part) for part in problem["loc"])
+    message = problem["msg"].removeprefix("Value error, ")  # our own validators' messages name their fields
     value = problem.get("input")
-    if isinstance(value, (dict, list)) or "key" in field.lower():
-        return f"{field}: {problem['msg']}"
-    return f"{field}: {problem['msg']} (got {value!r})"
+    if not field or isinstance(value, (dict, list)) or "key" in field.lower():
+        return f"{field}: {message}" if field else message
+    return f"{field}: {message} (got {value!r})"
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

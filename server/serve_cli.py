@@ -2,6 +2,7 @@
 
 import argparse
 
+from retrieval.errors import LoragError
 from retrieval.settings import load_settings
 
 TENANT_EPILOG = """examples:
@@ -19,7 +20,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
         help="run the OpenAI-compatible chat server",
         description="Serve /v1/chat/completions (with citations), /v1/retrieve, /v1/passages, /v1/models.",
     )
-    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; others need server.admin_key set safely)")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; elsewhere a weak server.admin_key is refused)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--model", help="base model: hub id or local directory (env LORAG_GENERATION__MODEL)")
     serve.add_argument(
@@ -69,9 +70,24 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, server={"host": args.host, "port": args.port}, generation=generation)
     if args.generator == "extractive":
         settings.generation.model = None  # no model: the factory builds the extractive generator
+    _check_can_listen(settings.server.host, settings.server.port)  # before minutes of model loading
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="info")
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Raises: LoragError: the address cannot be bound (in use, not this machine's, no permission)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise LoragError(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                         hint="Pick another --port or --host") from error
 
 
 def _registry(args: argparse.Namespace):

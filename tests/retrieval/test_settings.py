@@ -52,3 +52,15 @@ def test_secrets_are_never_echoed_in_errors(monkeypatch):
         load_settings(ServerSettings, server={"host": "0.0.0.0"})
     assert "admin_key is unsafe" in str(caught.value)
     assert "short-but-secret" not in str(caught.value)
+
+
+def test_chunks_must_fit_the_embedder_window():
+    with pytest.raises(LoragError, match="chunk_tokens=5000 exceeds embedding.max_seq_length=256"):
+        load_settings(Settings, chunking={"chunk_tokens": 5000})
+    with pytest.raises(LoragError, match="overlap_tokens=200 must be smaller than chunking.chunk_tokens=100"):
+        load_settings(Settings, chunking={"chunk_tokens": 100, "overlap_tokens": 200})
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(LoragError, match="is not a file"):
+        load_settings(Settings, config_file=tmp_path)

@@ -86,6 +86,18 @@ def test_tenant_cli_names_an_unusable_data_dir(tmp_path, capsys):
     assert "cannot write the tenant registry" in capsys.readouterr().err
 
 
+def test_serve_names_a_port_in_use_before_loading_anything(data_dir, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--generator", "extractive", "--data-dir", str(data_dir)])
+    assert code == LoragError.exit_code
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_unsafe_admin_key_refused_on_public_host():
     with pytest.raises(ValueError, match="unsafe for host '0.0.0.0'"):
         HTTPSettings(host="0.0.0.0", admin_key="changeme")
