@@ -53,8 +53,14 @@ class LoadedDocument:
 
 
 def document_id_of(path: Path, *, block_size: int = 1 << 20) -> str:
-    """Content hash of the file's bytes, read in blocks so a huge file is never held whole."""
+    """Content hash of the file's path and bytes, read in blocks so a huge file is never held whole.
+
+    The path is part of the hash so identical bytes under two names stay two documents: chunk ids derive
+    from this id, and a citation must open the file it came from. Re-ingesting the same file gives the
+    same id; a changed file gets a new one.
+    """
     digest = hashlib.sha256()
+    digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
     with open(path, "rb") as handle:
         while block := handle.read(block_size):
             digest.update(block)

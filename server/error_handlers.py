@@ -38,6 +38,9 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     problems = error.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # loc is ("body", character offset), not a field
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return error_response(400, f"request body is not valid JSON at character {first['loc'][-1]}: {reason}")
     # loc starts with where the value came from ("body", "query", "path"); the field follows.
     loc = [str(part) for part in first.get("loc", ())]
     param = ".".join(loc[1:]) if len(loc) > 1 else (loc[0] if loc else None)

@@ -81,6 +81,16 @@ class ChatMessageIn(BaseModel):
             return "\n".join(texts)
         return value
 
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str) -> str:
+        # JSON may carry lone surrogates ("\ud800"); tokenizers cannot encode them, so refuse them here.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text is not valid Unicode at character {error.start} (a lone surrogate)") from None
+        return value
+
 
 class RetrievalOptions(BaseModel):
     """lorag extension: how to find the passages the answer may cite."""

@@ -199,3 +199,21 @@ def test_progress_bar_only_on_a_terminal_outside_ci():
     assert should_show_progress(Terminal(), {}) is True
     assert should_show_progress(Terminal(), {"CI": "true"}) is False
     assert should_show_progress(io.StringIO(), {}) is False
+
+
+def test_identical_bytes_under_two_names_stay_two_citable_documents(tmp_path, data_dir, embedder):
+    corpus = tmp_path / "copies"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text("The relief valve opens at 6 bar.\n")
+    settings = make_settings(data_dir)
+    assert ingest_paths([corpus], tenant="t3", settings=settings, embedder=embedder).count("added") == 2
+    documents = list_documents(tenant="t3", settings=settings)
+    assert len({d.document_id for d in documents}) == 2  # each citation must open its own file
+    index = open_index(settings, "t3", embedder)
+    try:
+        chunks = [c for d in documents for c in index.chunks_of(d.document_id)]
+        assert len({c.id for c in chunks}) == len(chunks) == 2
+        assert {index.chunk(c.id).source for c in chunks} == {str(corpus / "a.txt"), str(corpus / "b.txt")}
+    finally:
+        index.close()

@@ -138,7 +138,16 @@ def test_body_over_the_limit_is_413(client, corpus):
 def test_malformed_json_is_400(client, corpus):
     response = client.post("/v1/chat/completions", content=b"{not json",
                            headers=auth(corpus.acme_key, **{"Content-Type": "application/json"}))
-    assert_error(response, 400, error_type="invalid_request_error")
+    error = assert_error(response, 400, error_type="invalid_request_error")
+    assert error["message"].startswith("request body is not valid JSON at character 1") and error["param"] is None
+
+
+def test_lone_surrogate_in_a_message_is_400_not_500(client, corpus):
+    body = b'{"model": "lorag", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    response = client.post("/v1/chat/completions", content=body,
+                           headers=auth(corpus.acme_key, **{"Content-Type": "application/json"}))
+    error = assert_error(response, 400, error_type="invalid_request_error")
+    assert error["param"] == "messages.0.content" and "lone surrogate" in error["message"]
 
 
 def test_queue_refuses_past_capacity_and_frees_slots():
