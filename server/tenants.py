@@ -19,6 +19,7 @@ from pathlib import Path
 from retrieval.atomic_files import write_atomically
 from retrieval.errors import Conflict, LoragError, NotFound
 from retrieval.tenancy import validate_tenant_name
+from server.adapters.validation import validate_adapter_name
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "lorag-"
@@ -132,6 +133,7 @@ class TenantRegistry:
             LoragError: invalid name. Conflict: the tenant already exists.
         """
         validate_tenant_name(tenant_id)
+        _check_adapter_name(default_adapter)
         key = new_key()
         with self._editing() as tenants:
             if tenant_id in tenants:
@@ -166,6 +168,7 @@ class TenantRegistry:
         return key
 
     def set_default_adapter(self, tenant_id: str, adapter: str | None) -> Tenant:
+        _check_adapter_name(adapter)
         with self._editing() as tenants:
             if tenant_id not in tenants:
                 raise NotFound(f"tenant {tenant_id!r} does not exist")
@@ -194,3 +197,9 @@ class TenantRegistry:
         entries = [asdict(tenant) | {"key_hashes": list(tenant.key_hashes)} for tenant in tenants.values()]
         payload = json.dumps({"format_version": FORMAT_VERSION, "tenants": entries}, indent=2)
         write_atomically(self.path, payload, mode=0o600)  # hashes only, but nobody else needs to read them
+
+
+def _check_adapter_name(name: str | None) -> None:
+    """Raises: InvalidAdapter (422) for a default adapter name that no adapter could ever have."""
+    if name is not None:
+        validate_adapter_name(name)  # the adapter registry's own naming rule

@@ -455,6 +455,16 @@ class AdapterService:
         self.registry.remove(tenant, name)
         self.refresh()
 
+    def check_can_register(self, name: str) -> None:
+        """The checks that need no files: run them before receiving or unpacking an upload.
+
+        Raises:
+            InvalidAdapter: a name that could escape the registry. Conflict: this generator serves no adapters.
+        """
+        validate_adapter_name(name)
+        if self.served is None:
+            raise Conflict("this server's generator cannot serve adapters, so none can be registered")
+
     def register(self, tenant: str, name: str, source: Path, *, overwrite: bool = False) -> dict:
         """Blocking: validate the adapter dir ``source`` and copy it into the tenant's registry.
 
@@ -463,9 +473,7 @@ class AdapterService:
         Raises:
             InvalidAdapter/Conflict: it failed validation (nothing changes), or ``name`` exists and not ``overwrite``.
         """
-        validate_adapter_name(name)
-        if self.served is None:
-            raise Conflict("this server's generator cannot serve adapters, so none can be registered")
+        self.check_can_register(name)
         try:
             checked = self._check(source, tenant=tenant, name=name)
         except LoragError as error:

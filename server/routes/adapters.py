@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path as PathParam, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.adapters.archive import extract_adapter_archive
@@ -74,11 +74,18 @@ async def add_adapter(request: Request, tenant: CurrentTenant, services: ReadySe
             raise InvalidRequest("name: the adapter name is required", param="name")
         if upload is None or isinstance(upload, str):
             raise InvalidRequest("file: upload the adapter dir as an archive in the 'file' field", param="file")
+        adapters.check_can_register(name)  # before anything is written or unpacked
         return await run_in_threadpool(_register_upload, adapters, services.settings, tenant.id, name, upload, overwrite)
     try:
         body = AdapterRegister.model_validate_json(await request.body())
-    except ValueError as error:
-        raise InvalidRequest(f"invalid adapter registration body: {error}", param="body") from error
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or None
+        raise InvalidRequest(
+            f"invalid adapter registration body: {field + ': ' if field else ''}{problem['msg']}; "
+            'send JSON {"name", "path", "overwrite"} or a multipart upload',
+            param=field or "body",
+        ) from error
     source = _allowed_path(services.settings, body.path)
     return await run_in_threadpool(adapters.register, tenant.id, body.name, source, overwrite=body.overwrite)
 

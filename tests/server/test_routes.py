@@ -196,3 +196,23 @@ def test_default_adapter_alias_resolves_per_tenant(corpus):
     assert catalog.resolve("base-model", Tenant("beta", default_adapter="memo-style")).adapter is None
     with pytest.raises(ModelNotFound, match="'memo-style' does not exist"):
         catalog.resolve("memo-style", Tenant("acme"))  # another tenant's adapter is not visible
+
+
+def test_adapter_upload_is_refused_before_its_archive_is_unpacked(client, corpus):
+    garbage = {"file": ("adapter.zip", b"not a zip at all", "application/zip")}
+    # The name is checked first: a garbage archive would otherwise be reported as unreadable.
+    error = assert_error(
+        client.post("/v1/adapters", data={"name": "../x"}, files=garbage, headers=auth(corpus.acme_key)), 422
+    )
+    assert "invalid adapter name '../x'" in error["message"]
+    # The extractive generator serves no adapters: refused without unpacking anything.
+    error = assert_error(
+        client.post("/v1/adapters", data={"name": "ok"}, files=garbage, headers=auth(corpus.acme_key)), 409
+    )
+    assert "cannot serve adapters" in error["message"]
+
+
+def test_adapter_registration_body_names_the_missing_field(client, corpus):
+    error = assert_error(client.post("/v1/adapters", json={"name": "x1"}, headers=auth(corpus.acme_key)), 400)
+    assert error["param"] == "path" and "Field required" in error["message"]
+    assert "errors.pydantic.dev" not in error["message"]

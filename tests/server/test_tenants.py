@@ -137,3 +137,16 @@ def test_serve_refuses_unsafe_admin_key_before_binding(data_dir, monkeypatch, ca
     monkeypatch.setenv("LORAG_SERVER__ADMIN_KEY", "changeme")
     assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(data_dir)]) == LoragError.exit_code
     assert "unsafe for host '0.0.0.0'" in capsys.readouterr().err
+
+
+def test_default_adapter_must_be_a_possible_adapter_name(data_dir):
+    from server.adapters.validation import InvalidAdapter
+
+    registry = TenantRegistry(data_dir)
+    with pytest.raises(InvalidAdapter, match="invalid adapter name '../x'"):
+        registry.add("gamma", default_adapter="../x")
+    assert registry.tenants() == []  # nothing written
+    tenant, _ = registry.add("delta", default_adapter="support-v1")
+    assert tenant.default_adapter == "support-v1"
+    with pytest.raises(InvalidAdapter):
+        registry.set_default_adapter("delta", "a/b")
