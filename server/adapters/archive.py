@@ -64,6 +64,8 @@ def _extract_tar(archive: Path, filename: str, dest: Path, *, max_bytes: int) ->
                 source = tar.extractfile(member)
                 with source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+        raise _member_clash(filename, error) from error
     except (tarfile.TarError, EOFError, OSError) as error:
         raise InvalidAdapter(f"upload {filename!r} is not a readable tar archive: {error}") from error
 
@@ -93,5 +95,13 @@ def _extract_zip(archive: Path, filename: str, dest: Path, *, max_bytes: int) ->
                                 f"upload {filename!r}: more than adapters.max_upload_bytes={max_bytes} unpacked"
                             )
                         out.write(block)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+        raise _member_clash(filename, error) from error
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise InvalidAdapter(f"upload {filename!r} is not a readable zip archive: {error}") from error
+
+
+def _member_clash(filename: str, error: OSError) -> InvalidAdapter:
+    """Two members want the same path (a file and a folder): name the member, never the server's path."""
+    member = Path(error.filename or "").name or "?"
+    return InvalidAdapter(f"upload {filename!r} has conflicting members at {member!r} (a file and a folder, or twice)")

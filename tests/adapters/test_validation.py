@@ -143,6 +143,15 @@ def test_unsafe_tar_members_are_refused(tmp_path, member, kind, reason):
     assert not (tmp_path / "evil").exists()
 
 
+def test_clashing_tar_members_are_named_without_server_paths(tmp_path):
+    archive = _tar(tmp_path, [("d", b"x", "file"), ("d/e", b"y", "file")])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(InvalidAdapter, match="conflicting members at 'd'") as refused:
+        extract_adapter_archive(archive, "upload.tar", dest, max_bytes=10**6)
+    assert str(tmp_path) not in str(refused.value)
+
+
 def test_archive_size_limit_counts_unpacked_bytes(tmp_path):
     zipped = tmp_path / "bomb.zip"
     with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
