@@ -38,7 +38,8 @@ def run_search(args: argparse.Namespace) -> int:
             f"tenant {args.tenant!r} has no index in {str(settings.data_dir)!r}",
             hint=f"Ingest documents first: lorag ingest PATH --tenant {args.tenant}",
         )
-    passages = service.retrieve(args.tenant, args.query, k=args.k, sources=args.source, mode=args.mode)
+    sources = _stored_sources(service, args.tenant, args.source) if args.source else None
+    passages = service.retrieve(args.tenant, args.query, k=args.k, sources=sources, mode=args.mode)
     if args.json:
         json.dump([passage_json(p) for p in passages], sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
@@ -54,6 +55,27 @@ def run_search(args: argparse.Namespace) -> int:
         print("    " + chunk.text.strip().replace("\n", "\n    "))
         print()
     return 0
+
+
+def _stored_sources(service, tenant: str, given: list[str]) -> list[str]:
+    """Map each ``--source`` to a stored source (as given, or as an absolute path).
+
+    Raises:
+        NotFound: a source matches no document, so the filter would silently find nothing.
+    """
+    import os
+
+    from retrieval.errors import NotFound
+
+    stored = {record.source for record in service.documents(tenant)}
+    matched, unknown = [], []
+    for source in given:
+        hit = next((s for s in (source, os.path.abspath(source)) if s in stored), None)
+        (matched.append(hit) if hit else unknown.append(source))
+    if unknown:
+        raise NotFound(f"tenant {tenant!r} has no document from {', '.join(map(repr, unknown))}",
+                       hint=f"List them with: lorag docs --tenant {tenant}")
+    return matched
 
 
 def passage_json(passage) -> dict:

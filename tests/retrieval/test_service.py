@@ -93,6 +93,13 @@ def test_search_cli_prints_passages_and_json(build_index, data_dir, capsys):
     assert passages[0]["text"] == CORPUS["handbook/calibration.md"][1][1] and passages[0]["score"] > 0
 
 
+def test_search_cli_names_an_unknown_source(build_index, data_dir, capsys):
+    build_index()
+    argv = ["search", "warranty", "--tenant", "acme", "--source", "handbook/nope.md", "--data-dir", str(data_dir)]
+    assert main(argv) == 2
+    assert "tenant 'acme' has no document from 'handbook/nope.md'" in capsys.readouterr().err
+
+
 def test_search_cli_without_index_exits_2(data_dir, capsys):
     assert main(["search", "anything", "--tenant", "empty", "--data-dir", str(data_dir)]) == 2
     error = capsys.readouterr().err
