@@ -65,11 +65,5 @@ def eval_corpus(tmp_path_factory, tiny_llama_path) -> EvalCorpus:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and the test machine's cores are shared."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_torch_thread(one_torch_thread):
+    """Every module here trains or runs tiny models."""
