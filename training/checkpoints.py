@@ -74,13 +74,17 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) 
         write_json(tmp / "state.json", state)
         for path in tmp.iterdir():
             fsync_path(path)
-        if target.exists():
-            shutil.rmtree(target)
+        old = None
+        if target.exists():  # move aside before deleting: a kill mid-rmtree must not leave a torn step-N
+            old = parent / f".old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
         os.rename(tmp, target)
         fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     older = sorted(p for p in parent.glob("step-*") if p != target)
     for stale in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -111,10 +115,15 @@ def save_adapter_weights(model, directory: Path, *, atomic: bool = True) -> None
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in get_peft_model_state_dict(model).items()}
     target = directory / "adapter_weights.safetensors"
     tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}.safetensors" if atomic else target
-    save_file(tensors, str(tmp))
-    if atomic:
-        fsync_path(tmp)
-        os.replace(tmp, target)
+    try:
+        save_file(tensors, str(tmp))
+        if atomic:
+            fsync_path(tmp)
+            os.replace(tmp, target)
+    except BaseException:
+        if atomic:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_adapter_weights(model, directory: Path) -> None:

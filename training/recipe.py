@@ -336,7 +336,7 @@ class LoraFinetuneRecipe:
         improved = self.best.update(self.step, val_loss)
         if improved and self.accelerator.is_main_process:
             checkpoints.save_adapter_weights(self.peft_model, self.run_dir / "best")
-        self._log({"step": self.step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
+        self._log({"step": self.step, "val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)})
         return self.cfg.patience is not None and self.best.evals_since_best >= self.cfg.patience
 
     # -------------------------------------------------------------- checkpoint
@@ -422,7 +422,7 @@ class LoraFinetuneRecipe:
             ),
             metrics=TrainMetrics(
                 steps=self.step, best_step=self.best.step, train_loss=train_losses[-1] if train_losses else None,
-                val_loss=val_loss, base_val_perplexity=_perplexity(self.base_val_loss), val_perplexity=_perplexity(val_loss),
+                val_loss=val_loss, base_val_perplexity=perplexity_of(self.base_val_loss), val_perplexity=perplexity_of(val_loss),
                 tokens_per_second=self.tokens_seen / max(self.train_seconds, 1e-9), peak_memory_bytes=peak,
                 wall_time_s=self.train_seconds, stopped_early=self.stopped_early,
             ),
@@ -511,14 +511,22 @@ def _maybe_no_sync(accelerator, model, sync: bool):
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
 
-def _perplexity(loss: float | None) -> float | None:
+def perplexity_of(loss: float | None) -> float | None:
+    """exp(mean token loss), capped so a diverged model reports a huge number instead of overflowing."""
     return None if loss is None else float(math.exp(min(loss, 50.0)))
 
 
 def _read_log(path: Path) -> list[dict]:
+    """The step log; a line torn by the interruption being resumed from is dropped (it is rewritten)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _library_versions() -> dict[str, str]:

@@ -5,11 +5,11 @@ on answer tokens only), so the numbers are comparable with the manifest's valida
 """
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import LoragError
+from training.recipe import perplexity_of
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,5 @@ def measure_perplexity(
         base_loss, tokens = mean_loss()
         adapter_loss = None
     return PerplexityResult(
-        examples=len(rows), tokens=tokens, base=math.exp(base_loss),
-        adapter=None if adapter_loss is None else math.exp(adapter_loss),
+        examples=len(rows), tokens=tokens, base=perplexity_of(base_loss), adapter=perplexity_of(adapter_loss),
     )
