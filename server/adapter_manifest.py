@@ -186,6 +186,7 @@ def write_adapter_dir(
         raise Conflict(f"adapter {str(target)!r} already exists", hint="Pick another --name or delete it first")
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         fill(tmp)
         missing = [name for name in ADAPTER_FILES if not (tmp / name).is_file()]
@@ -195,7 +196,6 @@ def write_adapter_dir(
             if path.is_file():
                 fsync_path(path)
         fsync_path(tmp)
-        old = None
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside first
             old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
@@ -203,6 +203,8 @@ def write_adapter_dir(
         fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():  # the new one never arrived: keep the old one registered
+            os.rename(old, target)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

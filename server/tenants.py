@@ -108,6 +108,8 @@ class TenantRegistry:
             return {}
         except (OSError, ValueError) as error:
             raise LoragError(f"tenant registry {str(self.path)!r} is unreadable: {error}") from error
+        if not isinstance(raw, dict):
+            raise LoragError(f"tenant registry {str(self.path)!r} is not a JSON object")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise LoragError(
@@ -115,13 +117,18 @@ class TenantRegistry:
                 f"this lorag reads version {FORMAT_VERSION}"
             )
         tenants = {}
-        for entry in raw.get("tenants", []):
-            tenant = Tenant(
-                id=entry["id"],
-                key_hashes=tuple(entry.get("key_hashes", ())),
-                default_adapter=entry.get("default_adapter"),
-                created_at=entry.get("created_at", ""),
-            )
+        for number, entry in enumerate(raw.get("tenants", []), start=1):
+            try:
+                tenant = Tenant(
+                    id=entry["id"],
+                    key_hashes=tuple(entry.get("key_hashes", ())),
+                    default_adapter=entry.get("default_adapter"),
+                    created_at=entry.get("created_at", ""),
+                )
+            except (KeyError, TypeError, AttributeError) as error:  # a hand edit gone wrong
+                raise LoragError(
+                    f"tenant registry {str(self.path)!r}: tenant entry {number} is malformed ({error!r})"
+                ) from error
             tenants[tenant.id] = tenant
         return tenants
 

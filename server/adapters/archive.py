@@ -97,7 +97,8 @@ def _extract_zip(archive: Path, filename: str, dest: Path, *, max_bytes: int) ->
                         out.write(block)
     except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
         raise _member_clash(filename, error) from error
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
+        # RuntimeError: an encrypted member; NotImplementedError: an unsupported compression method
         raise InvalidAdapter(f"upload {filename!r} is not a readable zip archive: {error}") from error
 
 

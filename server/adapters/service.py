@@ -6,6 +6,7 @@ the old key is unloaded when its last request finishes.
 """
 
 import asyncio
+import re
 import logging
 import threading
 import time
@@ -21,7 +22,13 @@ from server.adapter_manifest import MANIFEST_FILE, AdapterManifest, LoraSpec
 from server.adapters.host import AdapterHost, HostAdapter
 from server.adapters.registry import AdapterDir, AdapterRegistry
 from server.adapters.residency import Residency
-from server.adapters.validation import CheckedAdapter, check_adapter_dir, read_host_adapter, validate_adapter_name
+from server.adapters.validation import (
+    CheckedAdapter,
+    InvalidAdapter,
+    check_adapter_dir,
+    read_host_adapter,
+    validate_adapter_name,
+)
 from server.errors import ServerBusy
 
 log = logging.getLogger(__name__)
@@ -186,7 +193,7 @@ class AdapterService:
                     continue
                 try:
                     checked = self._check(adapter_dir.path, tenant=adapter_dir.tenant, name=adapter_dir.name)
-                except LoragError as error:
+                except Exception as error:  # noqa: BLE001 - one malformed folder must not stop discovery of the rest
                     self._rejected[ident] = adapter_dir.stamp
                     self._event("reject")
                     log.warning("adapter %s/%s rejected: %s", *ident, error)
@@ -476,6 +483,9 @@ class AdapterService:
         self.check_can_register(name)
         try:
             checked = self._check(source, tenant=tenant, name=name)
+        except (TypeError, ValueError, AttributeError, re.error) as error:  # a malformed adapter_config.json
+            self._event("reject")
+            raise InvalidAdapter(f"adapter {name!r}: malformed adapter_config.json ({error})") from error
         except LoragError as error:
             self._event("reject")
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)

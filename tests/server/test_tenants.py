@@ -150,3 +150,11 @@ def test_default_adapter_must_be_a_possible_adapter_name(data_dir):
     assert tenant.default_adapter == "support-v1"
     with pytest.raises(InvalidAdapter):
         registry.set_default_adapter("delta", "a/b")
+
+
+@pytest.mark.parametrize("content", ["[]", '{"format_version": 1, "tenants": [{"key_hashes": []}]}',
+                                     '{"format_version": 1, "tenants": [5]}'])
+def test_hand_edited_registry_is_a_clear_error(data_dir, content):
+    (data_dir / "tenants.json").write_text(content)
+    with pytest.raises(LoragError, match="tenant registry .*tenants.json"):
+        TenantRegistry(data_dir).tenants()

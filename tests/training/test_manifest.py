@@ -99,3 +99,23 @@ def test_write_adapter_dir_is_all_or_nothing(tmp_path):
         write_adapter_dir(target, fill_complete)
     write_adapter_dir(target, fill_complete, overwrite=True)
     assert sorted(p.name for p in target.parent.iterdir()) == ["a"]
+
+
+def test_failed_replace_keeps_the_old_adapter_registered(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "adapters" / "a"
+    write_adapter_dir(target, fill_complete)
+    real_rename = os.rename
+
+    def rename_fails_for_the_new_dir(src, dst):
+        if str(src).startswith(str(target.parent / ".tmp-")):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_for_the_new_dir)
+    with pytest.raises(OSError):
+        write_adapter_dir(target, fill_complete, overwrite=True)
+    monkeypatch.undo()
+    assert read_manifest(target).name == "a"  # still registered, not stranded under .old-*
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a"]
