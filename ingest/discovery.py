@@ -16,6 +16,7 @@ class Discovery:
     files: list[Path] = field(default_factory=list)  # absolute paths, in walk order, each real file once
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason) worth one note each
     missing: list[Path] = field(default_factory=list)  # named on the command line but absent
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # folders whose listing failed, with why
 
 
 def discover_files(paths: list[Path]) -> Discovery:
@@ -39,7 +40,10 @@ def _walk(root: Path, found: Discovery, seen_files: set[str], seen_dirs: set[str
     if real_root in seen_dirs:
         return
     seen_dirs.add(real_root)
-    for directory, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+    def unreadable(error: OSError) -> None:  # os.walk would otherwise drop the folder without a word
+        found.unreadable.append((Path(error.filename), f"cannot read folder: {error.strerror}"))
+
+    for directory, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         keep = []
         for name in sorted(dirnames):
             sub = Path(directory) / name

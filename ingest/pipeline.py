@@ -76,8 +76,13 @@ def ingest_paths(
     found = discover_files([Path(p) for p in paths])
     for path in found.missing:
         _note(report.add(FileOutcome(_display(path), "failed", "no such file or folder")))
+    for path, reason in found.unreadable:
+        _note(report.add(FileOutcome(_display(path), "failed", reason)))
     for path, reason in found.skipped:
         _note(report.add(FileOutcome(_display(path), "skipped", reason)))
+    if not found.files and not prune:  # nothing to add: create no index and load no model
+        report.seconds = time.perf_counter() - started
+        return report
 
     embedder = embedder or Embedder(settings.embedding)
     # The model loads on first use: a run where every file is unchanged never loads it.

@@ -217,3 +217,27 @@ def test_identical_bytes_under_two_names_stay_two_citable_documents(tmp_path, da
         assert {index.chunk(c.id).source for c in chunks} == {str(corpus / "a.txt"), str(corpus / "b.txt")}
     finally:
         index.close()
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_run(tmp_path, data_dir, monkeypatch):
+    import ingest.discovery
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+
+    def walk_denied(root, *, followlinks, onerror):  # what os.walk does for an unreadable folder
+        onerror(PermissionError(13, "Permission denied", str(root)))
+        return iter(())
+
+    monkeypatch.setattr(ingest.discovery.os, "walk", walk_denied)
+    report = ingest_paths([folder], tenant="t4", settings=make_settings(data_dir))
+    assert report.failed == 1
+    assert report.of("failed")[0].reason == "cannot read folder: Permission denied"
+
+
+def test_a_run_with_nothing_to_add_creates_no_index(tmp_path, data_dir):
+    from retrieval.tenancy import index_dir
+
+    report = ingest_paths([tmp_path / "typo"], tenant="newco", settings=make_settings(data_dir))
+    assert report.failed == 1 and report.of("failed")[0].reason == "no such file or folder"
+    assert not index_dir(data_dir, "newco").exists()  # `lorag search --tenant newco` still says: no index
