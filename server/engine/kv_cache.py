@@ -9,6 +9,8 @@ class KVCache:
     Per layer: k and v of shape (rows, kv_heads, length, head_dim). ``length`` is ``max_len`` plus at
     least one scratch position: rows that are idle during a batched decode step write there, so a
     static-shaped step never touches a real token of a request that is still being prefilled.
+    ``model.decoder_layer`` writes and reads these tensors itself, indexing the whole tensor so the
+    compiled step scatters in place.
     """
 
     def __init__(self, *, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -20,24 +22,6 @@ class KVCache:
         shape = (rows, kv_heads, self.length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-
-    def write(self, layer: int, rows: slice | torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, *, batch_index: torch.Tensor) -> None:
-        """Store k, v (batch, seq, kv_heads, head_dim) at ``positions`` (batch, seq) of ``rows``.
-
-        ``rows`` is a contiguous slice of rows or a (batch,) tensor of row numbers; ``batch_index`` is
-        arange(batch)[:, None] (built once per forward, not per layer).
-        """
-        if isinstance(rows, slice):
-            self.k[layer][rows][batch_index, :, positions] = k
-            self.v[layer][rows][batch_index, :, positions] = v
-        else:
-            self.k[layer][rows[:, None], :, positions] = k
-            self.v[layer][rows[:, None], :, positions] = v
-
-    def read(self, layer: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views (no copy) of the keys and values of ``rows``: (batch, kv_heads, length, head_dim)."""
-        return self.k[layer][rows], self.v[layer][rows]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

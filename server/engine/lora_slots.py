@@ -203,7 +203,6 @@ class AdapterSlots:
         """``base`` (tokens, out_total) plus the LoRA delta of ``x`` (tokens, in) for the selected slots."""
         g = self._groups[layer][group]
         if selection.onehot is not None:
-            slots = selection.onehot.shape[1]
             return self.expand(layer, group, torch.nn.functional.linear(x, g.a), base, selection.onehot)
         width = len(GROUPS[group]) * self.max_rank
         if (selection.slots is not None and x.shape[0] == selection.slots.shape[0] and self.use_kernel
@@ -268,18 +267,6 @@ class AdapterSlots:
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()
                    for by_group in self._groups for g in by_group.values())
-
-
-def read_peft_adapter(
-    path: str | Path, *, layers: int, dims: dict[str, tuple[int, int]], max_rank: int
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Read a peft LoRA dir into {(layer, module): (A (r, in), B (r, out) times scaling)} as float32 CPU tensors.
-
-    Only adapter_config.json and adapter_model.safetensors are read (never pickle). Raises as :func:`peft_weights`,
-    and LoragError for missing or unreadable files.
-    """
-    config, tensors = read_peft_files(path)
-    return peft_weights(config, tensors, source=str(path), layers=layers, dims=dims, max_rank=max_rank)
 
 
 def read_peft_files(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
