@@ -47,11 +47,11 @@ class KeywordIndex:
 
         self.rowids = np.asarray(rowids, dtype=np.int64)
         self.stemmer_language = stemmer_language
-        self.stemmed = load_stemmer(stemmer_language) is not None
+        stemmer = load_stemmer(stemmer_language)
+        self.stemmed = stemmer is not None
         self._bm25 = None
         if len(texts):
-            corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=load_stemmer(stemmer_language),
-                                           show_progress=False)
+            corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, show_progress=False)
             self._bm25 = bm25s.BM25()
             self._bm25.index(corpus_tokens, show_progress=False)
         log.debug("keyword index built over %d chunks (stemmed: %s)", len(texts), self.stemmed)

@@ -61,13 +61,6 @@ class RetrievalService:
         index.refresh()
         return index
 
-    def forget(self, tenant: str) -> None:
-        """Drop the cached index of ``tenant`` (after its data was deleted)."""
-        with self._lock:
-            index = self._indexes.pop(tenant, None)
-        if index is not None:
-            index.close()
-
     def retrieve(
         self, tenant: str, query: str, *, k: int | None = None, sources: Sequence[str] | None = None, mode: str | None = None
     ) -> list[Passage]:
@@ -94,8 +87,11 @@ class RetrievalService:
 
     def neighbours(self, tenant: str, chunk_id: str, *, before: int = 1, after: int = 1) -> list[Chunk]:
         """The chunk with its neighbours in reading order. Raises: NotFound: no such chunk."""
-        self.chunk(tenant, chunk_id)
-        return self.index(tenant).neighbours(chunk_id, before=before, after=after)
+        index = self.index(tenant)
+        chunks = index.neighbours(chunk_id, before=before, after=after) if index is not None else []
+        if not chunks:  # the chunk itself is always in the result when it exists
+            raise NotFound(f"chunk {chunk_id!r} not found for tenant {tenant!r}")
+        return chunks
 
     def documents(self, tenant: str) -> list[DocumentRecord]:
         index = self.index(tenant)
@@ -111,8 +107,10 @@ class RetrievalService:
 
     def chunks_of(self, tenant: str, document_id: str) -> list[Chunk]:
         """The document's chunks in reading order. Raises: NotFound: no such document."""
-        self.document(tenant, document_id)
-        return self.index(tenant).chunks_of(document_id)
+        index = self.index(tenant)
+        if index is None or index.document(document_id) is None:
+            raise NotFound(f"document {document_id!r} not found for tenant {tenant!r}")
+        return index.chunks_of(document_id)
 
 
 class _LockedEmbedder:
