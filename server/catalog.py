@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.tenancy import adapters_dir
+from server.adapter_manifest import MANIFEST_FILE
 from server.errors import ModelNotFound
 from server.schemas import ModelCard
 from server.tenants import Tenant
 
 BASE_ALIAS = "base"
 DEFAULT_ALIAS = "lorag"
-ADAPTER_MANIFEST = "lorag_adapter.json"
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,16 @@ class ModelCatalog:
         self.adapter_service = adapters  # server.adapters.service.AdapterService or None
 
     def adapters(self, tenant: str) -> list[str]:
-        if self.adapter_service is not None and self.adapter_service.host is not None:
-            return self.adapter_service.names(tenant)  # validated against the served model
+        if self.adapter_service is not None:
+            if self.adapter_service.host is not None:
+                return self.adapter_service.names(tenant)  # validated against the served model
+            found = self.adapter_service.registry.scan()  # the registry's rules: no in-progress or linked dirs
+            return sorted(name for owner, name in found if owner == tenant)
         root = adapters_dir(self.data_dir, tenant)
         if not root.is_dir():
             return []
-        return sorted(path.name for path in root.iterdir() if (path / ADAPTER_MANIFEST).is_file())
+        return sorted(path.name for path in root.iterdir()
+                      if not path.name.startswith(".") and (path / MANIFEST_FILE).is_file())
 
     def cards(self, tenant: Tenant) -> list[ModelCard]:
         cards = [
