@@ -1,7 +1,8 @@
 """Hybrid retrieval: dense (FAISS) and keyword (BM25) hits fused into one ranking, optionally reranked.
 
-Default fusion: z-scored candidate scores, 0.55 dense / 0.45 keyword (see zscore_fusion; measured against
-min-max, RRF and each retriever alone, tuned and held-out seeds, in benchmarks/RESULTS.md "Retrieval").
+Default fusion: z-scored candidate scores, 0.55 dense / 0.45 keyword, re-weighted per query towards the
+retriever whose best hit stands out more (see zscore_fusion; measured against min-max, RRF and each retriever
+alone, tuned and held-out seeds, in benchmarks/RESULTS.md "Retrieval").
 """
 import logging
 from collections.abc import Hashable, Mapping, Sequence
@@ -55,7 +56,10 @@ def relative_score_fusion(
 
 
 def zscore_fusion(
-    scored: Mapping[str, Sequence[tuple[Hashable, float]]], *, weights: Mapping[str, float] | None = None
+    scored: Mapping[str, Sequence[tuple[Hashable, float]]],
+    *,
+    weights: Mapping[str, float] | None = None,
+    confidence_power: float = 0.0,
 ) -> list[tuple[Hashable, float]]:
     """Fuse scored lists by standardised scores: ``score(d) = sum_r weight_r * (s_r(d) - mean_r) / std_r``.
 
@@ -64,6 +68,10 @@ def zscore_fusion(
     hit stands out from that list's other candidates: a sure retriever outvotes an unsure one, per query,
     whichever of the two it is. An item missing from a list gets that list's lowest z (it scored at most
     as well as the worst candidate there); a list whose scores are all equal contributes 0 to every item.
+
+    ``confidence_power`` > 0 also moves the weights themselves per query: each list's weight is scaled by
+    ``top_z_r ** confidence_power`` (``top_z_r``: the z-score of its best hit, floored at 0) and the weights
+    are rescaled to their original sum. 0 keeps ``weights`` as given.
     Returns ``(item, score)`` best first; ties keep the order in which items were first seen.
     """
     standardised: dict[str, dict[Hashable, float]] = {}
@@ -78,12 +86,29 @@ def zscore_fusion(
     for z in standardised.values():
         for item in z:
             fused.setdefault(item, 0.0)
+    fixed = {name: 1.0 if weights is None else weights.get(name, 1.0) for name in standardised}
+    effective = _confidence_weights(fixed, standardised, confidence_power)
     for name, z in standardised.items():
-        weight = 1.0 if weights is None else weights.get(name, 1.0)
         floor = min(z.values())
         for item in fused:
-            fused[item] += weight * z.get(item, floor)
+            fused[item] += effective[name] * z.get(item, floor)
     return sorted(fused.items(), key=lambda pair: -pair[1])  # sorted() is stable: first-seen wins ties
+
+
+def _confidence_weights(
+    fixed: dict[str, float], standardised: dict[str, dict[Hashable, float]], power: float
+) -> dict[str, float]:
+    """``fixed`` weights scaled by each list's top z-score ** ``power``, rescaled to the same total.
+
+    Falls back to ``fixed`` when ``power`` is 0 or no list has a best hit above its mean (nothing to go by).
+    """
+    if power == 0:
+        return fixed
+    scaled = {name: fixed[name] * max(max(z.values()), 0.0) ** power for name, z in standardised.items()}
+    total = sum(scaled.values())
+    if total <= 0:
+        return fixed
+    return {name: value * sum(fixed.values()) / total for name, value in scaled.items()}
 
 
 def resolve_mode(mode: str | None, settings: RetrievalSettings) -> str:
@@ -174,8 +199,12 @@ class HybridRetriever:
                 fused = reciprocal_rank_fusion(rankings, k=self.settings.rrf_k, weights=self.weights)
             else:
                 scored = {name: [((c.source, c.id), s) for c, s in ranked] for name, ranked in hits.items()}
-                fuse = zscore_fusion if self.fusion == "zscore" else relative_score_fusion
-                fused = fuse(scored, weights=self.weights)
+                if self.fusion == "zscore":
+                    fused = zscore_fusion(
+                        scored, weights=self.weights, confidence_power=self.settings.confidence_power
+                    )
+                else:
+                    fused = relative_score_fusion(scored, weights=self.weights)
             for key, score in fused:
                 scores[key]["fused"] = score
             ordered = fused

@@ -56,6 +56,13 @@ class RetrievalSettings(BaseModel):
     dense_weight: float = Field(
         0.55, ge=0.0, le=1.0, description="dense share of zscore/relative fusion; keyword gets 1 - dense_weight"
     )
+    confidence_power: float = Field(
+        0.5,
+        ge=0.0,
+        le=4.0,
+        description="zscore fusion: per query, scale each retriever's weight by (z-score of its best hit) ** this, "
+        "so the retriever whose top hit stands out more counts more; 0 keeps dense_weight fixed",
+    )
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank-fusion constant")
     candidates: int = Field(100, ge=1, description="hits each retriever contributes before fusion")
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"

@@ -51,6 +51,51 @@ def test_zscore_fusion_matches_hand_computed_scores():
     assert zscore_fusion({"dense": [("x", 0.3), ("y", 0.3)], "keyword": []}) == [("x", 0.0), ("y", 0.0)]
 
 
+def test_confidence_power_moves_weight_to_the_list_whose_top_hit_stands_out():
+    # dense: four near-equal cosines, z = +-1.342, +-0.447 (top 1.342); keyword: b far ahead of e, f, g
+    # (z: b = +1.732, the rest -0.577; top 1.732).
+    scored = {"dense": [("a", 0.60), ("b", 0.59), ("c", 0.58), ("d", 0.57)],
+              "keyword": [("b", 10.0), ("e", 1.0), ("f", 1.0), ("g", 1.0)]}
+    weights = {"dense": 0.8, "keyword": 0.2}
+    za, zb, top_d, top_k, low_k = 3 / 5 ** 0.5, 1 / 5 ** 0.5, 3 / 5 ** 0.5, 3 ** 0.5, -1 / 3 ** 0.5
+    fixed = zscore_fusion(scored, weights=weights)
+    assert zscore_fusion(scored, weights=weights, confidence_power=0.0) == fixed
+    assert [item for item, _ in fixed[:2]] == ["a", "b"]  # 0.8 of the vote goes to dense's mild favourite
+    # power 2: weights 0.8 * 1.342**2 : 0.2 * 1.732**2, rescaled to sum 0.8 + 0.2 = 1 -> b overtakes a.
+    dense_w = 0.8 * top_d**2 / (0.8 * top_d**2 + 0.2 * top_k**2)
+    adaptive = dict(zscore_fusion(scored, weights=weights, confidence_power=2.0))
+    assert adaptive["a"] == pytest.approx(dense_w * za + (1 - dense_w) * low_k)
+    assert adaptive["b"] == pytest.approx(dense_w * zb + (1 - dense_w) * top_k)
+    assert max(adaptive, key=adaptive.get) == "b"
+
+
+def test_confidence_power_ignores_a_list_with_nothing_standing_out():
+    flat = {"dense": [("a", 0.5), ("b", 0.5)], "keyword": [("b", 3.0), ("c", 1.0)]}
+    # dense's best hit is at its mean (z 0): its weight goes to 0 and keyword takes the whole sum, 0.55 + 0.45.
+    fused = zscore_fusion(flat, weights={"dense": 0.55, "keyword": 0.45}, confidence_power=1.0)
+    assert [item for item, _ in fused] == ["b", "a", "c"]
+    assert [score for _, score in fused] == pytest.approx([1.0, -1.0, -1.0])
+    both_flat = {"dense": [("a", 0.5), ("b", 0.5)], "keyword": [("a", 2.0)]}
+    assert zscore_fusion(both_flat, confidence_power=1.0) == [("a", 0.0), ("b", 0.0)]
+
+
+def test_default_hybrid_is_confidence_weighted_zscore_fusion(build_index, embedder):
+    settings = RetrievalSettings()
+    assert settings.fusion == "zscore" and settings.confidence_power > 0
+    retriever = HybridRetriever(build_index(), embedder, settings)
+    query = "replace the probe part number"
+    dense = retriever.retrieve(query, k=settings.candidates, mode="dense")
+    keyword = retriever.retrieve(query, k=settings.candidates, mode="keyword")
+    scored = {"dense": [(p.chunk.id, p.score) for p in dense], "keyword": [(p.chunk.id, p.score) for p in keyword]}
+    expected = zscore_fusion(scored, weights={"dense": settings.dense_weight, "keyword": 1 - settings.dense_weight},
+                             confidence_power=settings.confidence_power)
+    hybrid = retriever.retrieve(query, k=5)
+    assert [(p.chunk.id, p.score) for p in hybrid] == [(item, pytest.approx(score)) for item, score in expected[:5]]
+    assert hybrid[0].chunk.text == PART_NUMBER_CHUNK
+    fixed = HybridRetriever(retriever.index, embedder, RetrievalSettings(confidence_power=0)).retrieve(query, k=5)
+    assert [p.score for p in fixed] != pytest.approx([p.score for p in hybrid])  # the power is applied
+
+
 def test_bm25_stems_terms_so_plural_queries_match_singular_text():
     texts = ["The infection spread quickly through the ward.", "Bake the bread for forty minutes."]
     stemmed = KeywordIndex([10, 20], texts)

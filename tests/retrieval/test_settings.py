@@ -64,3 +64,12 @@ def test_chunks_must_fit_the_embedder_window():
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(LoragError, match="is not a file"):
         load_settings(Settings, config_file=tmp_path)
+
+
+def test_confidence_power_is_bounded():
+    from retrieval.settings import RetrievalSettings
+
+    assert RetrievalSettings(confidence_power=0).confidence_power == 0
+    for bad in (-0.5, 10):
+        with pytest.raises(ValueError, match="confidence_power"):
+            RetrievalSettings(confidence_power=bad)
