@@ -266,7 +266,7 @@ def measure_engine(engine, workload, *, args, rng, vocab, device, tiny) -> dict:
 def profile(engine, vocab, device):
     """Per-bucket decode step time (graph replay, and with the host's argmax + copy), prefill time, top kernels."""
     from server.engine.decode_step import EagerDecode
-    from server.engine.lora_slots import AdapterSelection
+    from server.engine.lora_kernel import segment_prompts, to_segments
 
     decode = engine.scheduler.decode
     at = min(1500, engine.cache.max_len - 2)
@@ -285,41 +285,39 @@ def profile(engine, vocab, device):
                 decode(tokens, positions, slots).argmax(-1).tolist()
             sync(device)
             print(f"decode bucket {bucket:4d} lora={lora!s:5}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
-    from server.engine.decode_step import GraphedDecode
-
-    if device.type == "cuda":  # the opt-in Triton BGMV LoRA path, for comparison with the default GEMMs
-        engine.adapters.use_kernel = True
-        torch_path = GraphedDecode(engine.model, engine.cache, engine.adapters)
-        torch_path.capture()
-        engine.adapters.use_kernel = False
-        for bucket in (1, 32, 128):
-            if bucket > engine.cache.rows:
-                continue
-            slots = [1 + (i % engine.adapters.num_slots) for i in range(bucket)]
-            for _ in range(3):
-                torch_path([5] * bucket, [at] * bucket, slots).argmax(-1).tolist()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                torch_path([5] * bucket, [at] * bucket, slots).argmax(-1).tolist()
-            sync(device)
-            print(f"decode bucket {bucket:4d} lora=True Triton BGMV: "
-                  f"{(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
     model, cache = engine.model, engine.cache
     for slot in (0, 1):
         for n in sorted({min(512, at), min(2000, at)}):
             toks = torch.randint(3, vocab, (1, n), device=device)
             pos = torch.arange(n, device=device)[None]
+            segments = to_segments(segment_prompts([n], [slot], width=n), device=device) if slot else None
             for _ in range(2):
-                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters,
-                              selection=AdapterSelection(slot=slot), fresh=True)
+                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters, segments=segments,
+                              fresh=True)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(5):
-                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters,
-                              selection=AdapterSelection(slot=slot), fresh=True)
+                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters, segments=segments,
+                              fresh=True)
             sync(device)
             print(f"prefill {n} tokens adapter slot {slot}: {(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
+    # A prefill group as the scheduler forms it: 8 prompts of 1,500 tokens, each with its own adapter or none.
+    group = min(8, cache.rows)
+    n = min(1500, at)
+    toks = torch.randint(3, vocab, (group, n), device=device)
+    pos = torch.arange(n, device=device)[None].expand(group, n)
+    rows_index = torch.arange(group, device=device)
+    for slots in ([0] * group, [1 + i % engine.adapters.num_slots for i in range(group)]):
+        segments = (to_segments(segment_prompts([n] * group, slots, width=n), device=device) if any(slots) else None)
+        for repeat in range(7):
+            if repeat == 2:
+                sync(device)
+                t0 = time.perf_counter()
+            model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments,
+                          fresh=True)
+        sync(device)
+        print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters: "
+              f"{(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
     if device.type != "cuda":
         return
     eager = EagerDecode(model, cache, engine.adapters)

@@ -1,6 +1,7 @@
 """Session-wide fixtures: a private data dir for every test run, tiny models built once."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,10 @@ os.environ.setdefault("LORAG_DATA_DIR", str(_SESSION_ROOT / "default-data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, the engine's Triton kernels are tested in Triton's CPU interpreter (read when a kernel
+# module is imported); the engine itself only launches them on CUDA tensors.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO_ROOT / "data"

@@ -10,21 +10,10 @@ import logging
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import bgmv_available
-from server.engine.lora_slots import AdapterSelection, AdapterSlots
+from server.engine.lora_kernel import Segments, fill_segments, segment_rows, to_segments
+from server.engine.lora_slots import AdapterSlots
 
 log = logging.getLogger(__name__)
-
-
-def onehot_rows(slots: list[int], num_slots: int, *, device) -> torch.Tensor | None:
-    """(rows, num_slots) float mask selecting each row's adapter slot; None when no row has one."""
-    if not any(slots):
-        return None
-    mask = torch.zeros(len(slots), num_slots)
-    for row, slot in enumerate(slots):
-        if slot:
-            mask[row, slot - 1] = 1.0
-    return mask.to(device)
 
 
 class EagerDecode:
@@ -36,24 +25,23 @@ class EagerDecode:
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         device = self.model.device
-        onehot = None
-        if self.adapters is not None:
-            onehot = onehot_rows(slots, self.adapters.num_slots, device=device)
-            if onehot is not None:
-                onehot = onehot.to(self.model.dtype)
+        segments = None
+        if self.adapters is not None and any(slots):
+            segments = to_segments(segment_rows(slots), device=device)
         return self.model.forward(
             torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
-            cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters if onehot is not None else None,
-            selection=AdapterSelection(onehot=onehot), compiled=self.compiled,
+            cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters, segments=segments,
+            compiled=self.compiled,
         )
 
 
 class GraphedDecode:
     """Decode steps captured as CUDA graphs, one per (batch bucket, with/without adapters).
 
-    Inputs live in static device buffers; adapter weights live in the slot tensors, so loading an
-    adapter (a copy into its slot) needs no re-capture. A batch runs in the smallest bucket that
-    holds its highest row; rows past n are idle rows writing to the scratch position.
+    Inputs live in static device buffers (the rows' adapter segments included); adapter weights live
+    in the slot tensors, so loading an adapter (a copy into its slot) needs no re-capture. A batch runs
+    in the smallest bucket that holds its highest row; rows past n are idle rows writing to the
+    scratch position.
     """
 
     def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = (),
@@ -64,28 +52,23 @@ class GraphedDecode:
         device, rows = model.device, cache.rows
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.full((rows, 1), cache.scratch_position, dtype=torch.long, device=device)
-        slots = adapters.num_slots if adapters is not None else 1
-        self.onehot = torch.zeros(rows, slots, dtype=model.dtype, device=device)
-        self.slot_ids = torch.zeros(rows, dtype=torch.long, device=device)
-        # Triton's per-row kernel when present; otherwise the masked all-slots GEMMs.
-        self.use_kernel = bgmv_available(self.slot_ids) and adapters is not None and adapters.use_kernel
-        # The compiled layer takes the masked-GEMM LoRA only (the kernel path goes through the slots API).
-        self.compiled = compiled and not self.use_kernel
-        self._host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
-        self._host_onehot = torch.zeros(rows, slots, dtype=model.dtype).pin_memory()
+        self.segment_meta = torch.zeros(4, rows, dtype=torch.int32, device=device)
+        self.compiled = compiled
+        self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
+        self._host_meta = torch.zeros(4, rows, dtype=torch.int32).pin_memory()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, bucket: int, lora: bool) -> torch.Tensor:
         return self.model.forward(
             self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
-            adapters=self.adapters if lora else None,
-            selection=self._selection(bucket) if lora else AdapterSelection(), compiled=self.compiled,
+            adapters=self.adapters if lora else None, segments=self._segments(bucket) if lora else None,
+            compiled=self.compiled,
         )
 
-    def _selection(self, bucket: int) -> AdapterSelection:
-        if self.use_kernel:
-            return AdapterSelection(slots=self.slot_ids[:bucket])
-        return AdapterSelection(onehot=self.onehot[:bucket])
+    def _segments(self, bucket: int) -> Segments:
+        # Static launch sizes: as many segments as the bucket could hold, each up to the whole bucket
+        # (the kernels skip what the step's plan leaves empty).
+        return Segments(meta=self.segment_meta, count=min(bucket, self.adapters.num_slots), longest=bucket)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -121,17 +104,9 @@ class GraphedDecode:
         host[1, :n] = torch.tensor(positions)
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
-        if lora and self.use_kernel:
-            host[2, :bucket] = 0
-            host[2, :n] = torch.tensor(slots)
-            self.slot_ids[:bucket].copy_(host[2, :bucket], non_blocking=True)
-        elif lora:
-            onehot = self._host_onehot
-            onehot[:bucket] = 0
-            for row, slot in enumerate(slots):
-                if slot:
-                    onehot[row, slot - 1] = 1
-            self.onehot[:bucket].copy_(onehot[:bucket], non_blocking=True)
+        if lora:
+            fill_segments(self._host_meta, segment_rows(slots))
+            self.segment_meta.copy_(self._host_meta, non_blocking=True)
         graph, logits = self.graphs[(bucket, lora)]
         graph.replay()
         return logits

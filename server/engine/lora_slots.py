@@ -1,11 +1,11 @@
-"""Resident LoRA adapters in preallocated device slots, applied per batch row without recompiling.
+"""Resident LoRA adapters in preallocated device slots, loaded and freed without recompiling.
 
 Per layer, modules that read the same input form a group (q/k/v, o, gate/up, down). A group keeps
 A as (slots * modules * r_max, in), laid out like a linear weight so the model can stack it under
 the group's base weight (one GEMM yields base output and every slot's shrink), and B as
 (slots * modules * r_max, out_total), block-diagonal over the modules and pre-multiplied by the
-adapter's scaling. A mixed batch masks each row to its own slot's shrink before the expand GEMM:
-cost independent of how the rows' adapters are mixed, static shapes a CUDA graph can replay.
+adapter's scaling. The model applies them per token slot with server/engine/lora_kernel.py; a load
+copies into these tensors in place, so captured graphs and compiled steps keep pointing at them.
 """
 
 import json
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import Conflict, LoragError, NotFound
-from server.engine.lora_kernel import bgmv_, bgmv_available
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +36,6 @@ _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(
 
 class UnsupportedAdapter(LoragError):
     """The adapter is valid for peft but not for the engine's fast path (the server falls back)."""
-
-
-@dataclass(frozen=True)
-class AdapterSelection:
-    """Which slot each row of a forward uses, in one of three forms:
-
-    - ``slot``: one slot (0 = none) for every row;
-    - ``onehot``: (rows, num_slots) float mask, a zero row meaning the base model; every slot is
-      multiplied and masked (static shapes: decode graphs);
-    - ``slots``: (rows,) long slot numbers; each row's A/B are gathered (batched prompt prefill).
-    """
-
-    slot: int = 0
-    onehot: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.onehot is not None or self.slots is not None or self.slot != 0
 
 
 @dataclass
@@ -94,9 +74,6 @@ class AdapterSlots:
                     out_offsets=offsets,
                 )
             self._groups.append(by_group)
-        # Triton BGMV for decode batches on CUDA. Off by default: on an H100 with Qwen2.5-0.5B shapes the
-        # masked all-slot GEMMs measured faster (6.2 vs 6.7 ms per 128-row step with 32 adapters).
-        self.use_kernel = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a slot's last user releases it
         self._by_name: dict[str, int] = {}
@@ -198,34 +175,10 @@ class AdapterSlots:
                 if not self._users[slot]:
                     self._idle.notify_all()
 
-    # ---- forward ---------------------------------------------------------------------------------
-    def apply(self, layer: int, group: str, x: torch.Tensor, base: torch.Tensor, selection: AdapterSelection) -> torch.Tensor:
-        """``base`` (tokens, out_total) plus the LoRA delta of ``x`` (tokens, in) for the selected slots."""
-        g = self._groups[layer][group]
-        if selection.onehot is not None:
-            return self.expand(layer, group, torch.nn.functional.linear(x, g.a), base, selection.onehot)
-        width = len(GROUPS[group]) * self.max_rank
-        if (selection.slots is not None and x.shape[0] == selection.slots.shape[0] and self.use_kernel
-                and bgmv_available(x)):  # decode on CUDA: per-row Triton kernels
-            return bgmv_(base, x, g.a.t(), g.b, selection.slots, rank=self.max_rank, out_offsets=g.out_offsets)
-        if selection.slots is not None:
-            rows = selection.slots.shape[0]
-            index = (selection.slots - 1).clamp(min=0)
-            a = g.a.view(self.num_slots, width, -1).index_select(0, index).transpose(1, 2)  # (rows, in, width)
-            b = g.b.view(self.num_slots, width, -1).index_select(0, index)  # (rows, width, out)
-            h = torch.bmm(x.view(rows, -1, x.shape[-1]), a)  # (rows, seq, width)
-            h = h * (selection.slots > 0).to(h.dtype)[:, None, None]  # rows without an adapter add nothing
-            return base + torch.bmm(h, b).view(base.shape)
-        if selection.slot == 0:
-            return base
-        cols = slice((selection.slot - 1) * width, selection.slot * width)
-        return torch.addmm(base, torch.nn.functional.linear(x, g.a[cols]), g.b[cols])
-
-    def expand(self, layer: int, group: str, h: torch.Tensor, base: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """``base`` plus the expand of ``h`` (tokens, slots * modules * r_max), every slot's shrink, each row
-        masked by ``onehot`` (tokens, slots) to its own slot."""
-        h = (h.view(h.shape[0], self.num_slots, -1) * onehot[:, :, None]).view(h.shape[0], -1)
-        return torch.addmm(base, h, self._groups[layer][group].b)
+    # ---- weights for the forward ------------------------------------------------------------------
+    def out_offsets(self, group: str) -> tuple[int, ...]:
+        """Column where each of ``group``'s modules starts in its expand weight."""
+        return self._groups[0][group].out_offsets
 
     def shrink_weight(self, layer: int, group: str) -> torch.Tensor:
         """A of ``group`` in ``layer``: (slots * modules * r_max, in)."""

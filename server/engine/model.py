@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_slots import GROUPS, AdapterSelection, AdapterSlots
+from server.engine.lora_kernel import Segments, lora_expand_op, lora_shrink_op
+from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -169,7 +170,7 @@ class EngineModel:
         cache: KVCache,
         rows: slice | torch.Tensor,
         adapters: AdapterSlots | None,
-        selection: AdapterSelection,
+        segments: Segments | None = None,
         logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
         compiled: bool = False,
@@ -180,6 +181,7 @@ class EngineModel:
         cache positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
         padding after them only), so attention needs only the new keys (causal, no cache read) and
         ``rows`` may be a (batch,) tensor of any rows; otherwise ``rows`` is a contiguous slice.
+        ``segments`` groups the flattened (batch * seq) tokens by adapter slot (None: base model only).
         ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
         int, or a (batch,) tensor with one index per row), or (batch, seq, vocab) when it is None.
@@ -202,15 +204,18 @@ class EngineModel:
             if self._compiled_layer is None:
                 raise RuntimeError("forward(compiled=True) needs compile_decode() first")
             layer = self._compiled_layer
-        on = adapters is not None and selection.active
-        masked = on and selection.onehot is not None and all(self.layers[0].stacked.get(g) for g in GROUPS)
+        on = adapters is not None and segments is not None
+        # Decode steps take every slot's shrink from the stacked base GEMM (one GEMM, nothing to gather);
+        # longer inputs run the segmented shrink, whose cost follows the tokens' own slots only.
+        stacked = on and seq == 1 and all(self.layers[0].stacked.get(g) for g in GROUPS)
         for i, w in enumerate(self.layers):
             lora = None
-            if masked:
-                lora = MaskedLoRA(onehot=selection.onehot, num_slots=adapters.num_slots,
-                                  expand={g: adapters.expand_weight(i, g) for g in GROUPS})
-            elif on:
-                lora = SlotLoRA(adapters=adapters, layer=i, selection=selection)
+            if on:
+                lora = LayerLoRA(
+                    meta=segments.meta, count=segments.count, longest=segments.longest, rank=adapters.max_rank,
+                    stacked=stacked, shrink={g: adapters.shrink_weight(i, g) for g in GROUPS},
+                    expand={g: adapters.expand_weight(i, g) for g in GROUPS},
+                    out_offsets={g: list(adapters.out_offsets(g)) for g in GROUPS})
             x = layer(x, w, lora, shape=s, cos=cos, sin=sin, mask=mask, positions=positions, row_index=row_index,
                       rows=rows, cache_k=cache.k[i], cache_v=cache.v[i], fresh=fresh)
         if isinstance(logits_at, torch.Tensor):
@@ -221,40 +226,44 @@ class EngineModel:
 
 
 @dataclass(frozen=True)
-class MaskedLoRA:
-    """Decode-step adapters as plain tensors (a compiled layer must see no layer number): every slot's
-    shrink comes out of the stacked base GEMM, each row is masked to its own slot, then one expand GEMM."""
+class LayerLoRA:
+    """One layer's adapters as plain tensors and ints (a compiled layer must see no layer number).
 
-    onehot: torch.Tensor  # (rows, slots) float, a zero row meaning the base model
-    num_slots: int
-    expand: dict[str, torch.Tensor]  # group -> B (slots * modules * r_max, out)
+    ``meta``/``count``/``longest`` are a :class:`Segments` plan over the layer's (tokens, features)
+    rows; ``stacked`` says every slot's shrink comes out of the stacked base GEMM (decode steps).
+    """
+
+    meta: torch.Tensor
+    count: int
+    longest: int
+    rank: int
+    stacked: bool
+    shrink: dict[str, torch.Tensor]  # group -> A (slots * modules * r_max, in)
+    expand: dict[str, torch.Tensor]  # group -> B (slots * modules * r_max, out), block-diagonal, scaled
+    out_offsets: dict[str, list[int]]
 
 
-@dataclass(frozen=True)
-class SlotLoRA:
-    """Prefill adapters through the slots API (eager only): one slot for all rows, or gathered per row."""
-
-    adapters: AdapterSlots
-    layer: int
-    selection: AdapterSelection
-
-
-def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: MaskedLoRA | SlotLoRA | None) -> torch.Tensor:
-    """The group's linear (base + LoRA of the selected slots) on x (tokens, in)."""
+def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None) -> torch.Tensor:
+    """The group's linear (base + LoRA of each token's slot) on x (tokens, in)."""
     weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
-    if isinstance(lora, MaskedLoRA):
-        stacked, stacked_bias = w.stacked[group]
-        y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * modules * r_max)
-        out, tokens = weight.shape[0], x.shape[0]
-        h = (y[:, out:].view(tokens, lora.num_slots, -1) * lora.onehot[:, :, None]).view(tokens, -1)
-        return torch.addmm(y[:, :out], h, lora.expand[group])
-    base = F.linear(x, weight, bias)
     if lora is None:
-        return base
-    return lora.adapters.apply(lora.layer, group, x, base, lora.selection)
+        return F.linear(x, weight, bias)
+    width = len(GROUPS[group]) * lora.rank
+    if lora.stacked:
+        stacked, stacked_bias = w.stacked[group]
+        y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * width): base output, then every slot's h
+        out = weight.shape[0]
+        lora_expand_op(y, None, lora.expand[group], lora.meta, lora.count, lora.longest, lora.rank, width,
+                       lora.out_offsets[group], out, width)
+        return y[:, :out]
+    y = F.linear(x, weight, bias)
+    h = lora_shrink_op(x, lora.shrink[group], lora.meta, lora.count, lora.longest, width)
+    lora_expand_op(y, h, lora.expand[group], lora.meta, lora.count, lora.longest, lora.rank, width,
+                   lora.out_offsets[group], 0, 0)
+    return y
 
 
-def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: MaskedLoRA | SlotLoRA | None, *, shape: ModelShape,
+def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, shape: ModelShape,
                   cos, sin, mask, positions, row_index, rows, cache_k, cache_v, fresh: bool) -> torch.Tensor:
     """One decoder block on x (batch, seq, hidden); writes the new keys/values into cache_k/cache_v
     (this layer's (rows, kv_heads, length, head_dim)) at (row_index (batch, 1), positions (batch, seq)).

@@ -16,7 +16,8 @@ import torch
 
 from retrieval.errors import LoragError
 from server.engine.kv_cache import KVCache
-from server.engine.lora_slots import AdapterSelection, AdapterSlots
+from server.engine.lora_kernel import segment_prompts, to_segments
+from server.engine.lora_slots import AdapterSlots
 from server.engine.sampling import row_generator, sample
 
 log = logging.getLogger(__name__)
@@ -208,14 +209,10 @@ class Scheduler:
         scratch = self.cache.scratch_position
         tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in group]
         positions = [list(range(len(s.prompt))) + [scratch] * (width - len(s.prompt)) for s in group]
-        slots = [s.adapter_slot for s in group]
-        if len(set(slots)) == 1:
-            selection = AdapterSelection(slot=slots[0])
-        else:
-            selection = AdapterSelection(slots=torch.tensor(slots, device=device))
+        segments = self._segments([len(s.prompt) for s in group], [s.adapter_slot for s in group], width=width)
         logits = self.model.forward(
             torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
-            rows=torch.tensor([s.row for s in group], device=device), adapters=self.adapters, selection=selection,
+            rows=torch.tensor([s.row for s in group], device=device), adapters=self.adapters, segments=segments,
             logits_at=torch.tensor([len(s.prompt) - 1 for s in group], device=device), fresh=True,
         )
         for seq in group:
@@ -234,12 +231,18 @@ class Scheduler:
         logits = self.model.forward(
             torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
             rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
-            selection=AdapterSelection(slot=seq.adapter_slot), logits_at=n - 1, fresh=start == 0,
+            segments=self._segments([n], [seq.adapter_slot], width=padded), logits_at=n - 1, fresh=start == 0,
         )
         seq.computed += n
         if seq.computed == len(seq.prompt):
             self._accept(seq, self._sample([seq], logits)[0])
         return padded
+
+    def _segments(self, lengths: list[int], slots: list[int], *, width: int):
+        """Adapter segments of prompts laid out ``width`` tokens apart; None when none has an adapter."""
+        if self.adapters is None or not any(slots):
+            return None
+        return to_segments(segment_prompts(lengths, slots, width=width), device=self.model.device)
 
     def _decode_step(self) -> None:
         active = [s for s in self.rows if s is not None and s.decoding]

@@ -66,8 +66,7 @@ def test_compiled_graphs_match_eager_and_peft(arch_setup, reference):
 
 
 def test_compiled_step_logits_close_to_eager_in_bf16(arch_setup):
-    from server.engine.decode_step import onehot_rows
-    from server.engine.lora_slots import AdapterSelection
+    from server.engine.lora_kernel import segment_rows, to_segments
 
     _qwen2_only(arch_setup)
     engine = _engine(arch_setup, cuda_graphs=False, dtype=torch.bfloat16, max_rows=4)
@@ -75,11 +74,11 @@ def test_compiled_step_logits_close_to_eager_in_bf16(arch_setup):
     model.compile_decode()
     prompts = [prompt_of(70 + i, 20) for i in range(4)]
     model.forward(torch.tensor(prompts, device="cuda"), torch.arange(20, device="cuda").expand(4, 20), cache=cache,
-                  rows=torch.arange(4, device="cuda"), adapters=None, selection=AdapterSelection(), fresh=True)
+                  rows=torch.arange(4, device="cuda"), adapters=None, fresh=True)
     tokens, positions = torch.tensor([[5], [6], [7], [8]], device="cuda"), torch.full((4, 1), 20, device="cuda")
-    onehot = onehot_rows([1, 0, 2, 3], 3, device="cuda").to(torch.bfloat16)
-    for adapters, selection in ((None, AdapterSelection()), (engine.adapters, AdapterSelection(onehot=onehot))):
-        run = dict(cache=cache, rows=slice(0, 4), adapters=adapters, selection=selection)
+    segments = to_segments(segment_rows([1, 0, 2, 3]), device="cuda", capacity=4)
+    for adapters, rows_segments in ((None, None), (engine.adapters, segments)):
+        run = dict(cache=cache, rows=slice(0, 4), adapters=adapters, segments=rows_segments)
         expected = model.forward(tokens, positions, **run)
         got = model.forward(tokens, positions, compiled=True, **run)
         # one rounding per fused kernel instead of one per op: close, not equal
@@ -104,32 +103,3 @@ def test_bf16_engine_runs_mixed_batch(arch_setup):
     outputs = _generate(engine, n=8)
     assert all(len(tokens) == 8 for tokens in outputs)
     assert len({tuple(t) for t in outputs}) > 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bgmv_kernel_matches_masked_gemms(engine, arch_setup, dtype):
-    from server.engine.lora_slots import AdapterSelection, AdapterSlots
-
-    _, _, dirs = arch_setup
-    shape = engine.model.shape
-    slots = AdapterSlots(layers=shape.layers, dims=shape.lora_dims(), num_slots=3, max_rank=8, dtype=dtype,
-                         device="cuda")
-    for name, path in dirs.items():
-        slots.load(name, path)
-    row_slots = torch.tensor([0, 1, 2, 3, 2, 1, 0, 3], device="cuda")
-    onehot = torch.zeros(8, 3, dtype=dtype, device="cuda")
-    onehot[row_slots > 0, row_slots[row_slots > 0] - 1] = 1
-    torch.manual_seed(0)
-    for group, (in_features, out_features) in {"qkv": (shape.hidden, shape.q_dim + 2 * shape.kv_dim),
-                                               "down": (shape.intermediate, shape.hidden)}.items():
-        x = torch.randn(8, in_features, dtype=dtype, device="cuda")
-        base = torch.randn(8, out_features, dtype=dtype, device="cuda")
-        expected = slots.apply(1, group, x, base.clone(), AdapterSelection(onehot=onehot))
-        slots.use_kernel = False
-        gathered = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
-        slots.use_kernel = True
-        kernel = slots.apply(1, group, x, base.clone(), AdapterSelection(slots=row_slots))
-        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(gathered, expected, rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(kernel, expected, rtol=tolerance, atol=tolerance)
-        assert not torch.equal(expected, base)

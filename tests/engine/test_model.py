@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_slots import AdapterSelection
 from server.engine.model import EngineModel
 from server.engine.rope import UnsupportedModel, inverse_frequencies
 
@@ -24,7 +23,7 @@ def test_logits_match_transformers_whole_and_in_chunks(arch, request):
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf(ids).logits[0]
-    run = dict(cache=cache, adapters=None, selection=AdapterSelection(), logits_at=None)
+    run = dict(cache=cache, adapters=None, logits_at=None)
     whole = model.forward(ids, torch.arange(24)[None], rows=slice(1, 2), fresh=True, **run)[0]
     first = model.forward(ids[:, :10], torch.arange(10)[None], rows=slice(0, 1), fresh=True, **run)[0]
     rest = model.forward(ids[:, 10:], torch.arange(10, 24)[None], rows=slice(0, 1), **run)[0]

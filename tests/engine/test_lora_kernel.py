@@ -1,0 +1,107 @@
+"""The segmented LoRA kernels against their torch reference: decode rows in any slot order, prompts
+with padding, h read from the stacked GEMM's tail. On CPU the kernels run in Triton's interpreter."""
+
+import pytest
+import torch
+
+from server.engine.lora_kernel import (
+    lora_expand_,
+    lora_expand_reference_,
+    lora_shrink,
+    lora_shrink_reference,
+    segment_prompts,
+    segment_rows,
+    to_segments,
+)
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+SLOTS, RANK = 3, 8
+
+
+def group_weights(outs: list[int], in_features: int, seed: int):
+    """A (slots * width, in) and block-diagonal B (slots * width, sum(outs)) as AdapterSlots lays them out."""
+    gen = torch.Generator().manual_seed(seed)
+    width = len(outs) * RANK
+    a = torch.randn(SLOTS * width, in_features, generator=gen) / in_features**0.5
+    b = torch.zeros(SLOTS * width, sum(outs))
+    for slot in range(SLOTS):
+        for j, out in enumerate(outs):
+            rows = slice(slot * width + j * RANK, slot * width + (j + 1) * RANK)
+            b[rows, sum(outs[:j]) : sum(outs[:j]) + out] = torch.randn(RANK, out, generator=gen)
+    return a.to(DEVICE, DTYPE), b.to(DEVICE, DTYPE)
+
+
+def offsets(outs):
+    return tuple(sum(outs[:j]) for j in range(len(outs)))
+
+
+def close(actual, expected):
+    tolerance = dict(atol=2e-2, rtol=2e-2) if DTYPE == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, expected, **tolerance)
+
+
+@pytest.mark.parametrize("outs", [[48, 16, 16], [40], [24, 24]], ids=["qkv", "o", "gate_up"])
+def test_prompt_segments_match_reference(outs):
+    in_features, width = 32, len(outs) * RANK
+    a, b = group_weights(outs, in_features, seed=len(outs))
+    lengths, slots, pad_to = [5, 19, 12, 3], [2, 0, 2, 3], 20  # slot 0: a prompt without an adapter
+    x = torch.randn(len(lengths) * pad_to, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    segments = to_segments(segment_prompts(lengths, slots, width=pad_to), device=DEVICE)
+    base = torch.randn(x.shape[0], sum(outs)).to(DEVICE, DTYPE)
+
+    h = lora_shrink(x, a, segments, width=width)
+    expected_h = lora_shrink_reference(x, a, segments, width=width)
+    covered = segments.order.long()
+    close(h[covered], expected_h[covered])
+
+    actual = lora_expand_(base.clone(), expected_h, b, segments, rank=RANK, width=width, out_offsets=offsets(outs))
+    expected = lora_expand_reference_(base.clone(), expected_h, b, segments, width=width)
+    close(actual, expected)
+    untouched = torch.ones(x.shape[0], dtype=torch.bool)
+    untouched[covered.cpu()] = False
+    assert torch.equal(actual[untouched.to(DEVICE)], base[untouched.to(DEVICE)])  # padding and slot-0 prompt
+    # and against the plain per-token definition
+    token = 20 * 2 + 7  # prompt 2 (slot 2), token 7
+    lo = 1 * width
+    manual = base[token].float() + (x[token].float() @ a[lo : lo + width].float().t()) @ b[lo : lo + width].float()
+    close(actual[token].float(), manual)
+
+
+def test_decode_rows_read_their_slot_from_the_stacked_tail():
+    """Decode: rows in any order share slots; h of every slot sits after the base output in y."""
+    outs, in_features = [48, 16, 16], 32
+    width = len(outs) * RANK
+    a, b = group_weights(outs, in_features, seed=7)
+    slots = [3, 0, 1, 3, 1, 1, 0, 2, 3]
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
+    y = torch.cat([torch.randn(len(slots), sum(outs)).to(DEVICE, DTYPE), x @ a.t()], dim=1)  # the stacked GEMM
+    plan = segment_rows(slots)
+    assert plan[0] == [2, 4, 5, 7, 0, 3, 8] and plan[1] == [1, 2, 3] and plan[3] == [3, 1, 3]
+    segments = to_segments(plan, device=DEVICE, capacity=len(slots))
+
+    actual = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
+                          h_col0=sum(outs), h_slot_stride=width)
+    expected = lora_expand_reference_(y.clone(), y[:, sum(outs):], b, segments, width=width, h_slot_stride=width)
+    close(actual, expected)
+    for row, slot in enumerate(slots):
+        head = y[row, : sum(outs)].float()
+        if slot:
+            lo = (slot - 1) * width
+            head = head + y[row, sum(outs) + lo : sum(outs) + lo + width].float() @ b[lo : lo + width].float()
+        close(actual[row, : sum(outs)].float(), head)
+
+
+def test_a_captured_plan_with_spare_segments_skips_them():
+    """Graph replays launch for the bucket's capacity; unused segment entries have length 0."""
+    outs, in_features = [40], 32
+    a, b = group_weights(outs, in_features, seed=3)
+    segments = to_segments(segment_rows([0, 2, 0, 0]), device=DEVICE, capacity=4)
+    spare = type(segments)(meta=segments.meta, count=4, longest=4)
+    x = torch.randn(4, in_features).to(DEVICE, DTYPE)
+    base = torch.randn(4, 40).to(DEVICE, DTYPE)
+    h = lora_shrink(x, a, spare, width=RANK)
+    actual = lora_expand_(base.clone(), h, b, spare, rank=RANK, width=RANK, out_offsets=(0,))
+    assert torch.equal(actual[[0, 2, 3]], base[[0, 2, 3]])
+    close(actual[1].float(), base[1].float() + (x[1].float() @ a[RANK : 2 * RANK].float().t()) @ b[RANK : 2 * RANK].float())
