@@ -5,6 +5,7 @@ GPU:  python benchmarks/adapter_swap.py --shape qwen2.5-0.5b --repeats 20
 Random-init base (tests/model_factory.py) and random rank-16 all-linear adapters written as lorag adapter dirs.
 Rows: cold load (disk -> validated -> host -> device), host -> device promotion, activation (choosing the
 adapter for a request), unload; time to first token with a cold adapter vs the same adapter resident.
+With --engine, the same service rows over the engine's adapter slots, and the slots alone.
 """
 
 import argparse
@@ -79,14 +80,24 @@ def summary(samples: list[float]) -> dict:
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "n": len(samples)}
 
 
-def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, device, repeats: int) -> dict:
-    """lorag: AdapterService over TransformersGenerator (peft layers, per-row adapter names)."""
+def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, device, repeats: int,
+                  engine: bool = False, rank: int = 16) -> dict:
+    """lorag: AdapterService over TransformersGenerator (peft layers, per-row adapter names) or, with
+    ``engine``, over the engine's adapter slots (what `lorag serve` uses for Llama/Qwen2 on a GPU)."""
     from server.adapters.service import AdapterService
     from server.generation import ChatMessage, GenerationRequest, SamplingParams
     from server.settings import ServerSettings
-    from server.transformers_generator import TransformersGenerator
 
-    generator = TransformersGenerator.from_pretrained(str(model_path), device=device)
+    if engine:
+        from server.engine.engine import EngineConfig
+        from server.engine.generator import EngineGenerator
+
+        generator = EngineGenerator.from_pretrained(
+            str(model_path), device=device, config=EngineConfig(max_rows=2, max_len=256, adapter_slots=1, max_rank=rank))
+    else:
+        from server.transformers_generator import TransformersGenerator
+
+        generator = TransformersGenerator.from_pretrained(str(model_path), device=device)
     settings = ServerSettings(data_dir=data_dir, adapters={"max_resident": 1, "max_host": len(adapters),
                                                            "poll_interval_s": 0})
     service = AdapterService(settings, host=generator)
@@ -196,32 +207,37 @@ def main(argv=None) -> int:
               f"repeats={args.repeats}")
         ours = bench_service(model_path, tmp / "data", adapters, device=device, repeats=args.repeats)
         peft = bench_peft(model_path, adapters, device=device, dtype=dtype, repeats=args.repeats)
-        engine = None
+        engine = served_engine = None
         if args.engine:
             engine = bench_engine(model_path, adapters, device=device, dtype=dtype, rank=args.rank,
                                   repeats=args.repeats)
-    rows = [
-        ("cold load (disk -> device)", ours["cold"], peft["cold"], engine and engine["cold"]),
-        ("host -> device promotion", ours["promote"], None, None),
-        ("activation", ours["activate"], peft["activate"], engine and engine["activate"]),
-        ("unload", ours["unload"], peft["unload"], engine and engine["unload"]),
-        ("TTFT, cold adapter", ours["ttft_cold"], None, None),
-        ("TTFT, resident adapter", ours["ttft_warm"], None, None),
-        ("TTFT, base model", ours["ttft_base"], None, None),
-    ]
-    print(f"\n| step | lorag (median ms) | peft (median ms) | lorag / peft | engine slots (median ms) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for label, mine, theirs, slots in rows:
-        ratio = f"{mine['median_ms'] / theirs['median_ms']:.2f}x" if theirs and theirs["median_ms"] > 0 else "-"
-        print(f"| {label} | {mine['median_ms']:.3f} | {theirs['median_ms']:.3f} | {ratio} |" if theirs else
-              f"| {label} | {mine['median_ms']:.3f} | - | - |", end="")
-        print(f" {slots['median_ms']:.3f} |" if slots else " - |")
-    penalty = ours["ttft_cold"]["median_ms"] - ours["ttft_warm"]["median_ms"]
-    print(f"\ncold-adapter TTFT penalty: {penalty:.1f} ms "
-          f"({ours['ttft_cold']['median_ms'] / ours['ttft_warm']['median_ms']:.2f}x the resident adapter's TTFT)")
+            served_engine = bench_service(model_path, tmp / "data", adapters, device=device,
+                                          repeats=args.repeats, engine=True, rank=args.rank)
+    def cell(stats, key):
+        return f"{stats[key]['median_ms']:.3f}" if stats and key in stats else "-"
+
+    rows = [("cold load (disk -> device)", "cold"), ("host -> device promotion", "promote"),
+            ("activation", "activate"), ("unload", "unload"), ("TTFT, cold adapter", "ttft_cold"),
+            ("TTFT, resident adapter", "ttft_warm"), ("TTFT, base model", "ttft_base")]
+    print("\nmedian ms; service = the server's AdapterService (validation, host tier, LRU) over the generator named")
+    print("| step | service + peft generator | peft alone | service+peft / peft | service + engine | engine slots alone |"
+          " service+engine / peft |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, key in rows:
+        mine, theirs = ours.get(key), peft.get(key)
+        ratio = f"{mine['median_ms'] / theirs['median_ms']:.3f}x" if mine and theirs else "-"
+        ratio_engine = (f"{served_engine[key]['median_ms'] / theirs['median_ms']:.3f}x"
+                        if served_engine and theirs and key in served_engine else "-")
+        print(f"| {label} | {cell(ours, key)} | {cell(peft, key)} | {ratio} | {cell(served_engine, key)} | "
+              f"{cell(engine, key)} | {ratio_engine} |")
+    for label, stats in (("peft generator", ours), ("engine", served_engine)):
+        if stats:
+            penalty = stats["ttft_cold"]["median_ms"] - stats["ttft_warm"]["median_ms"]
+            print(f"cold-adapter TTFT penalty, {label}: {penalty:.1f} ms "
+                  f"({stats['ttft_cold']['median_ms'] / stats['ttft_warm']['median_ms']:.2f}x the resident adapter's TTFT)")
     if args.json:
-        args.json.write_text(json.dumps({"shape": args.shape, "device": device, "rank": args.rank,
-                                         "lorag": ours, "peft": peft, "engine": engine}, indent=2))
+        args.json.write_text(json.dumps({"shape": args.shape, "device": device, "rank": args.rank, "lorag": ours,
+                                         "peft": peft, "engine": engine, "service_engine": served_engine}, indent=2))
     return 0
 
 

@@ -36,13 +36,16 @@ class ServedModel:
 
 @dataclass
 class HostAdapter:
-    """One adapter version in host memory: its peft config and CPU tensors (peft's saved key names)."""
+    """One adapter version in host memory: its peft config and CPU tensors (peft's saved key names),
+    already checked to be finite. ``flat``, when set, is the buffer the tensors are views of, so a
+    device loader can move them in one copy."""
 
     key: str
     path: Path
     peft_config: dict
     tensors: dict = field(repr=False)
     nbytes: int = 0
+    flat: object | None = field(default=None, repr=False)  # server.safetensors_views.FlatTensors
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from pathlib import Path
 from retrieval.errors import Conflict, LoragError
 from server.adapter_manifest import MANIFEST_FILE, AdapterManifest, read_manifest
 from server.adapters.host import HostAdapter, ServedModel
+from server.safetensors_views import InvalidSafetensors, read_flat
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,6 +44,7 @@ class CheckedAdapter:
     peft_config: dict
     rank: int
     weights_sha256: bytes
+    weights_stat: tuple[int, int, int]  # size, mtime_ns, inode of the weights file when it was hashed
 
     @property
     def key(self) -> str:
@@ -106,33 +108,44 @@ def check_adapter_dir(
     digest.update(config_bytes)
     if manifest is not None:
         digest.update((path / MANIFEST_FILE).read_bytes())
+    weights_stat = _stat_identity(weights_path)
     weights_digest = _file_digest(weights_path)
     digest.update(weights_digest)
-    return CheckedAdapter(tenant, name, path, digest.hexdigest()[:12], manifest, config, rank, weights_digest)
+    return CheckedAdapter(tenant, name, path, digest.hexdigest()[:12], manifest, config, rank, weights_digest,
+                          weights_stat)
 
 
 def read_host_adapter(checked: CheckedAdapter) -> HostAdapter:
-    """Read the weights of ``checked`` into CPU memory, refusing files changed since validation.
+    """Read the weights of ``checked`` into CPU memory (one buffer), refusing files changed since validation.
+
+    A changed file is recognised by its size, modification time and inode, not by re-hashing it: the
+    content hash made at validation names the version, and hashing again would cost a cold load more
+    than reading the file.
 
     Raises:
         Conflict: the weights on disk are no longer those validated.  InvalidAdapter: non-finite weights.
     """
-    import torch
-    from safetensors.torch import load
-
     weights_path = checked.path / WEIGHTS_FILE
     try:
-        data = weights_path.read_bytes()
+        changed = _stat_identity(weights_path) != checked.weights_stat
     except OSError as error:
         raise Conflict(f"adapter {checked.tenant}/{checked.name} is gone from disk: {error}") from error
-    if hashlib.sha256(data).digest() != checked.weights_sha256:
+    if changed:
         raise Conflict(f"adapter {checked.tenant}/{checked.name}: {WEIGHTS_FILE} changed since it was validated")
-    tensors = load(data)
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {key!r} has NaN or infinite values")
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return HostAdapter(key=checked.key, path=checked.path, peft_config=checked.peft_config, tensors=tensors, nbytes=nbytes)
+    try:
+        flat = read_flat(weights_path)
+    except InvalidSafetensors as error:
+        raise InvalidAdapter(f"adapter {checked.name!r}: {error}") from error
+    bad = flat.first_non_finite()
+    if bad is not None:
+        raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {bad!r} has NaN or infinite values")
+    return HostAdapter(key=checked.key, path=checked.path, peft_config=checked.peft_config, tensors=flat.views(),
+                       nbytes=flat.nbytes, flat=flat)
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _check_files(path: Path) -> None:

@@ -103,7 +103,10 @@ class EngineGenerator:
             UnsupportedAdapter: DoRA, modules_to_save, biases or modules outside the attention/MLP projections.
             Conflict: every slot is taken, or ``key`` is resident and in use.
         """
-        self.adapters.load_weights(key, adapter.peft_config, adapter.tensors, source=str(adapter.path))
+        if adapter.flat is not None:  # one copy to the device, finiteness already checked on the host
+            self.adapters.load_flat(key, adapter.peft_config, adapter.flat, source=str(adapter.path), checked=True)
+        else:
+            self.adapters.load_weights(key, adapter.peft_config, adapter.tensors, source=str(adapter.path))
 
     def unload_adapter(self, key: str) -> None:
         """Free the slot of ``key`` (nothing to do when it is not resident). The registry unloads only keys no

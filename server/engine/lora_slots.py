@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import Conflict, LoragError, NotFound
+from server.safetensors_views import FlatTensors, read_flat
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,28 @@ class AdapterSlots:
         Reloading a resident, idle name replaces its weights in the same slot.
 
         Raises:
-            LoragError: the dir lacks adapter_config.json / adapter_model.safetensors or does not fit the model.
+            LoragError: the dir lacks adapter_config.json / adapter_model.safetensors, holds non-finite
+                weights or does not fit the model.
             UnsupportedAdapter: DoRA, modules_to_save, biases, or modules outside q/k/v/o/gate/up/down.
             Conflict: all slots are taken, or ``name`` is resident and in use.
         """
-        config, tensors = read_peft_files(path)
-        return self.load_weights(name, config, tensors, source=str(path))
+        config, flat = read_peft_files(path)
+        return self.load_flat(name, config, flat, source=str(path))
+
+    def load_flat(self, name: str, config: dict, flat: FlatTensors, *, source: str, checked: bool = False) -> int:
+        """Load an adapter held as one safetensors buffer: moved to the device in one copy, checked for
+        NaN/infinity there (skipped when ``checked``: the caller already did), then written into a slot.
+
+        Raises as :meth:`load`.
+        """
+        on_device = flat.to(self.device)
+        if not checked:
+            bad = on_device.first_non_finite()
+            if bad is not None:
+                raise LoragError(f"{source}: tensor {bad!r} has non-finite weights")
+        weights = peft_weights(config, on_device.views(), source=source, layers=self.layers, dims=self.dims,
+                               max_rank=self.max_rank, check_finite=False)
+        return self._store(name, weights, source=source)
 
     def load_weights(self, name: str, config: dict, tensors: dict[str, torch.Tensor], *, source: str = "memory") -> int:
         """Copy an adapter already in memory (its adapter_config.json as a dict and its safetensors
@@ -112,6 +129,9 @@ class AdapterSlots:
         """
         weights = peft_weights(config, tensors, source=source, layers=self.layers, dims=self.dims,
                                max_rank=self.max_rank)
+        return self._store(name, weights, source=source)
+
+    def _store(self, name: str, weights: dict, *, source: str) -> int:
         with self._lock:
             slot = self._by_name.get(name)
             if slot is not None and self._users[slot]:
@@ -197,8 +217,9 @@ class AdapterSlots:
         view.copy_(g.a)
         g.a = view
 
-    def _write_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Zero ``slot`` then copy (A (r, in), scaled B (r, out)) per (layer, module) into it."""
+    def _write_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Zero ``slot`` then copy (A (r, in), B (out, r), scaling) per (layer, module) into it, B transposed
+        and scaled on the way (one kernel each when the weights are already on the device)."""
         for layer, by_group in enumerate(self._groups):
             for group, g in by_group.items():
                 modules = GROUPS[group]
@@ -207,29 +228,31 @@ class AdapterSlots:
                 g.a[cols].zero_()
                 g.b[cols].zero_()
                 for j, module in enumerate(modules):
-                    pair = weights.get((layer, module))
-                    if pair is None:
+                    entry = weights.get((layer, module))
+                    if entry is None:
                         continue
-                    a, b = pair
+                    a, b, scaling = entry
                     rank = a.shape[0]
                     start = cols.start + j * self.max_rank
-                    out = slice(g.out_offsets[j], g.out_offsets[j] + b.shape[1])
+                    out = slice(g.out_offsets[j], g.out_offsets[j] + b.shape[0])
                     g.a[start : start + rank].copy_(a)
-                    g.b[start : start + rank, out].copy_(b)
+                    target = g.b[start : start + rank, out]
+                    if b.device == target.device:
+                        torch.mul(b.t(), scaling, out=target)  # rounds once, into the slot's dtype
+                    else:
+                        target.copy_((b.float() * scaling).t())
 
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()
                    for by_group in self._groups for g in by_group.values())
 
 
-def read_peft_files(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """adapter_config.json as a dict and adapter_model.safetensors as tensors (never pickle).
+def read_peft_files(path: str | Path) -> tuple[dict, FlatTensors]:
+    """adapter_config.json as a dict and adapter_model.safetensors as one buffer of tensors (never pickle).
 
     Raises:
-        LoragError: a file is missing or unreadable.
+        LoragError: a file is missing, unreadable or malformed.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     for required in (config_path, weights_path):
@@ -239,15 +262,15 @@ def read_peft_files(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise LoragError(f"cannot read {config_path}: {error}") from error
-    return config, load_file(str(weights_path))
+    return config, read_flat(weights_path)
 
 
 def peft_weights(
     config: dict, tensors: dict[str, torch.Tensor], *, source: str, layers: int, dims: dict[str, tuple[int, int]],
-    max_rank: int,
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """A peft LoRA (config dict, tensors under peft's saved names) as {(layer, module): (A (r, in), B (r, out)
-    times scaling)}, float32 CPU tensors; ``source`` names the adapter in messages.
+    max_rank: int, check_finite: bool = True,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
+    """A peft LoRA (config dict, tensors under peft's saved names) as {(layer, module): (A (r, in), B (out, r),
+    scaling)}, the tensors as given (no copy); ``source`` names the adapter in messages.
 
     Raises:
         LoragError: shapes that do not fit the model, non-finite weights, rank > max_rank.
@@ -280,7 +303,9 @@ def peft_weights(
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             raise LoragError(f"{source}: layer {layer} {module} has lora_{''.join(pair)} but not both A and B")
-        a, b = pair["A"].float(), pair["B"].float()  # (r, in), (out, r)
+        a, b = pair["A"], pair["B"]  # (r, in), (out, r)
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise LoragError(f"{source}: layer {layer} {module} holds {a.dtype}/{b.dtype} weights, not floating point")
         rank = a.shape[0]
         in_features, out_features = dims[module]
         if a.shape != (rank, in_features) or b.shape != (out_features, rank):
@@ -291,12 +316,12 @@ def peft_weights(
         if rank > max_rank:
             raise LoragError(f"{source}: rank {rank} exceeds adapters.max_rank={max_rank}",
                              hint="raise adapters.max_rank or train with a smaller r")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if check_finite and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LoragError(f"{source}: layer {layer} {module} has non-finite weights")
         name = f"model.layers.{layer}.{'self_attn' if module in GROUPS['qkv'] + GROUPS['o'] else 'mlp'}.{module}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        weights[(layer, module)] = (a.contiguous(), (b * scaling).t().contiguous())
+        weights[(layer, module)] = (a, b, scaling)
     if not weights:
         raise LoragError(f"{source} holds no LoRA weights")
     return weights

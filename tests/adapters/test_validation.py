@@ -172,3 +172,20 @@ def test_zip_with_escaping_member_is_refused(tmp_path):
     dest.mkdir()
     with pytest.raises(InvalidAdapter, match="absolute or escaping"):
         extract_adapter_archive(zipped, "evil.zip", dest, max_bytes=10**6)
+
+
+def test_weights_rewritten_after_validation_are_refused_at_load(adapter_sources, served, tmp_path):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    path = copy(adapter_sources, tmp_path)
+    checked = check(path, served)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({key: value * 2 for key, value in tensors.items()}, weights)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a coarse clock must not hide it
+    with pytest.raises(Conflict, match="changed since it was validated"):
+        read_host_adapter(checked)
+    assert read_host_adapter(check(path, served)).tensors.keys() == tensors.keys()  # re-validated: fine
