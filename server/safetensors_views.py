@@ -25,6 +25,13 @@ class InvalidSafetensors(LoragError):
     """The file is not a well-formed safetensors file; the message names it and the reason."""
 
 
+class NonFiniteWeights(LoragError):
+    """A tensor holds NaN or infinity (a diverged training run); the message names it."""
+
+    http_status = 422
+    code = "invalid_adapter"
+
+
 @dataclass(frozen=True)
 class Entry:
     dtype: torch.dtype
@@ -73,8 +80,12 @@ class FlatTensors:
         return None
 
 
-def read_flat(path: Path) -> FlatTensors:
+def read_flat(path: Path, *, pinned: bool = False) -> FlatTensors:
     """Read ``path`` into one buffer and check its header against the data.
+
+    ``pinned`` reads into page-locked memory from torch's caching host allocator (CUDA only): already
+    mapped, so the read is one memcpy from the page cache instead of a page fault per 4 KiB, and the
+    copy to the GPU runs at full speed.
 
     Raises:
         InvalidSafetensors: a truncated file, a bad header, an unknown dtype, or offsets that do not fit.
@@ -89,11 +100,12 @@ def read_flat(path: Path) -> FlatTensors:
             if header_len > _MAX_HEADER:
                 raise InvalidSafetensors(f"{path}: header length {header_len} is over the format's limit")
             header_bytes = handle.read(header_len)
-            buffer = bytearray(path.stat().st_size - 8 - header_len if len(header_bytes) == header_len else 0)
-            got = handle.readinto(buffer)
+            size = max(path.stat().st_size - 8 - header_len, 0) if len(header_bytes) == header_len else 0
+            data = torch.empty(size, dtype=torch.uint8, pin_memory=pinned and size > 0)
+            got = handle.readinto(memoryview(data.numpy())) if size else 0
     except OSError as error:
         raise InvalidSafetensors(f"cannot read {path}: {error}") from error
-    if len(header_bytes) != header_len or got != len(buffer):
+    if len(header_bytes) != header_len or got != size:
         raise InvalidSafetensors(f"{path}: the file is truncated")
     try:
         header = json.loads(header_bytes)
@@ -102,12 +114,11 @@ def read_flat(path: Path) -> FlatTensors:
     if not isinstance(header, dict):
         raise InvalidSafetensors(f"{path}: the header must be a JSON object")
     header.pop("__metadata__", None)
-    entries = {name: _entry(path, name, spec, len(buffer)) for name, spec in header.items()}
+    entries = {name: _entry(path, name, spec, size) for name, spec in header.items()}
     spans = sorted((e.start, e.end, name) for name, e in entries.items())
     for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
         if start < end:
             raise InvalidSafetensors(f"{path}: tensors {name!r} and {following!r} overlap")
-    data = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
     return FlatTensors(data, entries)
 
 

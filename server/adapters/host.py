@@ -20,6 +20,7 @@ class ServedModel:
     device: str = "cpu"
     max_adapters: int | None = None  # adapters the generator can hold at once; None: no limit of its own
     dora: bool = True  # whether DoRA adapters can be served (the multi-adapter engine runs plain LoRA only)
+    checks_finite: bool = False  # load_adapter refuses NaN/infinite weights itself (on the device, cheaply)
 
     @classmethod
     def of_module(cls, model, *, name: str) -> "ServedModel":
@@ -37,8 +38,8 @@ class ServedModel:
 @dataclass
 class HostAdapter:
     """One adapter version in host memory: its peft config and CPU tensors (peft's saved key names),
-    already checked to be finite. ``flat``, when set, is the buffer the tensors are views of, so a
-    device loader can move them in one copy."""
+    checked to be finite unless the generator does that itself (ServedModel.checks_finite). ``flat``,
+    when set, is the buffer the tensors are views of, so a device loader can move them in one copy."""
 
     key: str
     path: Path

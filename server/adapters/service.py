@@ -322,7 +322,8 @@ class AdapterService:
                     return
             started = time.perf_counter()
             if version.host is None:
-                version.host = read_host_adapter(version.checked)
+                version.host = read_host_adapter(version.checked, pinned=self.served.device.startswith("cuda"),
+                                                 check_finite=not self.served.checks_finite)
                 with self._lock:
                     self._residency.put(key, "host")
             deadline = time.monotonic() + self.settings.load_timeout_s

@@ -115,8 +115,10 @@ def check_adapter_dir(
                           weights_stat)
 
 
-def read_host_adapter(checked: CheckedAdapter) -> HostAdapter:
-    """Read the weights of ``checked`` into CPU memory (one buffer), refusing files changed since validation.
+def read_host_adapter(checked: CheckedAdapter, *, pinned: bool = False, check_finite: bool = True) -> HostAdapter:
+    """Read the weights of ``checked`` into CPU memory (one buffer, page-locked when ``pinned``), refusing
+    files changed since validation and, with ``check_finite``, NaN/infinite weights (a generator that
+    checks them where they land, on the GPU, passes False).
 
     A changed file is recognised by its size, modification time and inode, not by re-hashing it: the
     content hash made at validation names the version, and hashing again would cost a cold load more
@@ -133,10 +135,10 @@ def read_host_adapter(checked: CheckedAdapter) -> HostAdapter:
     if changed:
         raise Conflict(f"adapter {checked.tenant}/{checked.name}: {WEIGHTS_FILE} changed since it was validated")
     try:
-        flat = read_flat(weights_path)
+        flat = read_flat(weights_path, pinned=pinned)
     except InvalidSafetensors as error:
         raise InvalidAdapter(f"adapter {checked.name!r}: {error}") from error
-    bad = flat.first_non_finite()
+    bad = flat.first_non_finite() if check_finite else None
     if bad is not None:
         raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {bad!r} has NaN or infinite values")
     return HostAdapter(key=checked.key, path=checked.path, peft_config=checked.peft_config, tensors=flat.views(),

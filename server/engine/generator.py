@@ -93,7 +93,8 @@ class EngineGenerator:
                 for module in modules:
                     linear[f"model.layers.{layer}.{block}.{module}"] = self.adapters.dims[module]
         return ServedModel(name=self.model_name, fingerprint=self.fingerprint, linear=linear,
-                           device=str(self.engine.model.device), max_adapters=self.adapters.num_slots, dora=False)
+                           device=str(self.engine.model.device), max_adapters=self.adapters.num_slots, dora=False,
+                           checks_finite=True)
 
     def load_adapter(self, key: str, adapter) -> None:
         """Copy ``adapter`` (a server.adapters.host.HostAdapter, already validated and in host memory) into
@@ -103,8 +104,8 @@ class EngineGenerator:
             UnsupportedAdapter: DoRA, modules_to_save, biases or modules outside the attention/MLP projections.
             Conflict: every slot is taken, or ``key`` is resident and in use.
         """
-        if adapter.flat is not None:  # one copy to the device, finiteness already checked on the host
-            self.adapters.load_flat(key, adapter.peft_config, adapter.flat, source=str(adapter.path), checked=True)
+        if adapter.flat is not None:  # one copy to the device; NaN/infinity checked there (checks_finite)
+            self.adapters.load_flat(key, adapter.peft_config, adapter.flat, source=str(adapter.path))
         else:
             self.adapters.load_weights(key, adapter.peft_config, adapter.tensors, source=str(adapter.path))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from retrieval.errors import Conflict, LoragError, NotFound
-from server.safetensors_views import FlatTensors, read_flat
+from server.safetensors_views import FlatTensors, NonFiniteWeights, read_flat
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,19 @@ class AdapterSlots:
             UnsupportedAdapter: DoRA, modules_to_save, biases, or modules outside q/k/v/o/gate/up/down.
             Conflict: all slots are taken, or ``name`` is resident and in use.
         """
-        config, flat = read_peft_files(path)
+        config, flat = read_peft_files(path, pinned=self.device.type == "cuda")
         return self.load_flat(name, config, flat, source=str(path))
 
-    def load_flat(self, name: str, config: dict, flat: FlatTensors, *, source: str, checked: bool = False) -> int:
+    def load_flat(self, name: str, config: dict, flat: FlatTensors, *, source: str) -> int:
         """Load an adapter held as one safetensors buffer: moved to the device in one copy, checked for
-        NaN/infinity there (skipped when ``checked``: the caller already did), then written into a slot.
+        NaN/infinity there (one reduction per dtype run), then written into a slot.
 
-        Raises as :meth:`load`.
+        Raises as :meth:`load`; NonFiniteWeights (422) for NaN or infinite weights.
         """
         on_device = flat.to(self.device)
-        if not checked:
-            bad = on_device.first_non_finite()
-            if bad is not None:
-                raise LoragError(f"{source}: tensor {bad!r} has non-finite weights")
+        bad = on_device.first_non_finite()
+        if bad is not None:
+            raise NonFiniteWeights(f"{source}: tensor {bad!r} has non-finite (NaN or infinite) weights")
         weights = peft_weights(config, on_device.views(), source=source, layers=self.layers, dims=self.dims,
                                max_rank=self.max_rank, check_finite=False)
         return self._store(name, weights, source=source)
@@ -247,8 +246,9 @@ class AdapterSlots:
                    for by_group in self._groups for g in by_group.values())
 
 
-def read_peft_files(path: str | Path) -> tuple[dict, FlatTensors]:
-    """adapter_config.json as a dict and adapter_model.safetensors as one buffer of tensors (never pickle).
+def read_peft_files(path: str | Path, *, pinned: bool = False) -> tuple[dict, FlatTensors]:
+    """adapter_config.json as a dict and adapter_model.safetensors as one buffer of tensors (never pickle;
+    page-locked when ``pinned``, see read_flat).
 
     Raises:
         LoragError: a file is missing, unreadable or malformed.
@@ -262,7 +262,7 @@ def read_peft_files(path: str | Path) -> tuple[dict, FlatTensors]:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise LoragError(f"cannot read {config_path}: {error}") from error
-    return config, read_flat(weights_path)
+    return config, read_flat(weights_path, pinned=pinned)
 
 
 def peft_weights(

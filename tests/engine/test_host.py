@@ -146,3 +146,27 @@ def test_other_architecture_falls_back_to_transformers_with_a_log_line(tmp_path,
         assert "falling back to transformers + peft" in caplog.text
     finally:
         asyncio.run(generator.close())
+
+
+def test_engine_checks_finiteness_where_the_weights_land(qwen2_engine, lora_dir, tmp_path):
+    """The service skips the host-side NaN check for the engine (served.checks_finite); the engine refuses
+    a NaN adapter at load with a 422 and keeps the adapters it had."""
+    from safetensors.torch import load_file, save_file
+
+    from server.safetensors_views import NonFiniteWeights, read_flat
+
+    assert qwen2_engine.served_model().checks_finite
+    bad = tmp_path / "nan"
+    shutil.copytree(lora_dir, bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    name = sorted(tensors)[-1]
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    flat = read_flat(bad / "adapter_model.safetensors")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    before = qwen2_engine.resident_keys()
+    with pytest.raises(NonFiniteWeights, match=name.replace(".", r"\.")) as error:
+        qwen2_engine.load_adapter("acme:nan@1", HostAdapter(key="acme:nan@1", path=bad, peft_config=config,
+                                                            tensors=flat.views(), flat=flat))
+    assert error.value.http_status == 422
+    assert qwen2_engine.resident_keys() == before
