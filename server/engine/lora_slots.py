@@ -217,29 +217,29 @@ class AdapterSlots:
         g.a = view
 
     def _write_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Zero ``slot`` then copy (A (r, in), B (out, r), scaling) per (layer, module) into it, B transposed
-        and scaled on the way (one kernel each when the weights are already on the device)."""
+        """Copy (A (r, in), B (out, r), scaling) per (layer, module) into ``slot``, B transposed and scaled on
+        the way (one kernel each when the weights are already on the device); rows an adapter leaves
+        unused (a missing module, a rank below r_max) are zeroed. B's blocks off its block diagonal are
+        never written, so they stay zero."""
         for layer, by_group in enumerate(self._groups):
             for group, g in by_group.items():
                 modules = GROUPS[group]
-                width = len(modules) * self.max_rank
-                cols = slice((slot - 1) * width, slot * width)
-                g.a[cols].zero_()
-                g.b[cols].zero_()
+                first = (slot - 1) * len(modules) * self.max_rank
                 for j, module in enumerate(modules):
-                    entry = weights.get((layer, module))
-                    if entry is None:
-                        continue
-                    a, b, scaling = entry
-                    rank = a.shape[0]
-                    start = cols.start + j * self.max_rank
-                    out = slice(g.out_offsets[j], g.out_offsets[j] + b.shape[0])
-                    g.a[start : start + rank].copy_(a)
-                    target = g.b[start : start + rank, out]
-                    if b.device == target.device:
-                        torch.mul(b.t(), scaling, out=target)  # rounds once, into the slot's dtype
-                    else:
-                        target.copy_((b.float() * scaling).t())
+                    start = first + j * self.max_rank
+                    out = slice(g.out_offsets[j], g.out_offsets[j] + self.dims[module][1])
+                    a, b, scaling = weights.get((layer, module), (None, None, 0.0))
+                    rank = 0 if a is None else a.shape[0]
+                    if rank:
+                        g.a[start : start + rank].copy_(a)
+                        target = g.b[start : start + rank, out]
+                        if b.device == target.device:
+                            torch.mul(b.t(), scaling, out=target)  # rounds once, into the slot's dtype
+                        else:
+                            target.copy_((b.float() * scaling).t())
+                    if rank < self.max_rank:
+                        g.a[start + rank : start + self.max_rank].zero_()
+                        g.b[start + rank : start + self.max_rank, out].zero_()
 
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()
