@@ -4,7 +4,6 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from retrieval.errors import LoragError, NotFound
 from retrieval.types import Chunk, Passage
