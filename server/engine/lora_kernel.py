@@ -136,7 +136,8 @@ if triton is not None:
         w = tl.arange(0, W_P2)
         m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = m < length
-        live = tl.program_id(1) * BLOCK_M < length  # programs past the segment's end load nothing
+        # programs past the segment's end load nothing (a vector mask: scalar-bool masks trip some Triton versions)
+        live = (tl.zeros((BLOCK_K,), dtype=tl.int32) + tl.program_id(1) * BLOCK_M) < length
         rows = tl.load(meta_ptr + start + m, mask=mmask, other=0)
         acc = tl.zeros((BLOCK_M, W_P2), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -145,7 +146,7 @@ if triton is not None:
             xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
                          mask=mmask[:, None] & kmask[None, :], other=0.0)
             at = tl.load(a_ptr + (first + w)[None, :].to(tl.int64) * stride_a + k[:, None],
-                         mask=kmask[:, None] & (w < W)[None, :] & live, other=0.0)
+                         mask=(kmask & live)[:, None] & (w < W)[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(xt, at, input_precision="ieee")
             else:
@@ -166,7 +167,8 @@ if triton is not None:
         nmask = n < N
         module = (n >= OFF1).to(tl.int32) + (n >= OFF2).to(tl.int32)  # B is block-diagonal over modules
         w = tl.arange(0, W_P2)
-        wanted = ((w[:, None] // R) == module[None, :]) & (w < W)[:, None] & nmask[None, :] & (length > 0)
+        used = (n * 0 + length) > 0  # an empty segment loads no B (as a vector: see the shrink kernel)
+        wanted = ((w[:, None] // R) == module[None, :]) & (w < W)[:, None] & (nmask & used)[None, :]
         bt = tl.load(b_ptr + (first + w)[:, None].to(tl.int64) * stride_b + n[None, :], mask=wanted, other=0.0)
         h_first = h_col0 + tl.maximum(slot - 1, 0) * h_slot_stride
         for step in range(STEPS):  # this program's blocks of the segment (B's tile is loaded once for them)
