@@ -10,6 +10,7 @@ the same computation in torch, used on CPU and as the kernels' test oracle.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -42,45 +43,56 @@ class Segments:
         return self.meta[0]
 
 
-def segment_rows(slots: list[int]) -> list[list[int]]:
-    """Host plan for per-row slots (0 = no adapter): [order, slot, start, length] lists, rows sorted by slot."""
+class SegmentPlan(NamedTuple):
+    """A host-side :class:`Segments`: the token order, then per segment its slot, start in that order and
+    length (the four rows of ``Segments.meta``)."""
+
+    order: list[int]
+    slot: list[int]
+    start: list[int]
+    length: list[int]
+
+
+def segment_rows(slots: list[int]) -> SegmentPlan:
+    """Plan for per-row slots (0 = no adapter): rows with an adapter, sorted by slot, one segment per slot."""
     order = sorted((row for row, slot in enumerate(slots) if slot), key=lambda row: slots[row])
-    seg_slot, seg_start, seg_len = [], [], []
+    plan = SegmentPlan(order, [], [], [])
     for position, row in enumerate(order):
-        if seg_slot and seg_slot[-1] == slots[row]:
-            seg_len[-1] += 1
+        if plan.slot and plan.slot[-1] == slots[row]:
+            plan.length[-1] += 1
         else:
-            seg_slot.append(slots[row])
-            seg_start.append(position)
-            seg_len.append(1)
-    return [order, seg_slot, seg_start, seg_len]
+            plan.slot.append(slots[row])
+            plan.start.append(position)
+            plan.length.append(1)
+    return plan
 
 
-def segment_prompts(lengths: list[int], slots: list[int], *, width: int) -> list[list[int]]:
-    """Host plan for prompts laid out row after row, ``width`` tokens each (padding after each prompt's
+def segment_prompts(lengths: list[int], slots: list[int], *, width: int) -> SegmentPlan:
+    """Plan for prompts laid out row after row, ``width`` tokens each (padding after each prompt's
     ``lengths[i]`` real tokens is left out): one segment per prompt that has an adapter."""
-    order, seg_slot, seg_start, seg_len = [], [], [], []
+    plan = SegmentPlan([], [], [], [])
     for i, (length, slot) in enumerate(zip(lengths, slots)):
         if slot:
-            seg_slot.append(slot)
-            seg_start.append(len(order))
-            seg_len.append(length)
-            order.extend(range(i * width, i * width + length))
-    return [order, seg_slot, seg_start, seg_len]
+            plan.slot.append(slot)
+            plan.start.append(len(plan.order))
+            plan.length.append(length)
+            plan.order.extend(range(i * width, i * width + length))
+    return plan
 
 
-def to_segments(plan: list[list[int]], *, device, capacity: int | None = None) -> Segments:
-    """The host plan as a device :class:`Segments` (one copy)."""
-    order, seg_slot, seg_start, seg_len = plan
-    capacity = capacity or max(len(order), len(seg_slot), 1)
-    meta = torch.zeros(4, capacity, dtype=torch.int32)
-    for row, values in enumerate((order, seg_slot, seg_start, seg_len)):
-        meta[row, : len(values)] = torch.tensor(values, dtype=torch.int32)
-    return Segments(meta=meta.to(device, non_blocking=True), count=len(seg_slot), longest=max(seg_len, default=0))
+def to_segments(plan: SegmentPlan, *, device, capacity: int | None = None) -> Segments:
+    """The host plan as a device :class:`Segments` (one copy; from page-locked memory on CUDA, so the
+    host does not wait for the GPU's queued work before it can go on dispatching)."""
+    device = torch.device(device)
+    meta = torch.empty(4, capacity or max(len(plan.order), len(plan.slot), 1), dtype=torch.int32,
+                       pin_memory=device.type == "cuda")
+    fill_segments(meta, plan)
+    return Segments(meta=meta.to(device, non_blocking=True), count=len(plan.slot),
+                    longest=max(plan.length, default=0))
 
 
-def fill_segments(meta: torch.Tensor, plan: list[list[int]]) -> None:
-    """Write a host plan into a (4, capacity) int32 buffer in place (a captured graph's input)."""
+def fill_segments(meta: torch.Tensor, plan: SegmentPlan) -> None:
+    """Write a host plan into a (4, capacity) int32 buffer in place (also a captured graph's input)."""
     meta.zero_()
     for row, values in enumerate(plan):
         if values:

@@ -208,14 +208,14 @@ class EngineModel:
         # Decode steps take every slot's shrink from the stacked base GEMM (one GEMM, nothing to gather);
         # longer inputs run the segmented shrink, whose cost follows the tokens' own slots only.
         stacked = on and seq == 1 and all(self.layers[0].stacked.get(g) for g in GROUPS)
+        out_offsets = {g: list(adapters.out_offsets(g)) for g in GROUPS} if on else {}
         for i, w in enumerate(self.layers):
             lora = None
             if on:
                 lora = LayerLoRA(
                     meta=segments.meta, count=segments.count, longest=segments.longest, rank=adapters.max_rank,
                     stacked=stacked, shrink={g: adapters.shrink_weight(i, g) for g in GROUPS},
-                    expand={g: adapters.expand_weight(i, g) for g in GROUPS},
-                    out_offsets={g: list(adapters.out_offsets(g)) for g in GROUPS})
+                    expand={g: adapters.expand_weight(i, g) for g in GROUPS}, out_offsets=out_offsets)
             x = layer(x, w, lora, shape=s, cos=cos, sin=sin, mask=mask, positions=positions, row_index=row_index,
                       rows=rows, cache_k=cache.k[i], cache_v=cache.v[i], fresh=fresh)
         if isinstance(logits_at, torch.Tensor):

@@ -78,7 +78,7 @@ def test_decode_rows_read_their_slot_from_the_stacked_tail():
     x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     y = torch.cat([torch.randn(len(slots), sum(outs)).to(DEVICE, DTYPE), x @ a.t()], dim=1)  # the stacked GEMM
     plan = segment_rows(slots)
-    assert plan[0] == [2, 4, 5, 7, 0, 3, 8] and plan[1] == [1, 2, 3] and plan[3] == [3, 1, 3]
+    assert plan.order == [2, 4, 5, 7, 0, 3, 8] and plan.slot == [1, 2, 3] and plan.length == [3, 1, 3]
     segments = to_segments(plan, device=DEVICE, capacity=len(slots))
 
     actual = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
