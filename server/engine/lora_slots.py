@@ -144,7 +144,13 @@ class AdapterSlots:
                         f"unload one before loading {name!r}"
                     )
                 slot = free[0]
-            self._write_slot(slot, weights)
+            try:
+                self._write_slot(slot, weights)
+            except BaseException:
+                # A reload overwrites in place: the slot now holds neither version, so it must not stay
+                # reachable under ``name``. (The next load into it writes or zeroes every row it owns.)
+                self._by_name.pop(name, None)
+                raise
             self._by_name[name] = slot
         log.info("adapter %s loaded into slot %d from %s", name, slot, source)
         return slot

@@ -130,3 +130,19 @@ def test_bias_and_modules_to_save_are_refused(slots, arch_setup, tmp_path):
         (copy / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(UnsupportedAdapter, match=message):
             slots.load(field, copy)
+
+
+def test_a_reload_that_fails_midway_leaves_the_name_unloaded(slots, arch_setup, monkeypatch):
+    """A reload writes into the same slot; if the write breaks off, neither version is served under the name."""
+    _, _, dirs = arch_setup
+    slot = slots.load("alpha", dirs["alpha"])
+
+    def breaks_off(target_slot, weights):
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(slots, "_write_slot", breaks_off)
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        slots.load("alpha", dirs["beta"])
+    assert "alpha" not in slots.resident()
+    monkeypatch.undo()
+    assert slots.load("beta", dirs["beta"]) == slot  # the slot is free again and fully rewritten
