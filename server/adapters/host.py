@@ -5,9 +5,12 @@ TransformersGenerator (peft) and server.engine.generator.EngineGenerator (its sl
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from server.adapter_manifest import model_fingerprint
+
+if TYPE_CHECKING:  # the module imports torch; this one stays light
+    from server.safetensors_views import FlatTensors
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class HostAdapter:
     peft_config: dict
     tensors: dict = field(repr=False)
     nbytes: int = 0
-    flat: object | None = field(default=None, repr=False)  # server.safetensors_views.FlatTensors
+    flat: "FlatTensors | None" = field(default=None, repr=False)
 
 
 @runtime_checkable
