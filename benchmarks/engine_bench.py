@@ -322,13 +322,25 @@ def profile(engine, vocab, device):
         return
     eager = EagerDecode(model, cache, engine.adapters)
     rows = min(128, cache.rows)
-    args = ([5] * rows, [at] * rows, [1 + (i % engine.adapters.num_slots) for i in range(rows)])
-    eager(*args)
-    sync(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for lora in (False, True):  # the two kernel tables side by side show where the adapter cost goes
+        args = ([5] * rows, [at] * rows, [1 + (i % engine.adapters.num_slots) if lora else 0 for i in range(rows)])
         eager(*args)
         sync(device)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eager(*args)
+            sync(device)
+        print(f"decode step, {rows} rows, adapters {'on' if lora else 'off'} (eager, one step):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    for slots in ([0] * group, [1 + i % engine.adapters.num_slots for i in range(group)]):
+        segments = (to_segments(segment_prompts([n] * group, slots, width=n), device=device) if any(slots) else None)
+        model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments, fresh=True)
+        sync(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments,
+                          fresh=True)
+            sync(device)
+        print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters (one forward):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def print_table(results):

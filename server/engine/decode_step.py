@@ -10,7 +10,7 @@ import logging
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import Segments, fill_segments, segment_rows, to_segments
+from server.engine.lora_kernel import DECODE_BLOCK, Segments, decode_capacity, fill_segments, segment_rows, to_segments
 from server.engine.lora_slots import AdapterSlots
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,12 @@ class GraphedDecode:
         device, rows = model.device, cache.rows
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.full((rows, 1), cache.scratch_position, dtype=torch.long, device=device)
-        self.segment_meta = torch.zeros(4, rows, dtype=torch.int32, device=device)
+        slots = adapters.num_slots if adapters is not None else 0
+        meta_len = decode_capacity(rows, slots) * (1 + DECODE_BLOCK)
+        self.segment_meta = torch.zeros(meta_len, dtype=torch.int32, device=device)
         self.compiled = compiled
         self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
-        self._host_meta = torch.zeros(4, rows, dtype=torch.int32).pin_memory()
+        self._host_meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, bucket: int, lora: bool) -> torch.Tensor:
@@ -66,9 +68,10 @@ class GraphedDecode:
         )
 
     def _segments(self, bucket: int) -> Segments:
-        # Static launch sizes: as many segments as the bucket could hold, each up to the whole bucket
-        # (the kernels skip what the step's plan leaves empty).
-        return Segments(meta=self.segment_meta, count=min(bucket, self.adapters.num_slots), longest=bucket)
+        # A static launch size: as many blocks as a step of this bucket can need (the kernels skip
+        # the ones the step's plan leaves empty).
+        return Segments(meta=self.segment_meta, blocks=decode_capacity(bucket, self.adapters.num_slots),
+                        block_m=DECODE_BLOCK)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import Segments, lora_expand_op, lora_shrink_op
+from server.engine.lora_kernel import (
+    Segments,
+    expand_,
+    kernels_available,
+    lora_expand_op,
+    lora_shrink_op,
+    shrink,
+    silu_mul,
+)
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 
@@ -213,7 +221,7 @@ class EngineModel:
             lora = None
             if on:
                 lora = LayerLoRA(
-                    meta=segments.meta, count=segments.count, longest=segments.longest, rank=adapters.max_rank,
+                    meta=segments.meta, blocks=segments.blocks, block_m=segments.block_m, rank=adapters.max_rank,
                     stacked=stacked, shrink={g: adapters.shrink_weight(i, g) for g in GROUPS},
                     expand={g: adapters.expand_weight(i, g) for g in GROUPS}, out_offsets=out_offsets)
             x = layer(x, w, lora, shape=s, cos=cos, sin=sin, mask=mask, positions=positions, row_index=row_index,
@@ -229,18 +237,25 @@ class EngineModel:
 class LayerLoRA:
     """One layer's adapters as plain tensors and ints (a compiled layer must see no layer number).
 
-    ``meta``/``count``/``longest`` are a :class:`Segments` plan over the layer's (tokens, features)
+    ``meta``/``blocks``/``block_m`` are a :class:`Segments` plan over the layer's (tokens, features)
     rows; ``stacked`` says every slot's shrink comes out of the stacked base GEMM (decode steps).
     """
 
     meta: torch.Tensor
-    count: int
-    longest: int
+    blocks: int
+    block_m: int
     rank: int
     stacked: bool
     shrink: dict[str, torch.Tensor]  # group -> A (slots * modules * r_max, in)
     expand: dict[str, torch.Tensor]  # group -> B (slots * modules * r_max, out), block-diagonal, scaled
     out_offsets: dict[str, list[int]]
+
+    @property
+    def segments(self) -> Segments:
+        return Segments(meta=self.meta, blocks=self.blocks, block_m=self.block_m)
+
+    def width(self, group: str) -> int:
+        return len(GROUPS[group]) * self.rank
 
 
 def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None) -> torch.Tensor:
@@ -248,19 +263,45 @@ def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | Non
     weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
     if lora is None:
         return F.linear(x, weight, bias)
-    width = len(GROUPS[group]) * lora.rank
+    width, offsets = lora.width(group), lora.out_offsets[group]
+    # A compiled step sees the LoRA kernels as opaque custom ops; eager code calls them directly.
+    compiling = torch.compiler.is_compiling()
     if lora.stacked:
         stacked, stacked_bias = w.stacked[group]
         y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * width): base output, then every slot's h
         out = weight.shape[0]
-        lora_expand_op(y, None, lora.expand[group], lora.meta, lora.count, lora.longest, lora.rank, width,
-                       lora.out_offsets[group], out, width)
+        if compiling:
+            lora_expand_op(y, None, lora.expand[group], lora.meta, lora.blocks, lora.block_m, lora.rank, width,
+                           offsets, out, width)
+        else:
+            expand_(y, y, lora.expand[group], lora.segments, rank=lora.rank, width=width, out_offsets=tuple(offsets),
+                    h_col0=out, h_slot_stride=width)
         return y[:, :out]
     y = F.linear(x, weight, bias)
-    h = lora_shrink_op(x, lora.shrink[group], lora.meta, lora.count, lora.longest, width)
-    lora_expand_op(y, h, lora.expand[group], lora.meta, lora.count, lora.longest, lora.rank, width,
-                   lora.out_offsets[group], 0, 0)
+    if compiling:
+        h = lora_shrink_op(x, lora.shrink[group], lora.meta, lora.blocks, lora.block_m, width)
+        lora_expand_op(y, h, lora.expand[group], lora.meta, lora.blocks, lora.block_m, lora.rank, width, offsets, 0, 0)
+    else:
+        h = shrink(x, lora.shrink[group], lora.segments, width=width)
+        expand_(y, h, lora.expand[group], lora.segments, rank=lora.rank, width=width, out_offsets=tuple(offsets))
     return y
+
+
+def _mlp_activation(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, intermediate: int) -> torch.Tensor:
+    """silu(gate) * up of x (tokens, hidden), LoRA included.
+
+    Prompts on CUDA take one fused kernel that adds the LoRA and applies the activation while the
+    gate/up output is read once; otherwise (CPU, decode steps, which the compiled step fuses itself)
+    the projection, then the activation.
+    """
+    if x.shape[0] > 1 and kernels_available(x) and not torch.compiler.is_compiling() and (lora is None or not lora.stacked):
+        gate_up = F.linear(x, w.gate_up)
+        if lora is None:
+            return silu_mul(gate_up)
+        h = shrink(x, lora.shrink["gate_up"], lora.segments, width=lora.width("gate_up"))
+        return silu_mul(gate_up, h, lora.expand["gate_up"], lora.segments, rank=lora.rank)
+    gate, up = _project("gate_up", x, w, lora).split([intermediate, intermediate], dim=-1)
+    return F.silu(gate) * up
 
 
 def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, shape: ModelShape,
@@ -288,8 +329,8 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, s
     attn = attn.reshape(batch * seq, s.q_dim)
     x = x + _project("o", attn, w, lora).view(batch, seq, s.hidden)
     h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
-    gate, up = _project("gate_up", h, w, lora).split([s.intermediate, s.intermediate], dim=-1)
-    return x + _project("down", F.silu(gate) * up, w, lora).view(batch, seq, s.hidden)
+    act = _mlp_activation(h, w, lora, intermediate=s.intermediate)
+    return x + _project("down", act, w, lora).view(batch, seq, s.hidden)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

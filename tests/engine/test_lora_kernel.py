@@ -1,5 +1,6 @@
 """The segmented LoRA kernels against their torch reference: decode rows in any slot order, prompts
-with padding, h read from the stacked GEMM's tail. On CPU the kernels run in Triton's interpreter."""
+with padding, h read from the stacked GEMM's tail, the fused activation. On CPU the kernels run in
+Triton's interpreter."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from server.engine.lora_kernel import (
     lora_shrink_reference,
     segment_prompts,
     segment_rows,
+    silu_mul,
+    silu_mul_reference,
     to_segments,
 )
 
@@ -48,12 +51,14 @@ def test_prompt_segments_match_reference(outs):
     a, b = group_weights(outs, in_features, seed=len(outs))
     lengths, slots, pad_to = [5, 19, 12, 3], [2, 0, 2, 3], 20  # slot 0: a prompt without an adapter
     x = torch.randn(len(lengths) * pad_to, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
-    segments = to_segments(segment_prompts(lengths, slots, width=pad_to), device=DEVICE)
+    # blocks of 8 rows: the 19-token prompt spans three blocks, the last one padded
+    segments = to_segments(segment_prompts(lengths, slots, width=pad_to, block_m=8), device=DEVICE)
     base = torch.randn(x.shape[0], sum(outs)).to(DEVICE, DTYPE)
 
     h = lora_shrink(x, a, segments, width=width)
     expected_h = lora_shrink_reference(x, a, segments, width=width)
-    covered = segments.order.long()
+    covered = torch.tensor([i * pad_to + t for i, (n, slot) in enumerate(zip(lengths, slots)) if slot
+                            for t in range(n)], device=DEVICE)
     close(h[covered], expected_h[covered])
 
     actual = lora_expand_(base.clone(), expected_h, b, segments, rank=RANK, width=width, out_offsets=offsets(outs))
@@ -77,8 +82,8 @@ def test_decode_rows_read_their_slot_from_the_stacked_tail():
     slots = [3, 0, 1, 3, 1, 1, 0, 2, 3]
     x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     y = torch.cat([torch.randn(len(slots), sum(outs)).to(DEVICE, DTYPE), x @ a.t()], dim=1)  # the stacked GEMM
-    plan = segment_rows(slots)
-    assert plan.order == [2, 4, 5, 7, 0, 3, 8] and plan.slot == [1, 2, 3] and plan.length == [3, 1, 3]
+    plan = segment_rows(slots, block_m=2)  # slot 1's three rows take two blocks
+    assert plan.slot == [1, 1, 2, 3, 3] and plan.rows == [2, 4, 5, -1, 7, -1, 0, 3, 8, -1]
     segments = to_segments(plan, device=DEVICE, capacity=len(slots))
 
     actual = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
@@ -93,15 +98,40 @@ def test_decode_rows_read_their_slot_from_the_stacked_tail():
         close(actual[row, : sum(outs)].float(), head)
 
 
-def test_a_captured_plan_with_spare_segments_skips_them():
-    """Graph replays launch for the bucket's capacity; unused segment entries have length 0."""
+def test_a_captured_plan_with_spare_blocks_skips_them():
+    """Graph replays launch their capacity of blocks; the ones past the step's plan have no slot."""
     outs, in_features = [40], 32
     a, b = group_weights(outs, in_features, seed=3)
     segments = to_segments(segment_rows([0, 2, 0, 0]), device=DEVICE, capacity=4)
-    spare = type(segments)(meta=segments.meta, count=4, longest=4)
+    spare = type(segments)(meta=segments.meta, blocks=4, block_m=segments.block_m)
     x = torch.randn(4, in_features).to(DEVICE, DTYPE)
     base = torch.randn(4, 40).to(DEVICE, DTYPE)
     h = lora_shrink(x, a, spare, width=RANK)
     actual = lora_expand_(base.clone(), h, b, spare, rank=RANK, width=RANK, out_offsets=(0,))
     assert torch.equal(actual[[0, 2, 3]], base[[0, 2, 3]])
     close(actual[1].float(), base[1].float() + (x[1].float() @ a[RANK : 2 * RANK].float().t()) @ b[RANK : 2 * RANK].float())
+
+
+@pytest.mark.parametrize("with_lora", [True, False], ids=["lora", "base"])
+def test_fused_activation_matches_expand_then_silu_mul(with_lora):
+    """Prompts' gate/up: LoRA added and silu(gate) * up applied in one pass, every token covered
+    (padding and the prompt without an adapter get the plain activation)."""
+    intermediate, in_features = 24, 32
+    outs = [intermediate, intermediate]
+    width = 2 * RANK
+    a, b = group_weights(outs, in_features, seed=5)
+    lengths, slots, pad_to = [5, 19, 12], [2, 0, 3], 20
+    x = torch.randn(len(lengths) * pad_to, in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE, DTYPE)
+    gate_up = torch.randn(x.shape[0], 2 * intermediate, generator=torch.Generator().manual_seed(6)).to(DEVICE, DTYPE)
+    if not with_lora:
+        close(silu_mul(gate_up), silu_mul_reference(gate_up, None, None, None, rank=0))
+        return
+    segments = to_segments(segment_prompts(lengths, slots, width=pad_to, block_m=16), device=DEVICE)
+    h = lora_shrink_reference(x, a, segments, width=width)
+    actual = silu_mul(gate_up, h, b, segments, rank=RANK)
+    expected = silu_mul_reference(gate_up, h, b, segments, rank=RANK)
+    close(actual, expected)
+    token = 2 * pad_to + 3  # prompt 2 (slot 3)
+    lo = 2 * width
+    g, u = (gate_up[token].float() + h[token, :].float() @ b[lo : lo + width].float()).chunk(2)
+    close(actual[token].float(), torch.nn.functional.silu(g) * u)
