@@ -2,7 +2,8 @@
 
 Files in ``<data_dir>/tenants/<tenant>/index/``: ``manifest.json`` (format version, embedder name and
 dimension, index type), ``chunks.sqlite`` (documents, chunks, and the current vector *generation*),
-``vectors-<generation>.faiss``, and ``write.lock``.
+``vectors-<generation>.faiss`` (one vector per embedded window of each chunk; ids in ``retrieval.store``),
+and ``write.lock``.
 
 Commit protocol (crash-safe at every instant): under an exclusive ``fcntl`` lock on ``write.lock``
 (one writer per tenant; readers never take it), the new vectors are written to a temporary file,
@@ -28,7 +29,7 @@ from retrieval.errors import LoragError, NotFound
 from retrieval.keyword import KeywordIndex
 from retrieval.atomic_files import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
-from retrieval.store import ChunkStore, ChunkWriter, create_schema
+from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count
 from retrieval.tenancy import index_dir
 from retrieval.types import Chunk, DocumentRecord
 from retrieval.vector_store import FaissVectorStore
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 STORE_NAME = "chunks.sqlite"
 LOCK_NAME = "write.lock"
+# Window hits fetched per chunk wanted in a dense search, before widening (see TenantIndex.search_dense).
+WINDOWS_FETCHED_PER_CHUNK = 4
 
 
 def vectors_path(directory: Path, generation: int) -> Path:
@@ -53,6 +56,7 @@ class TenantIndex:
         self.store = ChunkStore(self.directory / STORE_NAME, tenant=tenant)
         self._lock = threading.Lock()
         self._generation = -1
+        self._chunk_count = 0  # chunks of the loaded generation (vectors are per window, so not len(vectors))
         self._vectors = FaissVectorStore.empty(manifest.dimension, index_type=manifest.index_type)
         self._keyword: tuple[int, KeywordIndex] | None = None
         self._load()
@@ -108,7 +112,8 @@ class TenantIndex:
         return self._vectors
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        """The number of chunks in the loaded generation (each has one or more vectors)."""
+        return self._chunk_count
 
     def close(self) -> None:
         self.store.close()
@@ -123,7 +128,7 @@ class TenantIndex:
     def _load(self) -> None:
         with self._lock:
             for _ in range(20):
-                generation = self.store.generation()
+                generation, chunk_count = self.store.generation_and_count()
                 if generation == self._generation:
                     return
                 if generation == 0:
@@ -141,7 +146,7 @@ class TenantIndex:
                         raise
             else:
                 raise LoragError(f"index {str(self.directory)!r} keeps changing; cannot load a stable generation")
-            self._vectors, self._generation = vectors, generation
+            self._vectors, self._generation, self._chunk_count = vectors, generation, chunk_count
             log.debug("tenant %s: loaded generation %d (%d vectors)", self.tenant, generation, len(vectors))
 
     def documents(self) -> list[DocumentRecord]:
@@ -165,7 +170,8 @@ class TenantIndex:
         return self.store.neighbours(chunk_id, before=before, after=after)
 
     def search_dense(self, vector: np.ndarray, k: int, *, sources: Sequence[str] | None = None) -> list[tuple[Chunk, float]]:
-        """The ``k`` chunks whose vectors have the highest inner product with ``vector`` ``(dimension,)``.
+        """The ``k`` chunks with the highest inner product between ``vector`` ``(dimension,)`` and one of their
+        vectors (a chunk scores by its best window), best first.
 
         Raises:
             LoragError: ``vector`` does not have the index's dimension.
@@ -175,12 +181,24 @@ class TenantIndex:
             raise LoragError(f"query vector has dimension {vector.shape[0]}, index has {self.manifest.dimension}")
         allowed = None
         if sources is not None:
-            allowed = self.store.rowids_of_sources(sources)
+            allowed = self.store.vector_ids_of_sources(sources)
             if len(allowed) == 0:
                 return []
-        scores, ids = self._vectors.search(vector[None, :], k, allowed_ids=allowed)
-        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        return self._join(hits)
+        vectors = self._vectors
+        available = len(vectors) if allowed is None else len(allowed)
+        # Windows of one chunk often rank together: fetch a few times k windows, and more while fewer than
+        # k distinct chunks come back. The first hit of a chunk is its best window, so the k chunks found
+        # are exactly the k best (for an exact index).
+        wanted = min(k * WINDOWS_FETCHED_PER_CHUNK, available)
+        while True:
+            scores, ids = vectors.search(vector[None, :], wanted, allowed_ids=allowed)
+            best: dict[int, float] = {}
+            for rowid, score in zip(chunk_rowids_of(ids[0][ids[0] >= 0]).tolist(), scores[0][ids[0] >= 0].tolist()):
+                best.setdefault(rowid, score)
+            if len(best) >= k or wanted >= available:
+                break
+            wanted = min(wanted * 4, available)
+        return self._join(list(best.items())[:k])
 
     def search_keyword(self, query: str, k: int, *, sources: Sequence[str] | None = None) -> list[tuple[Chunk, float]]:
         """The ``k`` best BM25 matches for ``query`` (chunks sharing no term with it are left out)."""
@@ -238,8 +256,9 @@ class IndexUpdate:
         self.discard()
 
     def put_document(self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
-        """Store ``record`` with its ``chunks`` (reading order) and their ``vectors`` ``(len(chunks), dimension)``,
-        replacing any document stored under the same source.
+        """Store ``record`` with its ``chunks`` (reading order) and their ``vectors``, replacing any document
+        stored under the same source. ``vectors`` is ``(n, dimension)``: the vectors of each chunk's
+        ``embedded_texts()``, chunk after chunk (n = the number of chunks when no chunk has windows).
 
         Raises:
             LoragError: the shapes disagree, or a chunk belongs to another source or tenant.
@@ -247,10 +266,11 @@ class IndexUpdate:
         self._check_open()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         dimension = self.index.manifest.dimension
-        if vectors.shape != (len(chunks), dimension):
+        expected = sum(vector_count(chunk) for chunk in chunks)
+        if vectors.shape != (expected, dimension):
             raise LoragError(
-                f"document {record.source!r}: {len(chunks)} chunks need vectors of shape ({len(chunks)}, {dimension}), "
-                f"got {vectors.shape}"
+                f"document {record.source!r}: {len(chunks)} chunks with {expected} embedded texts need vectors of "
+                f"shape ({expected}, {dimension}), got {vectors.shape}"
             )
         if record.tenant != self.index.tenant:
             raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {self.index.tenant!r}")
@@ -291,7 +311,7 @@ class IndexUpdate:
             vectors.save(tmp)
             os.replace(tmp, path)
             fsync_path(index.directory)
-            self._writer.commit(generation)  # the commit point
+            chunk_count = self._writer.commit(generation)  # the commit point
         except BaseException:
             self.discard()
             raise
@@ -301,8 +321,9 @@ class IndexUpdate:
         finally:
             self._release()
         with index._lock:
-            index._vectors, index._generation = vectors, generation
-        log.info("tenant %s: committed generation %d (%d chunks)", index.tenant, generation, len(vectors))
+            index._vectors, index._generation, index._chunk_count = vectors, generation, chunk_count
+        log.info("tenant %s: committed generation %d (%d chunks, %d vectors)", index.tenant, generation, chunk_count,
+                 len(vectors))
 
     def discard(self) -> None:
         """Drop every staged change and release the write lock (what leaving the block does)."""

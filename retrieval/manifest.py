@@ -7,7 +7,10 @@ from pathlib import Path
 from retrieval.atomic_files import write_atomically
 from retrieval.errors import Conflict, LoragError
 
-FORMAT_VERSION = 1
+# 1: one vector per chunk, FAISS id = chunk rowid. 2: one vector per sentence window, FAISS id = rowid * 1024 +
+# window (retrieval.store), chunks carry their window spans. A version-1 index is refused, not converted:
+# its vectors are whole-chunk embeddings, which would rank unfairly against windows mixed into it.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -47,6 +50,14 @@ def read_manifest(directory: Path) -> IndexManifest | None:
     except (OSError, ValueError) as error:
         raise LoragError(f"cannot read index manifest {str(path)!r}: {error}") from error
     version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version == 1:
+        raise LoragError(
+            f"index {str(directory)!r} was written by an older lorag (format 1: one vector per chunk); this lorag "
+            f"reads format {FORMAT_VERSION} (one vector per sentence window)",
+            hint=f"Move that folder aside and ingest the documents again: mv {str(directory)!r} "
+            f"{str(directory) + '.format1'!r}, then lorag ingest PATH --tenant TENANT (`lorag docs` on an older "
+            "lorag lists the ingested files)",
+        )
     if version != FORMAT_VERSION:
         raise LoragError(
             f"index manifest {str(path)!r} has format_version {version!r}, this lorag reads {FORMAT_VERSION}",

@@ -1,7 +1,9 @@
-"""Chunk text and metadata of one tenant in SQLite; the rowid of each chunk is its vector's FAISS id.
+"""Chunk text and metadata of one tenant in SQLite; each chunk's rowid names its vectors' FAISS ids.
 
-The ``state`` table also records the committed vector generation, so rows and vectors change in one
-SQLite transaction (see ``retrieval.index`` for the commit protocol).
+A chunk has one vector per embedded window (``Chunk.windows``, or one for its whole text): vector id =
+``rowid * WINDOW_SLOTS + window ordinal``, so a search hit maps back to its chunk by integer division, with
+no lookup table to keep consistent. The ``state`` table also records the committed vector generation, so
+rows and vectors change in one SQLite transaction (see ``retrieval.index`` for the commit protocol).
 """
 
 import json
@@ -37,13 +39,36 @@ CREATE TABLE IF NOT EXISTS chunks (
     start INTEGER NOT NULL,
     "end" INTEGER NOT NULL,
     text TEXT NOT NULL,
-    heading_path TEXT NOT NULL
+    heading_path TEXT NOT NULL,
+    windows TEXT NOT NULL  -- JSON [[start, end], ...]: page offsets of the embedded windows ([] = whole text)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_id ON chunks(chunk_id);
 CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks(source, ordinal);
 """
-_CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path'
+_CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows'
 _DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
+# Vector ids per chunk: 1024 windows is far more than a chunk of at most max_seq_length tokens can have,
+# and rowid * 1024 stays exact in int64 for any rowid SQLite will ever hand out here.
+WINDOW_SLOTS = 1024
+
+
+def vector_ids_of(rowids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The vector ids of chunks ``rowids`` with ``counts`` vectors each, chunk by chunk, windows in order."""
+    rowids = np.asarray(rowids, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    firsts = np.repeat(rowids * WINDOW_SLOTS, counts)
+    ordinals = np.arange(len(firsts), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return firsts + ordinals
+
+
+def chunk_rowids_of(vector_ids: np.ndarray) -> np.ndarray:
+    """The chunk rowid each vector id belongs to."""
+    return np.asarray(vector_ids, dtype=np.int64) // WINDOW_SLOTS
+
+
+def vector_count(chunk: Chunk) -> int:
+    """How many vectors stand for ``chunk``: one per window, or one for its whole text."""
+    return max(1, len(chunk.windows))
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -81,6 +106,13 @@ class ChunkStore:
 
     def generation(self) -> int:
         return read_generation(self._rows("SELECT value FROM state WHERE key = 'generation'"))
+
+    def generation_and_count(self) -> tuple[int, int]:
+        """The committed generation and its number of chunks, from one consistent snapshot (one statement)."""
+        ((generation, count),) = self._rows(
+            "SELECT (SELECT value FROM state WHERE key = 'generation'), (SELECT count(*) FROM chunks)"
+        )
+        return (0 if generation is None else int(generation)), int(count)
 
     def count(self) -> int:
         return int(self._rows("SELECT count(*) FROM chunks")[0][0])
@@ -139,13 +171,29 @@ class ChunkStore:
             rowids += [row[0] for row in self._rows(f"SELECT rowid FROM chunks WHERE source IN ({marks})", batch)]
         return np.asarray(rowids, dtype=np.int64)
 
+    def vector_ids_of_sources(self, sources: Iterable[str]) -> np.ndarray:
+        """The vector ids of every chunk of ``sources`` (for a filtered vector search)."""
+        sources = list(dict.fromkeys(sources))
+        rows: list[tuple] = []
+        for offset in range(0, len(sources), 500):
+            batch = sources[offset : offset + 500]
+            marks = ",".join("?" * len(batch))
+            rows += self._rows(f"SELECT rowid, windows FROM chunks WHERE source IN ({marks})", batch)
+        counts = [max(1, len(json.loads(windows))) for _, windows in rows]
+        return vector_ids_of(np.asarray([row[0] for row in rows], dtype=np.int64), np.asarray(counts))
+
+    def vector_total(self) -> int:
+        """How many vectors the stored chunks have (equals the vector file's size when both are committed)."""
+        rows = self._rows("SELECT windows FROM chunks")
+        return sum(max(1, len(json.loads(windows))) for (windows,) in rows)
+
     def texts(self) -> tuple[np.ndarray, list[str]]:
         """Every chunk's ``(rowids, texts)`` in rowid order: the keyword index's corpus."""
         rows = self._rows("SELECT rowid, text FROM chunks ORDER BY rowid")
         return np.asarray([row[0] for row in rows], dtype=np.int64), [row[1] for row in rows]
 
     def _chunk(self, row: tuple) -> Chunk:
-        rowid, chunk_id, source, document_id, page, start, end, text, heading_path = row
+        rowid, chunk_id, source, document_id, page, start, end, text, heading_path, windows = row
         return Chunk(
             id=chunk_id,
             tenant=self.tenant,
@@ -156,6 +204,7 @@ class ChunkStore:
             end=end,
             text=text,
             heading_path=tuple(json.loads(heading_path)),
+            windows=tuple(tuple(window) for window in json.loads(windows)),
         )
 
     def _document(self, row: tuple) -> DocumentRecord:
@@ -179,17 +228,22 @@ class ChunkWriter:
         )
 
     def remove_source(self, source: str) -> np.ndarray:
-        """Delete the document stored under ``source`` and its chunks; returns the removed rowids."""
-        rowids = [row[0] for row in self._connection.execute("SELECT rowid FROM chunks WHERE source = ?", (source,))]
+        """Delete the document stored under ``source`` and its chunks; returns their vector ids."""
+        rows = self._connection.execute("SELECT rowid, windows FROM chunks WHERE source = ?", (source,)).fetchall()
         self._connection.execute("DELETE FROM chunks WHERE source = ?", (source,))
         self._connection.execute("DELETE FROM documents WHERE source = ?", (source,))
-        return np.asarray(rowids, dtype=np.int64)
+        counts = [max(1, len(json.loads(windows))) for _, windows in rows]
+        return vector_ids_of(np.asarray([row[0] for row in rows], dtype=np.int64), np.asarray(counts))
 
     def has_source(self, source: str) -> bool:
         return self._connection.execute("SELECT 1 FROM documents WHERE source = ?", (source,)).fetchone() is not None
 
     def insert_document(self, record: DocumentRecord, chunks: Sequence[Chunk]) -> np.ndarray:
-        """Insert ``record`` and its ``chunks`` (in reading order); returns the new rowids, one per chunk."""
+        """Insert ``record`` and its ``chunks`` (in reading order); returns their vector ids, chunk by chunk.
+
+        Raises:
+            LoragError: a chunk belongs to another source or tenant, or has more than WINDOW_SLOTS windows.
+        """
         self._connection.execute(
             f"INSERT INTO documents ({_DOCUMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
             (record.document_id, record.source, record.pages, len(chunks), record.size_bytes, record.ingested_at),
@@ -201,17 +255,28 @@ class ChunkWriter:
                     f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
                     f"not to document {record.source!r} of tenant {self.tenant!r}"
                 )
+            if len(chunk.windows) > WINDOW_SLOTS:
+                raise LoragError(
+                    f"chunk {chunk.id!r} of {record.source!r} has {len(chunk.windows)} windows, at most "
+                    f"{WINDOW_SLOTS} fit",
+                    hint="Raise chunking.window_tokens",
+                )
             cursor = self._connection.execute(
-                'INSERT INTO chunks (chunk_id, source, document_id, ordinal, page, start, "end", text, heading_path) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                'INSERT INTO chunks (chunk_id, source, document_id, ordinal, page, start, "end", text, heading_path, '
+                "windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (chunk.id, chunk.source, chunk.document_id, ordinal, chunk.page, chunk.start, chunk.end, chunk.text,
-                 json.dumps(list(chunk.heading_path))),
+                 json.dumps(list(chunk.heading_path)), json.dumps([list(window) for window in chunk.windows])),
             )
             rowids.append(cursor.lastrowid)
-        return np.asarray(rowids, dtype=np.int64)
+        counts = np.asarray([vector_count(chunk) for chunk in chunks], dtype=np.int64)
+        return vector_ids_of(np.asarray(rowids, dtype=np.int64), counts)
 
-    def commit(self, generation: int) -> None:
-        """Record ``generation`` as the current vector file and make every change visible, atomically."""
+    def commit(self, generation: int) -> int:
+        """Record ``generation`` as the current vector file and make every change visible, atomically.
+
+        Returns the number of chunks now stored.
+        """
+        count = int(self._connection.execute("SELECT count(*) FROM chunks").fetchone()[0])
         self._connection.execute(
             "INSERT INTO state (key, value) VALUES ('generation', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -219,6 +284,7 @@ class ChunkWriter:
         )
         self._connection.execute("COMMIT")
         self._connection.close()
+        return count
 
     def rollback(self) -> None:
         if self._connection.in_transaction:

@@ -20,6 +20,15 @@ class Chunk:
     end: int
     text: str
     heading_path: tuple[str, ...] = ()
+    # Page offsets of the sentence windows embedded for this chunk, one vector each (ingest.windows);
+    # empty: one vector for the whole text.
+    windows: tuple[tuple[int, int], ...] = ()
+
+    def embedded_texts(self) -> list[str]:
+        """The texts whose vectors stand for this chunk in the index, in window order."""
+        if not self.windows:
+            return [self.text]
+        return [self.text[start - self.start : end - self.start] for start, end in self.windows]
 
 
 @dataclass(frozen=True)

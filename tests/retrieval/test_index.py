@@ -1,3 +1,6 @@
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -26,7 +29,7 @@ def test_save_then_load_gives_back_the_same_index(build_index, embedder, corpus_
     assert loaded.search_dense(query, 1)[0][0].text == CORPUS["recipes/bread.txt"][1][1]
     assert loaded.search_dense(query, 1)[0][1] == pytest.approx(1.0, abs=1e-5)
     assert loaded.manifest == index.manifest
-    assert loaded.manifest.format_version == 1 and loaded.manifest.dimension == embedder.dimension
+    assert loaded.manifest.format_version == 2 and loaded.manifest.dimension == embedder.dimension
 
 
 def test_chunks_keep_their_metadata(build_index):
@@ -195,3 +198,88 @@ def test_approximate_index_types_support_the_same_operations(build_index, embedd
     hits = loaded.search_dense(query, 10, sources=["handbook/calibration.md"])
     assert {c.source for c, _ in hits} == {"handbook/calibration.md"}
     assert all(c.source != "handbook/warranty.md" for c, _ in loaded.search_dense(query, 10))
+
+
+def windowed_document(tenant: str, source: str, heading: str, paragraphs: list[str]):
+    """One chunk holding all ``paragraphs``, each paragraph one embedded window."""
+    record, chunks = make_document(tenant, source, heading, ["\n\n".join(paragraphs)])
+    chunk, windows, offset = chunks[0], [], chunks[0].start
+    for paragraph in paragraphs:
+        windows.append((offset, offset + len(paragraph)))
+        offset += len(paragraph) + 2
+    return record, [replace(chunk, windows=tuple(windows))]
+
+
+def test_a_chunk_with_windows_scores_by_its_best_window_and_is_returned_once(build_index, embedder,
+                                                                            corpus_vectors):
+    index = build_index(["recipes/bread.txt", "travel/norway.txt"])
+    record, chunks = windowed_document("acme", "handbook/warranty.md", *CORPUS["handbook/warranty.md"])
+    assert chunks[0].embedded_texts() == CORPUS["handbook/warranty.md"][1]
+    with index.update() as update:
+        update.put_document(record, chunks, corpus_vectors["handbook/warranty.md"])  # 3 windows, 3 vectors
+        update.commit()
+    assert len(index) == 5 and len(index.vectors) == 7 == index.store.vector_total()
+
+    for window in range(3):
+        hits = index.search_dense(corpus_vectors["handbook/warranty.md"][window], 10)
+        assert hits[0][0] == chunks[0] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert len(hits) == 5 and len({c.id for c, _ in hits}) == 5  # every chunk once, not every window
+    assert [c for c, _ in index.search_dense(corpus_vectors["handbook/warranty.md"][1], 10,
+                                             sources=["handbook/warranty.md"])] == chunks
+    assert reopen(index, embedder).chunks_of(record.document_id) == chunks  # windows survive reload
+
+
+def test_replacing_or_removing_a_windowed_chunk_drops_all_its_vectors(build_index, corpus_vectors):
+    index = build_index(["recipes/bread.txt"])
+    record, chunks = windowed_document("acme", "handbook/warranty.md", *CORPUS["handbook/warranty.md"])
+    with index.update() as update:
+        update.put_document(record, chunks, corpus_vectors["handbook/warranty.md"])
+        update.commit()
+    shorter, short_chunks = windowed_document("acme", "handbook/warranty.md", "Warranty",
+                                              CORPUS["handbook/warranty.md"][1][:2])
+    with index.update() as update:
+        update.put_document(shorter, short_chunks, corpus_vectors["handbook/warranty.md"][:2])
+        update.commit()
+    assert len(index.vectors) == 2 + 2 == index.store.vector_total()
+    hits = index.search_dense(corpus_vectors["handbook/warranty.md"][2], 10)
+    assert [c for c, _ in hits if c.source == "handbook/warranty.md"] == short_chunks
+    with index.update() as update:
+        update.remove_source("handbook/warranty.md")
+        update.commit()
+    assert len(index.vectors) == 2 and {c.source for c, _ in index.search_dense(corpus_vectors[
+        "handbook/warranty.md"][0], 10)} == {"recipes/bread.txt"}
+
+
+def test_window_vectors_must_match_the_windows(build_index, corpus_vectors):
+    index = build_index(["recipes/bread.txt"])
+    record, chunks = windowed_document("acme", "handbook/warranty.md", *CORPUS["handbook/warranty.md"])
+    with index.update() as update, pytest.raises(LoragError, match=r"3 embedded texts need vectors of shape \(3, 384\)"):
+        update.put_document(record, chunks, corpus_vectors["handbook/warranty.md"][:1])
+
+
+def test_an_index_of_the_previous_format_is_refused_with_what_to_do(build_index, embedder):
+    index = build_index(["recipes/bread.txt"])
+    manifest = index.directory / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(raw | {"format_version": 1}))
+    with pytest.raises(LoragError, match=r"older lorag \(format 1: one vector per chunk\).*ingest the documents "
+                                         r"again") as refused:
+        reopen(index, embedder)
+    assert str(index.directory) in str(refused.value)
+    manifest.write_text(json.dumps(raw | {"format_version": 3}))
+    with pytest.raises(LoragError, match="format_version 3, this lorag reads 2"):
+        reopen(index, embedder)
+
+
+def test_search_widens_when_one_chunk_fills_the_first_window_hits(build_index, corpus_vectors):
+    index = build_index(["recipes/bread.txt"])
+    query = corpus_vectors["travel/norway.txt"][0]
+    text = " ".join(["fjord"] * 12)
+    record, chunks = make_document("acme", "travel/norway.txt", "Norway", [text])
+    windows = tuple((start, start + 5) for start in range(0, len(text), 6))  # 12 windows, all nearest the query
+    chunks = [replace(chunks[0], windows=windows)]
+    with index.update() as update:
+        update.put_document(record, chunks, np.repeat(query[None, :], 12, axis=0))
+        update.commit()
+    hits = index.search_dense(query, 2)  # the first 8 window hits are all the fjord chunk's
+    assert [c.source for c, _ in hits] == ["travel/norway.txt", "recipes/bread.txt"]
