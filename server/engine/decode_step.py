@@ -108,7 +108,7 @@ class GraphedDecode:
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
         if lora:
-            fill_segments(self._host_meta, segment_rows(slots))
+            fill_segments(self._host_meta, segment_rows(slots + [0] * (bucket - n)))  # idle rows too
             self.segment_meta.copy_(self._host_meta, non_blocking=True)
         graph, logits = self.graphs[(bucket, lora)]
         graph.replay()

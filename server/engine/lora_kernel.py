@@ -85,11 +85,11 @@ def plan_blocks(groups, *, block_m: int) -> SegmentPlan:
 
 
 def segment_rows(slots: list[int], *, block_m: int = DECODE_BLOCK) -> SegmentPlan:
-    """Plan for per-row slots (0 = no adapter) of a decode step: the rows with an adapter, by slot."""
+    """Plan for per-row slots (0 = no adapter) of a decode step, by slot: every row is in a block (the
+    fused residual and activation kernels cover all of them), those without an adapter under slot 0."""
     by_slot: dict[int, list[int]] = {}
     for row, slot in enumerate(slots):
-        if slot:
-            by_slot.setdefault(slot, []).append(row)
+        by_slot.setdefault(slot, []).append(row)
     return plan_blocks(sorted(by_slot.items()), block_m=block_m)
 
 
@@ -107,8 +107,9 @@ def segment_prompts(lengths: list[int], slots: list[int], *, width: int, block_m
 
 
 def decode_capacity(rows: int, num_slots: int, *, block_m: int = DECODE_BLOCK) -> int:
-    """Most blocks a decode step of ``rows`` rows can need: each slot in use adds at most one partial block."""
-    return -(-rows // block_m) + min(rows, num_slots)
+    """Most blocks a decode step of ``rows`` rows can need: each slot in use (and slot 0) adds at most
+    one partial block."""
+    return -(-rows // block_m) + min(rows, num_slots + 1)
 
 
 def to_segments(plan: SegmentPlan, *, device, capacity: int | None = None) -> Segments:
@@ -235,24 +236,33 @@ if triton is not None:
         return tl.dot(ht, bt)
 
     @triton.jit
-    def _expand_kernel(h_ptr, b_ptr, y_ptr, meta_ptr, capacity, N, OFF1, OFF2, stride_h, h_col0, h_slot_stride,
-                       stride_b, stride_y, R: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    def _expand_kernel(h_ptr, b_ptr, y_ptr, r_ptr, out_ptr, meta_ptr, capacity, N, OFF1, OFF2, stride_h, h_col0,
+                       h_slot_stride, stride_b, stride_y, stride_r, stride_out, R: tl.constexpr, W: tl.constexpr,
+                       W_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr,
+                       IEEE: tl.constexpr):
+        """y + h @ B_slot: in place into y, or (RESIDUAL) r + that into out, for every block including
+        those without a slot (their rows get r + y: the residual add the layer needs anyway)."""
         slot, rows, real = _block(meta_ptr, capacity, BLOCK_M)
-        mmask = real & ((rows * 0 + slot) > 0)
+        mmask = real if RESIDUAL else real & ((rows * 0 + slot) > 0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         module = (n >= OFF1).to(tl.int32) + (n >= OFF2).to(tl.int32)
         delta = _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n, nmask, module, stride_h, h_col0, h_slot_stride,
                             stride_b, W, 0, R, W, W_P2, IEEE)
-        ptr = y_ptr + rows[:, None] * stride_y + n[None, :]
-        ymask = mmask[:, None] & nmask[None, :]
-        current = tl.load(ptr, mask=ymask, other=0.0).to(tl.float32)
-        tl.store(ptr, (current + delta).to(y_ptr.dtype.element_ty), mask=ymask)
+        tile = mmask[:, None] & nmask[None, :]
+        y = tl.load(y_ptr + rows[:, None] * stride_y + n[None, :], mask=tile, other=0.0).to(tl.float32)
+        dtype = y_ptr.dtype.element_ty
+        projected = (y + delta).to(dtype)
+        if RESIDUAL:  # rounded as the unfused ops round: the projection's output, then the sum
+            r = tl.load(r_ptr + rows[:, None] * stride_r + n[None, :], mask=tile, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], (r + projected.to(tl.float32)).to(dtype),
+                     mask=tile)
+        else:
+            tl.store(y_ptr + rows[:, None] * stride_y + n[None, :], projected, mask=tile)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, h_ptr, b_ptr, meta_ptr, capacity, M, I, stride_gu, stride_out, stride_h,
-                         stride_b, R: tl.constexpr, R_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                         h_col0, h_slot_stride, stride_b, R: tl.constexpr, R_P2: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, LORA: tl.constexpr, IEEE: tl.constexpr):
         if LORA:
             slot, rows, mmask = _block(meta_ptr, capacity, BLOCK_M)
@@ -267,12 +277,12 @@ if triton is not None:
         gate = tl.load(at, mask=tile, other=0.0).to(tl.float32)
         up = tl.load(at + I, mask=tile, other=0.0).to(tl.float32)
         if LORA:
-            # Each half reads only its module's R rows of h and B (h holds gate's rank, then up's).
+            # Each half reads only its module's R rows of h and B (a slot's h holds gate's rank, then up's).
             zero = tl.zeros((BLOCK_N,), dtype=tl.int32)
-            gate += _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n, nmask, zero, stride_h, 0, 0, stride_b, 2 * R, 0,
-                                R, R, R_P2, IEEE)
-            up += _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n + I, nmask, zero, stride_h, 0, 0, stride_b, 2 * R, R,
-                              R, R, R_P2, IEEE)
+            gate += _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n, nmask, zero, stride_h, h_col0, h_slot_stride,
+                                stride_b, 2 * R, 0, R, R, R_P2, IEEE)
+            up += _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n + I, nmask, zero, stride_h, h_col0, h_slot_stride,
+                              stride_b, 2 * R, R, R, R, R_P2, IEEE)
             # Rounded where the unfused ops would round (projection output, then silu, then the product),
             # so the result matches expand + F.silu(gate) * up.
             gate = gate.to(dtype).to(tl.float32)
@@ -296,17 +306,21 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, segments: Segments, *, width: 
 
 
 def lora_expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segments, *, rank: int, width: int,
-                 out_offsets: tuple[int, ...], h_col0: int = 0, h_slot_stride: int = 0) -> torch.Tensor:
+                 out_offsets: tuple[int, ...], h_col0: int = 0, h_slot_stride: int = 0,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel version of :func:`lora_expand_reference_` (h's slot columns start at ``h_col0``: h may be
-    the tail of y itself, as in the decode step's stacked GEMM)."""
+    the tail of y itself, as in the decode step's stacked GEMM). With ``residual``, y is left as it is
+    and ``residual + y[:, :out] + h @ B`` comes back as a new tensor; the plan must then cover every row."""
     out = b.shape[1]
     block_n = 128 if out >= 1024 else 64
     offsets = list(out_offsets[1:]) + [out] * (3 - len(out_offsets))
+    target = y if residual is None else torch.empty_like(residual)
+    r = y if residual is None else residual
     _expand_kernel[(segments.blocks, triton.cdiv(out, block_n))](
-        h, b, y, segments.meta, segments.capacity, out, offsets[0], offsets[1], h.stride(0), h_col0, h_slot_stride,
-        b.stride(0), y.stride(0), R=rank, W=width, W_P2=_pow2(width), BLOCK_M=segments.block_m, BLOCK_N=block_n,
-        IEEE=y.dtype == torch.float32)
-    return y
+        h, b, y, r, target, segments.meta, segments.capacity, out, offsets[0], offsets[1], h.stride(0), h_col0,
+        h_slot_stride, b.stride(0), y.stride(0), r.stride(0), target.stride(0), R=rank, W=width, W_P2=_pow2(width),
+        BLOCK_M=segments.block_m, BLOCK_N=block_n, RESIDUAL=residual is not None, IEEE=y.dtype == torch.float32)
+    return target
 
 
 # (columns per program, warps), measured on an H100 for 12k tokens x 4,864: the LoRA variant's two
@@ -315,34 +329,73 @@ SILU_MUL_TILE = {True: (64, 4), False: (128, 4)}
 
 
 def silu_mul(gate_up: torch.Tensor, h: torch.Tensor | None = None, b: torch.Tensor | None = None,
-             segments: Segments | None = None, *, rank: int = 0) -> torch.Tensor:
+             segments: Segments | None = None, *, rank: int = 0, intermediate: int | None = None, h_col0: int = 0,
+             h_slot_stride: int = 0) -> torch.Tensor:
     """Kernel version of :func:`silu_mul_reference`: one pass over the gate/up output instead of the
-    expand's read-modify-write plus the activation's read (the largest activation of a prompt's forward)."""
-    tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    expand's read-modify-write plus the activation's read (the largest activation of a prompt's forward).
+    ``gate_up`` may be wider than 2 * ``intermediate`` (the decode step's stacked GEMM, h in its tail)."""
+    tokens = gate_up.shape[0]
+    intermediate = intermediate or gate_up.shape[1] // 2
     out = torch.empty(tokens, intermediate, dtype=gate_up.dtype, device=gate_up.device)
     lora = segments is not None
     block_n, num_warps = SILU_MUL_TILE[lora]
     block_m = segments.block_m if lora else 64
     grid = (segments.blocks if lora else triton.cdiv(tokens, block_m), triton.cdiv(intermediate, block_n))
-    meta = segments.meta if lora else out  # unused without LoRA (any pointer will do)
+    h, b, meta = (h, b, segments.meta) if lora else (out, out, out)  # unused without LoRA (any pointer will do)
     _silu_mul_kernel[grid](
-        gate_up, out, h if lora else out, b if lora else out, meta, segments.capacity if lora else 0, tokens,
-        intermediate, gate_up.stride(0), out.stride(0), h.stride(0) if lora else 0, b.stride(0) if lora else 0,
-        R=max(rank, 1), R_P2=_pow2(max(rank, 1)), BLOCK_M=block_m, BLOCK_N=block_n, LORA=lora,
-        IEEE=gate_up.dtype == torch.float32, num_warps=num_warps)
+        gate_up, out, h, b, meta, segments.capacity if lora else 0, tokens, intermediate, gate_up.stride(0),
+        out.stride(0), h.stride(0), h_col0, h_slot_stride, b.stride(0), R=max(rank, 1), R_P2=_pow2(max(rank, 1)),
+        BLOCK_M=block_m, BLOCK_N=block_n, LORA=lora, IEEE=gate_up.dtype == torch.float32, num_warps=num_warps)
     return out
 
 
-# ---- one entry point per operation: kernel on CUDA, reference elsewhere ---------------------------------
+# ---- one entry point per operation: the kernel on CUDA, the torch reference elsewhere; inside a compiled
+# step, the same through a custom op (opaque to torch.compile). Eager code skips the custom-op dispatch:
+# tens of microseconds per call, paid several times per layer. -------------------------------------------
 
 def shrink(x: torch.Tensor, a: torch.Tensor, segments: Segments, *, width: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return lora_shrink_op(x, a, segments.meta, segments.blocks, segments.block_m, width)
+    return _shrink(x, a, segments, width=width)
+
+
+def expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segments, *, rank: int, width: int,
+            out_offsets: tuple[int, ...], h_col0: int = 0, h_slot_stride: int = 0) -> None:
+    """y[:, :out] += each token's h @ B_slot, in place (h may be y itself: see lora_expand_)."""
+    if torch.compiler.is_compiling():
+        lora_expand_op(y, None if h is y else h, b, segments.meta, segments.blocks, segments.block_m, rank, width,
+                       list(out_offsets), h_col0, h_slot_stride)
+    else:
+        _expand(y, h, b, segments, rank=rank, width=width, out_offsets=out_offsets, h_col0=h_col0,
+                h_slot_stride=h_slot_stride)
+
+
+def expand_add(residual: torch.Tensor, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segments, *,
+               rank: int, width: int, h_col0: int = 0, h_slot_stride: int = 0) -> torch.Tensor:
+    """residual + y[:, :out] + each token's h @ B_slot (one module), as a new tensor; the plan covers every row."""
+    if torch.compiler.is_compiling():
+        return lora_expand_add_op(residual, y, None if h is y else h, b, segments.meta, segments.blocks,
+                                  segments.block_m, rank, width, h_col0, h_slot_stride)
+    return _expand_add(residual, y, h, b, segments, rank=rank, width=width, h_col0=h_col0, h_slot_stride=h_slot_stride)
+
+
+def silu_mul_lora(gate_up: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segments, *, rank: int,
+                  intermediate: int, h_col0: int = 0, h_slot_stride: int = 0) -> torch.Tensor:
+    """silu(gate + LoRA) * (up + LoRA); the plan covers every row."""
+    if torch.compiler.is_compiling():
+        return lora_silu_mul_op(gate_up, None if h is gate_up else h, b, segments.meta, segments.blocks,
+                                segments.block_m, rank, intermediate, h_col0, h_slot_stride)
+    return _silu_mul(gate_up, h, b, segments, rank=rank, intermediate=intermediate, h_col0=h_col0,
+                     h_slot_stride=h_slot_stride)
+
+
+def _shrink(x, a, segments, *, width):
     if kernels_available(x):
         return lora_shrink(x, a, segments, width=width)
     return lora_shrink_reference(x, a, segments, width=width)
 
 
-def expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segments, *, rank: int, width: int,
-            out_offsets: tuple[int, ...], h_col0: int = 0, h_slot_stride: int = 0) -> None:
+def _expand(y, h, b, segments, *, rank, width, out_offsets, h_col0, h_slot_stride):
     if kernels_available(y):
         lora_expand_(y, h, b, segments, rank=rank, width=width, out_offsets=out_offsets, h_col0=h_col0,
                      h_slot_stride=h_slot_stride)
@@ -350,13 +403,30 @@ def expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Segment
         lora_expand_reference_(y, h[:, h_col0:], b, segments, width=width, h_slot_stride=h_slot_stride)
 
 
-# ---- operators for compiled steps (opaque to torch.compile; eager code calls the functions above, which
-# skips the custom-op dispatch: tens of microseconds per call, paid 8 times per layer) --------------------
+def _expand_add(residual, y, h, b, segments, *, rank, width, h_col0, h_slot_stride):
+    if kernels_available(y):
+        return lora_expand_(y, h, b, segments, rank=rank, width=width, out_offsets=(0,), h_col0=h_col0,
+                            h_slot_stride=h_slot_stride, residual=residual)
+    out = b.shape[1]
+    projected = lora_expand_reference_(y[:, :out].clone(), h[:, h_col0:], b, segments, width=width,
+                                       h_slot_stride=h_slot_stride)
+    return residual + projected
+
+
+def _silu_mul(gate_up, h, b, segments, *, rank, intermediate, h_col0, h_slot_stride):
+    if kernels_available(gate_up):
+        return silu_mul(gate_up, h, b, segments, rank=rank, intermediate=intermediate, h_col0=h_col0,
+                        h_slot_stride=h_slot_stride)
+    projected = lora_expand_reference_(gate_up[:, : 2 * intermediate].clone(), h[:, h_col0:], b, segments,
+                                       width=2 * rank, h_slot_stride=h_slot_stride)
+    gate, up = projected.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 @torch.library.custom_op("lorag::lora_shrink", mutates_args=())
 def lora_shrink_op(x: torch.Tensor, a: torch.Tensor, meta: torch.Tensor, blocks: int, block_m: int,
                    width: int) -> torch.Tensor:
-    return shrink(x, a, Segments(meta=meta, blocks=blocks, block_m=block_m), width=width)
+    return _shrink(x, a, Segments(meta=meta, blocks=blocks, block_m=block_m), width=width)
 
 
 @lora_shrink_op.register_fake
@@ -368,11 +438,36 @@ def _(x, a, meta, blocks, block_m, width):
 def lora_expand_op(y: torch.Tensor, h: torch.Tensor | None, b: torch.Tensor, meta: torch.Tensor, blocks: int,
                    block_m: int, rank: int, width: int, out_offsets: list[int], h_col0: int,
                    h_slot_stride: int) -> None:
-    """y[:, :out] += each block's h @ B_slot in place; ``h=None`` reads h from y's columns from ``h_col0``."""
-    expand_(y, y if h is None else h, b, Segments(meta=meta, blocks=blocks, block_m=block_m), rank=rank, width=width,
-            out_offsets=tuple(out_offsets), h_col0=h_col0, h_slot_stride=h_slot_stride)
+    """``h=None``: h is read from y's own columns from ``h_col0`` (custom ops cannot alias inputs)."""
+    _expand(y, y if h is None else h, b, Segments(meta=meta, blocks=blocks, block_m=block_m), rank=rank,
+            width=width, out_offsets=tuple(out_offsets), h_col0=h_col0, h_slot_stride=h_slot_stride)
 
 
 @lora_expand_op.register_fake
 def _(y, h, b, meta, blocks, block_m, rank, width, out_offsets, h_col0, h_slot_stride):
     return None
+
+
+@torch.library.custom_op("lorag::lora_expand_add", mutates_args=())
+def lora_expand_add_op(residual: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, b: torch.Tensor,
+                       meta: torch.Tensor, blocks: int, block_m: int, rank: int, width: int, h_col0: int,
+                       h_slot_stride: int) -> torch.Tensor:
+    return _expand_add(residual, y, y if h is None else h, b, Segments(meta=meta, blocks=blocks, block_m=block_m),
+                       rank=rank, width=width, h_col0=h_col0, h_slot_stride=h_slot_stride)
+
+
+@lora_expand_add_op.register_fake
+def _(residual, y, h, b, meta, blocks, block_m, rank, width, h_col0, h_slot_stride):
+    return torch.empty_like(residual)
+
+
+@torch.library.custom_op("lorag::lora_silu_mul", mutates_args=())
+def lora_silu_mul_op(gate_up: torch.Tensor, h: torch.Tensor | None, b: torch.Tensor, meta: torch.Tensor, blocks: int,
+                     block_m: int, rank: int, intermediate: int, h_col0: int, h_slot_stride: int) -> torch.Tensor:
+    return _silu_mul(gate_up, gate_up if h is None else h, b, Segments(meta=meta, blocks=blocks, block_m=block_m),
+                     rank=rank, intermediate=intermediate, h_col0=h_col0, h_slot_stride=h_slot_stride)
+
+
+@lora_silu_mul_op.register_fake
+def _(gate_up, h, b, meta, blocks, block_m, rank, intermediate, h_col0, h_slot_stride):
+    return gate_up.new_empty(gate_up.shape[0], intermediate)

@@ -10,15 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import (
-    Segments,
-    expand_,
-    kernels_available,
-    lora_expand_op,
-    lora_shrink_op,
-    shrink,
-    silu_mul,
-)
+from server.engine.lora_kernel import Segments, expand_, expand_add, kernels_available, shrink, silu_mul, silu_mul_lora
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 
@@ -258,50 +250,55 @@ class LayerLoRA:
         return len(GROUPS[group]) * self.rank
 
 
-def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None) -> torch.Tensor:
-    """The group's linear (base + LoRA of each token's slot) on x (tokens, in)."""
-    weight, bias = getattr(w, group), (w.qkv_bias if group == "qkv" else None)
-    if lora is None:
-        return F.linear(x, weight, bias)
-    width, offsets = lora.width(group), lora.out_offsets[group]
-    # A compiled step sees the LoRA kernels as opaque custom ops; eager code calls them directly.
-    compiling = torch.compiler.is_compiling()
+def _lora_inputs(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA):
+    """The group's base output and each token's h = x @ A_slot^T: (y, h, h_col0, h_slot_stride, out).
+
+    Decode steps take every slot's h from the stacked GEMM (y's columns past ``out``, slot by slot);
+    prompts run the segmented shrink, whose cost follows the tokens' own slots only.
+    """
+    weight = getattr(w, group)
+    out = weight.shape[0]
     if lora.stacked:
         stacked, stacked_bias = w.stacked[group]
         y = F.linear(x, stacked, stacked_bias)  # (tokens, out + slots * width): base output, then every slot's h
-        out = weight.shape[0]
-        if compiling:
-            lora_expand_op(y, None, lora.expand[group], lora.meta, lora.blocks, lora.block_m, lora.rank, width,
-                           offsets, out, width)
-        else:
-            expand_(y, y, lora.expand[group], lora.segments, rank=lora.rank, width=width, out_offsets=tuple(offsets),
-                    h_col0=out, h_slot_stride=width)
-        return y[:, :out]
-    y = F.linear(x, weight, bias)
-    if compiling:
-        h = lora_shrink_op(x, lora.shrink[group], lora.meta, lora.blocks, lora.block_m, width)
-        lora_expand_op(y, h, lora.expand[group], lora.meta, lora.blocks, lora.block_m, lora.rank, width, offsets, 0, 0)
-    else:
-        h = shrink(x, lora.shrink[group], lora.segments, width=width)
-        expand_(y, h, lora.expand[group], lora.segments, rank=lora.rank, width=width, out_offsets=tuple(offsets))
-    return y
+        return y, y, out, lora.width(group), out
+    y = F.linear(x, weight, w.qkv_bias if group == "qkv" else None)
+    return y, shrink(x, lora.shrink[group], lora.segments, width=lora.width(group)), 0, 0, out
+
+
+def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None) -> torch.Tensor:
+    """The group's linear (base + LoRA of each token's slot) on x (tokens, in)."""
+    if lora is None:
+        return F.linear(x, getattr(w, group), w.qkv_bias if group == "qkv" else None)
+    y, h, h_col0, h_slot_stride, out = _lora_inputs(group, x, w, lora)
+    expand_(y, h, lora.expand[group], lora.segments, rank=lora.rank, width=lora.width(group),
+            out_offsets=tuple(lora.out_offsets[group]), h_col0=h_col0, h_slot_stride=h_slot_stride)
+    return y[:, :out]
+
+
+def _project_add(group: str, x: torch.Tensor, residual: torch.Tensor, w: LayerWeights,
+                 lora: LayerLoRA | None) -> torch.Tensor:
+    """residual + the group's linear on x, the LoRA added in the same pass (o and down: one module each)."""
+    if lora is None:
+        return residual + F.linear(x, getattr(w, group))
+    y, h, h_col0, h_slot_stride, _ = _lora_inputs(group, x, w, lora)
+    return expand_add(residual, y, h, lora.expand[group], lora.segments, rank=lora.rank, width=lora.width(group),
+                      h_col0=h_col0, h_slot_stride=h_slot_stride)
 
 
 def _mlp_activation(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, intermediate: int) -> torch.Tensor:
-    """silu(gate) * up of x (tokens, hidden), LoRA included.
+    """silu(gate) * up of x (tokens, hidden), LoRA included, in one kernel over the gate/up output.
 
-    Prompts on CUDA take one fused kernel that adds the LoRA and applies the activation while the
-    gate/up output is read once; otherwise (CPU, decode steps, which the compiled step fuses itself)
-    the projection, then the activation.
+    Without adapters, a compiled step (which fuses this itself) and the CPU use the plain ops.
     """
-    if x.shape[0] > 1 and kernels_available(x) and not torch.compiler.is_compiling() and (lora is None or not lora.stacked):
-        gate_up = F.linear(x, w.gate_up)
-        if lora is None:
-            return silu_mul(gate_up)
-        h = shrink(x, lora.shrink["gate_up"], lora.segments, width=lora.width("gate_up"))
-        return silu_mul(gate_up, h, lora.expand["gate_up"], lora.segments, rank=lora.rank)
-    gate, up = _project("gate_up", x, w, lora).split([intermediate, intermediate], dim=-1)
-    return F.silu(gate) * up
+    if lora is None:
+        if kernels_available(x) and not torch.compiler.is_compiling():
+            return silu_mul(F.linear(x, w.gate_up))
+        gate, up = F.linear(x, w.gate_up).split([intermediate, intermediate], dim=-1)
+        return F.silu(gate) * up
+    y, h, h_col0, h_slot_stride, _ = _lora_inputs("gate_up", x, w, lora)
+    return silu_mul_lora(y, h, lora.expand["gate_up"], lora.segments, rank=lora.rank, intermediate=intermediate,
+                         h_col0=h_col0, h_slot_stride=h_slot_stride)
 
 
 def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, shape: ModelShape,
@@ -327,10 +324,10 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, s
     else:
         attn = _attend(q, cache_k[rows], cache_v[rows], mask)
     attn = attn.reshape(batch * seq, s.q_dim)
-    x = x + _project("o", attn, w, lora).view(batch, seq, s.hidden)
+    x = _project_add("o", attn, x.view(batch * seq, s.hidden), w, lora).view(batch, seq, s.hidden)
     h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
     act = _mlp_activation(h, w, lora, intermediate=s.intermediate)
-    return x + _project("down", act, w, lora).view(batch, seq, s.hidden)
+    return _project_add("down", act, x.view(batch * seq, s.hidden), w, lora).view(batch, seq, s.hidden)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,6 +14,8 @@ from server.engine.lora_kernel import (
     segment_rows,
     silu_mul,
     silu_mul_reference,
+    expand_add,
+    silu_mul_lora,
     to_segments,
 )
 
@@ -82,8 +84,8 @@ def test_decode_rows_read_their_slot_from_the_stacked_tail():
     slots = [3, 0, 1, 3, 1, 1, 0, 2, 3]
     x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     y = torch.cat([torch.randn(len(slots), sum(outs)).to(DEVICE, DTYPE), x @ a.t()], dim=1)  # the stacked GEMM
-    plan = segment_rows(slots, block_m=2)  # slot 1's three rows take two blocks
-    assert plan.slot == [1, 1, 2, 3, 3] and plan.rows == [2, 4, 5, -1, 7, -1, 0, 3, 8, -1]
+    plan = segment_rows(slots, block_m=2)  # slot 1's three rows take two blocks; rows without an adapter: slot 0
+    assert plan.slot == [0, 1, 1, 2, 3, 3] and plan.rows == [1, 6, 2, 4, 5, -1, 7, -1, 0, 3, 8, -1]
     segments = to_segments(plan, device=DEVICE, capacity=len(slots))
 
     actual = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
@@ -135,3 +137,39 @@ def test_fused_activation_matches_expand_then_silu_mul(with_lora):
     lo = 2 * width
     g, u = (gate_up[token].float() + h[token, :].float() @ b[lo : lo + width].float()).chunk(2)
     close(actual[token].float(), torch.nn.functional.silu(g) * u)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "entry-point"])
+def test_decode_residual_and_activation_read_h_from_the_stacked_tail(kernel):
+    """Decode steps fuse the o/down LoRA into the residual add and the gate/up LoRA into the activation,
+    h read from the stacked GEMM's tail; rows without an adapter get the plain result. The entry points
+    run the kernel on CUDA and the torch reference on CPU."""
+    in_features, hidden, intermediate = 32, 40, 24
+    slots = [3, 0, 1, 3, 1, 1, 0, 2, 3]
+    segments = to_segments(segment_rows(slots), device=DEVICE, capacity=len(slots))
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPE)
+    residual = torch.randn(len(slots), hidden, generator=torch.Generator().manual_seed(9)).to(DEVICE, DTYPE)
+
+    a, b = group_weights([hidden], in_features, seed=11)
+    y = torch.cat([torch.randn(len(slots), hidden).to(DEVICE, DTYPE), x @ a.t()], dim=1)
+    if kernel:
+        summed = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=RANK, out_offsets=(0,), h_col0=hidden,
+                              h_slot_stride=RANK, residual=residual)
+    else:
+        summed = expand_add(residual, y, y, b, segments, rank=RANK, width=RANK, h_col0=hidden, h_slot_stride=RANK)
+    a_gu, b_gu = group_weights([intermediate, intermediate], in_features, seed=12)
+    gu = torch.cat([torch.randn(len(slots), 2 * intermediate).to(DEVICE, DTYPE), x @ a_gu.t()], dim=1)
+    fused = silu_mul if kernel else silu_mul_lora
+    act = fused(gu, gu, b_gu, segments, rank=RANK, intermediate=intermediate, h_col0=2 * intermediate,
+                h_slot_stride=2 * RANK)
+    for row, slot in enumerate(slots):
+        projected, gate_up = y[row, :hidden].float(), gu[row, : 2 * intermediate].float()
+        if slot:
+            lo = (slot - 1) * RANK
+            projected = projected + y[row, hidden + lo : hidden + lo + RANK].float() @ b[lo : lo + RANK].float()
+            lo = (slot - 1) * 2 * RANK
+            h = gu[row, 2 * intermediate + lo : 2 * intermediate + lo + 2 * RANK].float()
+            gate_up = gate_up + h @ b_gu[lo : lo + 2 * RANK].float()
+        close(summed[row].float(), residual[row].float() + projected)
+        gate, up = gate_up.chunk(2)
+        close(act[row].float(), torch.nn.functional.silu(gate) * up)
