@@ -1,7 +1,8 @@
 """Splits pages into token-sized chunks with exact character spans and stable content-hash ids.
 
 Splitting is langchain's RecursiveCharacterTextSplitter measured in the embedder's own tokens, so a
-chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end]).
+chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end])
+and the sentence windows that are embedded for it (ingest.windows).
 """
 
 import hashlib
@@ -9,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 from ingest.loaders import Page, Section
+from ingest.windows import window_spans
 from retrieval.settings import ChunkingSettings
 from retrieval.types import Chunk
 
@@ -61,6 +63,7 @@ class Chunker:
             for section in _merge_bare_headings(page):
                 for start, end in self.spans(page.text, section.start, section.end):
                     text = page.text[start:end]
+                    windows = self.windows(page.text, start, end)
                     yield Chunk(
                         id=chunk_id_of(tenant, document_id, page.number, start, end, text),
                         tenant=tenant,
@@ -71,7 +74,18 @@ class Chunker:
                         end=end,
                         text=text,
                         heading_path=section.heading_path,
+                        windows=windows,
                     )
+
+    def windows(self, text: str, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Offsets into ``text`` of the windows embedded for the chunk ``text[start:end]``; empty when
+        ``chunking.window_tokens`` is 0 (the whole chunk is embedded)."""
+        if not self.settings.window_tokens:
+            return ()
+        spans = window_spans(
+            text, start, end, window_tokens=self.settings.window_tokens, count_tokens=self.count_tokens
+        )
+        return tuple(spans)
 
     def spans(self, text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(start, end)`` offsets into ``text`` of the chunks of ``text[start:end]``."""

@@ -31,6 +31,8 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     ingest.add_argument("--prune", action="store_true", help="remove documents whose file under PATH no longer exists")
     ingest.add_argument("--chunk-tokens", type=int, help="chunk size in embedder tokens (chunking.chunk_tokens)")
     ingest.add_argument("--overlap-tokens", type=int, help="overlap between chunks (chunking.overlap_tokens)")
+    ingest.add_argument("--window-tokens", type=int,
+                        help="sentence window size, one vector each; 0 = one vector per chunk (chunking.window_tokens)")
     ingest.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
     ingest.set_defaults(handler=run_ingest)
 
@@ -68,7 +70,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     from ingest.progress import IngestProgress, should_show_progress
 
     settings = _settings(
-        args, chunking={"chunk_tokens": args.chunk_tokens, "overlap_tokens": args.overlap_tokens}
+        args,
+        chunking={"chunk_tokens": args.chunk_tokens, "overlap_tokens": args.overlap_tokens,
+                  "window_tokens": args.window_tokens},
     )
     progress = IngestProgress() if should_show_progress(sys.stderr, os.environ) else None
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):

@@ -259,16 +259,18 @@ def _prepare(
 
 def _store(files: list[PreparedFile], *, embedder, update, progress: IngestProgress | None) -> int:
     """Embed the chunks of ``files`` together and stage each document; returns the number of chunks."""
-    vectors = _embed(embedder, [chunk.text for prepared in files for chunk in prepared.chunks])
-    offset = 0
-    for prepared in files:
+    texts = [[text for chunk in prepared.chunks for text in chunk.embedded_texts()] for prepared in files]
+    vectors = _embed(embedder, [text for file_texts in texts for text in file_texts])
+    offset = chunks = 0
+    for prepared, file_texts in zip(files, texts):
         count = len(prepared.chunks)
-        update.put_document(prepared.record, prepared.chunks, vectors[offset : offset + count])
+        update.put_document(prepared.record, prepared.chunks, vectors[offset : offset + len(file_texts)])
         prepared.outcome.chunks = count
-        offset += count
+        offset += len(file_texts)
+        chunks += count
         if progress is not None:
             progress.file_done(chunks=count)
-    return offset
+    return chunks
 
 
 def _embed(embedder, texts: list[str]) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Hybrid retrieval: dense (FAISS) and keyword (BM25) hits fused into one ranking, optionally reranked.
 
-Default fusion: z-scored candidate scores, 0.55 dense / 0.45 keyword, re-weighted per query towards the
-retriever whose best hit stands out more (see zscore_fusion; measured against min-max, RRF and each retriever
-alone, tuned and held-out seeds, in benchmarks/RESULTS.md "Retrieval").
+Default fusion: z-scored candidate scores, 0.5 dense (a chunk scores by its best sentence window) / 0.5
+keyword, optionally re-weighted per query towards the retriever whose best hit stands out more (see
+zscore_fusion; measured against min-max, RRF and each retriever alone, tuned and held-out seeds, in
+benchmarks/RESULTS.md "Retrieval").
 """
 import logging
 from collections.abc import Hashable, Mapping, Sequence

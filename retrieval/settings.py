@@ -44,6 +44,12 @@ class EmbeddingSettings(BaseModel):
 class ChunkingSettings(BaseModel):
     chunk_tokens: int = Field(200, ge=16, description="chunk size in embedder tokens (fits the 256-token window)")
     overlap_tokens: int = Field(30, ge=0)
+    window_tokens: int = Field(
+        40,
+        ge=0,
+        description="each chunk is embedded as sentence windows of at most this many tokens (one vector each) and "
+        "scores by its best window; 0 embeds the whole chunk as one vector",
+    )
 
 
 class RetrievalSettings(BaseModel):
@@ -54,10 +60,10 @@ class RetrievalSettings(BaseModel):
         "zscore", description="how dense and keyword hits merge: z-scored or min-max scores, or reciprocal rank"
     )
     dense_weight: float = Field(
-        0.55, ge=0.0, le=1.0, description="dense share of zscore/relative fusion; keyword gets 1 - dense_weight"
+        0.5, ge=0.0, le=1.0, description="dense share of zscore/relative fusion; keyword gets 1 - dense_weight"
     )
     confidence_power: float = Field(
-        0.5,
+        0.0,
         ge=0.0,
         le=4.0,
         description="zscore fusion: per query, scale each retriever's weight by (z-score of its best hit) ** this, "

@@ -72,3 +72,30 @@ def test_gigantic_single_line_is_split_into_exact_spans(embedder, chunker):
 def test_overlap_must_be_smaller_than_chunk(embedder):
     with pytest.raises(LoragError, match="overlap_tokens"):
         Chunker(embedder.tokenizer, ChunkingSettings(chunk_tokens=32, overlap_tokens=32))
+
+
+def test_windows_are_sentence_spans_of_the_chunk_within_the_window_size(embedder):
+    chunker = Chunker(embedder.tokenizer, ChunkingSettings(chunk_tokens=200, overlap_tokens=30, window_tokens=24))
+    text = (
+        "The buoy reports dissolved oxygen every ten minutes. Its probe is accurate to 0.1 mg/L between 0 and "
+        "20 degrees, and drifts less than 1% per month. Replace it yearly.\n\nCalibration\n\n"
+        + "a verylongsentencewithoutanyperiod " * 12
+    )
+    (chunk,) = chunker.split_pages([Page(1, text)], tenant="t", document_id="d", source="s")
+    texts = chunk.embedded_texts()
+    assert len(texts) == len(chunk.windows) > 3
+    # The second sentence is longer than a window: it is cut between words, its head joining the first one.
+    assert texts[0].startswith("The buoy reports dissolved oxygen every ten minutes. Its probe")
+    assert texts[1].startswith("20 degrees") and "Replace it yearly.\n\nCalibration" in texts[1]
+    for (start, end), window in zip(chunk.windows, texts):
+        assert text[start:end] == window and window == window.strip() and window
+        assert embedder.count_tokens(window) <= 24
+    # In order, without overlap, and together they hold every word of the chunk.
+    assert all(a[1] <= b[0] for a, b in zip(chunk.windows, chunk.windows[1:]))
+    assert " ".join(texts).split() == chunk.text.split()
+
+
+def test_window_tokens_zero_embeds_the_whole_chunk(embedder):
+    chunker = Chunker(embedder.tokenizer, ChunkingSettings(window_tokens=0))
+    (chunk,) = chunker.split_pages([Page(1, "One sentence. Another one.")], tenant="t", document_id="d", source="s")
+    assert chunk.windows == () and chunk.embedded_texts() == ["One sentence. Another one."]

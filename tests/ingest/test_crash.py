@@ -44,7 +44,9 @@ def read_state(data_dir: Path, embedder) -> dict[str, str]:
             assert len(chunks) == record.chunk_count > 0, record.source
             assert {chunk.source for chunk in chunks} == {record.source}
             chunk_rows += len(chunks)
-        assert len(index) == chunk_rows  # vectors == chunk rows
+        assert len(index) == chunk_rows
+        # One vector per window of every chunk row, none left over from a removed or replaced chunk.
+        assert len(index.vectors) == index.store.vector_total() > chunk_rows
         if records:  # the vectors are searchable and point at live rows
             hits = index.search_dense(embedder.embed_query("pump litres per minute"), 3)
             assert len(hits) == 3

@@ -30,8 +30,11 @@ def assert_consistent(index):
     records = index.documents()
     chunks = {record.source: index.chunks_of(record.document_id) for record in records}
     assert len(index) == sum(len(c) for c in chunks.values()) == sum(r.chunk_count for r in records)
+    # One vector per sentence window of every chunk.
+    assert len(index.vectors) == sum(len(c.windows) for cs in chunks.values() for c in cs) == index.store.vector_total()
     for record in records:
         assert len(chunks[record.source]) == record.chunk_count > 0
+        assert all(chunk.windows for chunk in chunks[record.source])
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +244,28 @@ def test_a_run_with_nothing_to_add_creates_no_index(tmp_path, data_dir):
     report = ingest_paths([tmp_path / "typo"], tenant="newco", settings=make_settings(data_dir))
     assert report.failed == 1 and report.of("failed")[0].reason == "no such file or folder"
     assert not index_dir(data_dir, "newco").exists()  # `lorag search --tenant newco` still says: no index
+
+
+def test_window_tokens_sets_the_vectors_per_chunk(tmp_path, data_dir, embedder):
+    from ingest.settings import IngestAppSettings
+    from retrieval.settings import ChunkingSettings
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sentences = [f"Pump {n} delivers {n * 7} litres per minute at {n + 2} bar of pressure." for n in range(12)]
+    (corpus / "pumps.txt").write_text(" ".join(sentences) + "\n")
+    for tenant, window_tokens in (("windowed", 20), ("whole", 0)):
+        settings = IngestAppSettings(data_dir=data_dir, chunking=ChunkingSettings(window_tokens=window_tokens))
+        assert ingest_paths([corpus], tenant=tenant, settings=settings, embedder=embedder).failed == 0
+        index = open_index(settings, tenant, embedder)
+        try:
+            chunks = [c for r in index.documents() for c in index.chunks_of(r.document_id)]
+            if window_tokens:  # one sentence (16-17 tokens) per window
+                assert [len(c.windows) for c in chunks] == [len(c.text.split(". ")) for c in chunks]
+                assert len(index.vectors) == len(sentences) == index.store.vector_total()
+                hits = index.search_dense(embedder.embed_query(sentences[5]), 1)
+                assert hits[0][1] == pytest.approx(1.0, abs=1e-2)  # the sentence's own window
+            else:
+                assert all(c.windows == () for c in chunks) and len(index.vectors) == len(chunks)
+        finally:
+            index.close()
