@@ -58,6 +58,7 @@ class GraphedDecode:
         self.compiled = compiled
         self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
         self._host_meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
+        self._planned: tuple | None = None  # the (bucket, slots) whose plan segment_meta holds
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, bucket: int, lora: bool) -> torch.Tensor:
@@ -107,9 +108,10 @@ class GraphedDecode:
         host[1, :n] = torch.tensor(positions)
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
-        if lora:
+        if lora and self._planned != (bucket, slots):  # most steps keep the previous step's batch
             fill_segments(self._host_meta, segment_rows(slots + [0] * (bucket - n)))  # idle rows too
             self.segment_meta.copy_(self._host_meta, non_blocking=True)
+            self._planned = (bucket, list(slots))
         graph, logits = self.graphs[(bucket, lora)]
         graph.replay()
         return logits

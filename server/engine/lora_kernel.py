@@ -68,29 +68,44 @@ class SegmentPlan(NamedTuple):
     """A host-side :class:`Segments`: each block's slot, and each block's ``block_m`` rows (-1 padding)."""
 
     slot: list[int]
-    rows: list[int]
+    rows: torch.Tensor  # int32 (blocks * block_m,)
     block_m: int
 
 
-def plan_blocks(groups, *, block_m: int) -> SegmentPlan:
-    """Cut each (slot, rows) group into blocks of ``block_m`` rows, the last one padded with -1."""
-    plan = SegmentPlan([], [], block_m)
+def plan_blocks(groups: list[tuple[int, range]], *, block_m: int) -> SegmentPlan:
+    """Cut each (slot, range of rows) group into blocks of ``block_m`` rows, the last one padded with -1.
+
+    One tensor write per group, not per row: a prompt group holds ~16k tokens, and the plan is on the
+    host's path before every forward.
+    """
+    slots, pieces = [], []
     for slot, rows in groups:
-        rows = list(rows)
-        for first in range(0, len(rows), block_m):
-            block = rows[first : first + block_m]
-            plan.slot.append(slot)
-            plan.rows.extend(block + [-1] * (block_m - len(block)))
-    return plan
+        rows = torch.arange(rows.start, rows.stop, dtype=torch.int32)
+        blocks = -(-len(rows) // block_m)
+        padded = torch.full((blocks * block_m,), -1, dtype=torch.int32)
+        padded[: len(rows)] = rows
+        slots += [slot] * blocks
+        pieces.append(padded)
+    return SegmentPlan(slots, torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32), block_m)
 
 
 def segment_rows(slots: list[int], *, block_m: int = DECODE_BLOCK) -> SegmentPlan:
     """Plan for per-row slots (0 = no adapter) of a decode step, by slot: every row is in a block (the
-    fused residual and activation kernels cover all of them), those without an adapter under slot 0."""
+    fused residual and activation kernels cover all of them), those without an adapter under slot 0.
+
+    Plain lists, one tensor at the end: a step has at most a few hundred rows, and this runs before
+    every step whose batch changed.
+    """
     by_slot: dict[int, list[int]] = {}
     for row, slot in enumerate(slots):
         by_slot.setdefault(slot, []).append(row)
-    return plan_blocks(sorted(by_slot.items()), block_m=block_m)
+    block_slots, rows = [], []
+    for slot, members in sorted(by_slot.items()):
+        for first in range(0, len(members), block_m):
+            block = members[first : first + block_m]
+            block_slots.append(slot)
+            rows += block + [-1] * (block_m - len(block))
+    return SegmentPlan(block_slots, torch.tensor(rows, dtype=torch.int32), block_m)
 
 
 def segment_prompts(lengths: list[int], slots: list[int], *, width: int, block_m: int | None = None) -> SegmentPlan:
@@ -132,7 +147,7 @@ def fill_segments(meta: torch.Tensor, plan: SegmentPlan) -> None:
     meta[capacity:].fill_(-1)
     if plan.slot:
         meta[: len(plan.slot)] = torch.tensor(plan.slot, dtype=torch.int32)
-        meta[capacity : capacity + len(plan.rows)] = torch.tensor(plan.rows, dtype=torch.int32)
+        meta[capacity : capacity + len(plan.rows)] = plan.rows
 
 
 # ---- torch reference (CPU path and test oracle) ------------------------------------------------------

@@ -85,7 +85,7 @@ def test_decode_rows_read_their_slot_from_the_stacked_tail():
     x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     y = torch.cat([torch.randn(len(slots), sum(outs)).to(DEVICE, DTYPE), x @ a.t()], dim=1)  # the stacked GEMM
     plan = segment_rows(slots, block_m=2)  # slot 1's three rows take two blocks; rows without an adapter: slot 0
-    assert plan.slot == [0, 1, 1, 2, 3, 3] and plan.rows == [1, 6, 2, 4, 5, -1, 7, -1, 0, 3, 8, -1]
+    assert plan.slot == [0, 1, 1, 2, 3, 3] and plan.rows.tolist() == [1, 6, 2, 4, 5, -1, 7, -1, 0, 3, 8, -1]
     segments = to_segments(plan, device=DEVICE, capacity=len(slots))
 
     actual = lora_expand_(y.clone(), y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
