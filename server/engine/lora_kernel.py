@@ -1,12 +1,15 @@
-"""Segmented LoRA (SGMV) for mixed-adapter batches: each adapter's rows are one segment, so every
-slot's A and B are read once per launch however many rows use it.
+"""Segmented LoRA (SGMV) for mixed-adapter batches: tokens are grouped into blocks that share one
+adapter slot, so a program multiplies its rows by one A and one B, and every slot's weights are read
+once per block however many rows use them.
 
-Tokens are grouped by adapter slot in a :class:`Segments` plan (built on the host, copied to the
-device in one tensor). ``lora_shrink`` computes h = x @ A_slot^T per segment; ``lora_expand_`` adds
-h @ B_slot into the base output in place, one launch per module group. B is block-diagonal over a
-group's modules; the expand loads only the rank rows of the module each output column belongs to.
-The Triton kernels run on CUDA (and in Triton's CPU interpreter for tests); ``*_reference`` are
-the same computation in torch, used on CPU and as the kernels' test oracle.
+The plan (:class:`Segments`) is built on the host and copied to the device in one tensor; a captured
+decode step keeps it in a static buffer. ``lora_shrink`` computes h = x @ A_slot^T per block;
+``lora_expand_`` adds h @ B_slot into the base output (in place, or fused into the residual add for
+o/down); ``silu_mul`` adds the gate/up LoRA while applying silu(gate) * up, so the widest activation of
+the layer is read once. B is block-diagonal over a group's modules; a kernel loads only the rank rows
+of the module each output column belongs to. The Triton kernels run on CUDA (and in Triton's CPU
+interpreter for tests); ``*_reference`` are the same computation in torch, used on CPU and as the
+kernels' test oracle.
 """
 
 from dataclasses import dataclass
