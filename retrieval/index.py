@@ -192,8 +192,9 @@ class TenantIndex:
         wanted = min(k * WINDOWS_FETCHED_PER_CHUNK, available)
         while True:
             scores, ids = vectors.search(vector[None, :], wanted, allowed_ids=allowed)
-            best: dict[int, float] = {}
-            for rowid, score in zip(chunk_rowids_of(ids[0][ids[0] >= 0]).tolist(), scores[0][ids[0] >= 0].tolist()):
+            found = ids[0] >= 0
+            best: dict[int, float] = {}  # chunk rowid -> its best window's score, best first
+            for rowid, score in zip(chunk_rowids_of(ids[0][found]).tolist(), scores[0][found].tolist()):
                 best.setdefault(rowid, score)
             if len(best) >= k or wanted >= available:
                 break
