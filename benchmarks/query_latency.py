@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--types", nargs="+", default=["hnsw", "ivf"], choices=["hnsw", "ivf", "flat"])
     p.add_argument("--hnsw-max-size", type=int, default=200_000, help="skip HNSW above this (build time on 2 cores)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--ef-search", type=int, nargs="+", default=[128, 256, 640])
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--centres", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.05, help="per-dimension sigma (0.05: cos to centre ~0.7)")

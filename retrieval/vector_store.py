@@ -16,11 +16,13 @@ from retrieval.errors import LoragError
 log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
-# Measured by benchmarks/query_latency.py (see benchmarks/RESULTS.md, "Retrieval"): efSearch 128 gives
-# recall@10 0.96 at 100k vectors; IVF with sqrt(n) lists and nprobe 16 gives 0.98 at 100k, 0.99 at 1M.
+# Measured by benchmarks/query_latency.py (see benchmarks/RESULTS.md, "Retrieval"), at 100k chunks of 5 window
+# vectors each: HNSW efSearch 640 gives chunk recall@10 0.96 (128, enough with one vector per chunk, gives 0.82:
+# a chunk's windows are several graph nodes to reach); IVF with sqrt(n) lists and nprobe 16 gives 0.995
+# (0.98 at 100k and 0.99 at 1M with one vector per chunk).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 640
 IVF_NPROBE = 16
 
 class VectorStore(Protocol):
