@@ -82,7 +82,8 @@ def _sentences(passages: Sequence[Passage]) -> list[tuple[str, int]]:
     for number, passage in enumerate(passages, start=1):
         for piece in _SENTENCE_END.split(passage.chunk.text):
             sentence = " ".join(piece.split())
-            if len(sentence) >= 12 and sentence not in seen:
+            # A Markdown heading names a topic and states nothing: quoting it answers no question.
+            if len(sentence) >= 12 and not sentence.startswith("#") and sentence not in seen:
                 seen.add(sentence)
                 result.append((sentence, number))
     return result

@@ -81,3 +81,13 @@ def test_with_the_embedder_sentences_are_ranked_by_meaning():
 
     assert pieces[1].strip() == ("The quarterly report shows revenue growth of twelve percent and stable operating "
                                  "margins. [3]")
+
+
+def test_a_markdown_heading_is_not_quoted_as_an_answer():
+    """A heading matches the question's words but states nothing; the sentence under it is the answer."""
+    passages = (make_passage(1, "### Dissolved oxygen sensor accuracy\n\nThe dissolved oxygen sensor reads to "
+                                "within 0.1 mg/L across its whole range of 0 to 20 mg/L."),)
+    _, deltas = ask("What is the accuracy of the dissolved oxygen sensor?", passages=passages)
+    text = "".join(d.text for d in deltas)
+    assert "###" not in text
+    assert "within 0.1 mg/L across its whole range of 0 to 20 mg/L. [1]" in text
