@@ -104,6 +104,15 @@ class ChunkStore:
         with self._lock:
             return self._connection.execute(sql, parameters).fetchall()
 
+    def _rows_where_in(self, select: str, column: str, values: list) -> list[tuple]:
+        """Rows of ``select ... WHERE column IN values``, queried in batches that stay under SQLite's
+        bound-parameter limit."""
+        rows: list[tuple] = []
+        for offset in range(0, len(values), 500):
+            batch = values[offset : offset + 500]
+            rows += self._rows(f"{select} WHERE {column} IN ({','.join('?' * len(batch))})", batch)
+        return rows
+
     def generation(self) -> int:
         return read_generation(self._rows("SELECT value FROM state WHERE key = 'generation'"))
 
@@ -153,32 +162,16 @@ class ChunkStore:
 
     def chunks_by_rowid(self, rowids: Iterable[int]) -> dict[int, Chunk]:
         """The chunks stored under ``rowids`` (ids no longer stored are absent from the result)."""
-        rowids = [int(rowid) for rowid in rowids]
-        found: dict[int, Chunk] = {}
-        for offset in range(0, len(rowids), 500):  # stay under SQLite's bound-parameter limit
-            batch = rowids[offset : offset + 500]
-            marks = ",".join("?" * len(batch))
-            for row in self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE rowid IN ({marks})", batch):
-                found[int(row[0])] = self._chunk(row)
-        return found
+        rows = self._rows_where_in(f"SELECT {_CHUNK_COLUMNS} FROM chunks", "rowid", [int(rowid) for rowid in rowids])
+        return {int(row[0]): self._chunk(row) for row in rows}
 
     def rowids_of_sources(self, sources: Iterable[str]) -> np.ndarray:
-        sources = list(dict.fromkeys(sources))
-        rowids: list[int] = []
-        for offset in range(0, len(sources), 500):
-            batch = sources[offset : offset + 500]
-            marks = ",".join("?" * len(batch))
-            rowids += [row[0] for row in self._rows(f"SELECT rowid FROM chunks WHERE source IN ({marks})", batch)]
-        return np.asarray(rowids, dtype=np.int64)
+        rows = self._rows_where_in("SELECT rowid FROM chunks", "source", list(dict.fromkeys(sources)))
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
 
     def vector_ids_of_sources(self, sources: Iterable[str]) -> np.ndarray:
         """The vector ids of every chunk of ``sources`` (for a filtered vector search)."""
-        sources = list(dict.fromkeys(sources))
-        rows: list[tuple] = []
-        for offset in range(0, len(sources), 500):
-            batch = sources[offset : offset + 500]
-            marks = ",".join("?" * len(batch))
-            rows += self._rows(f"SELECT rowid, windows FROM chunks WHERE source IN ({marks})", batch)
+        rows = self._rows_where_in("SELECT rowid, windows FROM chunks", "source", list(dict.fromkeys(sources)))
         counts = [max(1, len(json.loads(windows))) for _, windows in rows]
         return vector_ids_of(np.asarray([row[0] for row in rows], dtype=np.int64), np.asarray(counts))
 
