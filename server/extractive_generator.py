@@ -39,9 +39,10 @@ class ExtractiveGenerator:
     name = "extractive"
     kind: Literal["extractive"] = "extractive"
 
-    def __init__(self, *, embedder=None, max_sentences: int = 3):
+    def __init__(self, *, embedder=None, max_sentences: int = 3, relative_floor: float = 0.5):
         self.embedder = embedder  # retrieval.embedder.Embedder; scores by meaning instead of shared words
         self.max_sentences = max_sentences
+        self.relative_floor = relative_floor  # a quoted sentence scores at least this share of the best
 
     async def start(self, request: GenerationRequest) -> GenerationStream:
         question = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
@@ -62,7 +63,10 @@ class ExtractiveGenerator:
             return [NOTHING_FOUND]
         scores = self._scores(question, [sentence for sentence, _ in candidates])
         ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i][1]))
-        chosen = [i for i in ranked if scores[i] > 0][: self.max_sentences]
+        # Quote only sentences that match nearly as well as the best one: padding the answer with
+        # weak matches (a title sharing one word with the question) reads as if they were relevant.
+        floor = max(scores) * self.relative_floor
+        chosen = [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
         if not chosen:
             first_sentence, number = candidates[0]
             return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]

@@ -91,3 +91,14 @@ def test_a_markdown_heading_is_not_quoted_as_an_answer():
     text = "".join(d.text for d in deltas)
     assert "###" not in text
     assert "within 0.1 mg/L across its whole range of 0 to 20 mg/L. [1]" in text
+
+
+def test_weak_matches_do_not_pad_the_answer():
+    """Only sentences that match nearly as well as the best are quoted: a title sharing one word with the
+    question is left out, even with room for more sentences."""
+    passages = (make_passage(1, "Kestrel Instruments Ltd. - Returns Policy\n\nEvery Kestrel Tide buoy carries a "
+                                "three-year limited warranty covering manufacturing defects."),)
+    _, deltas = ask("How long is the warranty on a Kestrel Tide buoy?", passages=passages)
+    text = "".join(d.text for d in deltas)
+    assert "three-year limited warranty" in text
+    assert "Returns Policy" not in text
