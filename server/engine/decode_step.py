@@ -58,6 +58,9 @@ class GraphedDecode:
         self.compiled = compiled
         self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
         self._host_meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
+        if slots:  # a valid plan (every row without an adapter) for the capture's warm-up forwards
+            fill_segments(self._host_meta, segment_rows([0] * rows))
+            self.segment_meta.copy_(self._host_meta)
         self._planned: tuple | None = None  # the (bucket, slots) whose plan segment_meta holds
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
