@@ -4,6 +4,7 @@ Used by ``lorag ingest`` and by the server's upload endpoint. Unchanged files (s
 content hash) cost no parsing and no embedding; a bad file is reported and skipped, never fatal.
 """
 
+import gc
 import logging
 import os
 import time
@@ -101,6 +102,7 @@ def ingest_paths(
     pending = 0  # chunks staged in the open update
     dirty = False
     try:
+        _freeze_long_lived_objects()
         update = index.update()
         waiting: list[PreparedFile] = []  # parsed files whose chunks are embedded together
         for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits):
@@ -113,6 +115,7 @@ def ingest_paths(
             if sum(len(p.chunks) for p in waiting) < EMBED_GROUP:
                 continue  # small files share one embed call: per-call overhead dominates tiny batches
             pending += _store(waiting, embedder=embedder, update=update, progress=progress)
+            _freeze_long_lived_objects()  # the model is loaded now: its objects join the skipped ones
             waiting, dirty = [], True
             if pending >= limits.commit_every_chunks:
                 update.commit()
@@ -131,6 +134,7 @@ def ingest_paths(
             update.commit()
             report.commits += 1
     finally:
+        gc.unfreeze()
         if update is not None:
             update.discard()  # no-op after commit; drops a half-staged batch on error
         index.close()
@@ -280,6 +284,17 @@ def _embed(embedder, texts: list[str]) -> np.ndarray:
         group = texts[start : start + EMBED_GROUP]
         vectors[start : start + len(group)] = embedder.embed_documents(group)
     return vectors
+
+
+def _freeze_long_lived_objects() -> None:
+    """Keep the garbage collector's full passes off the objects that exist now, until ``gc.unfreeze()``.
+
+    With torch and transformers imported, a process tracks about 500k objects, and pypdf allocates so many
+    that full collections run again and again over all of them: parsing three FinanceBench PDFs took 5.2 s
+    instead of 2.9 s. Frozen objects are still freed by reference counting; ``ingest_paths`` unfreezes at
+    the end, handing any cycles among them back to the collector, so nothing is leaked.
+    """
+    gc.freeze()
 
 
 def _vanished_sources(index, *, found_roots: list[Path]) -> list[str]:

@@ -269,3 +269,37 @@ def test_window_tokens_sets_the_vectors_per_chunk(tmp_path, data_dir, embedder):
                 assert all(c.windows == () for c in chunks) and len(index.vectors) == len(chunks)
         finally:
             index.close()
+
+
+def test_objects_frozen_for_the_run_go_back_to_the_collector(tmp_path, data_dir, embedder, monkeypatch):
+    """Ingest freezes long-lived objects so full collections skip them while pypdf parses; afterwards,
+    whether the run ended well or in an error, the collector owns every object again (nothing leaks)."""
+    import gc
+
+    import ingest.pipeline
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Pumps are inspected yearly.\n")
+    settings = make_settings(data_dir)
+    frozen_during_store = []
+    real_store = ingest.pipeline._store
+
+    def store_noting_frozen(*args, **kwargs):
+        frozen_during_store.append(gc.get_freeze_count())
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(ingest.pipeline, "_store", store_noting_frozen)
+    report = ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder)
+    assert report.count("added") == 1
+    assert frozen_during_store and frozen_during_store[0] > 0
+    assert gc.get_freeze_count() == 0
+
+    def failing_store(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ingest.pipeline, "_store", failing_store)
+    (corpus / "a.txt").write_text("Pumps are inspected monthly.\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder)
+    assert gc.get_freeze_count() == 0
