@@ -58,9 +58,6 @@ class GraphedDecode:
         self.compiled = compiled
         self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
         self._host_meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
-        if slots:  # a valid plan (every row without an adapter) for the capture's warm-up forwards
-            fill_segments(self._host_meta, segment_rows([0] * rows))
-            self.segment_meta.copy_(self._host_meta)
         self._planned: tuple | None = None  # the (bucket, slots) whose plan segment_meta holds
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -85,6 +82,9 @@ class GraphedDecode:
         side = torch.cuda.Stream()
         for bucket in sorted(self.buckets, reverse=True):
             for lora in variants:
+                if lora:  # a valid plan for this bucket (every row without an adapter): warm-ups read real rows
+                    self._plan(bucket, [0] * bucket)
+                    torch.cuda.current_stream().synchronize()  # the pinned host plan is rewritten next bucket
                 side.wait_stream(torch.cuda.current_stream())
                 # Warm-up allocates workspaces outside the graph and, when compiled, compiles this shape
                 # (a compile inside the capture would fail: it benchmarks and synchronizes).
@@ -97,6 +97,7 @@ class GraphedDecode:
                     logits = self._forward(bucket, lora)
                 self.graphs[(bucket, lora)] = (graph, logits)
         torch.cuda.synchronize()
+        self._planned = None  # the graphs' plan buffer holds a capture plan, not a step's
         log.info("captured %d %sdecode graphs for buckets %s", len(self.graphs),
                  "compiled " if self.compiled else "", self.buckets)
 
@@ -112,9 +113,14 @@ class GraphedDecode:
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
         if lora and self._planned != (bucket, slots):  # most steps keep the previous step's batch
-            fill_segments(self._host_meta, segment_rows(slots + [0] * (bucket - n)))  # idle rows too
-            self.segment_meta.copy_(self._host_meta, non_blocking=True)
+            self._plan(bucket, slots + [0] * (bucket - n))  # idle rows too
             self._planned = (bucket, list(slots))
         graph, logits = self.graphs[(bucket, lora)]
         graph.replay()
         return logits
+
+    def _plan(self, bucket: int, slots: list[int]) -> None:
+        """Write the block plan of ``bucket`` rows with these slots into the graphs' plan buffer. Every
+        block row must be below ``bucket``: the kernels index the bucket's tensors with them."""
+        fill_segments(self._host_meta, segment_rows(slots))
+        self.segment_meta.copy_(self._host_meta, non_blocking=True)
