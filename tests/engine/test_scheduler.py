@@ -131,3 +131,34 @@ def test_background_thread_serves_requests(arch_setup, reference):
             assert collector.tokens == reference(prompt_of(20 + i, 9), "beta", 8)
     finally:
         threaded.close()
+
+
+def test_one_group_of_whole_prompts_per_step(engine):
+    """Prompts that do not fit the step's group wait for the next step's group instead of paying for a
+    forward of their own; every request still gets the tokens it gets alone."""
+    prompts = [prompt_of(20 + i, 12) for i in range(3)]
+    expected = [_alone(engine, prompt, None) for prompt in prompts]
+    scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
+                          decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=16,
+                          prefill_budget=30)  # two 12-token prompts fit a step's budget, three do not
+    forwards = []
+    forward = engine.model.forward
+
+    def counting_forward(*args, **kwargs):
+        forwards.append(kwargs.get("fresh", False))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = counting_forward
+    try:
+        requests = [make_sequence(engine, prompt, max_tokens=12) for prompt in prompts]
+        for seq, _ in requests:
+            scheduler.submit(seq)
+        scheduler.step()
+        assert forwards.count(True) == 1  # one prefill forward: the first two prompts together
+        assert [seq.computed for seq, _ in requests] == [12, 12, 0]
+        scheduler.step()
+        assert requests[2][0].computed == 12
+        run_until_done(scheduler, [collector for _, collector in requests])
+    finally:
+        del engine.model.forward
+    assert [collector.tokens for _, collector in requests] == expected
