@@ -215,8 +215,43 @@ if triton is not None:
                        W: tl.constexpr, W_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                        IEEE: tl.constexpr):
         slot, rows, real = _block(meta_ptr, capacity, BLOCK_M)
+        acc = _shrink_rows(x_ptr, a_ptr, rows, real, slot, stride_x, stride_a, K, W, W_P2, BLOCK_M, BLOCK_K, IEEE)
+        w = tl.arange(0, W_P2)
+        mmask = real & ((rows * 0 + slot) > 0)
+        tl.store(h_ptr + rows[:, None] * stride_h + w[None, :], acc.to(h_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & (w < W)[None, :])
+
+    @triton.jit
+    def _times_b(ht, b_ptr, slot, n, nmask, module, stride_b, slot_width, w_off, R: tl.constexpr, W: tl.constexpr,
+                 W_P2: tl.constexpr, IEEE: tl.constexpr):
+        """(rows, n) tile of ht @ B_slot in float32, ht holding the ``W`` rank columns from ``w_off`` of the
+        slot's ``slot_width``. B is block-diagonal over modules, so only the rank rows of each column's
+        ``module`` are loaded."""
+        first = tl.maximum(slot - 1, 0) * slot_width + w_off
+        w = tl.arange(0, W_P2)
+        used = (n * 0 + slot) > 0  # a block without a slot loads no B
+        wanted = ((w[:, None] // R) == module[None, :]) & (w < W)[:, None] & (nmask & used)[None, :]
+        bt = tl.load(b_ptr + (first + w)[:, None].to(tl.int64) * stride_b + n[None, :], mask=wanted, other=0.0)
+        if IEEE:
+            return tl.dot(ht, bt, input_precision="ieee")
+        return tl.dot(ht, bt)
+
+    @triton.jit
+    def _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n, nmask, module, stride_h, h_col0, h_slot_stride, stride_b,
+                    slot_width, w_off, R: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, IEEE: tl.constexpr):
+        """(rows, n) tile of h @ B_slot in float32, h read from memory (see _times_b)."""
+        w = tl.arange(0, W_P2)
+        h_first = h_col0 + tl.maximum(slot - 1, 0) * h_slot_stride + w_off
+        ht = tl.load(h_ptr + rows[:, None] * stride_h + h_first + w[None, :],
+                     mask=(mmask & ((rows * 0 + slot) > 0))[:, None] & (w < W)[None, :], other=0.0)
+        return _times_b(ht, b_ptr, slot, n, nmask, module, stride_b, slot_width, w_off, R, W, W_P2, IEEE)
+
+    @triton.jit
+    def _shrink_rows(x_ptr, a_ptr, rows, mmask, slot, stride_x, stride_a, K: tl.constexpr, W: tl.constexpr,
+                     W_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        """(BLOCK_M, W_P2) float32: x[rows] @ A_slot^T, zeros for a block without a slot."""
         # Vector masks throughout: scalar-bool masks trip some Triton versions' interpreter.
-        mmask = real & ((rows * 0 + slot) > 0)  # a block without a slot loads and stores nothing
+        mmask = mmask & ((rows * 0 + slot) > 0)  # a block without a slot loads nothing
         live = (tl.zeros((BLOCK_K,), dtype=tl.int32) + slot) > 0
         first = tl.maximum(slot - 1, 0) * W
         w = tl.arange(0, W_P2)
@@ -232,26 +267,35 @@ if triton is not None:
                 acc += tl.dot(xt, at, input_precision="ieee")
             else:
                 acc += tl.dot(xt, at)
-        tl.store(h_ptr + rows[:, None] * stride_h + w[None, :], acc.to(h_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & (w < W)[None, :])
+        return acc
 
     @triton.jit
-    def _lora_delta(h_ptr, b_ptr, rows, mmask, slot, n, nmask, module, stride_h, h_col0, h_slot_stride, stride_b,
-                    slot_width, w_off, R: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, IEEE: tl.constexpr):
-        """(rows, n) tile of h @ B_slot in float32, over the ``W`` rank rows from ``w_off`` of the slot's
-        ``slot_width``. B is block-diagonal over modules, so only the rank rows of each column's ``module``
-        are loaded."""
-        first = tl.maximum(slot - 1, 0) * slot_width + w_off
-        w = tl.arange(0, W_P2)
-        used = (n * 0 + slot) > 0  # a block without a slot loads no B
-        wanted = ((w[:, None] // R) == module[None, :]) & (w < W)[:, None] & (nmask & used)[None, :]
-        bt = tl.load(b_ptr + (first + w)[:, None].to(tl.int64) * stride_b + n[None, :], mask=wanted, other=0.0)
-        h_first = h_col0 + tl.maximum(slot - 1, 0) * h_slot_stride + w_off
-        ht = tl.load(h_ptr + rows[:, None] * stride_h + h_first + w[None, :],
-                     mask=(mmask & ((rows * 0 + slot) > 0))[:, None] & (w < W)[None, :], other=0.0)
-        if IEEE:
-            return tl.dot(ht, bt, input_precision="ieee")
-        return tl.dot(ht, bt)
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, r_ptr, out_ptr, meta_ptr, capacity, N, OFF1, OFF2, stride_x,
+                              stride_a, stride_b, stride_y, stride_r, stride_out, K: tl.constexpr, R: tl.constexpr,
+                              W: tl.constexpr, W_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr):
+        """The shrink and the expand of one block in one program: h = x @ A_slot^T stays in registers
+        (rounded to the activations' dtype, as the separate kernels store it), then the program walks
+        the output columns adding h @ B_slot, in place into y or (RESIDUAL) as r + y + delta into out."""
+        slot, rows, real = _block(meta_ptr, capacity, BLOCK_M)
+        dtype = y_ptr.dtype.element_ty
+        ht = _shrink_rows(x_ptr, a_ptr, rows, real, slot, stride_x, stride_a, K, W, W_P2, BLOCK_M, BLOCK_K,
+                          IEEE).to(dtype)
+        mmask = real if RESIDUAL else real & ((rows * 0 + slot) > 0)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            module = (n >= OFF1).to(tl.int32) + (n >= OFF2).to(tl.int32)
+            delta = _times_b(ht, b_ptr, slot, n, nmask, module, stride_b, W, 0, R, W, W_P2, IEEE)
+            tile = mmask[:, None] & nmask[None, :]
+            y = tl.load(y_ptr + rows[:, None] * stride_y + n[None, :], mask=tile, other=0.0).to(tl.float32)
+            projected = (y + delta).to(dtype)
+            if RESIDUAL:
+                r = tl.load(r_ptr + rows[:, None] * stride_r + n[None, :], mask=tile, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows[:, None] * stride_out + n[None, :],
+                         (r + projected.to(tl.float32)).to(dtype), mask=tile)
+            else:
+                tl.store(y_ptr + rows[:, None] * stride_y + n[None, :], projected, mask=tile)
 
     @triton.jit
     def _expand_kernel(h_ptr, b_ptr, y_ptr, r_ptr, out_ptr, meta_ptr, capacity, N, OFF1, OFF2, stride_h, h_col0,
@@ -338,6 +382,24 @@ def lora_expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, segments: Se
         h, b, y, r, target, segments.meta, segments.capacity, out, offsets[0], offsets[1], h.stride(0), h_col0,
         h_slot_stride, b.stride(0), y.stride(0), r.stride(0), target.stride(0), R=rank, W=width, W_P2=_pow2(width),
         BLOCK_M=segments.block_m, BLOCK_N=block_n, RESIDUAL=residual is not None, IEEE=y.dtype == torch.float32)
+    return target
+
+
+def lora_shrink_expand_(x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, b: torch.Tensor, segments: Segments, *,
+                        rank: int, width: int, out_offsets: tuple[int, ...],
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`lora_shrink` then :func:`lora_expand_` in one launch (one program per block; h never leaves
+    registers). Same results as the two kernels: h is rounded to x's dtype in between."""
+    out = b.shape[1]
+    block_n = 128 if out >= 1024 else 64
+    offsets = list(out_offsets[1:]) + [out] * (3 - len(out_offsets))
+    target = y if residual is None else torch.empty_like(residual)
+    r = y if residual is None else residual
+    _shrink_expand_kernel[(segments.blocks,)](
+        x, a, b, y, r, target, segments.meta, segments.capacity, out, offsets[0], offsets[1], x.stride(0), a.stride(0),
+        b.stride(0), y.stride(0), r.stride(0), target.stride(0), K=x.shape[1], R=rank, W=width, W_P2=_pow2(width),
+        BLOCK_M=segments.block_m, BLOCK_K=128, BLOCK_N=block_n, RESIDUAL=residual is not None,
+        IEEE=y.dtype == torch.float32)
     return target
 
 

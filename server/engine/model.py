@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import Segments, expand_, expand_add, kernels_available, shrink, silu_mul, silu_mul_lora
+from server.engine.lora_kernel import (
+    Segments,
+    expand_,
+    expand_add,
+    kernels_available,
+    lora_shrink_expand_,
+    shrink,
+    silu_mul,
+    silu_mul_lora,
+)
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 
@@ -266,10 +275,26 @@ def _lora_inputs(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA):
     return y, shrink(x, lora.shrink[group], lora.segments, width=lora.width(group)), 0, 0, out
 
 
+def _fused_prompt_lora(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Prompts on CUDA: the base output with each token's LoRA added by one kernel that does the shrink
+    and the expand (plus ``residual`` when given). None where that kernel does not run: decode steps (h
+    comes from the stacked GEMM), compiled steps (the custom ops are the way in) and the CPU."""
+    if lora.stacked or not kernels_available(x) or torch.compiler.is_compiling():
+        return None
+    y = F.linear(x, getattr(w, group), w.qkv_bias if group == "qkv" else None)
+    return lora_shrink_expand_(x, lora.shrink[group], y, lora.expand[group], lora.segments, rank=lora.rank,
+                               width=lora.width(group), out_offsets=tuple(lora.out_offsets[group]),
+                               residual=residual)
+
+
 def _project(group: str, x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None) -> torch.Tensor:
     """The group's linear (base + LoRA of each token's slot) on x (tokens, in)."""
     if lora is None:
         return F.linear(x, getattr(w, group), w.qkv_bias if group == "qkv" else None)
+    fused = _fused_prompt_lora(group, x, w, lora)
+    if fused is not None:
+        return fused
     y, h, h_col0, h_slot_stride, out = _lora_inputs(group, x, w, lora)
     expand_(y, h, lora.expand[group], lora.segments, rank=lora.rank, width=lora.width(group),
             out_offsets=tuple(lora.out_offsets[group]), h_col0=h_col0, h_slot_stride=h_slot_stride)
@@ -281,6 +306,9 @@ def _project_add(group: str, x: torch.Tensor, residual: torch.Tensor, w: LayerWe
     """residual + the group's linear on x, the LoRA added in the same pass (o and down: one module each)."""
     if lora is None:
         return residual + F.linear(x, getattr(w, group))
+    fused = _fused_prompt_lora(group, x, w, lora, residual=residual)
+    if fused is not None:
+        return fused
     y, h, h_col0, h_slot_stride, _ = _lora_inputs(group, x, w, lora)
     return expand_add(residual, y, h, lora.expand[group], lora.segments, rank=lora.rank, width=lora.width(group),
                       h_col0=h_col0, h_slot_stride=h_slot_stride)

@@ -173,3 +173,41 @@ def test_decode_residual_and_activation_read_h_from_the_stacked_tail(kernel):
         close(summed[row].float(), residual[row].float() + projected)
         gate, up = gate_up.chunk(2)
         close(act[row].float(), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize(("outs", "residual"), [([48, 16, 16], False), ([40], False), ([40], True)],
+                         ids=["qkv", "o_in_place", "o_residual"])
+def test_fused_shrink_expand_matches_the_two_kernels(outs, residual):
+    """One launch per block (h kept in registers) gives what shrink then expand give, the residual add
+    included (as the model uses it: for one-module groups, o and down), for prompts with padding and a
+    prompt without an adapter."""
+    from server.engine.lora_kernel import lora_shrink_expand_
+
+    in_features, width = 40, len(outs) * RANK  # 40: the shrink's K loop ends in a partial tile
+    a, b = group_weights(outs, in_features, seed=7)
+    lengths, slots, pad_to = [5, 19, 12, 3], [2, 0, 2, 3], 20
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(len(lengths) * pad_to, in_features, generator=gen).to(DEVICE, DTYPE)
+    base = torch.randn(x.shape[0], sum(outs), generator=gen).to(DEVICE, DTYPE)
+    skip = torch.randn(x.shape[0], sum(outs), generator=gen).to(DEVICE, DTYPE) if residual else None
+    segments = to_segments(segment_prompts(lengths, slots, width=pad_to, block_m=8), device=DEVICE)
+
+    h = lora_shrink(x, a, segments, width=width)
+    y = base.clone()
+    fused = lora_shrink_expand_(x, a, y, b, segments, rank=RANK, width=width, out_offsets=offsets(outs),
+                                residual=skip)
+    if residual:
+        expected = expand_add(skip, base.clone(), h, b, segments, rank=RANK, width=width)
+        assert torch.equal(y, base)  # the projection's output is read, not written
+    else:
+        expected = lora_expand_(base.clone(), h, b, segments, rank=RANK, width=width, out_offsets=offsets(outs))
+        assert fused is y
+    close(fused, expected)
+    token = 20 * 2 + 7  # prompt 2 (slot 2), token 7
+    lo = 1 * width
+    manual = base[token].float() + (x[token].float() @ a[lo : lo + width].float().t()) @ b[lo : lo + width].float()
+    if residual:
+        manual = manual + skip[token].float()
+    close(fused[token].float(), manual)
+    if not residual:  # the prompt without an adapter and the padding keep the base output
+        assert torch.equal(fused[5:40], base[5:40]) and torch.equal(fused[52:60], base[52:60])
