@@ -305,7 +305,9 @@ class IndexUpdate:
             if self._added_ids:
                 ids, added = np.concatenate(self._added_ids), np.concatenate(self._added_vectors)
                 keep = ~np.isin(ids, removed)  # rows added and then replaced within this same update
-                vectors.add(ids[keep], added[keep])
+                if not keep.all():  # a boolean index copies: a large batch's vectors would be held twice
+                    ids, added = ids[keep], added[keep]
+                vectors.add(ids, added)
             generation = self._writer.generation + 1
             path = vectors_path(index.directory, generation)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
