@@ -171,7 +171,7 @@ class Scheduler:
 
         Whole prompts that fit one chunk are prefilled together in one forward (padded to the
         longest; causal attention keeps the padding after every real token), one such group per
-        step: a forward costs the host about the same dispatch time whatever its size (15-30 ms on
+        step: a forward costs the host about the same dispatch time whatever its size (10-30 ms on
         an H100 host for a 0.5B model), so a prompt that does not fit this step's group joins the
         next step's rather than paying for a forward of its own. Longer prompts and continuations go
         one chunk at a time, attending to what the cache already holds.
