@@ -26,6 +26,7 @@ from benchmarks.engine_bench import SHAPES, build_adapters  # noqa: E402
 from server.engine.engine import Engine, EngineConfig  # noqa: E402
 from server.engine.scheduler import Sequence  # noqa: E402
 from tests.model_factory import build_model, build_tokenizer  # noqa: E402
+from tests.peft_reference import greedy_tokens, load_peft_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,25 +63,9 @@ def engine_tokens(engine, rows: list[tuple[list[int], str | None]], new_tokens: 
     return outputs
 
 
-def peft_tokens(hf_model, dirs: list[Path], names: list[str], rows, new_tokens: int, device) -> list[list[int]]:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(hf_model, dirs[0], adapter_name=names[0])
-    for name, path in zip(names[1:], dirs[1:]):
-        model.load_adapter(path, adapter_name=name)
-    model.eval()
-    outputs = []
-    for prompt, adapter in rows:
-        ids = torch.tensor([prompt], device=device)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter():
-                    out = model.generate(input_ids=ids, **kwargs)
-            else:
-                model.set_adapter(adapter)
-                out = model.generate(input_ids=ids, **kwargs)
-        outputs.append(out[0, len(prompt):].tolist())
+def peft_tokens(hf_model, dirs: list[Path], names: list[str], rows, new_tokens: int) -> list[list[int]]:
+    model = load_peft_model(hf_model, dict(zip(names, dirs)))
+    outputs = [greedy_tokens(model, prompt, adapter, new_tokens) for prompt, adapter in rows]
     model.unload()
     return outputs
 
@@ -112,13 +97,15 @@ def main(argv=None) -> int:
         engine.adapters.load(name, path)
     got = engine_tokens(engine, rows, args.new_tokens)
     engine.close()
-    expected = peft_tokens(hf_model, dirs, names, rows, args.new_tokens, device)
+    expected = peft_tokens(hf_model, dirs, names, rows, args.new_tokens)
 
     print(f"{args.shape} {args.dtype} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"compiled decode {compiled}: {args.rows} rows, prompts {prompt_range} tokens, {args.new_tokens} new tokens")
     differing = 0
     for i, ((prompt, adapter), ours, theirs) in enumerate(zip(rows, got, expected)):
         same = next((t for t, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if same is None and len(ours) != len(theirs):  # one side stopped early
+            same = min(len(ours), len(theirs))
         differing += same is not None
         status = "identical" if same is None else f"first difference at token {same}"
         print(f"row {i}: adapter {adapter or '-':4} prompt {len(prompt):4} tokens: {status}")

@@ -99,6 +99,20 @@ def build_model(
     return path
 
 
+def copy_without_chat_template(model_path: Path, dest: Path) -> Path:
+    """A copy of the model directory whose tokenizer has no chat template (a base model, not an instruct one)."""
+    import json
+    import shutil
+
+    shutil.copytree(model_path, dest)
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = dest / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return dest
+
+
 # Real model shapes for GPU benchmarks (weights random; speed and memory depend only on shapes).
 QWEN25_05B = dict(
     architecture="qwen2", hidden_size=896, layers=24, heads=14, kv_heads=2,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.engine.scheduler import Sequence
+from tests.peft_reference import greedy_tokens, load_peft_model
 
 # name -> LoraConfig options; different ranks, scalings and targets so padding and scaling are exercised.
 ADAPTERS = {
@@ -45,28 +46,13 @@ def arch_setup(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(arch_setup):
     """A peft model holding every adapter; ``generate(prompt, adapter, n)`` gives greedy token ids."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     _, model_path, dirs = arch_setup
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    names = list(dirs)
-    model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(dirs[name], adapter_name=name)
-    model.eval()
+    model = load_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), dirs)
 
     def generate(prompt: list[int], adapter: str | None, n: int, *, eos: int | None = None) -> list[int]:
-        ids = torch.tensor([prompt])
-        kwargs = dict(max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=eos, pad_token_id=0)
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter():
-                    out = model.generate(input_ids=ids, **kwargs)
-            else:
-                model.set_adapter(adapter)
-                out = model.generate(input_ids=ids, **kwargs)
-        return out[0, len(prompt):].tolist()
+        return greedy_tokens(model, prompt, adapter, n, eos=eos)
 
     return generate
 

@@ -11,6 +11,7 @@ from server.extractive_generator import ExtractiveGenerator
 from server.generator_factory import load_generator
 from server.settings import GenerationSettings
 from server.transformers_generator import TransformersGenerator
+from tests.model_factory import copy_without_chat_template
 
 
 def test_no_model_gives_extractive_with_a_warning(caplog):
@@ -49,16 +50,7 @@ def test_a_loadable_model_gives_the_transformers_generator(tiny_llama_path):
 
 
 def test_a_tokenizer_without_chat_template_is_refused_by_name(tiny_llama_path, tmp_path):
-    import json
-    import shutil
-
-    base = tmp_path / "base-model"
-    shutil.copytree(tiny_llama_path, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(config))
-
+    base = copy_without_chat_template(tiny_llama_path, tmp_path / "base-model")
     with pytest.raises(LoragError, match="no chat template"):
         load_generator(GenerationSettings(model=str(base), device="cpu", fallback="error"))
     assert isinstance(load_generator(GenerationSettings(model=str(base), device="cpu")), ExtractiveGenerator)

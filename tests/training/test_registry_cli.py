@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.cli import main
+from tests.model_factory import copy_without_chat_template
 
 
 @pytest.fixture
@@ -101,12 +102,7 @@ def test_merge_refuses_an_unusable_output_before_loading(trained, tmp_path, caps
 
 
 def test_train_cli_refuses_a_base_without_chat_template(tmp_path, tiny_llama_path, capsys):
-    base = tmp_path / "no-template"
-    shutil.copytree(tiny_llama_path, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    base = copy_without_chat_template(tiny_llama_path, tmp_path / "no-template")
     data = tmp_path / "ok.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     code, _, err = run(capsys, "train", "--tenant", "acme", "--data", str(data), "--base", str(base),
