@@ -265,9 +265,13 @@ def read_peft_files(path: str | Path, *, pinned: bool = False) -> tuple[dict, Fl
         if not required.is_file():
             raise LoragError(f"adapter dir {path} has no {required.name}", hint="save it with peft save_pretrained")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads(config_path.read_bytes())
+    except OSError as error:
         raise LoragError(f"cannot read {config_path}: {error}") from error
+    except ValueError as error:  # invalid JSON or invalid UTF-8
+        raise LoragError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise LoragError(f"{config_path} must hold a JSON object, not {type(config).__name__}")
     return config, read_flat(weights_path, pinned=pinned)
 
 

@@ -96,6 +96,18 @@ def test_missing_files_and_pickled_weights_are_refused(slots, arch_setup, tmp_pa
         slots.load("empty", tmp_path)
 
 
+@pytest.mark.parametrize(("config", "message"), [(b"\x80\x81{", "is not valid JSON"), (b"{", "is not valid JSON"),
+                                                 (b"[1, 2]", "must hold a JSON object")])
+def test_malformed_adapter_config_is_refused_by_name(slots, arch_setup, tmp_path, config, message):
+    _, _, dirs = arch_setup
+    copy = tmp_path / "copy"
+    shutil.copytree(dirs["alpha"], copy)
+    (copy / "adapter_config.json").write_bytes(config)
+    with pytest.raises(LoragError, match=f"adapter_config.json {message}"):
+        slots.load("copy", copy)
+    assert slots.resident() == {}
+
+
 def test_adapter_for_another_model_is_refused(slots, arch_setup, tmp_path):
     _, model_path, dirs = arch_setup
     from tests.model_factory import build_model
