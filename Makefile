@@ -23,7 +23,7 @@ install-test: $(BIN)/python
 	$(BIN)/python -m pip install -q $(PIP_C) -e '.[test]'
 
 demo: install
-	$(BIN)/python -m server.demo
+	$(BIN)/python -m lorag.demo
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -41,7 +41,7 @@ def make_adapters(model_path: Path, root: Path, *, count: int, rank: int) -> lis
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.adapter_manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
+    from adapters.manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
 
     fingerprint = model_fingerprint(AutoConfig.from_pretrained(model_path))
     base = AutoModelForCausalLM.from_pretrained(model_path)
@@ -84,18 +84,19 @@ def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, dev
                   engine: bool = False, rank: int = 16) -> dict:
     """lorag: AdapterService over TransformersGenerator (peft layers, per-row adapter names) or, with
     ``engine``, over the engine's adapter slots (what `lorag serve` uses for Llama/Qwen2 on a GPU)."""
-    from server.adapters.service import AdapterService
-    from server.generation import ChatMessage, GenerationRequest, SamplingParams
+    from server.hotswap.service import AdapterService
+    from core.prompt import ChatMessage
+    from server.generation.protocol import GenerationRequest, SamplingParams
     from server.settings import ServerSettings
 
     if engine:
         from server.engine.engine import EngineConfig
-        from server.engine.generator import EngineGenerator
+        from server.generation.engine_generator import EngineGenerator
 
         generator = EngineGenerator.from_pretrained(
             str(model_path), device=device, config=EngineConfig(max_rows=2, max_len=256, adapter_slots=1, max_rank=rank))
     else:
-        from server.transformers_generator import TransformersGenerator
+        from server.generation.transformers_generator import TransformersGenerator
 
         generator = TransformersGenerator.from_pretrained(str(model_path), device=device)
     settings = ServerSettings(data_dir=data_dir, adapters={"max_resident": 1, "max_host": len(adapters),

@@ -80,7 +80,7 @@ def run_lorag(pdfs: list[Path], questions: list[dict], args: argparse.Namespace,
     from ingest.pipeline import ingest_paths
     from retrieval.embedder import Embedder
     from retrieval.index import TenantIndex
-    from retrieval.settings import Settings
+    from core.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="lorag-bench-") as data_dir:
         settings = Settings(data_dir=Path(data_dir))
@@ -121,7 +121,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from retrieval.settings import EmbeddingSettings
+    from core.settings import EmbeddingSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)

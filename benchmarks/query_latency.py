@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval.embedder import Embedder  # noqa: E402
 from retrieval.index import TenantIndex  # noqa: E402
-from retrieval.settings import EmbeddingSettings  # noqa: E402
-from retrieval.types import Chunk, DocumentRecord  # noqa: E402
+from core.settings import EmbeddingSettings  # noqa: E402
+from core.records import Chunk, DocumentRecord  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 TENANT = "bench"

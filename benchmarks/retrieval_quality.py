@@ -28,8 +28,8 @@ from retrieval.index import TenantIndex  # noqa: E402
 from retrieval.keyword import KeywordIndex  # noqa: E402
 from retrieval.ranking_metrics import hit_at_k, mean_scores, ndcg_at_k, reciprocal_rank  # noqa: E402
 from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, zscore_fusion  # noqa: E402
-from retrieval.settings import ChunkingSettings, EmbeddingSettings, RetrievalSettings  # noqa: E402
-from retrieval.types import Chunk, DocumentRecord  # noqa: E402
+from core.settings import ChunkingSettings, EmbeddingSettings, RetrievalSettings  # noqa: E402
+from core.records import Chunk, DocumentRecord  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 TENANT = "bench"

@@ -130,7 +130,7 @@ def start_server(data_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, st
     port = free_port()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LORAG_GENERATION__FALLBACK": "error",
                         "LORAG_SERVER__MAX_CONCURRENT_REQUESTS": str(MAX_CLIENTS)}
-    command = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
+    command = [sys.executable, "-m", "lorag.cli", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -11,8 +11,8 @@ from functools import lru_cache
 
 from ingest.loaders import Page, Section
 from ingest.windows import window_spans
-from retrieval.settings import ChunkingSettings
-from retrieval.types import Chunk
+from core.settings import ChunkingSettings
+from core.records import Chunk
 
 # Whitespace the splitter may strip between two chunks, for locating the next chunk (see Chunker.spans).
 _MAX_GAP = 64
@@ -29,7 +29,7 @@ def check_chunking(settings: ChunkingSettings) -> None:
         LoragError: the overlap is not smaller than the chunk size.
     """
     if settings.overlap_tokens >= settings.chunk_tokens:
-        from retrieval.errors import LoragError
+        from core.errors import LoragError
 
         raise LoragError(
             f"chunking.overlap_tokens ({settings.overlap_tokens}) must be smaller than "

@@ -56,7 +56,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **sections):
     from ingest.settings import IngestAppSettings
-    from retrieval.settings import load_settings
+    from core.settings import load_settings
 
     return load_settings(IngestAppSettings, config_file=args.config, data_dir=args.data_dir, **sections)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.settings import IngestSettings
-from retrieval.errors import LoragError
+from core.errors import LoragError
 
 EXTENSIONS = {
     ".pdf": "pdf",

@@ -24,11 +24,11 @@ from ingest.loaders import LoadError, document_id_of, load_document
 from ingest.progress import IngestProgress
 from ingest.report import FileOutcome, IngestReport
 from ingest.settings import IngestSettings, ingest_settings_of
-from retrieval.errors import LoragError, NotFound
+from core.errors import LoragError, NotFound
 from retrieval.manifest import read_manifest
-from retrieval.settings import Settings
-from retrieval.tenancy import index_dir, validate_tenant_name
-from retrieval.types import Chunk, DocumentRecord
+from core.settings import Settings
+from core.datadir import index_dir, validate_tenant_name
+from core.records import Chunk, DocumentRecord
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 from pydantic import BaseModel, Field
 
-from retrieval.settings import Settings
+from core.settings import Settings
 
 
 class IngestSettings(BaseModel):

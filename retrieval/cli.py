@@ -25,10 +25,10 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from retrieval.errors import NotFound
+    from core.errors import NotFound
     from retrieval.service import RetrievalService
-    from retrieval.settings import Settings, load_settings
-    from retrieval.tenancy import validate_tenant_name
+    from core.settings import Settings, load_settings
+    from core.datadir import validate_tenant_name
 
     settings = load_settings(Settings, config_file=args.config, data_dir=args.data_dir)
     validate_tenant_name(args.tenant)
@@ -65,7 +65,7 @@ def _stored_sources(service, tenant: str, given: list[str]) -> list[str]:
     """
     import os
 
-    from retrieval.errors import NotFound
+    from core.errors import NotFound
 
     stored = {record.source for record in service.documents(tenant)}
     matched, unknown = [], []

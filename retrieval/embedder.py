@@ -6,8 +6,8 @@ from functools import cached_property
 
 import numpy as np
 
-from retrieval.errors import LoragError
-from retrieval.settings import EmbeddingSettings
+from core.errors import LoragError
+from core.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 

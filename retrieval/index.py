@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import LoragError, NotFound
+from core.errors import LoragError, NotFound
 from retrieval.keyword import KeywordIndex
-from retrieval.atomic_files import fsync_path
+from core.atomic import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
 from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count
-from retrieval.tenancy import index_dir
-from retrieval.types import Chunk, DocumentRecord
+from core.datadir import index_dir
+from core.records import Chunk, DocumentRecord
 from retrieval.vector_store import FaissVectorStore
 
 log = logging.getLogger(__name__)

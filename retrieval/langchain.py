@@ -7,7 +7,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from retrieval.service import RetrievalService
-from retrieval.types import Passage
+from core.records import Passage
 
 
 class LoragRetriever(BaseRetriever):

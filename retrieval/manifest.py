@@ -4,8 +4,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from retrieval.atomic_files import write_atomically
-from retrieval.errors import Conflict, LoragError
+from core.atomic import write_atomically
+from core.errors import Conflict, LoragError
 
 # 1: one vector per chunk, FAISS id = chunk rowid. 2: one vector per sentence window, FAISS id = rowid * 1024 +
 # window (retrieval.store), chunks carry their window spans. A version-1 index is refused, not converted:

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from retrieval.settings import RetrievalSettings
-from retrieval.types import Passage
+from core.settings import RetrievalSettings
+from core.records import Passage
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ benchmarks/RESULTS.md "Retrieval").
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from retrieval.index import TenantIndex
 from retrieval.reranker import Reranker
-from retrieval.settings import RetrievalSettings
-from retrieval.types import Chunk, Passage
+from core.settings import RetrievalSettings
+from core.records import Chunk, Passage
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ import threading
 from collections.abc import Sequence
 
 from retrieval.embedder import Embedder
-from retrieval.errors import NotFound
+from core.errors import NotFound
 from retrieval.index import TenantIndex
 from retrieval.reranker import load_reranker
 from retrieval.retriever import HybridRetriever
-from retrieval.settings import Settings
-from retrieval.tenancy import validate_tenant_name
-from retrieval.types import Chunk, DocumentRecord, Passage
+from core.settings import Settings
+from core.datadir import validate_tenant_name
+from core.records import Chunk, DocumentRecord, Passage
 
 log = logging.getLogger(__name__)
 

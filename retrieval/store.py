@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import LoragError
-from retrieval.types import Chunk, DocumentRecord
+from core.errors import LoragError
+from core.records import Chunk, DocumentRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);

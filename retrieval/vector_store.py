@@ -10,8 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.atomic_files import fsync_path
-from retrieval.errors import LoragError
+from core.atomic import fsync_path
+from core.errors import LoragError
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ def _load_retrieval(settings: ServerSettings):
 
 
 def _load_generator(settings: ServerSettings):
-    from server.generator_factory import load_generator
+    from server.generation.factory import load_generator
 
     # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
     # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
@@ -116,8 +116,8 @@ def _load_generator(settings: ServerSettings):
 
 
 def _start_adapters(settings: ServerSettings, generator, metrics: Metrics):
-    from server.adapters.host import AdapterHost
-    from server.adapters.service import AdapterService
+    from adapters.host import AdapterHost
+    from server.hotswap.service import AdapterService
 
     host = generator if isinstance(generator, AdapterHost) else None
     service = AdapterService(settings, host=host, metrics=metrics)

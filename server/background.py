@@ -5,7 +5,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 
 STARTUP_TIMEOUT_S = 300.0  # the lifespan may load a model
 

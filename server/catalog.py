@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.tenancy import adapters_dir
-from server.adapter_manifest import MANIFEST_FILE
+from core.datadir import adapters_dir
+from adapters.manifest import MANIFEST_FILE
 from server.errors import ModelNotFound
 from server.schemas import ModelCard
 from server.tenants import Tenant
@@ -32,7 +32,7 @@ class ModelCatalog:
     def __init__(self, data_dir: Path, *, base_name: str, adapters=None):
         self.data_dir = Path(data_dir)
         self.base_name = base_name
-        self.adapter_service = adapters  # server.adapters.service.AdapterService or None
+        self.adapter_service = adapters  # server.hotswap.service.AdapterService or None
 
     def adapters(self, tenant: str) -> list[str]:
         if self.adapter_service is not None:

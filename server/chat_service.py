@@ -14,11 +14,12 @@ from dataclasses import dataclass, replace
 
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.errors import LoragError
-from retrieval.types import Passage
+from core.errors import LoragError
+from core.records import Passage
 from server.catalog import ModelCatalog
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from server.generation import ChatMessage, GenerationRequest, GenerationStream, SamplingParams
+from core.prompt import ChatMessage
+from server.generation.protocol import GenerationRequest, GenerationStream, SamplingParams
 from server.metrics import Metrics
 from server.schemas import (
     ChatChoice,
@@ -75,7 +76,7 @@ class ChatService:
         self.generator = generator
         self.catalog = catalog
         self.metrics = metrics
-        self.adapters = adapters  # server.adapters.service.AdapterService: loads the request's adapter version
+        self.adapters = adapters  # server.hotswap.service.AdapterService: loads the request's adapter version
 
     # -- before generation -----------------------------------------------------------------------
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
@@ -276,7 +277,7 @@ async def _until(deltas, deadline: float, prepared: PreparedChat):
 
 
 async def _close(deltas) -> None:
-    # Closing the generator's iterator is how generation is cancelled (see server.generation).
+    # Closing the generator's iterator is how generation is cancelled (see server.generation.protocol).
     aclose = getattr(deltas, "aclose", None)
     if aclose is not None:
         try:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from retrieval.types import Passage
+from core.records import Passage
 
 # "[" number (("," | "-" | en dash) number)* "]", spaces allowed around each part.
 _MARKER = re.compile(r"\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]")

@@ -31,10 +31,10 @@ class Services:
     metrics: Metrics
     queue: ChatQueue | None = None  # built by the lifespan, in the serving event loop
     retrieval: object | None = None  # retrieval.service.RetrievalService once ready
-    generator: object | None = None  # server.generation.Generator once ready
+    generator: object | None = None  # server.generation.protocol.Generator once ready
     catalog: ModelCatalog | None = None
     chat: ChatService | None = None
-    adapters: object | None = None  # server.adapters.service.AdapterService once ready
+    adapters: object | None = None  # server.hotswap.service.AdapterService once ready
 
 
 def get_services(request: Request) -> Services:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from server.errors import error_body, lorag_error_body
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Free of FastAPI so services (adapters, engine glue) can raise these without the 
 ``server.error_handlers`` installs the conversion on the app.
 """
 
-from retrieval.errors import LoragError, NotFound
+from core.errors import LoragError, NotFound
 
 _TYPES = {
     400: "invalid_request_error",

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from retrieval.types import Chunk, DocumentRecord, Passage
+from core.records import Chunk, DocumentRecord, Passage
 
 RetrievalMode = Literal["hybrid", "dense", "keyword"]
 

@@ -2,8 +2,8 @@
 
 import argparse
 
-from retrieval.errors import LoragError
-from retrieval.settings import load_settings
+from core.errors import LoragError
+from core.settings import load_settings
 
 TENANT_EPILOG = """examples:
   lorag tenant add acme            create tenant 'acme' and print its API key (shown once)

@@ -1,6 +1,6 @@
 """Settings of the serving process: HTTP limits and auth, the generator, the adapter slots.
 
-``ServerSettings`` extends the shared :class:`retrieval.settings.Settings`; environment names follow
+``ServerSettings`` extends the shared :class:`core.settings.Settings`; environment names follow
 the sections, e.g. ``LORAG_SERVER__PORT``, ``LORAG_SERVER__ADMIN_KEY``, ``LORAG_GENERATION__MODEL``.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from ingest.settings import IngestSettings
-from retrieval.settings import Settings
+from core.settings import Settings
 
 # Placeholders people copy from examples; refused as admin keys on a reachable host.
 _PLACEHOLDER_KEYS = {"changethis", "changeme", "admin", "secret", "password", "lorag"}

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from retrieval.atomic_files import write_atomically
-from retrieval.errors import Conflict, LoragError, NotFound
-from retrieval.tenancy import validate_tenant_name
-from server.adapters.validation import validate_adapter_name
+from core.atomic import write_atomically
+from core.errors import Conflict, LoragError, NotFound
+from core.datadir import validate_tenant_name
+from adapters.validation import validate_adapter_name
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "lorag-"

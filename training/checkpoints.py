@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.atomic_files import fsync_path, write_atomically
-from retrieval.errors import LoragError
+from core.atomic import fsync_path, write_atomically
+from core.errors import LoragError
 
 KEEP_CHECKPOINTS = 2
 

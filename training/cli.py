@@ -9,7 +9,7 @@ TRAIN_EPILOG = """examples:
   lorag train --tenant acme --data qa.jsonl --base Qwen/Qwen2.5-0.5B-Instruct --with-retrieval --k 4
   lorag train --tenant acme --data qa.jsonl --base Qwen/Qwen2.5-7B-Instruct --method qlora --gradient-checkpointing
   lorag train --tenant acme --data qa.jsonl --base Qwen/Qwen2.5-0.5B-Instruct --name support-v1 --resume
-  accelerate launch -m server.cli train ...     data parallel over the visible GPUs
+  accelerate launch -m lorag.cli train ...     data parallel over the visible GPUs
 
 Data: JSON or JSONL in alpaca (instruction/input/output), sharegpt (conversations with from/value) or
 OpenAI messages (messages with role/content) format. Bad records are reported as file:line: reason and
@@ -85,7 +85,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from retrieval.settings import load_settings
+    from core.settings import load_settings
     from training.recipe import train_adapter
     from training.settings import TrainSettings
 
@@ -116,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_adapters(args: argparse.Namespace) -> int:
-    from retrieval.settings import Settings, load_settings
+    from core.settings import Settings, load_settings
     from training.registry import AdapterRegistry
 
     settings = load_settings(Settings, config_file=args.config, data_dir=args.data_dir)

@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.errors import LoragError
-from server.generation import ChatMessage
+from core.errors import LoragError
+from core.prompt import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,8 @@ def _check_conversation(messages: list[ChatMessage], key: str) -> tuple[ChatMess
 
 
 def prompt_messages(example: Example, passages: Sequence = (), *, tokenizer=None, max_prompt_tokens=None):
-    """The server's prompt for this example (``server.prompting.build_prompt``), without the answer."""
-    from server.prompting import build_prompt
+    """The server's prompt for this example (``core.prompt.build_prompt``), without the answer."""
+    from core.prompt import build_prompt
 
     return build_prompt(example.messages[:-1], passages, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
 

@@ -3,7 +3,7 @@
 import logging
 import os
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def load_tokenizer(base_model: str):
     """
     from transformers import AutoTokenizer
 
-    from server.prompting import require_chat_template
+    from core.prompt import require_chat_template
 
     if os.sep in base_model and not os.path.exists(base_model):  # else transformers calls it a bad repo id
         raise LoragError(f"base model directory {base_model!r} does not exist")

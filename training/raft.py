@@ -10,8 +10,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from retrieval.errors import LoragError
-from retrieval.types import Passage
+from core.errors import LoragError
+from core.records import Passage
 from training.data import Example
 from training.settings import TrainingSettings
 
@@ -44,7 +44,7 @@ def build_raft_examples(
     Raises:
         LoragError: retrieval finds nothing for any question (the tenant has no index).
     """
-    from server.prompting import build_prompt
+    from core.prompt import build_prompt
 
     rng = random.Random(settings.seed)
     hits = [list(retrieve(example.question)) for example in examples]

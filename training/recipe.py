@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.errors import Conflict, LoragError
-from retrieval.tenancy import adapters_dir, tenant_dir
-from server.adapter_manifest import (
+from core.errors import Conflict, LoragError
+from core.datadir import adapters_dir, tenant_dir
+from adapters.manifest import (
     AdapterManifest,
     DataStats,
     LoraSpec,

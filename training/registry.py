@@ -7,9 +7,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from retrieval.errors import Conflict, LoragError, NotFound
-from retrieval.tenancy import adapters_dir
-from server.adapter_manifest import AdapterManifest, check_base, read_manifest, remove_adapter_dir
+from core.errors import Conflict, LoragError, NotFound
+from core.datadir import adapters_dir
+from adapters.manifest import AdapterManifest, check_base, read_manifest, remove_adapter_dir
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from retrieval.settings import Settings
+from core.settings import Settings
 
 
 class TrainingSettings(BaseModel):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from retrieval.errors import Conflict, LoragError, NotFound
-from server.safetensors_views import FlatTensors, NonFiniteWeights, read_flat
+from core.errors import Conflict, LoragError, NotFound
+from adapters.safetensors_flat import FlatTensors, NonFiniteWeights, read_flat
 
 log = logging.getLogger(__name__)
 

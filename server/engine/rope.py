@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from server.engine.kv_cache import KVCache
 from server.engine.lora_kernel import segment_prompts, to_segments
 from server.engine.lora_slots import AdapterSlots

@@ -10,8 +10,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.archive import extract_adapter_archive
-from server.adapters.service import AdapterService
+from adapters.archive import extract_adapter_archive
+from server.hotswap.service import AdapterService
 from server.deps import CurrentTenant, ReadyServices
 from server.errors import Forbidden, InvalidRequest
 from server.schemas import ErrorResponse

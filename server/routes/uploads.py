@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from ingest.loaders import EXTENSIONS, document_id_of
 from ingest.pipeline import ingest_paths, remove_sources
 from ingest.settings import ingest_settings_of
-from retrieval.errors import NotFound
-from retrieval.tenancy import tenant_dir
+from core.errors import NotFound
+from core.datadir import tenant_dir
 from server.deps import CurrentTenant, ReadyServices
 from server.errors import InvalidRequest
 from server.schemas import ErrorResponse

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from retrieval.errors import NotFound
+from core.errors import NotFound
 
 router = APIRouter(include_in_schema=False)
 

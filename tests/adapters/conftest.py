@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.tenancy import adapters_dir
+from core.datadir import adapters_dir
 
 
 def make_adapter(
@@ -25,7 +25,7 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.adapter_manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
+    from adapters.manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -71,7 +71,7 @@ def install(source: Path, data_dir: Path, tenant: str, name: str) -> Path:
     """Copy a ready adapter into a tenant's registry the way `lorag train` lands one (atomic rename)."""
     import shutil
 
-    from server.adapter_manifest import write_adapter_dir
+    from adapters.manifest import write_adapter_dir
 
     def fill(directory: Path) -> None:
         for item in source.iterdir():

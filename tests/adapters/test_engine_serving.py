@@ -40,7 +40,7 @@ def model_server(data_dir, model_path, retrieval, *, engine: str, **adapters):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama_path, adapter_sources, retrieval_service):
     """Greedy answers of the transformers + peft server: {adapter source name or "base": answer}."""
-    from server.transformers_generator import TransformersGenerator
+    from server.generation.transformers_generator import TransformersGenerator
 
     data_dir = tmp_path_factory.mktemp("reference-data")
     for name, source in adapter_sources.items():
@@ -55,7 +55,7 @@ def reference(tmp_path_factory, tiny_llama_path, adapter_sources, retrieval_serv
 def test_engine_answers_each_tenant_with_its_own_adapter_concurrently(
     data_dir, tiny_llama_path, adapter_sources, retrieval_service, reference
 ):
-    from server.engine.generator import EngineGenerator
+    from server.generation.engine_generator import EngineGenerator
 
     install(adapter_sources["alpha"], data_dir, "acme", "alpha")
     install(adapter_sources["bravo"], data_dir, "beta", "bravo")

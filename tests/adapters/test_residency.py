@@ -1,6 +1,6 @@
 """The LRU tier bookkeeping: device slots, host memory, protection of pinned and in-use adapters."""
 
-from server.adapters.residency import Residency
+from server.hotswap.residency import Residency
 
 
 def test_least_recently_used_unprotected_adapter_leaves_the_device_first():

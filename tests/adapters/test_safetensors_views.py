@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.safetensors_views import InvalidSafetensors, read_flat
+from adapters.safetensors_flat import InvalidSafetensors, read_flat
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def adapter_server(data_dir, model_path, retrieval, **adapters):
     from server.background import serving
     from server.settings import ServerSettings
     from server.tenants import TenantRegistry
-    from server.transformers_generator import TransformersGenerator
+    from server.generation.transformers_generator import TransformersGenerator
 
     registry = TenantRegistry(data_dir)
     keys = {tenant: registry.add(tenant)[1] for tenant in ("acme", "beta", "gamma")}

@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
-from retrieval.errors import Conflict
-from server.adapters.archive import extract_adapter_archive
-from server.adapters.host import ServedModel
-from server.adapters.validation import InvalidAdapter, check_adapter_dir, read_host_adapter, validate_adapter_name
+from core.errors import Conflict
+from adapters.archive import extract_adapter_archive
+from adapters.host import ServedModel
+from adapters.validation import InvalidAdapter, check_adapter_dir, read_host_adapter, validate_adapter_name
 from tests.adapters.conftest import make_adapter
 
 

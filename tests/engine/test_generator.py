@@ -5,10 +5,11 @@ import time
 
 import pytest
 
-from retrieval.errors import LoragError, NotFound
-from retrieval.types import Chunk, Passage
-from server.generation import ChatMessage, GenerationRequest, Generator, SamplingParams
-from server.prompting import build_prompt
+from core.errors import LoragError, NotFound
+from core.records import Chunk, Passage
+from core.prompt import ChatMessage
+from server.generation.protocol import GenerationRequest, Generator, SamplingParams
+from core.prompt import build_prompt
 
 PASSAGES = (
     Passage(Chunk(id="c1", tenant="acme", document_id="d1", source="warranty.md", page=1, start=0, end=60,
@@ -22,7 +23,7 @@ MESSAGES = (ChatMessage("user", "How long does the warranty last?"),)
 @pytest.fixture(scope="module")
 def generator(arch_setup):
     from server.engine.engine import EngineConfig
-    from server.engine.generator import EngineGenerator
+    from server.generation.engine_generator import EngineGenerator
 
     _, model_path, dirs = arch_setup
     built = EngineGenerator.from_pretrained(

@@ -8,15 +8,15 @@ import threading
 
 import pytest
 
-from retrieval.errors import Conflict
-from server.adapters.host import AdapterHost, HostAdapter
+from core.errors import Conflict
+from adapters.host import AdapterHost, HostAdapter
 from server.settings import AdapterSettings, GenerationSettings
 from tests.engine.conftest import build_adapter
 
 
 @pytest.fixture(scope="module")
 def qwen2_engine(tiny_qwen2_path):
-    from server.generator_factory import load_generator
+    from server.generation.factory import load_generator
 
     settings = GenerationSettings(model=str(tiny_qwen2_path), device="cpu", engine="engine", fallback="error",
                                   max_batch_size=2, max_context_tokens=256)
@@ -41,8 +41,8 @@ def host_adapter(key: str, path) -> HostAdapter:
 def test_engine_setting_gives_the_engine_sized_by_the_adapter_settings(qwen2_engine, tiny_qwen2_path):
     from transformers import AutoConfig
 
-    from server.adapter_manifest import model_fingerprint
-    from server.engine.generator import EngineGenerator
+    from adapters.manifest import model_fingerprint
+    from server.generation.engine_generator import EngineGenerator
 
     assert isinstance(qwen2_engine, EngineGenerator) and isinstance(qwen2_engine, AdapterHost)
     assert qwen2_engine.adapters.num_slots == 2 and qwen2_engine.adapters.max_rank == 8
@@ -87,7 +87,7 @@ def test_host_adapter_loads_from_memory_and_unload_waits_for_its_last_row(qwen2_
 
 
 def test_dora_adapter_is_refused_by_the_engine_and_by_validation(qwen2_engine, lora_dir, tmp_path):
-    from server.adapters.validation import check_adapter_dir
+    from adapters.validation import check_adapter_dir
     from server.engine.lora_slots import UnsupportedAdapter
 
     dora = tmp_path / "dora"
@@ -104,7 +104,7 @@ def test_dora_adapter_is_refused_by_the_engine_and_by_validation(qwen2_engine, l
 
 
 def test_service_keeps_no_more_adapters_on_the_device_than_the_engine_has_slots(qwen2_engine, tmp_path, caplog):
-    from server.adapters.service import AdapterService
+    from server.hotswap.service import AdapterService
     from server.settings import ServerSettings
 
     settings = ServerSettings(data_dir=tmp_path, adapters={"max_resident": 5, "poll_interval_s": 0})
@@ -116,10 +116,10 @@ def test_service_keeps_no_more_adapters_on_the_device_than_the_engine_has_slots(
 
 
 def test_auto_serves_with_transformers_on_cpu(tiny_llama_path, caplog):
-    from server.generator_factory import load_generator
-    from server.transformers_generator import TransformersGenerator
+    from server.generation.factory import load_generator
+    from server.generation.transformers_generator import TransformersGenerator
 
-    with caplog.at_level("INFO", logger="server.generator_factory"):
+    with caplog.at_level("INFO", logger="server.generation.factory"):
         generator = load_generator(GenerationSettings(model=str(tiny_llama_path), device="cpu", fallback="error"))
     try:
         assert isinstance(generator, TransformersGenerator)
@@ -131,8 +131,8 @@ def test_auto_serves_with_transformers_on_cpu(tiny_llama_path, caplog):
 def test_other_architecture_falls_back_to_transformers_with_a_log_line(tmp_path, caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from server.generator_factory import load_generator
-    from server.transformers_generator import TransformersGenerator
+    from server.generation.factory import load_generator
+    from server.generation.transformers_generator import TransformersGenerator
     from tests.model_factory import build_tokenizer
 
     path = tmp_path / "gpt2"
@@ -153,7 +153,7 @@ def test_engine_checks_finiteness_where_the_weights_land(qwen2_engine, lora_dir,
     a NaN adapter at load with a 422 and keeps the adapters it had."""
     from safetensors.torch import load_file, save_file
 
-    from server.safetensors_views import NonFiniteWeights, read_flat
+    from adapters.safetensors_flat import NonFiniteWeights, read_flat
 
     assert qwen2_engine.served_model().checks_finite
     bad = tmp_path / "nan"

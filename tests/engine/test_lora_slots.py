@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from retrieval.errors import Conflict, LoragError, NotFound
+from core.errors import Conflict, LoragError, NotFound
 from server.engine.lora_slots import AdapterSlots, UnsupportedAdapter
 from tests.engine.conftest import build_adapter, make_sequence, prompt_of, run_until_done
 

@@ -51,7 +51,7 @@ def test_unsupported_rope_type_is_refused():
 def test_other_architecture_is_refused_and_factory_falls_back(tmp_path, caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from server.engine.generator import load_engine_generator
+    from server.generation.engine_generator import load_engine_generator
     from server.settings import ServerSettings
     from tests.model_factory import build_tokenizer
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from server.engine.decode_step import EagerDecode
 from server.engine.scheduler import Scheduler
 from tests.engine.conftest import make_sequence, prompt_of, run_until_done

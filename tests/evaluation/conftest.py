@@ -26,7 +26,7 @@ def make_adapter(model_path: Path, target: Path, *, tenant: str, seed: int = 1) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from server.adapter_manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
+    from adapters.manifest import AdapterManifest, LoraSpec, model_fingerprint, write_adapter_dir, write_manifest
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -50,7 +50,7 @@ def make_adapter(model_path: Path, target: Path, *, tenant: str, seed: int = 1) 
 def eval_corpus(tmp_path_factory, tiny_llama_path) -> EvalCorpus:
     from ingest.pipeline import ingest_paths
     from retrieval.service import RetrievalService
-    from retrieval.tenancy import adapters_dir
+    from core.datadir import adapters_dir
     from server.settings import ServerSettings
     from server.tenants import TenantRegistry
 

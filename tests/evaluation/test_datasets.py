@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from tests.conftest import SAMPLE_DATA
-from training.evaluation.backends import PassageRef
-from training.evaluation.datasets import EvalQuestion, GoldSource, detect_format, load_question_set
+from evaluation.backends import PassageRef
+from evaluation.datasets import EvalQuestion, GoldSource, detect_format, load_question_set
 
 
 def _passage(source, page=1, start=0, end=100, text=""):

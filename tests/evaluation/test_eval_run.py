@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from server.cli import main
+from lorag.cli import main
 from tests.conftest import SAMPLE_DATA
 from tests.evaluation.conftest import ADAPTER
 
@@ -123,7 +123,7 @@ def test_user_mistakes_are_one_line_errors(eval_corpus, tmp_path, capsys):
 def test_against_a_real_server_through_the_openai_client(eval_corpus, tmp_path):
     from server.app import create_app
     from server.background import serving
-    from server.generator_factory import load_generator
+    from server.generation.factory import load_generator
     from server.settings import GenerationSettings, ServerSettings
 
     settings = ServerSettings(data_dir=eval_corpus.data_dir)

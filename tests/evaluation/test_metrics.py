@@ -5,7 +5,7 @@ import math
 import pytest
 
 from retrieval.ranking_metrics import hit_at_k, mean_scores, ndcg_at_k, ranking_scores, recall_at_k, reciprocal_rank
-from training.evaluation.answer_metrics import (
+from evaluation.answer_metrics import (
     answer_scores,
     contains_gold,
     exact_match,
@@ -13,9 +13,9 @@ from training.evaluation.answer_metrics import (
     rouge_l,
     token_f1,
 )
-from training.evaluation.backends import PassageRef
-from training.evaluation.citation_metrics import citation_scores, load_nli
-from training.evaluation.datasets import EvalQuestion, GoldSource
+from evaluation.backends import PassageRef
+from evaluation.citation_metrics import citation_scores, load_nli
+from evaluation.datasets import EvalQuestion, GoldSource
 
 # ---- ranking -------------------------------------------------------------------------------------
 

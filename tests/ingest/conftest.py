@@ -10,7 +10,7 @@ from ingest.settings import IngestAppSettings, IngestSettings
 @pytest.fixture(scope="session")
 def embedder():
     from retrieval.embedder import Embedder
-    from retrieval.settings import EmbeddingSettings
+    from core.settings import EmbeddingSettings
 
     return Embedder(EmbeddingSettings())
 

@@ -6,8 +6,8 @@ from ingest.chunking import Chunker, chunk_id_of
 from ingest.discovery import discover_files
 from ingest.loaders import Page, load_document
 from ingest.settings import IngestSettings
-from retrieval.errors import LoragError
-from retrieval.settings import ChunkingSettings
+from core.errors import LoragError
+from core.settings import ChunkingSettings
 from tests.conftest import SAMPLE_DOCS
 
 

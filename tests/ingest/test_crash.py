@@ -59,7 +59,7 @@ def start_ingest(corpus: Path, data_dir: Path) -> subprocess.Popen:
     # One torch thread: on a shared 2-core machine, spinning intra-op threads slow a tiny model down.
     env = dict(os.environ, CI="true", LORAG_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "ingest", str(corpus), "--tenant", TENANT],
+        [sys.executable, "-m", "lorag.cli", "ingest", str(corpus), "--tenant", TENANT],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

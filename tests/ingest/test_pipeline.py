@@ -11,7 +11,7 @@ from ingest.pipeline import ingest_paths, list_documents, remove_sources
 from ingest.progress import IngestProgress, should_show_progress
 from ingest.loaders import load_document
 from ingest.settings import IngestSettings
-from retrieval.errors import LoragError, NotFound
+from core.errors import LoragError, NotFound
 from tests.conftest import SAMPLE_DATA, SAMPLE_DOCS
 from tests.ingest.bad_inputs import write_bad_inputs, write_non_utf8_name
 from tests.ingest.conftest import make_settings
@@ -80,7 +80,7 @@ def test_second_run_embeds_nothing_and_never_loads_the_model(sample):
 
 
 def test_docs_lists_documents_with_page_and_chunk_counts(sample, capsys):
-    from server.cli import main
+    from lorag.cli import main
 
     settings, report = sample
     assert main(["docs", "--tenant", "acme", "--data-dir", str(settings.data_dir), "--json"]) == 0
@@ -178,7 +178,7 @@ def test_bad_inputs_never_stop_the_batch(tmp_path, data_dir, embedder):
 
 
 def test_cli_exit_status_and_summary(tmp_path, data_dir, capsys):
-    from server.cli import main
+    from lorag.cli import main
 
     corpus = tmp_path / "cli"
     corpus.mkdir()
@@ -239,7 +239,7 @@ def test_a_folder_that_cannot_be_listed_fails_the_run(tmp_path, data_dir, monkey
 
 
 def test_a_run_with_nothing_to_add_creates_no_index(tmp_path, data_dir):
-    from retrieval.tenancy import index_dir
+    from core.datadir import index_dir
 
     report = ingest_paths([tmp_path / "typo"], tenant="newco", settings=make_settings(data_dir))
     assert report.failed == 1 and report.of("failed")[0].reason == "no such file or folder"
@@ -248,7 +248,7 @@ def test_a_run_with_nothing_to_add_creates_no_index(tmp_path, data_dir):
 
 def test_window_tokens_sets_the_vectors_per_chunk(tmp_path, data_dir, embedder):
     from ingest.settings import IngestAppSettings
-    from retrieval.settings import ChunkingSettings
+    from core.settings import ChunkingSettings
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

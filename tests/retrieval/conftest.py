@@ -7,8 +7,8 @@ import pytest
 
 from retrieval.embedder import Embedder
 from retrieval.index import TenantIndex
-from retrieval.settings import EmbeddingSettings
-from retrieval.types import Chunk, DocumentRecord
+from core.settings import EmbeddingSettings
+from core.records import Chunk, DocumentRecord
 
 # Each document: source -> (heading, paragraphs); one chunk per paragraph, all on page 1 except where noted.
 CORPUS = {

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from retrieval.errors import Conflict, LoragError, NotFound
+from core.errors import Conflict, LoragError, NotFound
 from retrieval.index import TenantIndex
 from tests.retrieval.conftest import CORPUS, make_document
 

@@ -2,13 +2,13 @@ import logging
 
 import pytest
 
-from retrieval.errors import LoragError
+from core.errors import LoragError
 from retrieval.reranker import CrossEncoderReranker, load_reranker
 from retrieval.keyword import KeywordIndex
 from retrieval.retriever import (
     HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, resolve_mode, zscore_fusion,
 )
-from retrieval.settings import RetrievalSettings
+from core.settings import RetrievalSettings
 from tests.retrieval.conftest import CORPUS
 
 PART_NUMBER_CHUNK = CORPUS["handbook/calibration.md"][1][1]

@@ -4,11 +4,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from langchain_core.documents import Document
 
-from retrieval.errors import NotFound
+from core.errors import NotFound
 from retrieval.langchain import LoragRetriever
 from retrieval.service import RetrievalService
-from retrieval.settings import Settings, load_settings
-from server.cli import main
+from core.settings import Settings, load_settings
+from lorag.cli import main
 from tests.retrieval.conftest import CORPUS, make_document
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from retrieval.errors import LoragError
-from retrieval.settings import Settings, load_settings
+from core.errors import LoragError
+from core.settings import Settings, load_settings
 from server.settings import ServerSettings
 
 
@@ -67,7 +67,7 @@ def test_a_directory_is_not_a_config_file(tmp_path):
 
 
 def test_confidence_power_is_bounded():
-    from retrieval.settings import RetrievalSettings
+    from core.settings import RetrievalSettings
 
     assert RetrievalSettings(confidence_power=0).confidence_power == 0
     for bad in (-0.5, 10):

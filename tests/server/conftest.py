@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> Corpus:
 
 @pytest.fixture(scope="session")
 def extractive_generator():
-    from server.generator_factory import load_generator
+    from server.generation.factory import load_generator
     from server.settings import GenerationSettings
 
     generator = load_generator(GenerationSettings(model=None))

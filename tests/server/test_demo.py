@@ -1,4 +1,4 @@
-"""The README's main job, `python -m server.demo`, as a user runs it: with a local model, and offline
+"""The README's main job, `python -m lorag.demo`, as a user runs it: with a local model, and offline
 without one (it must say plainly that answers are extractive, and still print cited passages)."""
 
 import os
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def _demo(data_dir, **env) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "server.demo", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "lorag.demo", "--data-dir", str(data_dir)],
         cwd=REPO_ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1", **env},
         capture_output=True, text=True, timeout=600,
     )

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from retrieval.errors import Conflict, LoragError, NotFound
-from server.cli import main
+from core.errors import Conflict, LoragError, NotFound
+from lorag.cli import main
 from server.settings import HTTPSettings, ServerSettings
 from server.tenants import FORMAT_VERSION, TenantRegistry, hash_key
 
@@ -140,7 +140,7 @@ def test_serve_refuses_unsafe_admin_key_before_binding(data_dir, monkeypatch, ca
 
 
 def test_default_adapter_must_be_a_possible_adapter_name(data_dir):
-    from server.adapters.validation import InvalidAdapter
+    from adapters.validation import InvalidAdapter
 
     registry = TenantRegistry(data_dir)
     with pytest.raises(InvalidAdapter, match="invalid adapter name '../x'"):

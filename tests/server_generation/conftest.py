@@ -2,7 +2,7 @@
 
 import pytest
 
-from retrieval.types import Chunk, Passage
+from core.records import Chunk, Passage
 
 
 def make_passage(number: int, text: str, *, source: str = "manual.pdf", page: int = 1, score: float | None = None,

@@ -5,8 +5,9 @@ import asyncio
 import pytest
 
 from server.citations import extract_citations
-from server.extractive_generator import NOTHING_FOUND, ExtractiveGenerator
-from server.generation import ChatMessage, GenerationRequest, Generator
+from server.generation.extractive import NOTHING_FOUND, ExtractiveGenerator
+from core.prompt import ChatMessage
+from server.generation.protocol import GenerationRequest, Generator
 from tests.server_generation.conftest import make_passage
 
 PASSAGES = (
@@ -74,7 +75,7 @@ def test_no_shared_word_still_cites_the_top_passage_and_says_so():
 @pytest.mark.slow  # loads the real embedding model
 def test_with_the_embedder_sentences_are_ranked_by_meaning():
     from retrieval.embedder import Embedder
-    from retrieval.settings import EmbeddingSettings
+    from core.settings import EmbeddingSettings
 
     generator = ExtractiveGenerator(embedder=Embedder(EmbeddingSettings()), max_sentences=1)
     pieces = generator.answer_pieces("How much money did the company make this quarter?", PASSAGES)

@@ -6,16 +6,16 @@ import logging
 import pytest
 import torch
 
-from retrieval.errors import LoragError
-from server.extractive_generator import ExtractiveGenerator
-from server.generator_factory import load_generator
+from core.errors import LoragError
+from server.generation.extractive import ExtractiveGenerator
+from server.generation.factory import load_generator
 from server.settings import GenerationSettings
-from server.transformers_generator import TransformersGenerator
+from server.generation.transformers_generator import TransformersGenerator
 from tests.model_factory import copy_without_chat_template
 
 
 def test_no_model_gives_extractive_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="server.generator_factory"):
+    with caplog.at_level(logging.WARNING, logger="server.generation.factory"):
         generator = load_generator(GenerationSettings(model=None))
 
     assert isinstance(generator, ExtractiveGenerator)
@@ -24,7 +24,7 @@ def test_no_model_gives_extractive_with_a_warning(caplog):
 
 def test_missing_model_falls_back_to_extractive_with_an_error_log_naming_the_fix(tmp_path, caplog):
     missing = tmp_path / "no-such-model"
-    with caplog.at_level(logging.ERROR, logger="server.generator_factory"):
+    with caplog.at_level(logging.ERROR, logger="server.generation.factory"):
         generator = load_generator(GenerationSettings(model=str(missing)))
 
     assert isinstance(generator, ExtractiveGenerator)

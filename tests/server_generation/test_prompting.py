@@ -2,9 +2,9 @@
 
 import pytest
 
-from retrieval.errors import LoragError
-from server.generation import ChatMessage
-from server.prompting import SYSTEM_PROMPT, SYSTEM_PROMPT_NO_DOCUMENTS, build_prompt, render_prompt_ids
+from core.errors import LoragError
+from core.prompt import ChatMessage
+from core.prompt import SYSTEM_PROMPT, SYSTEM_PROMPT_NO_DOCUMENTS, build_prompt, render_prompt_ids
 from tests.server_generation.conftest import make_passage
 
 QUESTION = ChatMessage("user", "How long is the warranty?")

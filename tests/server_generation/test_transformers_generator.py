@@ -4,9 +4,10 @@ import asyncio
 
 import pytest
 
-from retrieval.errors import LoragError, NotFound
-from server.generation import ChatMessage, GenerationRequest, Generator, SamplingParams
-from server.transformers_generator import TransformersGenerator
+from core.errors import LoragError, NotFound
+from core.prompt import ChatMessage
+from server.generation.protocol import GenerationRequest, Generator, SamplingParams
+from server.generation.transformers_generator import TransformersGenerator
 from tests.server_generation.conftest import make_passage
 
 QUESTIONS = [
@@ -74,7 +75,7 @@ def reference_answer(generator, question: str, max_tokens: int) -> str:
 def generator_prompt_ids(path, question):
     from transformers import AutoTokenizer
 
-    from server.prompting import build_prompt
+    from core.prompt import build_prompt
 
     return build_prompt([ChatMessage("user", question)], [], tokenizer=AutoTokenizer.from_pretrained(path)).token_ids
 

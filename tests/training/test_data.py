@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from retrieval.errors import LoragError
-from server.generation import ChatMessage
-from server.prompting import build_prompt
+from core.errors import LoragError
+from core.prompt import ChatMessage
+from core.prompt import build_prompt
 from tests.training.conftest import FIXTURES
 from training.data import IGNORE_INDEX, encode_chat, load_examples, prompt_messages, split_train_val
 

@@ -1,4 +1,4 @@
-"""Data parallel without code changes: `torchrun --nproc_per_node 2 -m server.cli train` on CPU (gloo)."""
+"""Data parallel without code changes: `torchrun --nproc_per_node 2 -m lorag.cli train` on CPU (gloo)."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapter_manifest import read_manifest
+from adapters.manifest import read_manifest
 from tests.conftest import REPO_ROOT
 
 
@@ -16,7 +16,7 @@ def test_two_process_data_parallel_training(tmp_path, tiny_llama_path, memorise_
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     completed = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "server.cli", "train", "--tenant", "acme",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lorag.cli", "train", "--tenant", "acme",
          "--data", str(memorise_file), "--base", str(tiny_llama_path), "--data-dir", str(tmp_path / "data"),
          "--name", "ddp", "--max-steps", "2", "--batch-size", "1", "--val-split", "0.25"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,

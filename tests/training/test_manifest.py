@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from retrieval.errors import Conflict, LoragError, NotFound
-from server.adapter_manifest import (
+from core.errors import Conflict, LoragError, NotFound
+from adapters.manifest import (
     AdapterManifest,
     LoraSpec,
     check_base,

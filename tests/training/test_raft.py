@@ -2,10 +2,10 @@
 
 import pytest
 
-from retrieval.errors import LoragError
-from retrieval.types import Chunk, Passage
-from server.generation import ChatMessage
-from server.prompting import build_prompt
+from core.errors import LoragError
+from core.records import Chunk, Passage
+from core.prompt import ChatMessage
+from core.prompt import build_prompt
 from training.data import Example
 from training.raft import build_raft_examples, cite, find_oracle
 from training.settings import TrainingSettings

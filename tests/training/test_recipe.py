@@ -6,8 +6,8 @@ import signal
 import pytest
 import torch
 
-from retrieval.errors import Conflict, LoragError
-from server.adapter_manifest import model_fingerprint, read_manifest
+from core.errors import Conflict, LoragError
+from adapters.manifest import model_fingerprint, read_manifest
 from tests.training.conftest import MEMORISE, train_settings, write_openai_jsonl
 from training.recipe import train_adapter
 
@@ -140,7 +140,7 @@ def test_packing_trains_on_the_same_targets(data_dir, memorise_file, tiny_llama_
 def test_qlora_without_cuda_fails_before_loading(data_dir, memorise_file, tiny_llama_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from server.cli import main
+    from lorag.cli import main
 
     code = main(["train", "--tenant", "acme", "--data", str(memorise_file), "--base", str(tiny_llama_path),
                  "--method", "qlora", "--data-dir", str(data_dir)])

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from server.cli import main
+from lorag.cli import main
 from tests.model_factory import copy_without_chat_template
 
 

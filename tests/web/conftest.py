@@ -25,7 +25,7 @@ class Site:
 @pytest.fixture(scope="session")
 def web_embedder():
     from retrieval.embedder import Embedder
-    from retrieval.settings import Settings
+    from core.settings import Settings
 
     return Embedder(Settings(data_dir="unused").embedding)
 
@@ -58,7 +58,7 @@ def site(tmp_path_factory, web_embedder) -> Site:
 
 @pytest.fixture(scope="module")
 def extractive(site):
-    from server.generator_factory import load_generator
+    from server.generation.factory import load_generator
     from server.settings import GenerationSettings
 
     generator = load_generator(GenerationSettings(model=None))

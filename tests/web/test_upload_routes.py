@@ -181,7 +181,7 @@ def test_sanitize_filename(given, saved):
 
 @pytest.mark.parametrize("given", ["", ".txt", "noext", "archive.zip", "..", "/"])
 def test_sanitize_filename_refuses(given):
-    from retrieval.errors import LoragError
+    from core.errors import LoragError
     from server.routes.uploads import sanitize_filename
 
     with pytest.raises(LoragError, match="upload"):

@@ -1,0 +1,277 @@
+"""Checks an adapter directory against the served model before any weight is loaded.
+
+Safetensors only (pickle files are refused), the base-model fingerprint, rank, target modules and every
+tensor's shape; a plain peft directory (no ``lorag_adapter.json``) must name the served model in
+``adapter_config.json`` (``base_model_name_or_path``, same string or same resolved path).
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import Conflict, LoragError
+from adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest
+from adapters.host import HostAdapter, ServedModel
+from adapters.safetensors_flat import InvalidSafetensors, read_flat
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# peft's saved names: base_model.model.<module path>.lora_A.weight (the adapter name is stripped)
+_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
+
+
+class InvalidAdapter(LoragError):
+    """An adapter that cannot be served as it is; the message names the file or field and the reason."""
+
+    http_status = 422
+    code = "invalid_adapter"
+
+
+@dataclass(frozen=True)
+class CheckedAdapter:
+    """A validated adapter version; ``version`` hashes its files, so any change gives a new one."""
+
+    tenant: str
+    name: str
+    path: Path
+    version: str
+    manifest: AdapterManifest | None
+    peft_config: dict
+    rank: int
+    weights_sha256: bytes
+    weights_stat: tuple[int, int, int]  # size, mtime_ns, inode of the weights file when it was hashed
+
+    @property
+    def key(self) -> str:
+        """The adapter's name inside the generator: unique per version, free of '.' (peft module names)."""
+        return f"{self.tenant}:{self.name}@{self.version}".replace(".", "_")
+
+    @property
+    def method(self) -> str:
+        if self.manifest is not None:
+            return self.manifest.method
+        return "dora" if self.peft_config.get("use_dora") else "lora"
+
+
+def validate_adapter_name(name: str) -> str:
+    """Raises: InvalidAdapter for names that could escape the registry dir ('/', '..', leading '.')."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidAdapter(
+            f"invalid adapter name {name!r}: use 1-63 letters, digits, '.', '-' and '_', starting with a letter "
+            "or digit, without '..'",
+        )
+    return name
+
+
+def check_adapter_dir(
+    path: Path, *, tenant: str, name: str, served: ServedModel | None, max_rank: int, max_bytes: int
+) -> CheckedAdapter:
+    """Validate ``path`` as adapter ``tenant/name`` for ``served`` (None: only the checks that need no model).
+
+    Raises:
+        InvalidAdapter: a bad name, a pickle or symlinked file, a missing/unreadable file, a rank over
+            ``max_rank``, a target module or tensor shape that does not exist in the served model.
+        Conflict: the adapter was trained on another base model.
+    """
+    validate_adapter_name(name)
+    path = Path(path)
+    _check_files(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise InvalidAdapter(f"adapter {name!r}: {required.name} is missing (save it with peft save_pretrained)")
+    size = weights_path.stat().st_size
+    if size > max_bytes:
+        raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes, over the limit of {max_bytes}")
+    config_bytes = config_path.read_bytes()
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} field 'peft_type' is {config.get('peft_type')!r}, not LORA")
+    manifest = read_manifest(path) if (path / MANIFEST_FILE).is_file() else None
+    rank = _check_rank(name, config, manifest, max_rank)
+    if served is not None:
+        _check_base(name, config, manifest, served)
+        _check_method(name, config, manifest, served)
+        _check_targets(name, config, served)
+    _check_tensors(name, weights_path, served, max_rank)
+    digest = hashlib.sha256(f"{tenant}/{name}\0".encode())
+    digest.update(config_bytes)
+    if manifest is not None:
+        digest.update((path / MANIFEST_FILE).read_bytes())
+    weights_stat = _stat_identity(weights_path)
+    weights_digest = _file_digest(weights_path)
+    digest.update(weights_digest)
+    return CheckedAdapter(tenant, name, path, digest.hexdigest()[:12], manifest, config, rank, weights_digest,
+                          weights_stat)
+
+
+def read_host_adapter(checked: CheckedAdapter, *, pinned: bool = False, check_finite: bool = True) -> HostAdapter:
+    """Read the weights of ``checked`` into CPU memory (one buffer, page-locked when ``pinned``), refusing
+    files changed since validation and, with ``check_finite``, NaN/infinite weights (a generator that
+    checks them where they land, on the GPU, passes False).
+
+    A changed file is recognised by its size, modification time and inode, not by re-hashing it: the
+    content hash made at validation names the version, and hashing again would cost a cold load more
+    than reading the file.
+
+    Raises:
+        Conflict: the weights on disk are no longer those validated.  InvalidAdapter: non-finite weights.
+    """
+    weights_path = checked.path / WEIGHTS_FILE
+    try:
+        changed = _stat_identity(weights_path) != checked.weights_stat
+    except OSError as error:
+        raise Conflict(f"adapter {checked.tenant}/{checked.name} is gone from disk: {error}") from error
+    if changed:
+        raise Conflict(f"adapter {checked.tenant}/{checked.name}: {WEIGHTS_FILE} changed since it was validated")
+    try:
+        flat = read_flat(weights_path, pinned=pinned)
+    except InvalidSafetensors as error:
+        raise InvalidAdapter(f"adapter {checked.name!r}: {error}") from error
+    bad = flat.first_non_finite() if check_finite else None
+    if bad is not None:
+        raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {bad!r} has NaN or infinite values")
+    return HostAdapter(key=checked.key, path=checked.path, peft_config=checked.peft_config, tensors=flat.views(),
+                       nbytes=flat.nbytes, flat=flat)
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _check_files(path: Path) -> None:
+    if not path.is_dir():
+        raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
+    for item in path.rglob("*"):
+        relative = item.relative_to(path)
+        if item.is_symlink():
+            raise InvalidAdapter(f"adapter file {str(relative)!r} is a symbolic link; copy the file instead")
+        if item.suffix.lower() in PICKLE_SUFFIXES:
+            raise InvalidAdapter(
+                f"adapter file {str(relative)!r} is a pickle-based checkpoint, which lorag never loads; "
+                f"save the adapter as {WEIGHTS_FILE} (peft save_pretrained with safe_serialization=True)"
+            )
+
+
+def _check_rank(name: str, config: dict, manifest: AdapterManifest | None, max_rank: int) -> int:
+    ranks = {"r": config.get("r", 8)} | {f"rank_pattern.{k}": v for k, v in (config.get("rank_pattern") or {}).items()}
+    if manifest is not None:
+        ranks[f"{MANIFEST_FILE} lora.rank"] = manifest.rank
+    for field, rank in ranks.items():
+        if not isinstance(rank, int) or rank < 1:
+            raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} field {field!r} is {rank!r}, not a positive integer")
+        if rank > max_rank:
+            raise InvalidAdapter(f"adapter {name!r}: field {field!r} is rank {rank}, over adapters.max_rank={max_rank}")
+    return max(ranks.values())
+
+
+def _check_base(name: str, config: dict, manifest: AdapterManifest | None, served: ServedModel) -> None:
+    if manifest is not None:
+        if manifest.base_fingerprint != served.fingerprint:
+            raise Conflict(
+                f"adapter {name!r} was trained on {manifest.base_model!r} (fingerprint {manifest.base_fingerprint}) "
+                f"but this server runs {served.name!r} (fingerprint {served.fingerprint})",
+                hint=f"serve it with {manifest.base_model!r} or retrain it on {served.name!r}",
+            )
+        return
+    base = config.get("base_model_name_or_path")
+    same = base == served.name or (
+        isinstance(base, str) and base and Path(base).expanduser().resolve() == Path(served.name).expanduser().resolve()
+    )
+    if not same:
+        raise Conflict(
+            f"adapter {name!r} has no {MANIFEST_FILE} and its {CONFIG_FILE} field 'base_model_name_or_path' is "
+            f"{base!r}, not the served model {served.name!r}",
+            hint="train it with `lorag train` (which writes the manifest) or on the served model",
+        )
+
+
+def _check_method(name: str, config: dict, manifest: AdapterManifest | None, served: ServedModel) -> None:
+    dora = bool(config.get("use_dora")) or (manifest is not None and manifest.method == "dora")
+    if dora and not served.dora:
+        raise Conflict(
+            f"adapter {name!r} is a DoRA adapter ({CONFIG_FILE} field 'use_dora'), which the multi-adapter engine "
+            f"serving {served.name!r} does not run (it serves plain LoRA)",
+            hint='retrain it without DoRA, or serve with generation.engine = "transformers"',
+        )
+
+
+def _check_targets(name: str, config: dict, served: ServedModel) -> None:
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):  # peft treats a string as a regex over full module names
+        if not any(re.fullmatch(targets, module) for module in served.linear):
+            raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' {targets!r} matches no module")
+        return
+    suffixes = {module.rsplit(".", 1)[-1] for module in served.linear}
+    missing = [t for t in targets if t not in suffixes and t not in served.linear]
+    if missing:
+        raise InvalidAdapter(
+            f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' names {missing}, which the served model "
+            f"{served.name!r} does not have (it has {sorted(suffixes)})"
+        )
+
+
+def _check_tensors(name: str, weights_path: Path, served: ServedModel | None, max_rank: int) -> None:
+    """Shapes from the safetensors header only: A (r, in), B (out, r) for modules the served model has."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                      for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - any header error means the same: not a safetensors file
+        raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} is not a readable safetensors file: {error}") from error
+    if not shapes:
+        raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} holds no tensors")
+    pairs: dict[str, dict[str, tuple]] = {}
+    for key, (shape, dtype) in shapes.items():
+        match = _TENSOR.match(key)
+        if match is None:
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} tensor {key!r} is not a LoRA A/B weight")
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} tensor {key!r} has dtype {dtype}, not a float")
+        module = match.group("module")
+        if served is not None and module not in served.linear:
+            raise InvalidAdapter(
+                f"adapter {name!r}: {WEIGHTS_FILE} tensor {key!r} adapts module {module!r}, which the served "
+                f"model {served.name!r} does not have"
+            )
+        pairs.setdefault(module, {})[match.group("part")] = shape
+    for module, parts in pairs.items():
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} module {module!r} lacks lora_A or lora_B")
+        a, b = parts["lora_A"], parts["lora_B"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} module {module!r} has A {a} and B {b}: "
+                                 "expected A (r, in) and B (out, r)")
+        if a[0] > max_rank:
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} module {module!r} has rank {a[0]}, "
+                                 f"over adapters.max_rank={max_rank}")
+        if served is not None:
+            in_features, out_features = served.linear[module]
+            if a[1] != in_features or b[0] != out_features:
+                raise InvalidAdapter(
+                    f"adapter {name!r}: {WEIGHTS_FILE} module {module!r} has A {a} and B {b}, expected "
+                    f"({a[0]}, {in_features}) and ({out_features}, {a[0]}) for the served model {served.name!r}"
+                )
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()

@@ -1,0 +1,105 @@
+"""Answer quality against gold answers: exact match, token F1, ROUGE-L, contains-gold, and abstention.
+
+Normalisation follows the SQuAD evaluation script (lower-case, no punctuation, no articles, single
+spaces); ``[n]`` citation markers are removed first so cited and uncited answers compare alike.
+"""
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_MARKER = re.compile(r"\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+# What an answer says when it declines: the system prompts ask for "the documents do not contain the
+# answer" (core.prompt.SYSTEM_PROMPT) or to "say so plainly" when the model does not know
+# (SYSTEM_PROMPT_NO_DOCUMENTS); the extractive generator says it "found nothing in the documents".
+ABSTENTION_PHRASES = (
+    "do not contain", "does not contain", "don't contain", "doesn't contain", "did not contain",
+    "not contain the answer", "not mentioned in the documents", "not in the documents",
+    "no information", "not provided in the documents", "found nothing in the documents",
+    "i do not know", "i don't know", "i am not sure", "i'm not sure", "cannot answer", "can't answer",
+    "unable to answer", "cannot find", "could not find", "couldn't find", "no answer",
+)
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without ``[n]`` citation markers, whitespace runs made single spaces."""
+    return " ".join(_MARKER.sub(" ", text).split())
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD normalisation after removing citation markers."""
+    text = _MARKER.sub(" ", text).lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalise_answer(prediction) == normalise_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall (SQuAD); both empty counts as a match."""
+    predicted, expected = normalise_answer(prediction).split(), normalise_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F1 (beta 1) over normalised tokens: LCS length against both lengths.
+
+    A plain dynamic-programming LCS rather than the rouge-score package: that package is not a
+    dependency, and on single answers its stemming and tokenising rules add nothing the SQuAD
+    normalisation does not already give.
+    """
+    predicted, expected = normalise_answer(prediction).split(), normalise_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    lcs = _lcs_length(predicted, expected)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(predicted), lcs / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)  # one row of the (len(a)+1, len(b)+1) table at a time
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def contains_gold(prediction: str, gold: str) -> float:
+    """1.0 when the normalised gold answer occurs in the normalised prediction (word-aligned)."""
+    expected = normalise_answer(gold)
+    if not expected:
+        return 0.0
+    return float(f" {expected} " in f" {normalise_answer(prediction)} ")
+
+
+def is_abstention(prediction: str) -> bool:
+    """The answer declines (see :data:`ABSTENTION_PHRASES`); an empty answer counts as declining."""
+    text = " ".join(_MARKER.sub(" ", prediction).lower().replace("\u2019", "'").split())
+    return not text or any(phrase in text for phrase in ABSTENTION_PHRASES)
+
+
+def answer_scores(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """EM, F1, ROUGE-L and contains-gold of one answer: the best over the accepted gold answers."""
+    if not golds:
+        raise ValueError("answer_scores needs at least one gold answer")
+    return {
+        "exact_match": max(exact_match(prediction, g) for g in golds),
+        "f1": max(token_f1(prediction, g) for g in golds),
+        "rouge_l": max(rouge_l(prediction, g) for g in golds),
+        "contains_gold": max(contains_gold(prediction, g) for g in golds),
+    }

@@ -1,0 +1,1 @@
+"""The product's face: the ``lorag`` command and the demo."""

@@ -1,0 +1,120 @@
+"""The fallback when no generative model is loaded: quotes the retrieved sentences that best match the question.
+
+It says plainly that it is not a model, and every sentence it quotes carries the [n] of its passage,
+so citations work exactly as they do for generated answers.
+"""
+
+import asyncio
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+from core.records import Passage
+from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
+
+NOTHING_FOUND = (
+    "I found nothing in the documents for this question, and no generative model is loaded to answer "
+    "without them."
+)
+HEADER = "No generative model is loaded, so these are the sentences from your documents that best match the question:"
+NO_MATCH = (
+    "No generative model is loaded, and no sentence of the retrieved documents shares a word with the question. "
+    "The best-ranked passage begins:"
+)
+
+# A sentence ends at . ! ? before whitespace and a capital/digit/quote, or at a blank line or list item.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n|\n(?=\s*(?:[-*\u2022]|\d+[.)])\s)")
+_WORD = re.compile(r"\w+")
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from has have how i in is it its of on or that the this to was "
+    "were what when where which who why will with you your".split()
+)
+
+
+class ExtractiveGenerator:
+    """A :class:`server.generation.protocol.Generator` that quotes passages instead of generating text."""
+
+    name = "extractive"
+    kind: Literal["extractive"] = "extractive"
+
+    def __init__(self, *, embedder=None, max_sentences: int = 3, relative_floor: float = 0.5):
+        self.embedder = embedder  # retrieval.embedder.Embedder; scores by meaning instead of shared words
+        self.max_sentences = max_sentences
+        self.relative_floor = relative_floor  # a quoted sentence scores at least this share of the best
+
+    async def start(self, request: GenerationRequest) -> GenerationStream:
+        question = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        passages = tuple(request.passages)
+        pieces = await asyncio.to_thread(self.answer_pieces, question, passages)
+        info = PromptInfo(prompt_tokens=0, passages_used=passages, dropped_passages=0)
+        return GenerationStream(prompt=info, deltas=_deltas(pieces))
+
+    async def close(self) -> None:
+        return None
+
+    def answer_pieces(self, question: str, passages: Sequence[Passage]) -> list[str]:
+        """The answer as the pieces it is streamed in: a header, then one cited sentence per piece."""
+        if not passages:
+            return [NOTHING_FOUND]
+        candidates = _sentences(passages)
+        if not candidates:
+            return [NOTHING_FOUND]
+        scores = self._scores(question, [sentence for sentence, _ in candidates])
+        ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i][1]))
+        # Quote only sentences that match nearly as well as the best one: padding the answer with
+        # weak matches (a title sharing one word with the question) reads as if they were relevant.
+        floor = max(scores) * self.relative_floor
+        chosen = [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
+        if not chosen:
+            first_sentence, number = candidates[0]
+            return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]
+        return [HEADER] + [f"\n\n{candidates[i][0]} [{candidates[i][1]}]" for i in chosen]
+
+    def _scores(self, question: str, sentences: list[str]) -> list[float]:
+        if self.embedder is not None:
+            vectors = self.embedder.embed_documents(sentences)  # (n, d), L2-normalised
+            return [float(score) for score in vectors @ self.embedder.embed_query(question)]
+        return _bm25(_terms(question), [_terms(sentence) for sentence in sentences])
+
+
+def _sentences(passages: Sequence[Passage]) -> list[tuple[str, int]]:
+    """(sentence, passage number) in passage order; a sentence repeated by overlapping chunks is kept once."""
+    seen: set[str] = set()
+    result = []
+    for number, passage in enumerate(passages, start=1):
+        for piece in _SENTENCE_END.split(passage.chunk.text):
+            sentence = " ".join(piece.split())
+            # A Markdown heading names a topic and states nothing: quoting it answers no question.
+            if len(sentence) >= 12 and not sentence.startswith("#") and sentence not in seen:
+                seen.add(sentence)
+                result.append((sentence, number))
+    return result
+
+
+def _terms(text: str) -> list[str]:
+    return [word for word in _WORD.findall(text.lower()) if word not in _STOPWORDS]
+
+
+def _bm25(query: list[str], documents: list[list[str]], *, k1: float = 1.2, b: float = 0.75) -> list[float]:
+    """Okapi BM25 of each sentence for the question's terms, with the sentences themselves as the corpus."""
+    count = len(documents)
+    average_length = sum(len(d) for d in documents) / count or 1.0
+    frequency = Counter(term for document in documents for term in set(document))
+    scores = []
+    for document in documents:
+        counts = Counter(document)
+        score = 0.0
+        for term in set(query):
+            if counts[term]:
+                idf = math.log(1 + (count - frequency[term] + 0.5) / (frequency[term] + 0.5))
+                saturation = counts[term] * (k1 + 1) / (counts[term] + k1 * (1 - b + b * len(document) / average_length))
+                score += idf * saturation
+        scores.append(score)
+    return scores
+
+
+async def _deltas(pieces: list[str]):
+    for index, piece in enumerate(pieces):
+        yield TextDelta(text=piece, tokens=0, finish_reason="stop" if index == len(pieces) - 1 else None)

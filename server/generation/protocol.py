@@ -1,0 +1,74 @@
+"""The contract between the chat route and whatever produces answer text.
+
+Implementations: the in-process transformers generator, the extractive fallback, and the
+multi-adapter engine. A remote OpenAI-compatible backend (e.g. vLLM serving base + LoRA)
+fits the same shape: it receives the conversation and passages, builds the prompt, streams text.
+"""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from core.prompt import ChatMessage
+from core.records import Passage
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything a generator needs; it builds the prompt itself (it owns the tokenizer and budget)."""
+
+    messages: tuple[ChatMessage, ...]
+    passages: tuple[Passage, ...]  # retrieved, best first; empty when retrieval is off
+    sampling: SamplingParams = SamplingParams()
+    adapter: str | None = None  # registry key of the tenant's adapter; None = base model
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer as it is produced."""
+
+    text: str
+    tokens: int = 0  # tokens this delta adds (0 for generators that do not count tokens)
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None  # set on the last delta
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What the generator actually put in front of the model, reported back to the caller."""
+
+    prompt_tokens: int
+    passages_used: tuple[Passage, ...]  # numbered [1]..[n] in this order; budget may drop the tail
+    dropped_passages: int = 0
+
+
+@dataclass
+class GenerationStream:
+    """A running generation: iterate ``deltas``; ``prompt`` is known before the first delta."""
+
+    prompt: PromptInfo
+    deltas: AsyncIterator[TextDelta]
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    name: str  # reported to clients, e.g. "transformers:Qwen/Qwen2.5-0.5B-Instruct" or "extractive"
+    kind: Literal["generative", "extractive"]
+
+    async def start(self, request: GenerationRequest) -> GenerationStream:
+        """Build the prompt and begin generating. Cancelling the consuming task cancels generation."""
+        ...
+
+    async def close(self) -> None:
+        """Release model memory and worker threads."""
+        ...
