@@ -9,7 +9,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from adapters.validation import InvalidAdapter
+from adapters.registry import InvalidAdapter
 
 MAX_MEMBERS = 64
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.atomic import fsync_path
 from core.errors import Conflict, LoragError, NotFound
+from core.prompt import PROMPT_FORMAT
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "lorag_adapter.json"
@@ -92,6 +93,9 @@ class AdapterManifest(BaseModel):
     data: DataStats | None = None
     metrics: TrainMetrics | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    # core.prompt.PROMPT_FORMAT the adapter was trained on; None: registered from a plain peft dir, or written
+    # before lorag recorded it (then it was trained on prompt format 1)
+    prompt_format: int | None = None
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -144,6 +148,24 @@ def read_manifest(adapter_dir: str | Path) -> AdapterManifest:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise LoragError(f"adapter manifest {str(path)!r}: field {field!r}: {first['msg']}") from error
+
+
+def prompt_format_warning(manifest: AdapterManifest | None) -> str | None:
+    """Why serving this adapter under today's prompt may go wrong, or None when its prompt format matches.
+
+    An adapter learns the exact prompt it was trained on (system prompt, document layout, [n] markers); under
+    another one it still loads, but answers may lose the format it learnt. Not a refusal: the weights fit.
+    """
+    if manifest is None or manifest.hyperparameters.get("registered_from") == "plain peft directory":
+        return None  # not trained by lorag: no prompt of ours to compare with
+    trained_on = manifest.prompt_format or 1
+    if trained_on == PROMPT_FORMAT:
+        return None
+    return (
+        f"adapter {manifest.tenant}/{manifest.name} was trained on prompt format {trained_on}, but this lorag "
+        f"builds prompt format {PROMPT_FORMAT}; answers may not follow the format it learnt. Retrain it with "
+        "`lorag train` to match"
+    )
 
 
 def check_base(manifest: AdapterManifest, config: Any) -> None:

@@ -6,30 +6,20 @@ tensor's shape; a plain peft directory (no ``lorag_adapter.json``) must name the
 """
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import Conflict, LoragError
+from core.errors import Conflict
 from adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest
 from adapters.host import HostAdapter, ServedModel
+from adapters.peft_files import CONFIG_FILE, WEIGHTS_FILE, check_files, read_config
+from adapters.registry import InvalidAdapter, validate_adapter_name
 from adapters.safetensors_flat import InvalidSafetensors, read_flat
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # peft's saved names: base_model.model.<module path>.lora_A.weight (the adapter name is stripped)
 _TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
-
-
-class InvalidAdapter(LoragError):
-    """An adapter that cannot be served as it is; the message names the file or field and the reason."""
-
-    http_status = 422
-    code = "invalid_adapter"
 
 
 @dataclass(frozen=True)
@@ -58,16 +48,6 @@ class CheckedAdapter:
         return "dora" if self.peft_config.get("use_dora") else "lora"
 
 
-def validate_adapter_name(name: str) -> str:
-    """Raises: InvalidAdapter for names that could escape the registry dir ('/', '..', leading '.')."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise InvalidAdapter(
-            f"invalid adapter name {name!r}: use 1-63 letters, digits, '.', '-' and '_', starting with a letter "
-            "or digit, without '..'",
-        )
-    return name
-
-
 def check_adapter_dir(
     path: Path, *, tenant: str, name: str, served: ServedModel | None, max_rank: int, max_bytes: int
 ) -> CheckedAdapter:
@@ -80,23 +60,12 @@ def check_adapter_dir(
     """
     validate_adapter_name(name)
     path = Path(path)
-    _check_files(path)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise InvalidAdapter(f"adapter {name!r}: {required.name} is missing (save it with peft save_pretrained)")
+    check_files(path, name=name)
+    weights_path = path / WEIGHTS_FILE
     size = weights_path.stat().st_size
     if size > max_bytes:
         raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes, over the limit of {max_bytes}")
-    config_bytes = config_path.read_bytes()
-    try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} field 'peft_type' is {config.get('peft_type')!r}, not LORA")
+    config, config_bytes = read_config(path, name=name)
     manifest = read_manifest(path) if (path / MANIFEST_FILE).is_file() else None
     rank = _check_rank(name, config, manifest, max_rank)
     if served is not None:
@@ -148,20 +117,6 @@ def read_host_adapter(checked: CheckedAdapter, *, pinned: bool = False, check_fi
 def _stat_identity(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
-
-
-def _check_files(path: Path) -> None:
-    if not path.is_dir():
-        raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
-    for item in path.rglob("*"):
-        relative = item.relative_to(path)
-        if item.is_symlink():
-            raise InvalidAdapter(f"adapter file {str(relative)!r} is a symbolic link; copy the file instead")
-        if item.suffix.lower() in PICKLE_SUFFIXES:
-            raise InvalidAdapter(
-                f"adapter file {str(relative)!r} is a pickle-based checkpoint, which lorag never loads; "
-                f"save the adapter as {WEIGHTS_FILE} (peft save_pretrained with safe_serialization=True)"
-            )
 
 
 def _check_rank(name: str, config: dict, manifest: AdapterManifest | None, max_rank: int) -> int:

@@ -12,6 +12,10 @@ from typing import Literal
 from core.errors import LoragError
 from core.records import Passage
 
+# The version of what a model reads: the system prompt, the document layout and the [n] grammar. An adapter's
+# manifest records the version it was trained on; serving it under another one is flagged (adapters.manifest).
+PROMPT_FORMAT = 1
+
 SYSTEM_PROMPT = """\
 You are a careful assistant that answers questions using only the documents given in the user's message.
 
@@ -37,6 +41,11 @@ class ChatMessage:
 
 
 _ROLES = ("system", "user", "assistant")
+# The [n] citation grammar, the one copy ([1], [1,3], [1, 3], [1][3], [1-3]; server/web/app.js mirrors it):
+# "[" number (("," | "-" | en dash) number)* "]", spaces allowed around each part.
+CITATION_MARKER = re.compile(r"\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]")
+_MARKER_PART = re.compile(r"(\d+)\s*(?:[\-\u2013]\s*(\d+))?")
+_MARKER_WITH_SPACE = re.compile(r"\s*" + CITATION_MARKER.pattern)
 # A passage must not be able to close its own block (or open a fake one) and smuggle text outside it.
 _DELIMITER = re.compile(r"<(/?)(document)", re.IGNORECASE)
 
@@ -124,6 +133,25 @@ def build_prompt(
         dropped_turns=len(history) - len(_earlier(history, dropped_turns)),
         token_ids=render_prompt_ids(final, tokenizer),
     )
+
+
+def marker_numbers(marker: str, passage_count: int) -> list[int]:
+    """The valid passage numbers (1..passage_count) in one marker, in the order written, without repeats."""
+    numbers: list[int] = []
+    for part in _MARKER_PART.finditer(marker):
+        first = int(part.group(1))
+        last = int(part.group(2)) if part.group(2) else first
+        low, high = min(first, last), max(first, last)
+        # Clip before expanding so "[1-99999999]" costs nothing.
+        for number in range(max(low, 1), min(high, passage_count) + 1):
+            if number not in numbers:
+                numbers.append(number)
+    return numbers
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without its citation markers (and the spaces before them): "in 2019 [1]." -> "in 2019."."""
+    return _MARKER_WITH_SPACE.sub("", text)
 
 
 def format_documents(passages: Sequence[Passage]) -> str:

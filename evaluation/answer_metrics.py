@@ -9,7 +9,8 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
-_MARKER = re.compile(r"\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]")
+from core.prompt import CITATION_MARKER
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -25,14 +26,10 @@ ABSTENTION_PHRASES = (
 )
 
 
-def strip_markers(text: str) -> str:
-    """``text`` without ``[n]`` citation markers, whitespace runs made single spaces."""
-    return " ".join(_MARKER.sub(" ", text).split())
-
 
 def normalise_answer(text: str) -> str:
     """SQuAD normalisation after removing citation markers."""
-    text = _MARKER.sub(" ", text).lower().translate(_PUNCTUATION)
+    text = CITATION_MARKER.sub(" ", text).lower().translate(_PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -89,7 +86,7 @@ def contains_gold(prediction: str, gold: str) -> float:
 
 def is_abstention(prediction: str) -> bool:
     """The answer declines (see :data:`ABSTENTION_PHRASES`); an empty answer counts as declining."""
-    text = " ".join(_MARKER.sub(" ", prediction).lower().replace("\u2019", "'").split())
+    text = " ".join(CITATION_MARKER.sub(" ", prediction).lower().replace("\u2019", "'").split())
     return not text or any(phrase in text for phrase in ABSTENTION_PHRASES)
 
 

@@ -7,7 +7,7 @@ evidence text; with an NLI model configured (``--nli-model``), also when the pas
 import logging
 from collections.abc import Sequence
 
-from evaluation.answer_metrics import strip_markers
+from core.prompt import strip_markers
 from evaluation.datasets import EvalQuestion, normalise_text, same_document
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def citation_scores(
     - ``page_accuracy``: share of citations on a gold document's gold page (None: nothing cited, or no gold page).
     - ``no_citation``: 1.0 when the answer cites nothing.
     """
-    claim = strip_markers(answer)
+    claim = " ".join(strip_markers(answer).split())
     if question.unanswerable:
         return {"citation_precision": None, "citation_recall": None, "page_accuracy": None,
                 "no_citation": float(not citations)}

@@ -157,14 +157,14 @@ def _backend(args, settings, questions):
 def _perplexity(args, settings):
     from core.errors import LoragError
     from evaluation.perplexity import measure_perplexity
-    from training.registry import AdapterRegistry
+    from adapters.registry import AdapterRegistry
 
     if not args.tenant:
         raise LoragError("--heldout needs --tenant: perplexity loads the adapter from the tenant's adapter directory")
-    adapter_dir = AdapterRegistry(settings.data_dir, args.tenant).path(args.adapter) if args.adapter else None
+    adapter_dir = AdapterRegistry(settings.data_dir).existing(args.tenant, args.adapter) if args.adapter else None
     base = args.base
     if base is None and adapter_dir is not None:
-        base = AdapterRegistry(settings.data_dir, args.tenant).show(args.adapter).base_model
+        base = AdapterRegistry(settings.data_dir).show(args.tenant, args.adapter).base_model
     base = base or settings.generation.model
     if not base:
         raise LoragError("--heldout needs a base model: pass --base MODEL or --adapter NAME")

@@ -10,8 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.datadir import adapters_dir
-from adapters.manifest import MANIFEST_FILE
+from adapters.registry import AdapterRegistry
 from server.errors import ModelNotFound
 from server.schemas import ModelCard
 from server.tenants import Tenant
@@ -30,7 +29,7 @@ class ModelChoice:
 
 class ModelCatalog:
     def __init__(self, data_dir: Path, *, base_name: str, adapters=None):
-        self.data_dir = Path(data_dir)
+        self.registry = AdapterRegistry(data_dir)
         self.base_name = base_name
         self.adapter_service = adapters  # server.hotswap.service.AdapterService or None
 
@@ -38,13 +37,8 @@ class ModelCatalog:
         if self.adapter_service is not None:
             if self.adapter_service.host is not None:
                 return self.adapter_service.names(tenant)  # validated against the served model
-            found = self.adapter_service.registry.scan()  # the registry's rules: no in-progress or linked dirs
-            return sorted(name for owner, name in found if owner == tenant)
-        root = adapters_dir(self.data_dir, tenant)
-        if not root.is_dir():
-            return []
-        return sorted(path.name for path in root.iterdir()
-                      if not path.name.startswith(".") and (path / MANIFEST_FILE).is_file())
+            return self.registry.names(tenant)
+        return self.registry.names(tenant, with_manifest=True)
 
     def cards(self, tenant: Tenant) -> list[ModelCard]:
         cards = [

@@ -8,11 +8,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.prompt import CITATION_MARKER, marker_numbers
 from core.records import Passage
-
-# "[" number (("," | "-" | en dash) number)* "]", spaces allowed around each part.
-_MARKER = re.compile(r"\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]")
-_PART = re.compile(r"(\d+)\s*(?:[\-\u2013]\s*(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -33,8 +30,8 @@ class Citation:
 def extract_citations(answer: str, passages: Sequence[Passage]) -> list[Citation]:
     """The passages ``answer`` cites, in order of first use, each once (``passages[i]`` is [i + 1])."""
     seen: dict[int, Citation] = {}
-    for match in _MARKER.finditer(answer):
-        for number in _numbers(match.group(), len(passages)):
+    for match in CITATION_MARKER.finditer(answer):
+        for number in marker_numbers(match.group(), len(passages)):
             if number not in seen:
                 seen[number] = _citation(number, passages[number - 1])
     return list(seen.values())
@@ -48,13 +45,13 @@ def clean_markers(answer: str, passage_count: int) -> str:
     """
 
     def rewrite(match: re.Match) -> str:
-        numbers = _numbers(match.group(), passage_count)
+        numbers = marker_numbers(match.group(), passage_count)
         if numbers:
             return "[" + ", ".join(str(n) for n in numbers) + "]"
         return ""
 
     pieces, position = [], 0
-    for match in _MARKER.finditer(answer):
+    for match in CITATION_MARKER.finditer(answer):
         replacement = rewrite(match)
         before = answer[position : match.start()]
         if not replacement:
@@ -63,20 +60,6 @@ def clean_markers(answer: str, passage_count: int) -> str:
         position = match.end()
     pieces.append(answer[position:])
     return "".join(pieces)
-
-
-def _numbers(marker: str, passage_count: int) -> list[int]:
-    """The valid passage numbers in one marker, in the order written, without repeats."""
-    numbers: list[int] = []
-    for part in _PART.finditer(marker):
-        first = int(part.group(1))
-        last = int(part.group(2)) if part.group(2) else first
-        low, high = min(first, last), max(first, last)
-        # Clip before expanding so "[1-99999999]" costs nothing.
-        for number in range(max(low, 1), min(high, passage_count) + 1):
-            if number not in numbers:
-                numbers.append(number)
-    return numbers
 
 
 def _citation(number: int, passage: Passage) -> Citation:

@@ -19,7 +19,7 @@ from pathlib import Path
 from core.atomic import write_atomically
 from core.errors import Conflict, LoragError, NotFound
 from core.datadir import validate_tenant_name
-from adapters.validation import validate_adapter_name
+from adapters.registry import validate_adapter_name
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "lorag-"

@@ -117,13 +117,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_adapters(args: argparse.Namespace) -> int:
     from core.settings import Settings, load_settings
-    from training.registry import AdapterRegistry
+    from adapters.manifest import prompt_format_warning
+    from adapters.registry import AdapterRegistry
+    from training.merge import merge_adapter
 
     settings = load_settings(Settings, config_file=args.config, data_dir=args.data_dir)
-    registry = AdapterRegistry(settings.data_dir, args.tenant)
+    registry = AdapterRegistry(settings.data_dir)
     action = args.adapters_command
     if action == "list":
-        manifests = registry.list()
+        manifests = registry.list(args.tenant)
         if args.json:
             print(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
         elif not manifests:
@@ -133,14 +135,17 @@ def run_adapters(args: argparse.Namespace) -> int:
             for m in manifests:
                 ppl = m.metrics.val_perplexity if m.metrics else None
                 print(f"{m.name:<28} {m.method:<6} {m.rank:>4}  {_fmt(ppl):>8}  {m.base_model:<36} {m.created_at}")
+            for m in manifests:
+                if (warning := prompt_format_warning(m)) is not None:
+                    print(f"warning: {warning}", file=sys.stderr)
     elif action == "show":
-        manifest = registry.show(args.name)
+        manifest = registry.show(args.tenant, args.name)
         print(json.dumps(manifest.model_dump(mode="json"), indent=2))
     elif action == "delete":
-        registry.delete(args.name)
+        registry.remove(args.tenant, args.name)
         print(f"deleted adapter {args.tenant}/{args.name}")
     else:
-        out = registry.merge(args.name, args.out, dtype=args.dtype, base_model=args.base)
+        out = merge_adapter(registry, args.tenant, args.name, args.out, dtype=args.dtype, base_model=args.base)
         print(f"merged {args.tenant}/{args.name} into {out}")
     return 0
 

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.errors import LoragError
+from core.prompt import strip_markers
 from core.records import Passage
 from training.data import Example
 from training.settings import TrainingSettings
 
-_CITATION = re.compile(r"\s*\[\d+\]")
 _TRAILING_PUNCTUATION = re.compile(r"([.!?]+)$")
 
 
@@ -82,7 +82,7 @@ def build_raft_examples(
 
 def find_oracle(passages: Sequence[Passage], answer: str) -> list[Passage]:
     """Passages whose text contains the answer (case and spacing ignored), else the top hit alone."""
-    needle = _normalise(_TRAILING_PUNCTUATION.sub("", _CITATION.sub("", answer).strip()))
+    needle = _normalise(_TRAILING_PUNCTUATION.sub("", strip_markers(answer).strip()))
     containing = [p for p in passages if needle and needle in _normalise(p.chunk.text)]
     return containing or list(passages[:1])
 
@@ -90,7 +90,7 @@ def find_oracle(passages: Sequence[Passage], answer: str) -> list[Passage]:
 def cite(answer: str, numbers: Sequence[int]) -> str:
     """``answer`` with any old [n] marks removed and ``[a][b]`` added before its final punctuation."""
     marks = "".join(f"[{n}]" for n in numbers)
-    text = _CITATION.sub("", answer).rstrip()
+    text = strip_markers(answer).rstrip()
     match = _TRAILING_PUNCTUATION.search(text)
     if match:
         return f"{text[: match.start()]} {marks}{match.group(1)}"

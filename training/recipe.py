@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.errors import Conflict, LoragError
 from core.datadir import adapters_dir, tenant_dir
+from core.prompt import PROMPT_FORMAT
 from adapters.manifest import (
     AdapterManifest,
     DataStats,
@@ -84,7 +85,7 @@ def train_adapter(
 
 class LoraFinetuneRecipe:
     def __init__(self, settings: TrainSettings, *, tenant: str, name: str | None, resume: bool):
-        from training.registry import validate_adapter_name
+        from adapters.registry import validate_adapter_name
 
         self.settings = settings
         self.cfg = settings.training
@@ -427,6 +428,7 @@ class LoraFinetuneRecipe:
                 wall_time_s=self.train_seconds, stopped_early=self.stopped_early,
             ),
             versions=_library_versions(),
+            prompt_format=PROMPT_FORMAT,
         )
 
         def fill(directory: Path) -> None:

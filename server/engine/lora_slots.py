@@ -8,7 +8,6 @@ adapter's scaling. The model applies them per token slot with server/engine/lora
 copies into these tensors in place, so captured graphs and compiled steps keep pointing at them.
 """
 
-import json
 import logging
 import math
 import re
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 
 from core.errors import Conflict, LoragError, NotFound
-from adapters.safetensors_flat import FlatTensors, NonFiniteWeights, read_flat
+from adapters.peft_files import read_peft_files
+from adapters.safetensors_flat import FlatTensors, NonFiniteWeights
 
 log = logging.getLogger(__name__)
 
@@ -250,29 +250,6 @@ class AdapterSlots:
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()
                    for by_group in self._groups for g in by_group.values())
-
-
-def read_peft_files(path: str | Path, *, pinned: bool = False) -> tuple[dict, FlatTensors]:
-    """adapter_config.json as a dict and adapter_model.safetensors as one buffer of tensors (never pickle;
-    page-locked when ``pinned``, see read_flat).
-
-    Raises:
-        LoragError: a file is missing, unreadable or malformed.
-    """
-    path = Path(path)
-    config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise LoragError(f"adapter dir {path} has no {required.name}", hint="save it with peft save_pretrained")
-    try:
-        config = json.loads(config_path.read_bytes())
-    except OSError as error:
-        raise LoragError(f"cannot read {config_path}: {error}") from error
-    except ValueError as error:  # invalid JSON or invalid UTF-8
-        raise LoragError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise LoragError(f"{config_path} must hold a JSON object, not {type(config).__name__}")
-    return config, read_flat(weights_path, pinned=pinned)
 
 
 def peft_weights(

@@ -18,17 +18,12 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from core.errors import Conflict, LoragError, NotFound
-from adapters.manifest import MANIFEST_FILE, AdapterManifest, LoraSpec
+from adapters.manifest import MANIFEST_FILE, AdapterManifest, LoraSpec, prompt_format_warning
 from adapters.host import AdapterHost, HostAdapter
 from adapters.registry import AdapterDir, AdapterRegistry
 from server.hotswap.residency import Residency
-from adapters.validation import (
-    CheckedAdapter,
-    InvalidAdapter,
-    check_adapter_dir,
-    read_host_adapter,
-    validate_adapter_name,
-)
+from adapters.validation import CheckedAdapter, check_adapter_dir, read_host_adapter
+from adapters.registry import InvalidAdapter, validate_adapter_name
 from server.errors import ServerBusy
 
 log = logging.getLogger(__name__)
@@ -220,6 +215,8 @@ class AdapterService:
             self._entries[ident] = _Entry(adapter_dir, version, stats)
             self._versions[checked.key] = version
         log.info("adapter %s/%s version %s %s", *ident, checked.version, "replaced" if old else "discovered")
+        if (warning := prompt_format_warning(checked.manifest)) is not None:
+            log.warning("%s", warning)
         if old is not None:
             self._retire_version(old.version, reason=f"replaced by version {checked.version}")
         self._set_residency_metric(ident)
@@ -409,6 +406,8 @@ class AdapterService:
             "loss_plot_url": f"/v1/adapters/{name}/loss.png" if (checked.path / LOSS_PLOT).is_file() else None,
             "created_at": created, "load_time_ms": stats.load_time_ms,
             "last_used": _iso(stats.last_used), "requests": stats.requests, "tokens": stats.tokens,
+            "prompt_format": manifest.prompt_format if manifest else None,
+            "warnings": [warning] if (warning := prompt_format_warning(manifest)) else [],
         }
 
     def views(self, tenant: str, *, default: str | None = None) -> list[dict]:

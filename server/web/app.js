@@ -200,15 +200,32 @@ async function* sseEvents(response) {
   }
 }
 
+// The [n] grammar of core/prompt.py (CITATION_MARKER): [1], [1,3], [1, 3], [1-3] (hyphen or en dash).
+const CITATION_MARKER = /\[\s*\d+\s*(?:[,\-\u2013]\s*\d+\s*)*\]/g;
+
+function markerNumbers(marker) {
+  const numbers = [];
+  for (const part of marker.matchAll(/(\d+)\s*(?:[\-\u2013]\s*(\d+))?/g)) {
+    const first = Number(part[1]);
+    const last = part[2] ? Number(part[2]) : first;
+    // Ranges are clipped to 50 numbers: a marker never names more passages than a request may retrieve.
+    for (let n = Math.min(first, last); n <= Math.max(first, last) && numbers.length < 50; n++) {
+      if (!numbers.includes(n)) numbers.push(n);
+    }
+  }
+  return numbers;
+}
+
 function renderAnswer(container, text, final) {
   const citations = new Map(final.citations.map((citation) => [citation.number, citation]));
   container.replaceChildren();
   const paragraph = el("p");
   let last = 0;
-  for (const match of text.matchAll(/\[(\d+)\]/g)) {
-    const citation = citations.get(Number(match[1]));
-    if (!citation) continue;
-    paragraph.append(text.slice(last, match.index), citeButton(citation, `[${citation.number}]`));
+  for (const match of text.matchAll(CITATION_MARKER)) {
+    const cited = markerNumbers(match[0]).map((number) => citations.get(number)).filter(Boolean);
+    if (!cited.length) continue;
+    paragraph.append(text.slice(last, match.index));
+    cited.forEach((citation) => paragraph.append(citeButton(citation, `[${citation.number}]`)));
     last = match.index + match[0].length;
   }
   paragraph.append(text.slice(last));

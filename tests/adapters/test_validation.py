@@ -11,7 +11,8 @@ import pytest
 from core.errors import Conflict
 from adapters.archive import extract_adapter_archive
 from adapters.host import ServedModel
-from adapters.validation import InvalidAdapter, check_adapter_dir, read_host_adapter, validate_adapter_name
+from adapters.validation import check_adapter_dir, read_host_adapter
+from adapters.registry import InvalidAdapter, validate_adapter_name
 from tests.adapters.conftest import make_adapter
 
 

@@ -140,7 +140,7 @@ def test_serve_refuses_unsafe_admin_key_before_binding(data_dir, monkeypatch, ca
 
 
 def test_default_adapter_must_be_a_possible_adapter_name(data_dir):
-    from adapters.validation import InvalidAdapter
+    from adapters.registry import InvalidAdapter
 
     registry = TenantRegistry(data_dir)
     with pytest.raises(InvalidAdapter, match="invalid adapter name '../x'"):

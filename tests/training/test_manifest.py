@@ -5,11 +5,13 @@ import json
 import pytest
 
 from core.errors import Conflict, LoragError, NotFound
+from core.prompt import PROMPT_FORMAT
 from adapters.manifest import (
     AdapterManifest,
     LoraSpec,
     check_base,
     model_fingerprint,
+    prompt_format_warning,
     read_manifest,
     write_adapter_dir,
     write_manifest,
@@ -119,3 +121,16 @@ def test_failed_replace_keeps_the_old_adapter_registered(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert read_manifest(target).name == "a"  # still registered, not stranded under .old-*
     assert sorted(p.name for p in target.parent.iterdir()) == ["a"]
+
+
+def test_a_prompt_format_other_than_todays_is_flagged_never_silent():
+    assert prompt_format_warning(manifest(prompt_format=PROMPT_FORMAT)) is None
+    assert prompt_format_warning(None) is None  # a plain peft dir: no lorag prompt to compare with
+    plain = manifest(prompt_format=None, hyperparameters={"registered_from": "plain peft directory"})
+    assert prompt_format_warning(plain) is None
+    older = prompt_format_warning(manifest(prompt_format=PROMPT_FORMAT + 1))
+    assert f"prompt format {PROMPT_FORMAT + 1}" in older and f"builds prompt format {PROMPT_FORMAT}" in older
+    assert "acme/a" in older and "lorag train" in older
+    # a manifest written before the field existed was trained on format 1
+    unrecorded = prompt_format_warning(manifest(prompt_format=None))
+    assert (unrecorded is None) == (PROMPT_FORMAT == 1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.errors import Conflict, LoragError
+from core.prompt import PROMPT_FORMAT
 from adapters.manifest import model_fingerprint, read_manifest
 from tests.training.conftest import MEMORISE, train_settings, write_openai_jsonl
 from training.recipe import train_adapter
@@ -53,6 +54,7 @@ def test_outputs_and_manifest(trained, tiny_llama_path):
     assert metrics.steps == 6 and metrics.tokens_per_second > 0 and metrics.peak_memory_bytes > 0
     assert metrics.val_perplexity < metrics.base_val_perplexity  # the validation answers were seen in training
     assert {"torch", "transformers", "peft"} <= set(manifest.versions)
+    assert manifest.prompt_format == PROMPT_FORMAT  # the prompt it learnt, checked when it is served
     assert not result.run_dir.exists()  # checkpoints are gone once the adapter is registered
 
 
