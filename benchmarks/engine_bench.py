@@ -266,7 +266,7 @@ def measure_engine(engine, workload, *, args, rng, vocab, device, tiny) -> dict:
 def profile(engine, vocab, device):
     """Per-bucket decode step time (graph replay, and with the host's argmax + copy), prefill time, top kernels."""
     from server.engine.decode_step import EagerDecode
-    from server.engine.lora_kernel import segment_prompts, to_segments
+    from server.engine.segments import segment_prompts, to_segments
 
     decode = engine.scheduler.decode
     at = min(1500, engine.cache.max_len - 2)

@@ -10,8 +10,8 @@ import logging
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import DECODE_BLOCK, Segments, decode_capacity, fill_segments, segment_rows, to_segments
 from server.engine.lora_slots import AdapterSlots
+from server.engine.segments import DECODE_BLOCK, Segments, decode_capacity, fill_segments, segment_rows, to_segments
 
 log = logging.getLogger(__name__)
 

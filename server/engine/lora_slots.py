@@ -4,7 +4,7 @@ Per layer, modules that read the same input form a group (q/k/v, o, gate/up, dow
 A as (slots * modules * r_max, in), laid out like a linear weight so the model can stack it under
 the group's base weight (one GEMM yields base output and every slot's shrink), and B as
 (slots * modules * r_max, out_total), block-diagonal over the modules and pre-multiplied by the
-adapter's scaling. The model applies them per token slot with server/engine/lora_kernel.py; a load
+adapter's scaling. The model applies them per token slot with server/engine/lora_ops.py; a load
 copies into these tensors in place, so captured graphs and compiled steps keep pointing at them.
 """
 

@@ -10,18 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import (
-    Segments,
-    expand_,
-    expand_add,
-    kernels_available,
-    lora_shrink_expand_,
-    shrink,
-    silu_mul,
-    silu_mul_lora,
-)
+from server.engine.lora_ops import expand_, expand_add, kernels_available, shrink, silu_mul_lora
 from server.engine.lora_slots import GROUPS, AdapterSlots
+from server.engine.lora_triton import lora_shrink_expand_, silu_mul
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
+from server.engine.segments import Segments
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 

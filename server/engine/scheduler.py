@@ -16,9 +16,9 @@ import torch
 
 from core.errors import LoragError
 from server.engine.kv_cache import KVCache
-from server.engine.lora_kernel import segment_prompts, to_segments
 from server.engine.lora_slots import AdapterSlots
 from server.engine.sampling import row_generator, sample
+from server.engine.segments import segment_prompts, to_segments
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)

@@ -66,7 +66,7 @@ def test_compiled_graphs_match_eager_and_peft(arch_setup, reference):
 
 
 def test_compiled_step_logits_close_to_eager_in_bf16(arch_setup):
-    from server.engine.lora_kernel import segment_rows, to_segments
+    from server.engine.segments import segment_rows, to_segments
 
     _qwen2_only(arch_setup)
     engine = _engine(arch_setup, cuda_graphs=False, dtype=torch.bfloat16, max_rows=4)

@@ -5,19 +5,15 @@ Triton's interpreter."""
 import pytest
 import torch
 
-from server.engine.lora_kernel import (
-    lora_expand_,
-    lora_expand_reference_,
-    lora_shrink,
-    lora_shrink_reference,
-    segment_prompts,
-    segment_rows,
-    silu_mul,
-    silu_mul_reference,
+from server.engine.lora_ops import (
     expand_add,
+    lora_expand_reference_,
+    lora_shrink_reference,
     silu_mul_lora,
-    to_segments,
+    silu_mul_reference,
 )
+from server.engine.lora_triton import lora_expand_, lora_shrink, silu_mul
+from server.engine.segments import segment_prompts, segment_rows, to_segments
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +177,7 @@ def test_fused_shrink_expand_matches_the_two_kernels(outs, residual):
     """One launch per block (h kept in registers) gives what shrink then expand give, the residual add
     included (as the model uses it: for one-module groups, o and down), for prompts with padding and a
     prompt without an adapter."""
-    from server.engine.lora_kernel import lora_shrink_expand_
+    from server.engine.lora_triton import lora_shrink_expand_
 
     in_features, width = 40, len(outs) * RANK  # 40: the shrink's K loop ends in a partial tile
     a, b = group_weights(outs, in_features, seed=7)
