@@ -144,6 +144,9 @@ def test_module_level_imports_have_no_cycle():
     ("CITATION_MARKER = re.compile", "core/prompt.py"),
     ("def build_prompt", "core/prompt.py"),
     ("class ChatMessage", "core/prompt.py"),
+    ("class IncrementalText", "server/generation/text.py"),
+    ("def eos_token_ids", "server/generation/text.py"),
+    ("def check(self, *, context_tokens", "server/generation/protocol.py"),
 ])
 def test_one_owner_per_contract(contract, owner):
     defines = re.compile(re.escape(contract) + r"\b")

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from core.errors import LoragError
-from server.generation.detokenizer import IncrementalText
+from server.generation.text import IncrementalText, eos_token_ids
 from server.engine.engine import Engine, EngineConfig
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.model import check_supported
@@ -131,8 +131,7 @@ class EngineGenerator:
         """
         sampling = request.sampling
         context = self.engine.cache.max_len
-        if sampling.max_tokens < 1 or sampling.max_tokens >= context:
-            raise LoragError(f"max_tokens={sampling.max_tokens} must be between 1 and {context - 1} (the engine's context)")
+        sampling.check(context_tokens=context, model=self.name)
         prompt = build_prompt(request.messages, request.passages, tokenizer=self.tokenizer,
                               max_prompt_tokens=context - sampling.max_tokens)
         slot = self.engine.adapters.acquire(request.adapter)
@@ -209,15 +208,11 @@ def load_engine_generator(settings, *, adapters=None) -> EngineGenerator | None:
 
 
 def _stop_ids(path: str, tokenizer) -> frozenset[int]:
-    """End-of-answer ids: the generation config's eos ids plus the tokenizer's eos."""
+    """End-of-answer ids of the model at ``path`` (no generation_config.json: the tokenizer's eos alone)."""
     from transformers import GenerationConfig
 
-    ids = set()
     try:
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        configured = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:
-        pass  # no generation_config.json: the tokenizer's eos is all there is
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+        configured = None
+    return frozenset(eos_token_ids(configured, tokenizer))

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from core.errors import LoragError
 from core.prompt import ChatMessage
 from core.records import Passage
 
@@ -20,6 +21,24 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def check(self, *, context_tokens: int, model: str) -> None:
+        """Refuse values no generator can honour, the same way for every generator.
+
+        Raises:
+            LoragError: max_tokens below 1 or leaving no room for a prompt, negative temperature, top_p outside (0, 1].
+        """
+        if self.max_tokens < 1:
+            raise LoragError(f"max_tokens is {self.max_tokens}; it must be at least 1")
+        if self.max_tokens >= context_tokens:
+            raise LoragError(
+                f"max_tokens={self.max_tokens} leaves no room for the prompt in the {context_tokens}-token context "
+                f"of {model}; it must be between 1 and {context_tokens - 1}"
+            )
+        if self.temperature < 0:
+            raise LoragError(f"temperature is {self.temperature}; it must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise LoragError(f"top_p is {self.top_p}; it must be in (0, 1]")
 
 
 @dataclass(frozen=True)

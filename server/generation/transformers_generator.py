@@ -17,6 +17,7 @@ from typing import Literal
 from core.errors import LoragError, NotFound
 from core.records import Passage
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
+from server.generation.text import IncrementalText, eos_token_ids
 from core.prompt import Prompt, build_prompt, require_chat_template
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,8 @@ class _Row:
     loop: asyncio.AbstractEventLoop
     deltas: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # decoded answer so far (whole characters only)
-    prefix_offset: int = 0  # decode window start, see TransformersGenerator._decode_new
-    read_offset: int = 0  # tokens before this are in ``text``
-    emitted_chars: int = 0
+    text: IncrementalText | None = None  # the answer's streaming text, set when the row is queued
+    generated: int = 0  # tokens generated so far
     unreported_tokens: int = 0
     done: bool = False
 
@@ -85,7 +83,9 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_context_tokens = max_context_tokens or _context_length(model, tokenizer)
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._eos_ids = eos_token_ids(model.generation_config.eos_token_id, tokenizer)
+        if not self._eos_ids:
+            raise LoragError(f"the model {name!r} names no end-of-sequence token")
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids)
         # Sampling comes from each request only; a checkpoint's own defaults (top_k, repetition penalty)
         # would otherwise fill every field a request leaves unset. A PEFT wrapper generates with its base's config.
@@ -149,14 +149,9 @@ class TransformersGenerator:
         if self._closed:
             raise LoragError(f"generator {self.name} is closed")
         sampling = request.sampling
-        _check_sampling(sampling)
+        sampling.check(context_tokens=self.max_context_tokens, model=self.name)
         self._check_adapter(request.adapter)
         budget = self.max_context_tokens - sampling.max_tokens
-        if budget <= 0:
-            raise LoragError(
-                f"max_tokens={sampling.max_tokens} leaves no room for the prompt in the "
-                f"{self.max_context_tokens}-token context of {self.name}"
-            )
         prompt = await asyncio.to_thread(self._build_prompt, request.messages, request.passages, budget)
         row = _Row(
             token_ids=prompt.token_ids,
@@ -164,6 +159,7 @@ class TransformersGenerator:
             adapter=request.adapter,
             loop=asyncio.get_running_loop(),
             deltas=asyncio.Queue(),
+            text=IncrementalText(self.tokenizer, stop=sampling.stop, lock=self._tokenizer_lock),
         )
         with self._wakeup:
             if self._closed:  # checked again under the lock: a closed worker would never serve the row
@@ -389,48 +385,26 @@ class TransformersGenerator:
         if token in self._eos_ids:
             self._finish(row, "stop")
             return
-        row.generated.append(token)
-        self._decode_new(row)
-        # Held-back text never contains the start of a stop string, so none can begin before emitted_chars.
-        stop_at = _first_stop(row.text, row.sampling.stop, start=row.emitted_chars)
-        if stop_at is not None:
-            self._finish(row, "stop", end=stop_at)
-        elif len(row.generated) >= row.sampling.max_tokens:
-            self._finish(row, "length")
-        else:
-            certain = len(row.text) - _held_back(row.text, row.sampling.stop)
-            if certain > row.emitted_chars:
-                self._emit(row, row.text[row.emitted_chars : certain])
-
-    def _decode_new(self, row: _Row, *, final: bool = False) -> None:
-        """Extend ``row.text`` with what its new tokens decode to.
-
-        Decoding a short window (tokens since the last extension plus the ones before them, for the
-        tokenizer's spacing rules) keeps each step cheap; a window that ends inside a multi-byte
-        character waits for the next token unless ``final``.
-        """
-        window = row.generated[row.prefix_offset :]
-        with self._tokenizer_lock:
-            before = self.tokenizer.decode(window[: row.read_offset - row.prefix_offset], skip_special_tokens=True)
-            after = self.tokenizer.decode(window, skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            row.text += after[len(before) :]
-            row.prefix_offset, row.read_offset = row.read_offset, len(row.generated)
+        row.generated += 1
+        piece, stopped = row.text.add([token])
+        if stopped:
+            self._finish(row, "stop", last=piece)
+        elif row.generated >= row.sampling.max_tokens:
+            self._finish(row, "length", last=piece + row.text.flush())
+        elif piece:
+            self._emit(row, piece)
 
     def _emit(self, row: _Row, text: str, finish_reason: FinishReason | None = None) -> None:
         _deliver(row, TextDelta(text=text, tokens=row.unreported_tokens, finish_reason=finish_reason))
-        row.emitted_chars += len(text)
         row.unreported_tokens = 0
 
-    def _finish(self, row: _Row, reason: FinishReason, *, end: int | None = None) -> None:
-        """Close ``row`` with ``reason``, flushing held-back text up to ``end`` (where a stop string begins)."""
+    def _finish(self, row: _Row, reason: FinishReason, *, last: str | None = None) -> None:
+        """Close ``row`` with ``reason``; its last delta is ``last``, or all the text still held back."""
         if row.done:
             return
-        if end is None:
-            self._decode_new(row, final=True)
         row.done = True
         self.stats.finish_reasons[reason] += 1
-        self._emit(row, row.text[row.emitted_chars : end], reason)
+        self._emit(row, row.text.flush() if last is None else last, reason)
 
 
 class _RowStops:
@@ -469,42 +443,6 @@ def _deliver(row: _Row, item: TextDelta | BaseException) -> None:
         row.loop.call_soon_threadsafe(row.deltas.put_nowait, item)
     except RuntimeError:  # the consumer's event loop is gone: nobody is listening any more
         row.cancelled.set()
-
-
-def _first_stop(text: str, stops: tuple[str, ...], *, start: int = 0) -> int | None:
-    positions = [text.find(stop, start) for stop in stops if stop]
-    positions = [position for position in positions if position >= 0]
-    return min(positions) if positions else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might be the start of a stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
-
-
-def _check_sampling(sampling: SamplingParams) -> None:
-    if sampling.max_tokens < 1:
-        raise LoragError(f"max_tokens is {sampling.max_tokens}; it must be at least 1")
-    if sampling.temperature < 0:
-        raise LoragError(f"temperature is {sampling.temperature}; it must be 0 (greedy) or more")
-    if not 0 < sampling.top_p <= 1:
-        raise LoragError(f"top_p is {sampling.top_p}; it must be in (0, 1]")
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise LoragError(f"the model {getattr(model, 'name_or_path', '')!r} names no end-of-sequence token")
-    return ids
 
 
 def _context_length(model, tokenizer) -> int:

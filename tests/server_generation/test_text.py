@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.generation.detokenizer import IncrementalText
+from server.generation.text import IncrementalText
 from tests.model_factory import build_tokenizer
 
 
