@@ -82,11 +82,12 @@ def summary(samples: list[float]) -> dict:
 
 def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, device, repeats: int,
                   engine: bool = False, rank: int = 16) -> dict:
-    """lorag: AdapterService over TransformersGenerator (peft layers, per-row adapter names) or, with
-    ``engine``, over the engine's adapter slots (what `lorag serve` uses for Llama/Qwen2 on a GPU)."""
-    from server.hotswap.service import AdapterService
+    """lorag: the server's AdapterService (built as `lorag serve` builds it) over TransformersGenerator (peft
+    layers, per-row adapter names) or, with ``engine``, over the engine's adapter slots (what `lorag serve` uses
+    for Llama/Qwen2 on a GPU)."""
     from core.prompt import ChatMessage
     from server.generation.protocol import GenerationRequest, SamplingParams
+    from server.services import build_services, close_services
     from server.settings import ServerSettings
 
     if engine:
@@ -101,8 +102,8 @@ def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, dev
         generator = TransformersGenerator.from_pretrained(str(model_path), device=device)
     settings = ServerSettings(data_dir=data_dir, adapters={"max_resident": 1, "max_host": len(adapters),
                                                            "poll_interval_s": 0})
-    service = AdapterService(settings, host=generator)
-    service.start()
+    services = build_services(settings, generator=generator)
+    service = services.adapters
     names = [path.name for path in adapters]
     results = {"cold": [], "promote": [], "unload": [], "activate": []}
     for round_ in range(repeats):
@@ -148,7 +149,7 @@ def bench_service(model_path: Path, data_dir: Path, adapters: list[Path], *, dev
         return out
 
     results.update(asyncio.run(ttfts()))
-    service.close()
+    asyncio.run(close_services(services))  # the adapter service; the generator is ours to close
     asyncio.run(generator.close())
     return {key: summary(values) for key, values in results.items()}
 

@@ -48,40 +48,23 @@ class Reply:
 
 
 class InProcessBackend:
-    """The app's services built in this process (as server.app's lifespan builds them) for one tenant."""
+    """The app's services built in this process (server.services.build_services, as the app's lifespan builds
+    them) for one tenant."""
 
     def __init__(self, settings, *, tenant: str, retrieval=None, generator=None, generate: bool = True):
-        from retrieval.service import RetrievalService
-        from adapters.host import AdapterHost
-        from server.hotswap.service import AdapterService
-        from server.app import served_model_name
-        from server.catalog import ModelCatalog
-        from server.chat_service import ChatService
-        from server.generation.factory import load_generator
-        from server.metrics import Metrics
-        from server.tenants import Tenant, TenantRegistry
+        from server.services import build_services
+        from server.tenants import Tenant
 
         self.description = f"in-process, tenant {tenant!r}"
-        self.retrieval = retrieval if retrieval is not None else RetrievalService(settings)
-        registry = TenantRegistry(settings.data_dir)
+        self._loop = asyncio.new_event_loop()
+        self.services = build_services(settings, retrieval=retrieval, generator=generator, generate=generate)
+        self.retrieval = self.services.retrieval
+        registry = self.services.registry
         known = {t.id: t for t in registry.tenants()} if registry.path.is_file() else {}
         self.tenant = known.get(tenant) or Tenant(id=tenant)  # evaluation needs no API key
-        self._loop = asyncio.new_event_loop()
-        self.generator = self.chat_service = self.adapter_service = None
-        self.generator_name = ""
-        self._own_generator = False
-        if not generate:  # retrieval only: no model to load
-            return
-        self._own_generator = generator is None
-        self.generator = generator if generator is not None else load_generator(settings.generation, adapters=settings.adapters)
-        metrics = Metrics()
-        host = self.generator if isinstance(self.generator, AdapterHost) else None
-        self.adapter_service = AdapterService(settings, host=host, metrics=metrics)
-        self.adapter_service.start()
-        self.catalog = ModelCatalog(settings.data_dir, base_name=served_model_name(settings, self.generator),
-                                    adapters=self.adapter_service)
-        self.chat_service = ChatService(settings, retrieval=self.retrieval, generator=self.generator,
-                                        catalog=self.catalog, metrics=metrics, adapters=self.adapter_service)
+        self.generator = self.services.generator
+        self.chat_service = self.services.chat
+        self.catalog = self.services.catalog
         self.generator_name = getattr(self.generator, "name", "")
 
     def adapters(self) -> list[str]:
@@ -111,10 +94,9 @@ class InProcessBackend:
         return _reply(data)
 
     def close(self) -> None:
-        if self.adapter_service is not None:
-            self.adapter_service.close()
-        if self._own_generator:
-            self._loop.run_until_complete(self.generator.close())
+        from server.services import close_services
+
+        self._loop.run_until_complete(close_services(self.services))
         self._loop.close()
 
 

@@ -1,26 +1,22 @@
 """The FastAPI app factory: ``create_app(settings)`` wires routes, limits, errors and metrics.
 
-The lifespan builds what was not injected (RetrievalService, ``load_generator(settings.generation)``)
-in a worker thread, so tests and embedders can pass their own instances.
+The lifespan builds the services through server.services.build_services (what was not injected: the
+RetrievalService, the generator from ``settings.generation``) in a worker thread, so tests and embedders can
+pass their own instances.
 """
 
-import logging
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from server.catalog import ModelCatalog
-from server.chat_service import ChatService
-from server.deps import Services
 from server.error_handlers import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
-from server.metrics import Metrics, MetricsMiddleware
+from server.metrics import MetricsMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
+from server.services import build_services, close_services, new_services
 from server.settings import ServerSettings
-from server.tenants import TenantRegistry
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Answers from each tenant's own documents with cited passages, behind an OpenAI-compatible API.
@@ -35,35 +31,22 @@ env `LORAG_SERVER__ADMIN_KEY`) manages tenants under `/v1/admin` and can act as 
 def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> FastAPI:
     """Build the app. ``retrieval`` (a RetrievalService) and ``generator`` (a Generator) are built at
     start-up when not given; injected ones are not closed at shutdown (their owner closes them)."""
-    metrics = Metrics()
-    services = Services(settings=settings, registry=TenantRegistry(settings.data_dir), metrics=metrics)
+    services = new_services(settings)
+    metrics = services.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        own_generator = generator is None
         # Built here, not in create_app: an asyncio primitive belongs to the loop that serves the app.
         services.queue = ChatQueue(
             slots=settings.server.max_concurrent_requests, queue=settings.server.max_queued_requests, metrics=metrics
         )
-        services.retrieval = retrieval if retrieval is not None else await run_in_threadpool(_load_retrieval, settings)
-        services.generator = generator if generator is not None else await run_in_threadpool(_load_generator, settings)
-        if own_generator:
-            _announce(services.generator, settings)
-        services.adapters = await run_in_threadpool(_start_adapters, settings, services.generator, metrics)
-        services.catalog = ModelCatalog(
-            settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
-        )
-        services.chat = ChatService(
-            settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
-            metrics=metrics, adapters=services.adapters,
+        await run_in_threadpool(
+            partial(build_services, settings, retrieval=retrieval, generator=generator, announce=True, into=services)
         )
         try:
             yield
         finally:
-            services.chat = None
-            await run_in_threadpool(services.adapters.close)
-            if own_generator:
-                await services.generator.close()
+            await close_services(services)
 
     app = FastAPI(
         title="lorag",
@@ -91,47 +74,3 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
-
-def served_model_name(settings: ServerSettings, generator) -> str:
-    """The name /v1/models shows for the base model: configured, else the model id, else the generator's."""
-    if settings.server.served_model_name:
-        return settings.server.served_model_name
-    if getattr(generator, "kind", None) == "generative" and settings.generation.model:
-        return settings.generation.model
-    return getattr(generator, "name", "lorag-base")
-
-
-def _load_retrieval(settings: ServerSettings):
-    from retrieval.service import RetrievalService
-
-    return RetrievalService(settings)
-
-
-def _load_generator(settings: ServerSettings):
-    from server.generation.factory import load_generator
-
-    # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
-    # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
-    return load_generator(settings.generation, adapters=settings.adapters)
-
-
-def _start_adapters(settings: ServerSettings, generator, metrics: Metrics):
-    from adapters.host import AdapterHost
-    from server.hotswap.service import AdapterService
-
-    host = generator if isinstance(generator, AdapterHost) else None
-    service = AdapterService(settings, host=host, metrics=metrics)
-    service.start()
-    return service
-
-
-def _announce(generator, settings: ServerSettings) -> None:
-    if getattr(generator, "kind", None) == "extractive" and settings.generation.model:
-        log.warning(
-            "\n%s\nGENERATOR FELL BACK TO EXTRACTIVE ANSWERS: model %r was not loaded (see the error above).\n"
-            "Answers quote the retrieved passages instead of being generated. Set LORAG_GENERATION__MODEL to a\n"
-            "local model directory, or run with --generator extractive to silence this.\n%s",
-            "=" * 78, settings.generation.model, "=" * 78,
-        )
-    else:
-        log.info("generator: %s", getattr(generator, "name", generator))

@@ -5,36 +5,16 @@ A tenant key acts as its own tenant only. The admin key acts as any tenant named
 """
 
 import hmac
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.catalog import ModelCatalog
-from server.chat_service import ChatService
 from server.errors import Forbidden, ServerBusy, Unauthorized
-from server.limits import ChatQueue
-from server.metrics import Metrics
-from server.settings import ServerSettings
-from server.tenants import Principal, Tenant, TenantRegistry, hash_key
+from server.services import Services
+from server.tenants import Principal, Tenant, hash_key
 
 TENANT_HEADER = "X-Lorag-Tenant"
-
-
-@dataclass
-class Services:
-    """Everything the routes use, built once by the app's lifespan."""
-
-    settings: ServerSettings
-    registry: TenantRegistry
-    metrics: Metrics
-    queue: ChatQueue | None = None  # built by the lifespan, in the serving event loop
-    retrieval: object | None = None  # retrieval.service.RetrievalService once ready
-    generator: object | None = None  # server.generation.protocol.Generator once ready
-    catalog: ModelCatalog | None = None
-    chat: ChatService | None = None
-    adapters: object | None = None  # server.hotswap.service.AdapterService once ready
 
 
 def get_services(request: Request) -> Services:

@@ -218,6 +218,30 @@ class DocumentDetail(DocumentOut):
     chunks: list[PassageOut]
 
 
+class UploadOutcome(BaseModel):
+    filename: str  # as the browser sent it
+    saved_as: str | None = None  # the sanitized name under the tenant's uploads dir
+    status: Literal["added", "updated", "unchanged", "failed", "rejected"]
+    reason: str = ""
+    document_id: str | None = None
+    pages: int = 0
+    chunks: int = 0
+    warnings: list[str] = []
+
+
+class UploadResult(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UploadOutcome]
+
+
+class DocumentDeleted(BaseModel):
+    id: str
+    object: Literal["document.deleted"] = "document.deleted"
+    deleted: bool
+    source: str
+    upload_removed: bool
+
+
 # -- models and admin ----------------------------------------------------------------------------
 class ModelCard(BaseModel):
     id: str

@@ -1,220 +1,26 @@
 """Documents from the browser: upload (saved under the tenant's uploads dir, then ingested), delete, and the
 original file of an indexed document (only the tenant's own records; 404 for anyone else's).
 
-Ingest runs in a worker thread with its own embedder (the retrieval embedder's tokenizer serves queries
-concurrently and must not be shared), one upload batch at a time.
+The work is server.uploads.DocumentUploads' (``services.uploads``); these routes parse, authorise and shape.
 """
 
-import asyncio
-import os
-import re
-import threading
-import unicodedata
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
-from ingest.loaders import EXTENSIONS, document_id_of
-from ingest.pipeline import ingest_paths, remove_sources
-from ingest.settings import ingest_settings_of
-from core.errors import NotFound
-from core.datadir import tenant_dir
 from server.deps import CurrentTenant, ReadyServices
-from server.errors import InvalidRequest
-from server.schemas import ErrorResponse
+from server.schemas import DocumentDeleted, ErrorResponse, UploadResult
 
 router = APIRouter(tags=["documents"])
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse, "description": "not this tenant's"}}
 
-MAX_FILES_PER_REQUEST = 20
-_COPY_BLOCK = 1 << 20
-_MAX_NAME_CHARS = 120
-# Served inline; HTML is sandboxed (CSP) so an uploaded page can never run script on the app's origin.
-CONTENT_TYPES = {
-    "pdf": "application/pdf",
-    "markdown": "text/markdown; charset=utf-8",
-    "text": "text/plain; charset=utf-8",
-    "html": "text/html; charset=utf-8",
-}
-
 DocumentId = Annotated[str, PathParam(min_length=1, max_length=200)]
-
-
-class UploadOutcome(BaseModel):
-    filename: str  # as the browser sent it
-    saved_as: str | None = None  # the sanitized name under the tenant's uploads dir
-    status: Literal["added", "updated", "unchanged", "failed", "rejected"]
-    reason: str = ""
-    document_id: str | None = None
-    pages: int = 0
-    chunks: int = 0
-    warnings: list[str] = []
-
-
-class UploadResult(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[UploadOutcome]
-
-
-class DocumentDeleted(BaseModel):
-    id: str
-    object: Literal["document.deleted"] = "document.deleted"
-    deleted: bool
-    source: str
-    upload_removed: bool
-
-
-def uploads_dir(data_dir: Path, tenant: str) -> Path:
-    return tenant_dir(data_dir, tenant) / "uploads"
-
-
-def sanitize_filename(name: str) -> str:
-    """A safe file name from a browser-given one: the last path part, ASCII letters, digits, '.', '-', '_'.
-
-    Raises:
-        InvalidRequest: nothing usable is left, or the extension is not one lorag ingests.
-    """
-    base = re.split(r"[\\/]", name or "")[-1]
-    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")
-    stem, dot, suffix = base.rpartition(".")
-    if not dot or not stem:
-        raise InvalidRequest(
-            f"file {name!r} has no usable name with an extension; upload {_accepted()} files", param="files"
-        )
-    if "." + suffix.lower() not in EXTENSIONS:
-        raise InvalidRequest(
-            f"file {name!r}: unsupported type '.{suffix}'; upload {_accepted()} files", param="files"
-        )
-    stem = stem[: _MAX_NAME_CHARS - len(suffix) - 1]
-    return f"{stem}.{suffix.lower()}"
-
-
-def _accepted() -> str:
-    return ", ".join(sorted(EXTENSIONS))
-
-
-@dataclass
-class _Staged:
-    outcome: UploadOutcome
-    path: Path | None = None
-    backup: Path | None = None  # the previous upload of the same name, restored if the new one fails
-
-
-class DocumentUploads:
-    """Saves uploads and ingests them; one per app, created on first use."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self._embedder = None
-        self._lock = threading.Lock()  # one batch at a time: the embedder and the index writer are shared
-        # Held from saving to ingesting, so two uploads of one name never swap files under each other.
-        self.batch = asyncio.Lock()
-
-    def ingest(self, tenant: str, staged: list[_Staged]) -> None:
-        """Ingest the saved files of ``staged`` and fill in their outcomes (worker thread)."""
-        from retrieval.embedder import Embedder
-
-        saved = [item for item in staged if item.path is not None]
-        if not saved:
-            return
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = Embedder(self.settings.embedding)
-            try:
-                report = ingest_paths(
-                    [item.path for item in saved], tenant=tenant, settings=self.settings, embedder=self._embedder
-                )
-            except BaseException:
-                for item in saved:
-                    _restore(item)
-                raise
-        by_source = {outcome.source: outcome for outcome in report.outcomes}
-        for item in saved:
-            result = by_source.get(str(item.path))
-            if result is None or result.status not in ("added", "updated", "unchanged"):
-                item.outcome.status = "failed"
-                item.outcome.reason = result.reason if result else "the ingest pipeline skipped the file"
-                _restore(item)
-                continue
-            item.outcome.status = result.status
-            item.outcome.pages = result.pages
-            item.outcome.chunks = result.chunks
-            item.outcome.warnings = list(result.warnings)
-            if item.backup is not None:
-                item.backup.unlink(missing_ok=True)
-            item.outcome.document_id = document_id_of(item.path)
-
-
-def _restore(item: _Staged) -> None:
-    """Put back the previous upload of the same name (or remove the failed file)."""
-    if item.path is None:
-        return
-    if item.backup is not None:
-        os.replace(item.backup, item.path)
-    else:
-        item.path.unlink(missing_ok=True)
-
-
-def _save(upload: UploadFile, directory: Path, *, max_bytes: int, taken: set[str]) -> _Staged:
-    """Copy one upload to ``directory`` atomically; a refused file gets a rejected outcome, never raises.
-
-    ``taken`` holds the names saved earlier in the same request (a second file of a name is refused).
-    """
-    outcome = UploadOutcome(filename=upload.filename or "", status="rejected")
-    try:
-        name = sanitize_filename(upload.filename or "")
-    except InvalidRequest as error:
-        outcome.reason = str(error)
-        return _Staged(outcome)
-    outcome.saved_as = name
-    if name in taken:
-        outcome.reason = f"file {name!r} appears twice in this upload"
-        return _Staged(outcome)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
-    size = 0
-    try:
-        with open(tmp, "wb") as handle:
-            upload.file.seek(0)
-            while block := upload.file.read(_COPY_BLOCK):
-                size += len(block)
-                if size > max_bytes:
-                    outcome.reason = f"file {name!r} is over the upload limit of {max_bytes} bytes"
-                    return _Staged(outcome)
-                handle.write(block)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if size == 0:
-            outcome.reason = f"file {name!r} is empty"
-            return _Staged(outcome)
-        backup = None
-        if target.exists():
-            backup = directory / f".{name}.previous"
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        return _Staged(outcome, target, backup)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _uploads_of(request: Request, services: ReadyServices) -> DocumentUploads:
-    state = request.app.state  # one DocumentUploads per app
-    if getattr(state, "document_uploads", None) is None:
-        state.document_uploads = DocumentUploads(services.settings)
-    return state.document_uploads
 
 
 @router.post("/v1/documents", response_model=UploadResult, responses=_ERRORS | {400: {"model": ErrorResponse}})
 async def upload_documents(
-    request: Request,
     tenant: CurrentTenant,
     services: ReadyServices,
     files: Annotated[list[UploadFile], File(description="PDF, Markdown, text or HTML files")],
@@ -223,36 +29,14 @@ async def upload_documents(
 
     A file with an unsupported type, over the size limit, empty or unparsable gets its own error; the
     others are still ingested. Re-uploading a name replaces that document."""
-    if len(files) > MAX_FILES_PER_REQUEST:
-        raise InvalidRequest(
-            f"files: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}", param="files"
-        )
-    directory = uploads_dir(services.settings.data_dir, tenant.id)
-    max_bytes = ingest_settings_of(services.settings).max_file_bytes
-    uploads = _uploads_of(request, services)
-    staged: list[_Staged] = []
-    taken: set[str] = set()
-    async with uploads.batch:
-        for upload in files:
-            item = await run_in_threadpool(_save, upload, directory, max_bytes=max_bytes, taken=taken)
-            if item.path is not None:
-                taken.add(item.path.name)
-            staged.append(item)
-        await run_in_threadpool(uploads.ingest, tenant.id, staged)
-    return UploadResult(data=[item.outcome for item in staged])
+    return UploadResult(data=await services.uploads.upload(tenant.id, files))
 
 
 @router.delete("/v1/documents/{document_id}", response_model=DocumentDeleted, responses=_ERRORS)
 async def delete_document(document_id: DocumentId, tenant: CurrentTenant, services: ReadyServices) -> DocumentDeleted:
     """Remove the document from the tenant's index; an uploaded original is deleted too."""
-    record = await run_in_threadpool(services.retrieval.document, tenant.id, document_id)
-    await run_in_threadpool(remove_sources, [record.source], tenant=tenant.id, settings=services.settings)
-    source = Path(record.source)
-    removed = False
-    if source.parent == uploads_dir(services.settings.data_dir, tenant.id) and source.is_file():
-        source.unlink()
-        removed = True
-    return DocumentDeleted(id=document_id, deleted=True, source=record.source, upload_removed=removed)
+    removed = await services.uploads.delete(tenant.id, document_id)
+    return DocumentDeleted(id=document_id, deleted=True, source=removed.source, upload_removed=removed.upload_removed)
 
 
 @router.get(
@@ -262,15 +46,11 @@ async def delete_document(document_id: DocumentId, tenant: CurrentTenant, servic
 )
 async def document_file(document_id: DocumentId, tenant: CurrentTenant, services: ReadyServices) -> FileResponse:
     """The original file the tenant's document was ingested from (append ``#page=N`` to open a PDF at a page)."""
-    record = await run_in_threadpool(services.retrieval.document, tenant.id, document_id)
-    path = Path(record.source)
-    kind = EXTENSIONS.get(path.suffix.lower())
-    if kind is None or not path.is_file():
-        raise NotFound(f"the original file of document {document_id!r} is no longer at {path.name!r}")
+    original = await services.uploads.original(tenant.id, document_id)
     return FileResponse(
-        path,
-        media_type=CONTENT_TYPES[kind],
-        filename=path.name,
+        original.path,
+        media_type=original.media_type,
+        filename=original.path.name,
         content_disposition_type="inline",
         headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
     )

@@ -174,7 +174,7 @@ def test_size_limits(site, extractive):
      ("résumé notes.md", "resume_notes.md"), ("a?b*c.html", "a_b_c.html")],
 )
 def test_sanitize_filename(given, saved):
-    from server.routes.uploads import sanitize_filename
+    from server.uploads import sanitize_filename
 
     assert sanitize_filename(given) == saved
 
@@ -182,7 +182,7 @@ def test_sanitize_filename(given, saved):
 @pytest.mark.parametrize("given", ["", ".txt", "noext", "archive.zip", "..", "/"])
 def test_sanitize_filename_refuses(given):
     from core.errors import LoragError
-    from server.routes.uploads import sanitize_filename
+    from server.uploads import sanitize_filename
 
     with pytest.raises(LoragError, match="upload"):
         sanitize_filename(given)

@@ -1,0 +1,167 @@
+"""The composition root: :func:`build_services` builds everything the server's routes use, once.
+
+The app's lifespan (server.app), ``lorag eval``'s in-process backend (evaluation.backends) and the benchmarks
+all build through here, so each runs the same retrieval, generator, adapter service, model catalog, chat
+service and document uploads the server does. Anything passed in (a RetrievalService, a Generator, Metrics)
+is used as is and never closed here: its owner closes it.
+
+The heavy imports happen inside the functions, so importing this module (server.deps does) costs little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retrieval.service import RetrievalService
+    from server.catalog import ModelCatalog
+    from server.chat_service import ChatService
+    from server.generation.protocol import Generator
+    from server.hotswap.service import AdapterService
+    from server.limits import ChatQueue
+    from server.metrics import Metrics
+    from server.settings import ServerSettings
+    from server.tenants import TenantRegistry
+    from server.uploads import DocumentUploads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Services:
+    """Everything the routes use (``request.app.state.services``).
+
+    ``settings``, ``registry`` and ``metrics`` exist from the start; the rest stays None until
+    :func:`build_services` has built it, ``chat`` last: a Services whose ``chat`` is set is ready to serve.
+    """
+
+    settings: ServerSettings
+    registry: TenantRegistry
+    metrics: Metrics
+    queue: ChatQueue | None = None  # built by the app's lifespan, in the serving event loop; never here
+    retrieval: RetrievalService | None = None
+    generator: Generator | None = None
+    adapters: AdapterService | None = None
+    catalog: ModelCatalog | None = None
+    uploads: DocumentUploads | None = None
+    chat: ChatService | None = None
+    owns_generator: bool = False  # built by build_services, so closed by close_services
+
+
+def new_services(settings: ServerSettings, *, metrics: Metrics | None = None) -> Services:
+    """A Services with its settings, tenant registry and metrics only (nothing loaded, not ready): the app holds
+    it from the start and its lifespan fills it in with ``build_services(..., into=services)``."""
+    from server.metrics import Metrics
+    from server.tenants import TenantRegistry
+
+    return Services(settings=settings, registry=TenantRegistry(settings.data_dir), metrics=metrics or Metrics())
+
+
+def build_services(
+    settings: ServerSettings,
+    *,
+    retrieval: RetrievalService | None = None,
+    generator: Generator | None = None,
+    metrics: Metrics | None = None,
+    generate: bool = True,
+    announce: bool = False,
+    into: Services | None = None,
+) -> Services:
+    """Build what was not injected, in order: retrieval, document uploads, generator, adapter service, model
+    catalog, chat service. Blocks for as long as a model takes to load: call it from a worker thread in a server.
+
+    ``generate`` False builds retrieval and uploads only (no model, adapters, catalog or chat service).
+    ``announce`` logs which generator now serves, loudly when a configured model fell back to extractive
+    answers (``lorag serve`` does). ``into``: fill in this Services (the app's, which its routes already hold)
+    instead of a new one; its registry and metrics are kept and ``metrics`` is ignored.
+    The ChatQueue is never built here: an asyncio primitive belongs to the loop that serves the app.
+
+    Raises:
+        LoragError: the model cannot be loaded and ``generation.fallback`` is "error".
+    """
+    services = into if into is not None else new_services(settings, metrics=metrics)
+    services.retrieval = retrieval if retrieval is not None else _load_retrieval(settings)
+    services.uploads = _document_uploads(settings, services.retrieval)
+    if not generate:
+        return services
+    from server.catalog import ModelCatalog
+    from server.chat_service import ChatService
+
+    services.generator = generator if generator is not None else _load_generator(settings)
+    services.owns_generator = generator is None
+    if announce and services.owns_generator:
+        _announce(services.generator, settings)
+    services.adapters = _start_adapters(settings, services.generator, services.metrics)
+    services.catalog = ModelCatalog(
+        settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
+    )
+    services.chat = ChatService(
+        settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
+        metrics=services.metrics, adapters=services.adapters,
+    )
+    return services
+
+
+async def close_services(services: Services) -> None:
+    """Stop serving chat (``chat`` back to None), close the adapter service, then the generator when
+    build_services loaded it (an injected one is its owner's to close). Retrieval needs no closing."""
+    services.chat = None
+    if services.adapters is not None:
+        await asyncio.to_thread(services.adapters.close)
+    if services.owns_generator and services.generator is not None:
+        services.owns_generator = False
+        await services.generator.close()
+
+
+def served_model_name(settings: ServerSettings, generator) -> str:
+    """The name /v1/models shows for the base model: configured, else the model id, else the generator's."""
+    if settings.server.served_model_name:
+        return settings.server.served_model_name
+    if getattr(generator, "kind", None) == "generative" and settings.generation.model:
+        return settings.generation.model
+    return getattr(generator, "name", "lorag-base")
+
+
+def _load_retrieval(settings: ServerSettings) -> RetrievalService:
+    from retrieval.service import RetrievalService
+
+    return RetrievalService(settings)
+
+
+def _load_generator(settings: ServerSettings) -> Generator:
+    from server.generation.factory import load_generator
+
+    # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
+    # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
+    return load_generator(settings.generation, adapters=settings.adapters)
+
+
+def _start_adapters(settings: ServerSettings, generator, metrics: Metrics) -> AdapterService:
+    from adapters.host import AdapterHost
+    from server.hotswap.service import AdapterService
+
+    host = generator if isinstance(generator, AdapterHost) else None
+    service = AdapterService(settings, host=host, metrics=metrics)
+    service.start()
+    return service
+
+
+def _document_uploads(settings: ServerSettings, retrieval: RetrievalService) -> DocumentUploads:
+    from server.uploads import DocumentUploads
+
+    return DocumentUploads(settings, retrieval)
+
+
+def _announce(generator, settings: ServerSettings) -> None:
+    if getattr(generator, "kind", None) == "extractive" and settings.generation.model:
+        log.warning(
+            "\n%s\nGENERATOR FELL BACK TO EXTRACTIVE ANSWERS: model %r was not loaded (see the error above).\n"
+            "Answers quote the retrieved passages instead of being generated. Set LORAG_GENERATION__MODEL to a\n"
+            "local model directory, or run with --generator extractive to silence this.\n%s",
+            "=" * 78, settings.generation.model, "=" * 78,
+        )
+    else:
+        log.info("generator: %s", getattr(generator, "name", generator))
