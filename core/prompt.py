@@ -16,6 +16,9 @@ from core.records import Passage
 # manifest records the version it was trained on; serving it under another one is flagged (adapters.manifest).
 PROMPT_FORMAT = 1
 
+# What lorag answers, without generating, when no retrieved passage can answer the question.
+ABSTENTION_ANSWER = "The documents do not say. None of the retrieved passages answers this question."
+
 SYSTEM_PROMPT = """\
 You are a careful assistant that answers questions using only the documents given in the user's message.
 

@@ -16,15 +16,16 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 # What an answer says when it declines: the system prompts ask for "the documents do not contain the
 # answer" (core.prompt.SYSTEM_PROMPT) or to "say so plainly" when the model does not know
-# (SYSTEM_PROMPT_NO_DOCUMENTS); the extractive generator says it "found nothing in the documents".
+# (SYSTEM_PROMPT_NO_DOCUMENTS); the extractive generator says it "found nothing in the documents"; the server
+# declines with core.prompt.ABSTENTION_ANSWER ("The documents do not say ...").
 ABSTENTION_PHRASES = (
     "do not contain", "does not contain", "don't contain", "doesn't contain", "did not contain",
     "not contain the answer", "not mentioned in the documents", "not in the documents",
     "no information", "not provided in the documents", "found nothing in the documents",
     "i do not know", "i don't know", "i am not sure", "i'm not sure", "cannot answer", "can't answer",
     "unable to answer", "cannot find", "could not find", "couldn't find", "no answer",
+    "documents do not say", "documents don't say", "do not mention", "does not mention",
 )
-
 
 
 def normalise_answer(text: str) -> str:

@@ -77,6 +77,12 @@ class RetrievalService:
                                     reranker=self.reranker)
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
 
+    def embed_texts(self, texts: Sequence[str]):
+        """``(len(texts), dimension)`` L2-normalised vectors from the retrieval embedder (answer attribution
+        compares answer sentences with passage windows in the space the index uses)."""
+        with self._embed_lock:
+            return self.embedder.embed_documents(texts)
+
     def chunk(self, tenant: str, chunk_id: str) -> Chunk:
         """Raises: NotFound: no such chunk for this tenant."""
         index = self.index(tenant)

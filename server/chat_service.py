@@ -1,4 +1,5 @@
-"""One chat turn: check limits, resolve the model, retrieve, generate, resolve ``[n]`` citations.
+"""One chat turn: check limits, resolve the model, retrieve, decline or generate, attribute the answer's
+sentences to the passages that support them.
 
 The chat route only parses the body and shapes the response; everything it needs is here. Retrieval
 runs in a worker thread and generation is awaited, so the event loop never blocks.
@@ -18,10 +19,13 @@ from core.errors import LoragError
 from core.records import Passage
 from server.catalog import ModelCatalog
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from core.prompt import ChatMessage
-from server.generation.protocol import GenerationRequest, GenerationStream, SamplingParams
+from core.prompt import ABSTENTION_ANSWER, ChatMessage
+from retrieval.conversation import search_query
+from server.attribution.attributor import Attribution, Attributor
+from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
 from server.metrics import Metrics
 from server.schemas import (
+    AttributionOut,
     ChatChoice,
     ChatChoiceMessage,
     ChatRequest,
@@ -29,6 +33,7 @@ from server.schemas import (
     ChatUsage,
     CitationOut,
     PassageOut,
+    SentenceOut,
 )
 from server.settings import ServerSettings
 from server.tenants import Tenant
@@ -48,6 +53,10 @@ class PreparedChat:
     retrieved: list[Passage]
     started: float  # perf_counter at arrival, for time-to-first-token
     retrieval_s: float
+    query: str = ""  # what was searched: the last user turn, with the one before it for a follow-up
+    attribute: bool = False  # match the answer's sentences to the passages afterwards
+    answerability: float | None = None  # how well the best passage matches the query
+    abstained: bool = False  # no passage answers the query: the answer says so without generating
 
 
 @dataclass
@@ -58,6 +67,7 @@ class ChatOutcome:
     completion_tokens: int
     citations: list[CitationOut]
     context: list[PassageOut]
+    attribution: AttributionOut | None = None
 
 
 class ChatService:
@@ -70,6 +80,7 @@ class ChatService:
         catalog: ModelCatalog,
         metrics: Metrics,
         adapters=None,
+        attributor: Attributor | None = None,
     ):
         self.settings = settings
         self.retrieval = retrieval
@@ -77,6 +88,7 @@ class ChatService:
         self.catalog = catalog
         self.metrics = metrics
         self.adapters = adapters  # server.hotswap.service.AdapterService: loads the request's adapter version
+        self.attributor = attributor  # None: citations come from the model's own [n] markers only
 
     # -- before generation -----------------------------------------------------------------------
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
@@ -85,9 +97,10 @@ class ChatService:
         sampling = self._sampling(body)
         choice = self.catalog.resolve(body.model, tenant)
         messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
-        query = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        if not query.strip():
+        last = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        if not last.strip():
             raise InvalidRequest("messages: the conversation needs a non-empty user message", param="messages")
+        query = search_query([m.content for m in messages if m.role == "user"])
 
         passages: list[Passage] = []
         retrieval_s = 0.0
@@ -103,6 +116,11 @@ class ChatService:
             )
             retrieval_s = time.perf_counter() - t0
             self.metrics.retrieval.labels(tenant.id).observe(retrieval_s)
+        wanted = options.attribution if options.attribution is not None else self.settings.attribution.enabled
+        attribute = options.enabled and wanted and self.attributor is not None
+        answerability = None
+        if attribute and passages and self.settings.attribution.abstain_below > 0:
+            answerability = await run_in_threadpool(self.attributor.answerability, query, passages)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request = GenerationRequest(
@@ -110,7 +128,9 @@ class ChatService:
             request_id=request_id,
         )
         return PreparedChat(
-            request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s
+            request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s,
+            query=query, attribute=attribute, answerability=answerability,
+            abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -158,7 +178,7 @@ class ChatService:
                 finish_reason = delta.finish_reason or finish_reason
         finally:
             await _close(stream.deltas)
-        outcome = self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+        outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
         return self.response(prepared, outcome)
 
     async def stream_events(self, prepared: PreparedChat, stream: GenerationStream) -> AsyncIterator[str]:
@@ -182,13 +202,15 @@ class ChatService:
                     yield _sse(base | {"choices": [_choice({"content": delta.text})]})
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
-            outcome = self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+            outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
             final = base | {
                 "choices": [_choice({}, outcome.finish_reason or "stop")],
                 "usage": _usage(outcome).model_dump(),
                 "citations": [c.model_dump() for c in outcome.citations],
                 "context": [p.model_dump() for p in outcome.context],
                 "generator": self.generator.name,
+                # the streamed text with its markers fixed: clients render this once the stream ends
+                "attribution": outcome.attribution.model_dump() if outcome.attribution else None,
             }
             yield _sse(final)
         except LoragError as error:  # headers are sent: report in-band, as OpenAI does
@@ -206,6 +228,8 @@ class ChatService:
         return await self._start(prepared, deadline)
 
     async def _start(self, prepared: PreparedChat, deadline: float) -> GenerationStream:
+        if prepared.abstained:
+            return _abstention(prepared)
         lease = None
         try:
             async with asyncio.timeout_at(deadline):
@@ -230,24 +254,33 @@ class ChatService:
     def _first_token(self, prepared: PreparedChat) -> None:
         self.metrics.time_to_first_token.labels(prepared.tenant).observe(time.perf_counter() - prepared.started)
 
-    def _finish(self, prepared, stream: GenerationStream, text: str, tokens: int, finish_reason) -> ChatOutcome:
-        from server.citations import extract_citations
+    async def _finish(self, prepared, stream: GenerationStream, text: str, tokens: int, finish_reason) -> ChatOutcome:
+        used = list(stream.prompt.passages_used)  # [n] numbers these, 1-based
+        attribution = None
+        if prepared.abstained:
+            attribution = AttributionOut(text=text, sentences=[], supported=0, unsupported=0, abstained=True,
+                                         answerability=prepared.answerability)
+        elif prepared.attribute and used and text.strip():
+            proof = await run_in_threadpool(self.attributor.attribute, text, used, question=prepared.query)
+            text = proof.text
+            attribution = _attribution_out(proof, prepared.answerability)
+            numbers = proof.cited
+        if attribution is None or prepared.abstained:
+            from server.citations import extract_citations
 
-        used = list(stream.prompt.passages_used)
+            numbers = [c.number for c in extract_citations(text, used)]
         cited: list[CitationOut] = []
-        cited_ids: set[str] = set()
-        for citation in extract_citations(text, used):
-            # [n] numbers the passages the generator put in its prompt, 1-based.
-            if not 1 <= citation.number <= len(used):
-                continue
-            passage = used[citation.number - 1]
-            cited.append(CitationOut(number=citation.number, **PassageOut.from_passage(passage).model_dump()))
-            cited_ids.add(passage.chunk.id)
+        for number in numbers:
+            sentences = [i for i, s in enumerate(attribution.sentences) if number in s.citations] if attribution else []
+            passage = PassageOut.from_passage(used[number - 1]).model_dump()
+            cited.append(CitationOut(number=number, sentences=sentences, **passage))
+        cited_ids = {citation.id for citation in cited}
         context = [PassageOut.from_passage(p) for p in prepared.retrieved if p.chunk.id not in cited_ids]
         generator = self.generator.name
         self.metrics.tokens.labels(prepared.tenant, generator).inc(tokens)
         self.metrics.prompt_tokens.labels(prepared.tenant, generator).inc(stream.prompt.prompt_tokens)
-        return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context)
+        return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
+                           attribution)
 
     def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse:
         return ChatResponse(
@@ -259,6 +292,7 @@ class ChatService:
             citations=outcome.citations,
             context=outcome.context,
             generator=self.generator.name,
+            attribution=outcome.attribution,
         )
 
 
@@ -284,6 +318,28 @@ async def _close(deltas) -> None:
             await aclose()
         except Exception:  # the answer (or the error) is already decided; never mask it
             log.debug("closing a generation stream failed", exc_info=True)
+
+
+def _abstention(prepared: PreparedChat) -> GenerationStream:
+    """The answer when no retrieved passage answers the question: said plainly, nothing generated."""
+
+    async def deltas():
+        yield TextDelta(ABSTENTION_ANSWER, tokens=0, finish_reason="stop")
+
+    return GenerationStream(prompt=PromptInfo(prompt_tokens=0, passages_used=tuple(prepared.retrieved)),
+                            deltas=deltas())
+
+
+def _attribution_out(proof: Attribution, answerability: float | None) -> AttributionOut:
+    sentences = [SentenceOut(start=s.start, end=s.end, text=s.text, supported=s.supported, claim=s.claim,
+                             citations=list(s.citations), score=round(s.score, 4)) for s in proof.sentences]
+    return AttributionOut(
+        text=proof.text,
+        sentences=sentences,
+        supported=sum(s.supported for s in sentences),
+        unsupported=sum(s.claim and not s.supported for s in sentences),
+        answerability=None if answerability is None else round(answerability, 4),
+    )
 
 
 def _timeout(prepared: PreparedChat) -> RequestTimeout:

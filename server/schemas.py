@@ -50,6 +50,32 @@ class CitationOut(PassageOut):
     """A passage the answer cites as ``[number]``."""
 
     number: int = Field(description="the [n] used in the answer text")
+    sentences: list[int] = Field(default_factory=list,
+                                 description="indexes into attribution.sentences of the sentences this passage supports")
+
+
+class SentenceOut(BaseModel):
+    """One sentence of the answer and the passages that support it."""
+
+    start: int = Field(description="character offset of the sentence in the answer text")
+    end: int
+    text: str = Field(description="the sentence without its [n] markers")
+    supported: bool = Field(description="a retrieved passage supports it")
+    claim: bool = Field(description="false for sentences too short to check ('Yes.'): neither supported nor not")
+    citations: list[int] = Field(description="the [n] of the passages that support it, best first")
+    score: float = Field(description="support probability of the best passage (0..1)")
+
+
+class AttributionOut(BaseModel):
+    """lorag extension: the answer's proof, sentence by sentence."""
+
+    text: str = Field("", description="the answer with its [n] markers kept, moved, added or dropped to match the "
+                      "passages; equals choices[0].message.content, and is how a stream's final text reads")
+    sentences: list[SentenceOut] = Field(description="the sentences of ``text``, in order")
+    supported: int = Field(description="sentences a passage supports")
+    unsupported: int = Field(description="claims no retrieved passage supports")
+    abstained: bool = Field(False, description="no passage answered the question, so the answer says so")
+    answerability: float | None = Field(None, description="how well the best passage matches the question (0..1)")
 
 
 class ErrorDetail(BaseModel):
@@ -101,6 +127,8 @@ class RetrievalOptions(BaseModel):
     k: int | None = Field(None, ge=1, description="passages to retrieve; default from settings")
     sources: list[str] | None = Field(None, description="only search documents with these sources")
     mode: RetrievalMode | None = None
+    attribution: bool | None = Field(None, description="match answer sentences to supporting passages and decline "
+                                     "unanswerable questions; default from attribution.enabled")
 
 
 class ChatRequest(BaseModel):
@@ -159,6 +187,8 @@ class ChatResponse(BaseModel):
     citations: list[CitationOut] = Field(description="passages the answer cites, by [number]")
     context: list[PassageOut] = Field(description="retrieved passages the answer does not cite")
     generator: str = Field(description="what produced the answer, e.g. 'extractive' or 'transformers:<model>'")
+    attribution: AttributionOut | None = Field(None, description="per-sentence support; null when retrieval or "
+                                               "attribution is off")
 
 
 # -- retrieval and documents ---------------------------------------------------------------------

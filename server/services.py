@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from retrieval.service import RetrievalService
     from server.catalog import ModelCatalog
+    from server.attribution.attributor import Attributor
     from server.chat_service import ChatService
     from server.generation.protocol import Generator
     from server.hotswap.service import AdapterService
@@ -87,6 +88,7 @@ def build_services(
     services.uploads = _document_uploads(settings, services.retrieval)
     if not generate:
         return services
+    from server.attribution.attributor import Attributor
     from server.catalog import ModelCatalog
     from server.chat_service import ChatService
 
@@ -101,6 +103,8 @@ def build_services(
     services.chat = ChatService(
         settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
         metrics=services.metrics, adapters=services.adapters,
+        # answer sentences are compared with passage windows in the space the index was built in
+        attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
     )
     return services
 

@@ -98,8 +98,22 @@ class AdapterSettings(BaseModel):
     load_timeout_s: float = Field(60.0, gt=0, description="a request waits this long for a free adapter slot")
 
 
+class AttributionSettings(BaseModel):
+    """Post-hoc attribution and abstention; thresholds measured on COVID-QA held-out articles (benchmarks/RESULTS.md)."""
+
+    enabled: bool = Field(True, description="match each answer sentence to the passages that support it and fix "
+                          "its [n] markers; a request may turn it off with retrieval.attribution=false")
+    support_threshold: float = Field(0.255, ge=0, le=1, description="a passage supports a sentence at this "
+                                     "probability or more (held-out precision 0.91, recall 0.98)")
+    keep_threshold: float = Field(0.10, ge=0, le=1, description="a marker the model wrote stays on this lower bar")
+    max_citations: int = Field(2, ge=1, description="markers per sentence at most")
+    abstain_below: float = Field(0.60, ge=0, le=1, description="when no retrieved passage matches the question this "
+                                 "well, answer that the documents do not say, without generating; 0 = never")
+
+
 class ServerSettings(Settings):
     server: HTTPSettings = HTTPSettings()
     generation: GenerationSettings = GenerationSettings()
     adapters: AdapterSettings = AdapterSettings()
+    attribution: AttributionSettings = AttributionSettings()
     ingest: IngestSettings = IngestSettings()  # limits for documents uploaded through the API

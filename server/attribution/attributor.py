@@ -1,0 +1,158 @@
+"""Every answer carries its proof: each sentence matched to the retrieved passages that support it.
+
+After generation, whatever the model wrote: a sentence without a marker gets the passage that supports it, a
+marker pointing to a passage that does not support its sentence is moved to one that does or dropped, and
+sentences no passage supports are flagged. Before generation, a question no passage can answer is declined.
+"""
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.prompt import CITATION_MARKER, marker_numbers
+from core.records import Passage
+from server.attribution.sentences import split_sentences
+from server.settings import AttributionSettings
+from server.attribution.support import Claim, PassageEvidence, answerability, content_stems, support_probability
+
+EmbedTexts = Callable[[Sequence[str]], np.ndarray]  # L2-normalised rows, the retrieval embedder's space
+
+# Further supporting passages must reach this share of the best one's support probability.
+_RELATIVE = 0.8
+# A sentence with fewer content words ("Yes.", "I hope this helps.") carries no claim to check.
+_MIN_CLAIM_STEMS = 2
+_CLOSING = re.compile(r"[.!?]+[\"'\u201d\u2019)]*$")
+
+
+@dataclass(frozen=True)
+class SentenceSupport:
+    """One sentence of the final answer text: ``start``/``end`` index that text; ``citations`` are the
+    1-based passage numbers that support it, best first (the markers it now carries)."""
+
+    start: int
+    end: int
+    text: str
+    supported: bool
+    claim: bool  # False: too short to be a checkable claim (neither supported nor unsupported)
+    citations: tuple[int, ...]
+    score: float  # the best passage's support probability
+
+
+@dataclass(frozen=True)
+class Attribution:
+    text: str  # the answer with markers kept, moved, added or dropped
+    sentences: tuple[SentenceSupport, ...]
+
+    @property
+    def cited(self) -> list[int]:
+        """Passage numbers in order of first citation."""
+        seen: list[int] = []
+        for sentence in self.sentences:
+            seen += [n for n in sentence.citations if n not in seen]
+        return seen
+
+
+class Attributor:
+    def __init__(self, embed_texts: EmbedTexts, settings: AttributionSettings):
+        self.embed_texts = embed_texts
+        self.settings = settings
+
+    def attribute(self, answer: str, passages: Sequence[Passage], *, question: str = "") -> Attribution:
+        """Match each sentence of ``answer`` to ``passages`` (numbered [1]..[n] in this order, as in the prompt)."""
+        spans = split_sentences(answer)
+        claims_text = [_plain(answer[start:end]) for start, end in spans]
+        windows = [_windows(passage) for passage in passages]
+        vectors = self._embed(claims_text + [w for group in windows for w in group])
+        evidence, position = [], len(claims_text)
+        for passage, group in zip(passages, windows):
+            evidence.append(PassageEvidence.of(passage.chunk.text, group, vectors[position : position + len(group)]))
+            position += len(group)
+        question_stems = frozenset(content_stems(question))
+        results = []
+        for index, (start, end) in enumerate(spans):
+            claim = Claim.of(claims_text[index], vectors[index])
+            written = _written_numbers(answer[start:end], len(passages))
+            results.append(self._judge(claim, written, evidence, question_stems))
+        return _rewrite(answer, spans, results)
+
+    def answerability(self, question: str, passages: Sequence[Passage]) -> float:
+        """How well the best passage window matches ``question`` (0..1); below ``abstain_below`` no passage
+        answers it."""
+        if not passages:
+            return 0.0
+        windows = [_windows(passage) for passage in passages]
+        vectors = self._embed([question] + [w for group in windows for w in group])
+        stems = frozenset(content_stems(question))
+        best, position = 0.0, 1
+        for passage, group in zip(passages, windows):
+            evidence = PassageEvidence.of(passage.chunk.text, group, vectors[position : position + len(group)])
+            best = max(best, answerability(vectors[0], stems, evidence))
+            position += len(group)
+        return best
+
+    def should_abstain(self, question: str, passages: Sequence[Passage]) -> tuple[bool, float]:
+        score = self.answerability(question, passages)
+        return score < self.settings.abstain_below, score
+
+    def _judge(self, claim: Claim, written: list[int], evidence: list[PassageEvidence],
+               question_stems: frozenset[str]) -> tuple[bool, bool, tuple[int, ...], float]:
+        """(claim, supported, markers to carry, best p) for one sentence."""
+        settings = self.settings
+        if len(claim.stems) < _MIN_CLAIM_STEMS or not evidence:
+            return False, False, tuple(n for n in written if n <= len(evidence)), 0.0
+        scores = [support_probability(claim, passage, question_stems) for passage in evidence]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        best = scores[order[0]]
+        supporting = [i + 1 for i in order if scores[i] >= settings.support_threshold and scores[i] >= _RELATIVE * best]
+        kept = [n for n in written if scores[n - 1] >= settings.keep_threshold]
+        # The model's own markers stay where a passage backs them; otherwise the best supporting passage replaces them.
+        markers = kept or supporting[:1]
+        return True, bool(supporting or kept), tuple(markers[: settings.max_citations]), best
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.embed_texts(texts), dtype=np.float32) if texts else np.zeros((0, 0), np.float32)
+
+
+def _windows(passage: Passage) -> list[str]:
+    """The passage's sentence windows as ingest embedded them (the whole text for a one-vector chunk)."""
+    chunk = passage.chunk
+    if not chunk.windows:
+        return [chunk.text]
+    return [chunk.text[start - chunk.start : end - chunk.start] for start, end in chunk.windows]
+
+
+def _plain(sentence: str) -> str:
+    """The sentence without markers, spaces before punctuation closed up."""
+    return re.sub(r"\s+([.!?,;:])", r"\1", " ".join(CITATION_MARKER.sub(" ", sentence).split()))
+
+
+def _written_numbers(sentence: str, passage_count: int) -> list[int]:
+    numbers: list[int] = []
+    for match in CITATION_MARKER.finditer(sentence):
+        numbers += [n for n in marker_numbers(match.group(), passage_count) if n not in numbers]
+    return numbers
+
+
+def _rewrite(answer: str, spans: list[tuple[int, int]], judged: list) -> Attribution:
+    """The answer with each sentence's markers replaced by its final ones, placed before its closing punctuation."""
+    pieces: list[str] = []
+    sentences: list[SentenceSupport] = []
+    position = length = 0
+    for (start, end), (claim, supported, markers, best) in zip(spans, judged):
+        between = answer[position:start]
+        body = re.sub(r"\s+([.!?,;:])", r"\1", CITATION_MARKER.sub("", answer[start:end])).rstrip()
+        text = _plain(body)
+        if markers:
+            marker = "[" + ", ".join(str(n) for n in markers) + "]"
+            closing = _CLOSING.search(body)
+            body = (body[: closing.start()].rstrip() + " " + marker + body[closing.start():]) if closing \
+                else f"{body} {marker}"
+        length += len(between)
+        sentences.append(SentenceSupport(length, length + len(body), text, supported, claim, markers, best))
+        pieces += [between, body]
+        length += len(body)
+        position = end
+    pieces.append(answer[position:])
+    return Attribution("".join(pieces), tuple(sentences))
