@@ -182,3 +182,49 @@ def test_lorag_errors_from_services_keep_their_status(client, corpus):
     response = client.post("/v1/retrieve", json={"query": "   "}, headers=auth(corpus.acme_key))
     error = assert_error(response, 400, error_type="invalid_request_error")
     assert "query" in error["message"]
+
+
+def test_every_answer_sentence_carries_its_proof(client, corpus):
+    body = _chat(client, corpus.acme_key).json()
+    answer = body["choices"][0]["message"]["content"]
+    proof = body["attribution"]
+    assert proof["text"] == answer and proof["sentences"] and not proof["abstained"]
+    assert proof["supported"] >= 1 and proof["answerability"] > 0
+    numbers = {c["number"] for c in body["citations"]}
+    for index, sentence in enumerate(proof["sentences"]):
+        assert answer[sentence["start"]:sentence["end"]].startswith(sentence["text"][:20])
+        assert set(sentence["citations"]) <= numbers  # every marker a sentence carries is a returned citation
+    for citation in body["citations"]:  # and every citation names the sentences it supports
+        assert citation["sentences"] and all(citation["number"] in proof["sentences"][i]["citations"]
+                                             for i in citation["sentences"])
+
+
+def test_a_question_the_documents_cannot_answer_is_declined_without_generating(client, corpus):
+    body = _chat(client, corpus.acme_key,
+                 messages=[{"role": "user", "content": "Who won the 1998 football world cup final?"}]).json()
+    assert body["choices"][0]["message"]["content"].startswith("The documents do not say")
+    assert body["attribution"]["abstained"] and body["citations"] == [] and body["context"]
+    assert body["usage"]["completion_tokens"] == 0
+
+
+def test_attribution_can_be_turned_off_per_request(client, corpus):
+    body = _chat(client, corpus.acme_key, retrieval={"attribution": False}).json()
+    assert body["attribution"] is None and body["citations"]  # the generator's own markers still resolve
+
+
+def test_a_stream_ends_with_the_attributed_text(client, corpus):
+    response = _chat(client, corpus.acme_key, stream=True)
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    final = json.loads(events[-2])
+    assert final["attribution"]["sentences"] and final["attribution"]["text"]
+    assert {c["number"] for c in final["citations"]} <= {n for s in final["attribution"]["sentences"]
+                                                         for n in s["citations"]}
+
+
+def test_a_follow_up_is_searched_with_the_question_it_follows(client, corpus):
+    messages = [{"role": "user", "content": "How often should the pH probe be calibrated?"},
+                {"role": "assistant", "content": "Every 90 days [1]."},
+                {"role": "user", "content": "And how is it done?"}]
+    body = _chat(client, corpus.acme_key, messages=messages).json()
+    sources = [c["source"] for c in body["citations"] + body["context"]]
+    assert sources and sources[0].endswith("maintenance.md")

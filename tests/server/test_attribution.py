@@ -1,0 +1,80 @@
+"""Post-hoc attribution with the real embedder: sentences, markers kept, moved, added or dropped, abstention."""
+
+import pytest
+
+from core.records import Chunk, Passage
+from server.attribution.attributor import Attributor
+from server.attribution.sentences import split_sentences
+from server.settings import AttributionSettings
+
+WARRANTY = ("Every Kestrel Tide buoy comes with a three-year limited warranty covering defects in materials and "
+            "workmanship. The warranty does not cover damage from ice or collisions.")
+RETURNS = "Unused products can be returned within 30 days of delivery for a full refund."
+PH = "Calibrate the pH probe every 90 days with the two-point buffer kit."
+
+
+def passage(text: str, source: str, page: int = 1) -> Passage:
+    chunk = Chunk(id=source, tenant="acme", document_id=source, source=source, page=page, start=0, end=len(text),
+                  text=text)
+    return Passage(chunk=chunk, score=1.0)
+
+
+@pytest.fixture(scope="module")
+def attributor():
+    from core.settings import EmbeddingSettings
+    from retrieval.embedder import Embedder
+
+    embedder = Embedder(EmbeddingSettings())
+    return Attributor(embedder.embed_documents, AttributionSettings())
+
+
+PASSAGES = [passage(RETURNS, "returns.txt"), passage(WARRANTY, "warranty.txt"), passage(PH, "maintenance.md")]
+
+
+def test_sentences_split_after_markers_but_not_inside_numbers_or_abbreviations():
+    text = "The sensor reads 3.5 mg/L, e.g. at 20 C. [1] It was calibrated by Dr. Smith in 2024. Done!"
+    pieces = [text[start:end] for start, end in split_sentences(text)]
+    assert pieces == ["The sensor reads 3.5 mg/L, e.g. at 20 C. [1]", "It was calibrated by Dr. Smith in 2024.", "Done!"]
+
+
+def test_an_answer_without_markers_gets_the_passage_that_supports_it(attributor):
+    proof = attributor.attribute("The buoy has a three-year limited warranty.", PASSAGES, question="How long is the warranty?")
+    assert proof.text == "The buoy has a three-year limited warranty [2]."
+    [sentence] = proof.sentences
+    assert sentence.supported and sentence.citations == (2,) and proof.cited == [2]
+    assert proof.text[sentence.start:sentence.end] == proof.text
+
+
+def test_a_marker_to_a_passage_that_does_not_support_its_sentence_is_moved(attributor):
+    proof = attributor.attribute("Calibrate the pH probe every 90 days [1].", PASSAGES, question="pH calibration?")
+    assert proof.text == "Calibrate the pH probe every 90 days [3]." and proof.cited == [3]
+
+
+def test_a_wrong_value_is_not_supported_and_loses_its_marker(attributor):
+    proof = attributor.attribute("Products can be returned within 45 days [1].", PASSAGES, question="Return window?")
+    [sentence] = proof.sentences
+    assert not sentence.supported and sentence.claim and sentence.citations == ()
+    assert proof.text == "Products can be returned within 45 days." and proof.cited == []
+
+
+def test_a_correct_marker_is_kept_and_each_sentence_is_judged_alone(attributor):
+    answer = "Unused products can be returned within 30 days [1]. The moon is made of green cheese. Thanks!"
+    proof = attributor.attribute(answer, PASSAGES, question="Can I return it?")
+    first, second, third = proof.sentences
+    assert first.supported and first.citations == (1,)
+    assert second.claim and not second.supported  # flagged, not silently passed
+    assert not third.claim and not third.supported  # too short to be a claim
+    assert proof.text == answer
+    for sentence in proof.sentences:  # spans index the final text
+        assert proof.text[sentence.start:sentence.end].startswith(sentence.text.rstrip(".!"))
+
+
+def test_grouped_and_range_markers_are_read_with_the_one_grammar(attributor):
+    proof = attributor.attribute("Unused products can be returned within 30 days [1, 3].", PASSAGES)
+    assert proof.sentences[0].citations == (1,)  # passage 3 (pH) does not support it: dropped from the group
+
+
+def test_a_question_no_passage_answers_is_declined_and_an_answerable_one_is_not(attributor):
+    decline, low = attributor.should_abstain("Who won the 1998 football world cup final?", PASSAGES)
+    answer, high = attributor.should_abstain("How often should the pH probe be calibrated?", PASSAGES)
+    assert decline and not answer and low < high
