@@ -100,7 +100,8 @@ class Attributor:
                question_stems: frozenset[str]) -> tuple[bool, bool, tuple[int, ...], float]:
         """(claim, supported, markers to carry, best p) for one sentence."""
         settings = self.settings
-        if len(claim.stems) < _MIN_CLAIM_STEMS or not evidence:
+        # A lead-in ("These are the sentences that match your question:") introduces claims; it makes none.
+        if len(claim.stems) < _MIN_CLAIM_STEMS or claim.text.endswith(":") or not evidence:
             return False, False, tuple(n for n in written if n <= len(evidence)), 0.0
         scores = [support_probability(claim, passage, question_stems) for passage in evidence]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])

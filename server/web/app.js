@@ -165,7 +165,7 @@ async function ask(question) {
       if (chunk.citations !== undefined) final = chunk;
     }
     if (!final) throw new ApiError(0, "The answer stream ended early; the answer may be incomplete.");
-    state.history.push({ role: "assistant", content: text });
+    state.history.push({ role: "assistant", content: final.attribution ? final.attribution.text : text });
     renderAnswer(answer, text, final);
   } catch (error) {
     state.history.pop(); // the question was not answered: do not send it as context again
@@ -218,19 +218,40 @@ function markerNumbers(marker) {
 
 function renderAnswer(container, text, final) {
   const citations = new Map(final.citations.map((citation) => [citation.number, citation]));
+  const proof = final.attribution;
+  const answerText = proof ? proof.text : text; // the answer with its markers matched to the passages
   container.replaceChildren();
   const paragraph = el("p");
-  let last = 0;
-  for (const match of text.matchAll(CITATION_MARKER)) {
-    const cited = markerNumbers(match[0]).map((number) => citations.get(number)).filter(Boolean);
-    if (!cited.length) continue;
-    paragraph.append(text.slice(last, match.index));
-    cited.forEach((citation) => paragraph.append(citeButton(citation, `[${citation.number}]`)));
-    last = match.index + match[0].length;
+  if (proof && proof.sentences.length) {
+    let last = 0;
+    for (const sentence of proof.sentences) {
+      paragraph.append(answerText.slice(last, sentence.start));
+      const kind = !sentence.claim ? "neutral" : sentence.supported ? "supported" : "unsupported";
+      const span = el("span", {
+        class: `sentence ${kind}`,
+        title: kind === "supported" ? "Supported by the cited passage" :
+          kind === "unsupported" ? "No retrieved passage supports this sentence" : "",
+      });
+      appendWithMarkers(span, answerText.slice(sentence.start, sentence.end), citations);
+      if (kind === "unsupported") span.append(el("span", { class: "flag", text: "not in the documents" }));
+      paragraph.append(span);
+      last = sentence.end;
+    }
+    paragraph.append(answerText.slice(last));
+  } else {
+    appendWithMarkers(paragraph, answerText, citations);
   }
-  paragraph.append(text.slice(last));
   container.append(paragraph);
 
+  if (proof && proof.abstained) {
+    container.append(el("p", { class: "notice", text: "None of the retrieved passages answers this question, so nothing was generated." }));
+  } else if (proof && proof.sentences.some((s) => s.claim)) {
+    const claims = proof.sentences.filter((s) => s.claim).length;
+    container.append(el("p", {
+      class: proof.unsupported ? "support-summary partial" : "support-summary",
+      text: `${proof.supported} of ${claims} sentence${claims === 1 ? "" : "s"} supported by the passages.`,
+    }));
+  }
   if (final.generator && final.generator.startsWith("extractive")) {
     container.append(el("p", {
       class: "notice",
@@ -246,6 +267,30 @@ function renderAnswer(container, text, final) {
   } else if ($("retrieval").checked) {
     container.append(el("p", { class: "hint", text: "This answer cites no passage from your documents." }));
   }
+  // Every passage that was retrieved stays one click away, cited or not.
+  if (final.context && final.context.length) {
+    const details = el("details", { class: "retrieved" },
+      el("summary", { text: `Other retrieved passages (${final.context.length})` }));
+    const list = el("ul", { "aria-label": "Other retrieved passages" });
+    for (const passage of final.context) {
+      list.append(el("li", {}, citeButton(passage, `${basename(passage.source)}, page ${passage.page}`)));
+    }
+    details.append(list);
+    container.append(details);
+  }
+}
+
+// Text with its [n] markers turned into buttons that open the cited passage.
+function appendWithMarkers(parent, text, citations) {
+  let last = 0;
+  for (const match of text.matchAll(CITATION_MARKER)) {
+    const cited = markerNumbers(match[0]).map((number) => citations.get(number)).filter(Boolean);
+    if (!cited.length) continue;
+    parent.append(text.slice(last, match.index));
+    cited.forEach((citation) => parent.append(citeButton(citation, `[${citation.number}]`)));
+    last = match.index + match[0].length;
+  }
+  parent.append(text.slice(last));
 }
 
 function citeButton(citation, label) {
@@ -253,7 +298,7 @@ function citeButton(citation, label) {
     type: "button",
     class: "cite",
     text: label,
-    "aria-label": `Source ${citation.number}: ${basename(citation.source)}, page ${citation.page}`,
+    "aria-label": `Source ${citation.number ? `${citation.number}: ` : ""}${basename(citation.source)}, page ${citation.page}`,
     "aria-controls": "panel",
     onclick: (event) => openPanel(citation, event.currentTarget),
   });
@@ -264,7 +309,7 @@ function citeButton(citation, label) {
 async function openPanel(citation, trigger) {
   state.panel = { citation, trigger, radius: 1 };
   const panel = $("panel");
-  $("panel-title").textContent = `[${citation.number}] ${basename(citation.source)}`;
+  $("panel-title").textContent = `${citation.number ? `[${citation.number}] ` : ""}${basename(citation.source)}`;
   const meta = $("panel-meta");
   meta.replaceChildren(
     el("dt", { text: "File" }), el("dd", { text: citation.source }),

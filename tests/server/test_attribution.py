@@ -64,6 +64,8 @@ def test_a_correct_marker_is_kept_and_each_sentence_is_judged_alone(attributor):
     assert first.supported and first.citations == (1,)
     assert second.claim and not second.supported  # flagged, not silently passed
     assert not third.claim and not third.supported  # too short to be a claim
+    lead_in = attributor.attribute("Here is what the documents say about returns:", PASSAGES).sentences[0]
+    assert not lead_in.claim and not lead_in.supported
     assert proof.text == answer
     for sentence in proof.sentences:  # spans index the final text
         assert proof.text[sentence.start:sentence.end].startswith(sentence.text.rstrip(".!"))

@@ -281,3 +281,46 @@ def test_adapters_view_renders_the_adapter_api_contract(page, site, artifacts):
     assert page.evaluate("document.activeElement.dataset.adapter") == "support-v1"  # focus survives the redraw
     assert ("POST", "adapters/support-v1/load", f"Bearer {site.acme_key}") in calls
     page.screenshot(path=artifacts / "adapters-contract.png")
+
+
+def test_answer_shows_per_sentence_support_and_every_retrieved_passage(page, site, server, artifacts):
+    sign_in(page, site.acme_key)
+    answer = ask(page, PDF_QUESTION)
+    assert answer.locator(".sentence.supported").count() >= 1
+    assert "supported by the passages" in answer.locator(".support-summary").inner_text()
+    retrieved = answer.locator("details.retrieved")
+    retrieved.locator("summary").click()
+    others = retrieved.locator("button.cite")
+    assert others.count() >= 1  # retrieved but uncited passages stay one click away
+    others.first.click()
+    page.locator("#panel .passage.cited mark").wait_for()
+    page.screenshot(path=artifacts / "chat-support.png")
+    page.keyboard.press("Escape")
+
+    declined = ask(page, "Who won the 1998 football world cup final?")
+    assert declined.locator("p").first.inner_text().startswith("The documents do not say")
+    assert "None of the retrieved passages answers" in declined.locator(".notice").first.inner_text()
+    assert declined.locator("details.retrieved button.cite").count() >= 1
+
+
+def test_an_unsupported_sentence_is_marked_on_the_page(page, site, artifacts):
+    sign_in(page, site.acme_key)
+    # The page's own renderer on the attribution object the server sends (a mixed answer, as a model may write).
+    page.evaluate("""() => {
+      const text = "Refunds take 30 days [1]. The buoy is painted green.";
+      const citation = {number: 1, id: "x", source: "/srv/docs/returns.txt", page: 1, heading_path: [], text: "..."};
+      const final = {citations: [citation], context: [], generator: "transformers:smollm2",
+        attribution: {text, abstained: false, supported: 1, unsupported: 1, answerability: 0.8, sentences: [
+          {start: 0, end: 25, text: "Refunds take 30 days.", supported: true, claim: true, citations: [1], score: 0.9},
+          {start: 26, end: 52, text: "The buoy is painted green.", supported: false, claim: true, citations: [], score: 0.01}]}};
+      const box = document.createElement("div");
+      box.id = "probe";
+      document.querySelector("#view-chat").append(box);
+      renderAnswer(box, text, final);
+    }""")
+    probe = page.locator("#probe")
+    assert probe.locator(".sentence.supported button.cite").inner_text() == "[1]"
+    flagged = probe.locator(".sentence.unsupported")
+    assert "The buoy is painted green." in flagged.inner_text() and "not in the documents" in flagged.inner_text()
+    assert probe.locator(".support-summary.partial").inner_text() == "1 of 2 sentences supported by the passages."
+    probe.screenshot(path=artifacts / "chat-unsupported-sentence.png")
