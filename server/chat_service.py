@@ -262,9 +262,13 @@ class ChatService:
                                          answerability=prepared.answerability)
         elif prepared.attribute and used and text.strip():
             proof = await run_in_threadpool(self.attributor.attribute, text, used, question=prepared.query)
-            text = proof.text
             attribution = _attribution_out(proof, prepared.answerability)
-            numbers = proof.cited
+            text, numbers = proof.text, proof.cited
+            claims = [s for s in proof.sentences if s.claim]
+            if claims and not any(s.supported for s in claims) and self.settings.attribution.unsupported == "decline":
+                # Nothing the model said stands on a passage: say so, and keep the draft for whoever wants to see it.
+                attribution = attribution.model_copy(update={"abstained": True, "draft": text, "text": ABSTENTION_ANSWER})
+                text, numbers = ABSTENTION_ANSWER, []
         if attribution is None or prepared.abstained:
             from server.citations import extract_citations
 

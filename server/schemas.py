@@ -71,10 +71,13 @@ class AttributionOut(BaseModel):
 
     text: str = Field("", description="the answer with its [n] markers kept, moved, added or dropped to match the "
                       "passages; equals choices[0].message.content, and is how a stream's final text reads")
-    sentences: list[SentenceOut] = Field(description="the sentences of ``text``, in order")
+    sentences: list[SentenceOut] = Field(description="the sentences of ``text`` in order (of ``draft`` when the answer "
+                                         "was declined after generation)")
     supported: int = Field(description="sentences a passage supports")
     unsupported: int = Field(description="claims no retrieved passage supports")
     abstained: bool = Field(False, description="no passage answered the question, so the answer says so")
+    draft: str | None = Field(None, description="when the answer was declined after generation: what the model "
+                              "wrote, none of which a retrieved passage supports")
     answerability: float | None = Field(None, description="how well the best passage matches the question (0..1)")
 
 

@@ -107,8 +107,11 @@ class AttributionSettings(BaseModel):
                                      "probability or more (held-out precision 0.91, recall 0.98)")
     keep_threshold: float = Field(0.10, ge=0, le=1, description="a marker the model wrote stays on this lower bar")
     max_citations: int = Field(2, ge=1, description="markers per sentence at most")
-    abstain_below: float = Field(0.60, ge=0, le=1, description="when no retrieved passage matches the question this "
+    abstain_below: float = Field(0.45, ge=0, le=1, description="when no retrieved passage matches the question this "
                                  "well, answer that the documents do not say, without generating; 0 = never")
+    unsupported: Literal["decline", "flag"] = Field(
+        "decline", description="an answer none of whose claims a passage supports: 'decline' answers that the "
+        "documents do not say (the draft stays in attribution.draft); 'flag' returns it with its sentences flagged")
 
 
 class ServerSettings(Settings):

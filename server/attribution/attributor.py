@@ -116,12 +116,24 @@ class Attributor:
         return np.asarray(self.embed_texts(texts), dtype=np.float32) if texts else np.zeros((0, 0), np.float32)
 
 
-def _windows(passage: Passage) -> list[str]:
-    """The passage's sentence windows as ingest embedded them (the whole text for a one-vector chunk)."""
-    chunk = passage.chunk
-    if not chunk.windows:
-        return [chunk.text]
-    return [chunk.text[start - chunk.start : end - chunk.start] for start, end in chunk.windows]
+def _windows(passage: Passage, *, max_words: int = 30) -> list[str]:
+    """The passage's sentences packed into windows of about ``max_words`` words (the unit the thresholds were
+    measured on). Ingest's own windows are cut by tokens, and may split one fact across two."""
+    text = passage.chunk.text
+    windows: list[str] = []
+    current: list[str] = []
+    words = 0
+    for start, end in split_sentences(text):
+        sentence = " ".join(text[start:end].split())
+        count = len(sentence.split())
+        if current and words + count > max_words:
+            windows.append(" ".join(current))
+            current, words = [], 0
+        current.append(sentence)
+        words += count
+    if current:
+        windows.append(" ".join(current))
+    return windows or [text]
 
 
 def _plain(sentence: str) -> str:

@@ -222,7 +222,7 @@ function renderAnswer(container, text, final) {
   const answerText = proof ? proof.text : text; // the answer with its markers matched to the passages
   container.replaceChildren();
   const paragraph = el("p");
-  if (proof && proof.sentences.length) {
+  if (proof && proof.sentences.length && !proof.abstained) {
     let last = 0;
     for (const sentence of proof.sentences) {
       paragraph.append(answerText.slice(last, sentence.start));
@@ -243,7 +243,11 @@ function renderAnswer(container, text, final) {
   }
   container.append(paragraph);
 
-  if (proof && proof.abstained) {
+  if (proof && proof.abstained && proof.draft) {
+    container.append(el("p", { class: "notice", text: "The model's answer was withheld: no retrieved passage supports it." }));
+    container.append(el("details", { class: "retrieved" }, el("summary", { text: "Show the withheld answer" }),
+      el("p", { class: "draft", text: proof.draft })));
+  } else if (proof && proof.abstained) {
     container.append(el("p", { class: "notice", text: "None of the retrieved passages answers this question, so nothing was generated." }));
   } else if (proof && proof.sentences.some((s) => s.claim)) {
     const claims = proof.sentences.filter((s) => s.claim).length;

@@ -1,0 +1,156 @@
+"""Do answers carry their proof? Real uvicorn, the official openai client, attribution off vs on in one run.
+
+For each question of a set (default: the sample corpus's 40 answerable + 12 unanswerable questions) the server
+is asked twice through the openai client: once with post-hoc attribution off (citations come only from the
+model's own [n] markers and nothing is declined: lorag before attribution) and once with it on. Printed per
+mode: answers containing the gold answer, answerable questions that carry a citation, citations whose
+passage holds the answer (and, for gold pages, the cited page), unanswerable questions declined, answerable
+questions wrongly declined, and responses or prompts carrying an absolute server path.
+
+    python benchmarks/answer_proof.py                              # the packaged model (generation.model default)
+    python benchmarks/answer_proof.py --generator extractive       # the extractive fallback
+    python benchmarks/answer_proof.py --dataset financebench --limit 39
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FINANCEBENCH = ROOT.parent / "shared" / "datasets" / "financebench"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("sample", "financebench"), default="sample")
+    parser.add_argument("--questions", type=Path, help="a lorag question set (default: the dataset's)")
+    parser.add_argument("--docs", type=Path, help="documents to ingest (default: the dataset's)")
+    parser.add_argument("--generator", choices=("model", "extractive"), default="model")
+    parser.add_argument("--model", help="generation.model (default: the server's default)")
+    parser.add_argument("--limit", type=int, default=0, help="first N questions only (0: all)")
+    parser.add_argument("--max-tokens", type=int, default=120)
+    parser.add_argument("--data-dir", type=Path, help="reuse an ingested data dir")
+    parser.add_argument("--out", type=Path, help="write every answer as JSON lines here")
+    args = parser.parse_args()
+
+    from evaluation.datasets import load_question_set
+
+    questions, docs = _dataset(args)
+    question_set = load_question_set(questions)
+    items = question_set.questions[: args.limit or None]
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="lorag-proof-"))
+    key, app = _server(data_dir, docs, args)
+    from openai import OpenAI
+
+    from server.background import serving
+
+    secret_paths = [str(docs.resolve()), str(data_dir.resolve())]
+    rows = []
+    with serving(app) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+        for question in items:
+            for mode in ("before", "after"):
+                rows.append(_ask(client, question, mode, args.max_tokens, secret_paths))
+            print(f"  {question.id}: {rows[-1]['answer'][:100]!r}", file=sys.stderr)
+    if args.out:
+        args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _report(rows, args)
+    return 0
+
+
+def _dataset(args) -> tuple[Path, Path]:
+    if args.dataset == "financebench":
+        return args.questions or FINANCEBENCH / "questions.jsonl", args.docs or FINANCEBENCH / "pdfs"
+    return args.questions or ROOT / "data" / "eval" / "questions-full.jsonl", args.docs or ROOT / "data" / "docs"
+
+
+def _server(data_dir: Path, docs: Path, args):
+    from core.settings import load_settings
+    from ingest.pipeline import ingest_paths
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from server.tenants import TenantRegistry
+
+    settings = load_settings(ServerSettings, data_dir=str(data_dir), generation={"model": args.model},
+                             server={"request_timeout_s": 600, "max_concurrent_requests": 1})
+    if args.generator == "extractive":
+        settings.generation.model = None  # no model: the factory builds the extractive generator
+    if not (data_dir / "tenants" / "proof" / "index").is_dir():
+        started = time.perf_counter()
+        ingest_paths([docs], tenant="proof", settings=settings)
+        print(f"ingested {docs} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    registry = TenantRegistry(data_dir)
+    known = registry.path.is_file() and any(tenant.id == "proof" for tenant in registry.tenants())
+    key = registry.rotate_key("proof") if known else registry.add("proof")[1]
+    return key, create_app(settings)
+
+
+def _ask(client, question, mode: str, max_tokens: int, secret_paths: list[str]) -> dict:
+    from evaluation.answer_metrics import answer_scores, is_abstention
+    from evaluation.citation_metrics import citation_scores
+    from evaluation.backends import PassageRef
+
+    started = time.perf_counter()
+    row = {"id": question.id, "mode": mode, "unanswerable": question.unanswerable}
+    try:
+        reply = client.chat.completions.create(
+            model="lorag", messages=[{"role": "user", "content": question.question}], max_tokens=max_tokens,
+            extra_body={"retrieval": {"attribution": mode == "after"}},
+        )
+    except Exception as error:  # recorded, never retried: a failure is a result
+        return row | {"error": f"{type(error).__name__}: {error}", "answer": "", "seconds": time.perf_counter() - started}
+    body = reply.model_dump()
+    answer = reply.choices[0].message.content or ""
+    citations = [PassageRef.from_dict(c) for c in body.get("citations") or []]
+    row |= {
+        "answer": answer,
+        "seconds": round(time.perf_counter() - started, 2),
+        "generator": body.get("generator"),
+        "abstained": is_abstention(answer),
+        "cited": len(citations),
+        "absolute_path": any(path in json.dumps(body) for path in secret_paths),
+        "unsupported_sentences": (body.get("attribution") or {}).get("unsupported"),
+    }
+    if not question.unanswerable:
+        row |= answer_scores(answer, question.answers) | citation_scores(answer, citations, question)
+    return row
+
+
+def _report(rows: list[dict], args) -> None:
+    print(f"\ndataset {args.dataset}, generator {rows[0].get('generator') if rows else '?'}, "
+          f"{len(rows) // 2} questions, max_tokens {args.max_tokens}")
+    print(f"{'mode':<8} {'correct':>8} {'cited':>7} {'cite holds':>10} {'page ok':>8} {'declined':>9} "
+          f"{'false decl':>10} {'abs path':>9} {'errors':>7} {'s/answer':>9}")
+    for mode in ("before", "after"):
+        mine = [r for r in rows if r["mode"] == mode]
+        answerable = [r for r in mine if not r["unanswerable"] and "error" not in r]
+        unanswerable = [r for r in mine if r["unanswerable"] and "error" not in r]
+        precision = [r["citation_precision"] for r in answerable if r.get("citation_precision") is not None]
+        pages = [r["page_accuracy"] for r in answerable if r.get("page_accuracy") is not None]
+        print(f"{mode:<8} {_share([r['contains_gold'] for r in answerable]):>8} "
+              f"{_share([not r['no_citation'] for r in answerable]):>7} {_share(precision):>10} {_share(pages):>8} "
+              f"{_share([r['abstained'] for r in unanswerable]):>9} {_share([r['abstained'] for r in answerable]):>10} "
+              f"{sum(r.get('absolute_path', False) for r in mine):>9} {sum('error' in r for r in mine):>7} "
+              f"{_mean([r['seconds'] for r in mine]):>9}")
+    print("correct: answer contains the gold answer or an accepted alternative; cited: answerable questions with "
+          ">= 1 citation; cite holds: share of citations whose passage contains the answer or its evidence; page ok: "
+          "share of citations on the gold page (questions with one); declined: unanswerable questions declined; "
+          "false decl: answerable questions declined; abs path: responses carrying an absolute server path")
+
+
+def _share(values) -> str:
+    values = [float(v) for v in values]
+    return f"{100 * sum(values) / len(values):.0f}%" if values else "-"
+
+
+def _mean(values) -> str:
+    return f"{sum(values) / len(values):.1f}" if values else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
