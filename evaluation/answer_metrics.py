@@ -85,6 +85,44 @@ def contains_gold(prediction: str, gold: str) -> float:
     return float(f" {expected} " in f" {normalise_answer(prediction)} ")
 
 
+# A value with what it counts: "3 years", "0.1 mg/L", "310 EUR", "15 %"; a bare four-digit year is its own kind.
+_VALUE = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)\s*(%|[A-Za-z\u00b5/]+)?")
+_NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+                 "eight": "8", "nine": "9", "ten": "10", "twelve": "12", "fifteen": "15", "twenty": "20",
+                 "thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"}
+_UNIT_ALIASES = {"year": "years", "yr": "years", "yrs": "years", "day": "days", "week": "weeks", "month": "months",
+                 "hour": "hours", "minute": "minutes", "percent": "%", "eur": "eur", "euro": "eur", "euros": "eur"}
+
+
+def stated_values(text: str) -> set[tuple[str, str]]:
+    """The (number, unit) pairs ``text`` states: "three-year" -> ("3", "years"), "2,000 cycles" -> ("2000", "cycles")."""
+    text = CITATION_MARKER.sub(" ", text).lower().replace("-", " ")
+    text = re.sub(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1)], text)
+    values = set()
+    for number, unit in _VALUE.findall(text):
+        number = number.replace(",", "") if re.fullmatch(r"\d{1,3}(?:,\d{3})+", number) else number.replace(",", ".")
+        if "." in number:
+            number = number.rstrip("0").rstrip(".") or "0"
+        unit = _UNIT_ALIASES.get(unit or "", unit or "")
+        if not unit and re.fullmatch(r"(19|20)\d\d", number):
+            unit = "year"  # a calendar year
+        values.add((number, unit))
+    return values
+
+
+def conflicting_values(prediction: str, golds: Sequence[str]) -> bool:
+    """Whether ``prediction`` states a gold value and, beside it, another value of the same kind (both years'
+    figures, both plans' prices): it hedges between answers, and containing the gold one must not be credited."""
+    stated = stated_values(prediction)
+    for gold in golds:
+        expected = stated_values(gold)
+        hits = stated & expected
+        if hits and any(unit == hit_unit and number != hit_number
+                        for number, unit in stated - expected for hit_number, hit_unit in hits):
+            return True
+    return False
+
+
 def is_abstention(prediction: str) -> bool:
     """The answer declines (see :data:`ABSTENTION_PHRASES`); an empty answer counts as declining."""
     text = " ".join(CITATION_MARKER.sub(" ", prediction).lower().replace("\u2019", "'").split())

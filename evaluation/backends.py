@@ -8,6 +8,7 @@ computed from what users get. The model is chosen by name (``base`` or an adapte
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 from core.errors import LoragError
 
@@ -45,6 +46,7 @@ class Reply:
     context: list[PassageRef] = field(default_factory=list)
     generator: str = ""
     error: str | None = None  # the request failed; text is empty
+    error_kind: Literal["error", "timeout"] | None = None
 
 
 class InProcessBackend:
@@ -76,11 +78,13 @@ class InProcessBackend:
         passages = self.retrieval.retrieve(self.tenant.id, query, k=k, mode=mode)
         return [PassageRef.from_dict(PassageOut.from_passage(p).model_dump()) for p in passages]
 
-    def chat(self, question: str, *, model: str, retrieval: bool, k: int | None, max_tokens: int) -> Reply:
+    def chat(self, question: str, *, model: str, retrieval: bool, k: int | None, max_tokens: int,
+             attribution: bool | None = None) -> Reply:
+        from server.errors import RequestTimeout
         from server.schemas import ChatRequest
 
         body = ChatRequest(model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-                           temperature=0.0, retrieval={"enabled": retrieval, "k": k})
+                           temperature=0.0, retrieval={"enabled": retrieval, "k": k, "attribution": attribution})
 
         async def answer():
             prepared = await self.chat_service.prepare(body, self.tenant)
@@ -88,8 +92,10 @@ class InProcessBackend:
 
         try:
             response = self._loop.run_until_complete(answer())
+        except RequestTimeout as error:
+            return Reply("", error=str(error), error_kind="timeout")
         except LoragError as error:
-            return Reply("", error=str(error))
+            return Reply("", error=str(error), error_kind="error")
         data = response.model_dump()
         return _reply(data)
 
@@ -109,7 +115,8 @@ class HttpBackend:
 
         root = url.rstrip("/").removesuffix("/v1")
         self.description = f"server {root}"
-        self.client = OpenAI(base_url=root + "/v1", api_key=api_key, timeout=timeout, max_retries=2)
+        # No client retries: a failed or timed-out request is a result to record, not to hide.
+        self.client = OpenAI(base_url=root + "/v1", api_key=api_key, timeout=timeout, max_retries=0)
         self.http = httpx.Client(base_url=root, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
         self.generator_name = ""
         try:
@@ -131,17 +138,25 @@ class HttpBackend:
             raise LoragError(f"POST /v1/retrieve for {query[:60]!r} failed ({response.status_code}): {response.text[:300]}")
         return [PassageRef.from_dict(p) for p in response.json()["data"]]
 
-    def chat(self, question: str, *, model: str, retrieval: bool, k: int | None, max_tokens: int) -> Reply:
+    def chat(self, question: str, *, model: str, retrieval: bool, k: int | None, max_tokens: int,
+             attribution: bool | None = None) -> Reply:
         import openai
 
         options = {"enabled": retrieval} | ({"k": k} if k is not None else {})
+        if attribution is not None:
+            options["attribution"] = attribution
         try:
             completion = self.client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
                 temperature=0.0, extra_body={"retrieval": options},
             )
+        except openai.APITimeoutError as error:
+            return Reply("", error=f"timed out: {error}", error_kind="timeout")
         except openai.APIStatusError as error:
-            return Reply("", error=f"{error.status_code}: {error.message}")
+            kind = "timeout" if error.status_code == 504 else "error"
+            return Reply("", error=f"{error.status_code}: {error.message}", error_kind=kind)
+        except openai.APIConnectionError as error:
+            return Reply("", error=f"connection failed: {error}", error_kind="error")
         reply = _reply(completion.model_dump())  # lorag's extra fields (citations, context) are kept
         self.generator_name = reply.generator or self.generator_name
         return reply

@@ -47,6 +47,8 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     what.add_argument("--adapter", metavar="NAME", help="the tenant's adapter for the adapter modes")
     what.add_argument("--k", type=int, help="passages per answer (default: retrieval.k)")
     what.add_argument("--max-tokens", type=int, default=256)
+    what.add_argument("--attribution", choices=("on", "off"), help="post-hoc attribution and abstention in the rag "
+                      "modes (default: the server's attribution.enabled); run twice to compare")
     what.add_argument("--retrieval-only", action="store_true", help="only hit@k, recall@k, MRR, nDCG@10")
     what.add_argument("--retrieval-modes", default="dense,keyword,hybrid")
     what.add_argument("--ingest", action="store_true", help="in-process: ingest a SQuAD/BEIR set's corpus first")
@@ -103,6 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
     modes = _split(args.modes) if args.modes else (["base", "rag", "adapter", "rag+adapter"] if args.adapter else ["base", "rag"])
     options = EvalOptions(
         modes=modes, adapter=args.adapter, k=args.k, max_tokens=args.max_tokens,
+        attribution=None if args.attribution is None else args.attribution == "on",
         retrieval_modes=_split(args.retrieval_modes), retrieval_only=args.retrieval_only, progress=args.progress,
         extra={"questions": str(args.questions), "limit": args.limit, "corpus_docs": args.corpus_docs, "seed": args.seed},
     )

@@ -43,6 +43,16 @@ class EvalQuestion:
     evidence: tuple[str, ...] = ()  # text a supporting passage contains (besides the answers)
     unanswerable: bool = False
     line: int = 0
+    kind: str = ""  # the set's own question type ("type"/"question_type"), e.g. "held-out" or "comparison"
+
+    @property
+    def type(self) -> str:
+        """What results are grouped by: the set's own type, else unanswerable / numeric / text."""
+        if self.kind:
+            return self.kind
+        if self.unanswerable:
+            return "unanswerable"
+        return "numeric" if any(ch.isdigit() for ch in self.answer) else "text"
 
     @property
     def answer(self) -> str:
@@ -202,9 +212,12 @@ def _parse_lorag(record: object, line: int) -> EvalQuestion:
         evidence = [evidence]
     if not isinstance(evidence, list) or not all(isinstance(e, str) and e.strip() for e in evidence):
         raise ValueError("field 'evidence' must be text or a list of texts")
+    kind = record.get("type", record.get("question_type", ""))
+    if not isinstance(kind, str):
+        raise ValueError(f"field 'type' must be text, got {kind!r}")
     return EvalQuestion(
         id=str(record.get("id", f"q{line}")), question=question, answers=tuple(answers), sources=tuple(gold),
-        evidence=tuple(evidence), unanswerable=unanswerable, line=line,
+        evidence=tuple(evidence), unanswerable=unanswerable, line=line, kind=kind.strip(),
     )
 
 

@@ -15,7 +15,8 @@ from evaluation.runner import ANSWER_METRICS, CITATION_METRICS
 
 RESULTS_FILE, MARKDOWN_FILE, HTML_FILE, KEY_FILE, PLOTS_DIR = (
     "results.json", "report.md", "report.html", "blind_key.json", "plots")
-ANSWER_COLUMNS = (*ANSWER_METRICS, "abstention_accuracy", "false_abstention", *CITATION_METRICS, "error")
+ANSWER_COLUMNS = (*ANSWER_METRICS, "conflicting", "abstention_accuracy", "false_abstention", *CITATION_METRICS, "error", "timeout",
+                  "seconds")
 
 
 def write_report(results: dict, out_dir: str | Path, *, blind: bool = False, seed: int = 0) -> dict[str, Path]:
@@ -50,6 +51,10 @@ def summary_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
         tables.append(("Answers", ["mode", *ANSWER_COLUMNS, "answers"],
                        [[mode, *(_fmt(s.get(m)) for m in ANSWER_COLUMNS), str(s.get("answers", 0))]
                         for mode, s in answers["summary"].items()]))
+    for kind, modes in (answers or {}).get("by_type", {}).items():
+        tables.append((f"Answers, type {kind!r}", ["mode", *ANSWER_COLUMNS, "answers"],
+                       [[mode, *(_fmt(s.get(m)) for m in ANSWER_COLUMNS), str(s.get("answers", 0))]
+                        for mode, s in modes.items()]))
     general = results.get("general")
     if general:
         rows = [[mode, *(_fmt(s.get(m)) for m in ANSWER_METRICS)] for mode, s in general["summary"].items()]

@@ -6,13 +6,14 @@ and returns one JSON-ready dict that report.py turns into Markdown, HTML and plo
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from core.errors import LoragError
 from retrieval.ranking_metrics import mean_scores, ranking_scores
-from evaluation.answer_metrics import answer_scores, is_abstention
+from evaluation.answer_metrics import answer_scores, conflicting_values, is_abstention
 from evaluation.backends import BASE_MODEL, Reply
 from evaluation.citation_metrics import NliJudge, citation_scores
 from evaluation.datasets import EvalQuestion, QuestionSet
@@ -31,6 +32,7 @@ CITATION_METRICS = ("citation_precision", "citation_recall", "page_accuracy", "n
 class EvalOptions:
     modes: Sequence[str] = ("base", "rag")
     adapter: str | None = None
+    attribution: bool | None = None  # post-hoc attribution in rag modes; None: the server's default
     k: int | None = None  # passages per answer; None = the retrieval settings' k
     max_tokens: int = 256
     retrieval_modes: Sequence[str] = RETRIEVAL_MODES
@@ -140,35 +142,47 @@ def evaluate_answers(backend, questions: Sequence[EvalQuestion], options: EvalOp
     """Ask every question in every mode; score answers, abstentions and citations."""
     per_question = []
     scored: dict[str, list[dict]] = {mode: [] for mode in options.modes}
+    by_type: dict[str, dict[str, list[dict]]] = {}
     for question in _bar(questions, label, options.progress):
         entry = {"id": question.id, "question": question.question, "gold": question.answer,
-                 "unanswerable": question.unanswerable,
+                 "unanswerable": question.unanswerable, "type": question.type,
                  "sources": [{"doc": s.doc, "page": s.page} for s in question.sources], "answers": {}}
         for mode in options.modes:
+            started = time.perf_counter()
             reply = backend.chat(question.question, model=options.adapter if "adapter" in mode else BASE_MODEL,
-                                 retrieval=mode.startswith("rag"), k=options.k, max_tokens=options.max_tokens)
+                                 retrieval=mode.startswith("rag"), k=options.k, max_tokens=options.max_tokens,
+                                 attribution=options.attribution)
             scores = score_reply(reply, question, retrieval=mode.startswith("rag"), nli=options.nli)
+            scores["seconds"] = time.perf_counter() - started
             scored[mode].append(scores)
-            entry["answers"][mode] = {"text": reply.text, "error": reply.error, "scores": scores,
-                                      "citations": [c.as_dict() for c in reply.citations]}
+            by_type.setdefault(question.type, {}).setdefault(mode, []).append(scores)
+            entry["answers"][mode] = {"text": reply.text, "error": reply.error, "error_kind": reply.error_kind,
+                                      "scores": scores, "citations": [c.as_dict() for c in reply.citations]}
         per_question.append(entry)
     return {"modes": list(options.modes), "summary": {mode: summarise(scored[mode]) for mode in options.modes},
+            "by_type": {kind: {mode: summarise(rows) for mode, rows in modes.items()}
+                        for kind, modes in sorted(by_type.items())},
             "per_question": per_question}
 
 
 def score_reply(reply: Reply, question: EvalQuestion, *, retrieval: bool, nli: NliJudge | None = None) -> dict:
     """Every per-answer metric; None where it does not apply (e.g. EM of an unanswerable question)."""
     abstained = is_abstention(reply.text) if reply.error is None else None
-    scores: dict[str, float | None] = dict.fromkeys(ANSWER_METRICS)
+    scores: dict[str, float | None] = dict.fromkeys((*ANSWER_METRICS, "conflicting"))
     if reply.error is None and not question.unanswerable and question.answers:
         scores |= answer_scores(reply.text, question.answers)
+        # An answer that gives the gold value and another of the same kind hedges: flagged, and not credited.
+        scores["conflicting"] = float(conflicting_values(reply.text, question.answers))
+        if scores["conflicting"]:
+            scores["contains_gold"] = 0.0
     scores["abstention_accuracy"] = float(abstained) if question.unanswerable and abstained is not None else None
     scores["false_abstention"] = float(abstained) if not question.unanswerable and abstained is not None else None
     if retrieval and reply.error is None and (question.answers or question.unanswerable):
         scores |= citation_scores(reply.text, reply.citations, question, nli=nli)
     else:
         scores |= dict.fromkeys(CITATION_METRICS)
-    scores["error"] = float(reply.error is not None)
+    scores["error"] = float(reply.error is not None and reply.error_kind != "timeout")
+    scores["timeout"] = float(reply.error_kind == "timeout")
     return scores
 
 

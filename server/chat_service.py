@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from starlette.concurrency import run_in_threadpool
 
@@ -57,6 +57,7 @@ class PreparedChat:
     attribute: bool = False  # match the answer's sentences to the passages afterwards
     answerability: float | None = None  # how well the best passage matches the query
     abstained: bool = False  # no passage answers the query: the answer says so without generating
+    evidence: dict = field(default_factory=dict)  # chunk id -> the attributor's PassageEvidence, embedded once
 
 
 @dataclass
@@ -118,9 +119,12 @@ class ChatService:
             self.metrics.retrieval.labels(tenant.id).observe(retrieval_s)
         wanted = options.attribution if options.attribution is not None else self.settings.attribution.enabled
         attribute = options.enabled and wanted and self.attributor is not None
-        answerability = None
-        if attribute and passages and self.settings.attribution.abstain_below > 0:
-            answerability = await run_in_threadpool(self.attributor.answerability, query, passages)
+        answerability, evidence = None, {}
+        if attribute and passages:
+            evidence = await run_in_threadpool(self.attributor.evidence, passages)
+            if self.settings.attribution.abstain_below > 0:
+                answerability = await run_in_threadpool(self.attributor.answerability, query, passages,
+                                                        evidence=evidence)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request = GenerationRequest(
@@ -129,7 +133,7 @@ class ChatService:
         )
         return PreparedChat(
             request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s,
-            query=query, attribute=attribute, answerability=answerability,
+            query=query, attribute=attribute, answerability=answerability, evidence=evidence,
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
         )
 
@@ -261,7 +265,8 @@ class ChatService:
             attribution = AttributionOut(text=text, sentences=[], supported=0, unsupported=0, abstained=True,
                                          answerability=prepared.answerability)
         elif prepared.attribute and used and text.strip():
-            proof = await run_in_threadpool(self.attributor.attribute, text, used, question=prepared.query)
+            proof = await run_in_threadpool(self.attributor.attribute, text, used, question=prepared.query,
+                                            evidence=prepared.evidence)
             attribution = _attribution_out(proof, prepared.answerability)
             text, numbers = proof.text, proof.cited
             claims = [s for s in proof.sentences if s.claim]

@@ -59,38 +59,45 @@ class Attributor:
         self.embed_texts = embed_texts
         self.settings = settings
 
-    def attribute(self, answer: str, passages: Sequence[Passage], *, question: str = "") -> Attribution:
-        """Match each sentence of ``answer`` to ``passages`` (numbered [1]..[n] in this order, as in the prompt)."""
+    def evidence(self, passages: Sequence[Passage]) -> dict[str, PassageEvidence]:
+        """Each passage's windows, vectors, stems and numbers by chunk id, embedded in one call; a request
+        computes them once and uses them before (answerability) and after (attribution) generation."""
+        windows = [_windows(passage) for passage in passages]
+        vectors = self._embed([w for group in windows for w in group])
+        found, position = {}, 0
+        for passage, group in zip(passages, windows):
+            found[passage.chunk.id] = PassageEvidence.of(passage.chunk.text, group, vectors[position : position + len(group)])
+            position += len(group)
+        return found
+
+    def attribute(self, answer: str, passages: Sequence[Passage], *, question: str = "",
+                  evidence: dict[str, PassageEvidence] | None = None) -> Attribution:
+        """Match each sentence of ``answer`` to ``passages`` (numbered [1]..[n] in this order, as in the prompt).
+        ``evidence`` (from :meth:`evidence`) saves embedding the passages again."""
         spans = split_sentences(answer)
         claims_text = [_plain(answer[start:end]) for start, end in spans]
-        windows = [_windows(passage) for passage in passages]
-        vectors = self._embed(claims_text + [w for group in windows for w in group])
-        evidence, position = [], len(claims_text)
-        for passage, group in zip(passages, windows):
-            evidence.append(PassageEvidence.of(passage.chunk.text, group, vectors[position : position + len(group)]))
-            position += len(group)
+        missing = [p for p in passages if evidence is None or p.chunk.id not in evidence]
+        known = (evidence or {}) | (self.evidence(missing) if missing else {})
+        ordered = [known[passage.chunk.id] for passage in passages]
+        vectors = self._embed(claims_text)
         question_stems = frozenset(content_stems(question))
         results = []
         for index, (start, end) in enumerate(spans):
             claim = Claim.of(claims_text[index], vectors[index])
             written = _written_numbers(answer[start:end], len(passages))
-            results.append(self._judge(claim, written, evidence, question_stems))
+            results.append(self._judge(claim, written, ordered, question_stems))
         return _rewrite(answer, spans, results)
 
-    def answerability(self, question: str, passages: Sequence[Passage]) -> float:
+    def answerability(self, question: str, passages: Sequence[Passage], *,
+                      evidence: dict[str, PassageEvidence] | None = None) -> float:
         """How well the best passage window matches ``question`` (0..1); below ``abstain_below`` no passage
         answers it."""
         if not passages:
             return 0.0
-        windows = [_windows(passage) for passage in passages]
-        vectors = self._embed([question] + [w for group in windows for w in group])
+        known = evidence if evidence is not None else self.evidence(passages)
+        question_vector = self._embed([question])[0]
         stems = frozenset(content_stems(question))
-        best, position = 0.0, 1
-        for passage, group in zip(passages, windows):
-            evidence = PassageEvidence.of(passage.chunk.text, group, vectors[position : position + len(group)])
-            best = max(best, answerability(vectors[0], stems, evidence))
-            position += len(group)
-        return best
+        return max(answerability(question_vector, stems, known[p.chunk.id]) for p in passages)
 
     def should_abstain(self, question: str, passages: Sequence[Passage]) -> tuple[bool, float]:
         score = self.answerability(question, passages)

@@ -136,3 +136,58 @@ def test_nli_judge_adds_support_beyond_containment_and_unavailable_model_is_skip
     assert scores["citation_precision"] == 1.0
     assert load_nli(None) is None
     assert load_nli("no-such-org/no-such-nli-model") is None  # offline: logged and skipped
+
+
+# ---- conflicting values, question types, errors -------------------------------------------------
+
+@pytest.mark.parametrize(("answer", "conflicting"), [
+    ("The warranty is three years [1]; the battery is covered for five years [1].", True),  # two values, one slot
+    ("The quick ratio went from 0.67 times in FY2022 to 0.69 times in FY2023.", True),
+    ("The warranty is three years [1].", False),
+    ("Returns within 30 days; claims are handled within 15 working days.", False),  # other kinds of value
+    ("It lasts a year or so.", False),
+])
+def test_an_answer_hedging_between_values_is_flagged(answer, conflicting):
+    from evaluation.answer_metrics import conflicting_values
+
+    golds = ["0.69 times"] if "ratio" in answer else ["three years", "30 days"]
+    assert conflicting_values(answer, golds) is conflicting
+
+
+def test_a_conflicting_answer_is_not_credited_with_the_gold_value():
+    from evaluation.backends import Reply
+    from evaluation.runner import score_reply
+
+    question = EvalQuestion("w", "How long is the warranty?", answers=("three years",))
+    hedged = score_reply(Reply("It is three years, or five years for the battery."), question, retrieval=False)
+    plain = score_reply(Reply("It is three years."), question, retrieval=False)
+    assert hedged["conflicting"] == 1.0 and hedged["contains_gold"] == 0.0
+    assert plain["conflicting"] == 0.0 and plain["contains_gold"] == 1.0
+
+
+def test_timeouts_and_errors_are_counted_apart():
+    from evaluation.backends import Reply
+    from evaluation.runner import score_reply, summarise
+
+    question = EvalQuestion("w", "How long is the warranty?", answers=("three years",))
+    rows = [score_reply(Reply("", error="504: past server.request_timeout_s", error_kind="timeout"), question,
+                        retrieval=True),
+            score_reply(Reply("", error="500: boom", error_kind="error"), question, retrieval=True),
+            score_reply(Reply("three years [1]"), question, retrieval=True)]
+    summary = summarise(rows)
+    assert summary["timeout"] == pytest.approx(1 / 3) and summary["error"] == pytest.approx(1 / 3)
+    assert summary["contains_gold"] == 1.0  # failed requests are not scored as wrong answers, they are counted
+
+
+def test_question_types_come_from_the_set_or_from_the_answer(tmp_path):
+    from evaluation.datasets import load_question_set
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join([
+        '{"question": "How long?", "answer": "three years", "type": "held-out"}',
+        '{"question": "How much?", "answer": "310 EUR"}',
+        '{"question": "Who?", "answer": "the customer"}',
+        '{"question": "When was it founded?", "unanswerable": true}',
+    ]))
+    kinds = [q.type for q in load_question_set(path).questions]
+    assert kinds == ["held-out", "numeric", "text", "unanswerable"]
