@@ -63,6 +63,10 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     group.add_argument("--with-retrieval", action="store_true", default=None, help="RAFT: train with retrieved passages")
     group.add_argument("--k", type=int, help="passages per example with --with-retrieval")
     group.add_argument("--no-oracle-p", type=float, dest="raft_no_oracle_p", help="share of examples without the relevant passage")
+    group.add_argument("--distractors", type=int, dest="raft_distractors",
+                       help="passages retrieved for other questions mixed into each example")
+    group.add_argument("--cite", action=argparse.BooleanOptionalAction, default=None, dest="raft_cite",
+                       help="target answers cite the relevant passage's [n] (default on)")
     train.set_defaults(handler=run_train)
 
     adapters = subparsers.add_parser("adapters", parents=[common], help="list, show, delete or merge a tenant's adapters")
@@ -95,7 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
             "method", "rslora", "rank", "alpha", "dropout", "target_modules", "epochs", "max_steps", "lr",
             "warmup_ratio", "batch_size", "grad_accum", "max_seq_len", "precision", "packing",
             "gradient_checkpointing", "compile", "seed", "val_split", "eval_steps", "save_steps", "patience", "strict",
-            "with_retrieval", "k", "raft_no_oracle_p",
+            "with_retrieval", "k", "raft_no_oracle_p", "raft_distractors", "raft_cite",
         )
     }
     flags["base_model"] = args.base

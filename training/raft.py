@@ -75,7 +75,10 @@ def build_raft_examples(
         except LoragError:  # not even the question fits: keep every passage, truncation will count it
             prompt = build_prompt(example.messages[:-1], context)
         numbers = [n for n, p in enumerate(prompt.passages, start=1) if p.chunk.id in oracle_ids]
-        answer = cite(example.answer, numbers) if numbers else settings.raft_no_answer
+        if not numbers:
+            answer = settings.raft_no_answer
+        else:
+            answer = cite(example.answer, numbers) if settings.raft_cite else strip_markers(example.answer)
         built.append(RaftExample([*prompt.messages, {"role": "assistant", "content": answer}], prompt.passages, numbers, example.line))
     return built
 

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from core.prompt import ABSTENTION_ANSWER
 from core.settings import Settings
 
 
@@ -45,7 +46,9 @@ class TrainingSettings(BaseModel):
     k: int = Field(4, ge=1, le=50, description="passages per RAFT example")
     raft_no_oracle_p: float = Field(0.2, ge=0, le=1, description="share of examples trained without the oracle")
     raft_distractors: int = Field(2, ge=0, description="passages from other questions mixed in")
-    raft_no_answer: str = "The documents do not contain the answer to this question."
+    raft_no_answer: str = Field(ABSTENTION_ANSWER, description="the answer when the oracle is left out: the "
+                                "server's own abstention, so a trained adapter declines in the words lorag uses")
+    raft_cite: bool = Field(True, description="target answers cite the oracle passage's [n]")
 
     @property
     def target_module_list(self) -> str | list[str]:
