@@ -158,6 +158,7 @@ def _perplexity(args, settings):
     from core.errors import LoragError
     from evaluation.perplexity import measure_perplexity
     from adapters.registry import AdapterRegistry
+    from server.generation.packaged import ensure_packaged_model, is_packaged
 
     if not args.tenant:
         raise LoragError("--heldout needs --tenant: perplexity loads the adapter from the tenant's adapter directory")
@@ -168,6 +169,8 @@ def _perplexity(args, settings):
     base = base or settings.generation.model
     if not base:
         raise LoragError("--heldout needs a base model: pass --base MODEL or --adapter NAME")
+    if is_packaged(base):  # the alias generation.model defaults to: the converted directory
+        base = str(ensure_packaged_model(settings.generation.models_dir))
     return lambda: measure_perplexity(args.heldout, base_model=base, adapter_dir=adapter_dir, device=args.device).as_dict()
 
 
