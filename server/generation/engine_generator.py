@@ -185,11 +185,12 @@ class EngineGenerator:
         await asyncio.to_thread(self.engine.close)
 
 
-def load_engine_generator(settings, *, adapters=None) -> EngineGenerator | None:
-    """The engine for ``settings.model``, or None (logged) when it cannot run that architecture.
+def load_engine_generator(settings, *, adapters=None, model: str | None = None) -> EngineGenerator | None:
+    """The engine for ``model`` (default ``settings.model``), or None (logged) when it cannot run that architecture.
 
     ``settings`` is a server.settings.GenerationSettings (model, device, dtype, max_batch_size,
-    max_context_tokens); ``adapters`` an AdapterSettings (max_resident slots of max_rank; defaults when None).
+    max_context_tokens); ``adapters`` an AdapterSettings (max_resident slots of max_rank; defaults when None);
+    ``model`` a directory or hub id to load instead of ``settings.model`` (the factory resolves aliases).
 
     Raises:
         LoragError, OSError, ...: the model or tokenizer cannot be loaded (the caller falls back).
@@ -201,7 +202,8 @@ def load_engine_generator(settings, *, adapters=None) -> EngineGenerator | None:
     config = EngineConfig(max_rows=settings.max_batch_size, max_len=settings.max_context_tokens or EngineConfig.max_len,
                           adapter_slots=adapters.max_resident, max_rank=adapters.max_rank)
     try:
-        return EngineGenerator.from_pretrained(settings.model, config=config, device=settings.device, dtype=dtype)
+        return EngineGenerator.from_pretrained(model or settings.model, config=config, device=settings.device,
+                                               dtype=dtype)
     except UnsupportedModel as error:
         log.warning("multi-adapter engine not used, falling back to transformers + peft: %s", error)
         return None

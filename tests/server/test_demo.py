@@ -1,5 +1,6 @@
-"""The README's main job, `python -m lorag.demo`, as a user runs it: with a local model, and offline
-without one (it must say plainly that answers are extractive, and still print cited passages)."""
+"""The README's main job, `python -m lorag.demo`, as a user runs it: offline with the packaged model standing in
+for a hub model, with a local model, and without any model (it must say plainly that answers are extractive,
+and still print cited passages)."""
 
 import os
 import subprocess
@@ -23,7 +24,7 @@ def _demo(data_dir, **env) -> str:
 
 
 def test_demo_offline_fallback_then_local_model(data_dir, tiny_llama_path):
-    out = _demo(data_dir, LORAG_GENERATION__MODEL="Qwen/Qwen2.5-0.5B-Instruct")
+    out = _demo(data_dir, LORAG_GENERATION__MODEL="Qwen/Qwen2.5-0.5B-Instruct", LORAG_GENERATION__FALLBACK="extractive")
     assert "FELL BACK TO EXTRACTIVE ANSWERS" in out
     assert "Q: How long is the warranty on a Kestrel Tide buoy?" in out
     assert "returns-and-warranty.txt page 1" in out  # the passage that answers it, cited with its page
@@ -34,3 +35,15 @@ def test_demo_offline_fallback_then_local_model(data_dir, tiny_llama_path):
     out = _demo(data_dir, LORAG_GENERATION__MODEL=str(tiny_llama_path))
     assert "unchanged" in out and "FELL BACK" not in out
     assert "generator: transformers:" in out
+
+
+def test_demo_offline_generates_with_the_packaged_model(data_dir, packaged_model_path):
+    # The hub model cannot be loaded offline: the packaged model (already converted in this models dir) answers.
+    out = _demo(data_dir, LORAG_GENERATION__MODEL="Qwen/Qwen2.5-0.5B-Instruct",
+                LORAG_GENERATION__MODELS_DIR=str(packaged_model_path.parent))
+    assert "FELL BACK TO THE PACKAGED MODEL" in out and "EXTRACTIVE" not in out
+    assert f"generator: transformers:{packaged_model_path}" in out
+    answer = next(line for line in out.splitlines() if line.startswith("A: "))
+    assert len(answer) > len("A: ") + 5  # a generated sentence
+    assert "returns-and-warranty.txt page 1" in out  # the passage that answers it, cited or shown with its page
+    assert "/v1/passages/" in out

@@ -25,7 +25,7 @@ def test_no_model_gives_extractive_with_a_warning(caplog):
 def test_missing_model_falls_back_to_extractive_with_an_error_log_naming_the_fix(tmp_path, caplog):
     missing = tmp_path / "no-such-model"
     with caplog.at_level(logging.ERROR, logger="server.generation.factory"):
-        generator = load_generator(GenerationSettings(model=str(missing)))
+        generator = load_generator(GenerationSettings(model=str(missing), fallback="extractive"))
 
     assert isinstance(generator, ExtractiveGenerator)
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -53,4 +53,5 @@ def test_a_tokenizer_without_chat_template_is_refused_by_name(tiny_llama_path, t
     base = copy_without_chat_template(tiny_llama_path, tmp_path / "base-model")
     with pytest.raises(LoragError, match="no chat template"):
         load_generator(GenerationSettings(model=str(base), device="cpu", fallback="error"))
-    assert isinstance(load_generator(GenerationSettings(model=str(base), device="cpu")), ExtractiveGenerator)
+    assert isinstance(load_generator(GenerationSettings(model=str(base), device="cpu", fallback="extractive")),
+                      ExtractiveGenerator)
