@@ -159,8 +159,10 @@ class ChatService:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4:
             raise InvalidRequest(f"stop: {len(stop)} sequences given, at most 4 are allowed", param="stop")
+        penalty = body.repetition_penalty or self.settings.generation.repetition_penalty
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+            repetition_penalty=penalty,
         )
 
     # -- generation ------------------------------------------------------------------------------

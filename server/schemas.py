@@ -154,6 +154,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM's extension: > 1 discourages "
+                                             "repeating the answer's own tokens; default generation.repetition_penalty")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None

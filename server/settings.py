@@ -92,6 +92,10 @@ class GenerationSettings(BaseModel):
     engine: Literal["auto", "engine", "transformers"] = Field(
         "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft"
     )
+    repetition_penalty: float = Field(
+        1.2, gt=0, le=10, description="default for requests that send none: generated tokens already in the answer "
+        "are penalised (not the prompt's); 1.2 stopped SmolLM2-135M's loops (benchmarks/RESULTS.md); 1 = off",
+    )
 
 
 class AdapterSettings(BaseModel):

@@ -39,6 +39,7 @@ class Sequence:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # on generated tokens only (see sampling.sample)
     stop_token_ids: frozenset[int] = frozenset()
     seq_id: int = field(default_factory=lambda: next(_ids))
     # engine-side state
@@ -258,7 +259,7 @@ class Scheduler:
             positions[seq.row] = len(seq.prompt) + len(seq.generated) - 1
             slots[seq.row] = seq.adapter_slot
         logits = self.decode(tokens, positions, slots)  # (>= n, vocab)
-        if all(s.temperature == 0 for s in active):  # greedy: no gather of the rows' logits needed
+        if all(s.temperature == 0 and s.repetition_penalty == 1.0 for s in active):  # plain greedy: no gather
             chosen = logits.argmax(dim=-1).tolist()
             picked = [chosen[s.row] for s in active]
         else:
@@ -269,7 +270,8 @@ class Scheduler:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         return sample(logits, temperatures=[s.temperature for s in seqs], top_ps=[s.top_p for s in seqs],
-                      generators=[s.generator for s in seqs])
+                      generators=[s.generator for s in seqs], penalties=[s.repetition_penalty for s in seqs],
+                      generated=[s.generated for s in seqs])
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)

@@ -143,6 +143,7 @@ class EngineGenerator:
 
         seq = Sequence(prompt=list(prompt.token_ids), max_tokens=sampling.max_tokens, emit=emit, adapter_slot=slot,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                       repetition_penalty=sampling.repetition_penalty,
                        stop_token_ids=self.stop_token_ids)
         try:
             self.engine.scheduler.submit(seq)

@@ -21,6 +21,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # > 1 discourages repeating what the answer already said (not the prompt): small models loop without it
+    repetition_penalty: float = 1.0
 
     def check(self, *, context_tokens: int, model: str) -> None:
         """Refuse values no generator can honour, the same way for every generator.
@@ -39,6 +41,8 @@ class SamplingParams:
             raise LoragError(f"temperature is {self.temperature}; it must be 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             raise LoragError(f"top_p is {self.top_p}; it must be in (0, 1]")
+        if not 0 < self.repetition_penalty <= 10:
+            raise LoragError(f"repetition_penalty is {self.repetition_penalty}; it must be in (0, 10]")
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,10 @@ class _Row:
         TransformersGenerator._adapter_group)."""
         sampling = self.sampling
         if sampling.temperature == 0:
-            return (adapter_group, "greedy")
+            return (adapter_group, "greedy", sampling.repetition_penalty)
         if sampling.seed is not None:  # a seeded row owns the RNG for its whole run
             return (adapter_group, "seeded", id(self))
-        return (adapter_group, "sample", sampling.temperature, sampling.top_p)
+        return (adapter_group, "sample", sampling.temperature, sampling.top_p, sampling.repetition_penalty)
 
 
 @dataclass
@@ -336,7 +336,7 @@ class TransformersGenerator:
 
     def _generate(self, rows: list[_Row]) -> None:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
 
         self.stats.batch_sizes[len(rows)] += 1
         device = self.model.device
@@ -362,6 +362,10 @@ class TransformersGenerator:
         )
         if do_sample and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:  # the batch key makes it equal across rows
+            # Generated tokens only: the stock penalty also counts the prompt, and would punish quoting the documents.
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=width))
         generate, adapter_kwargs = self._adapter_call(rows)
         with torch.inference_mode():
             generate(
@@ -369,6 +373,7 @@ class TransformersGenerator:
                 attention_mask=attention_mask,
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([_RowStops(self, rows)]),
+                logits_processor=processors,
                 **adapter_kwargs,
             )
         for row in rows:  # generate ended on its own limit; rows the criteria did not close ran out of room
