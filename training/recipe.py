@@ -19,6 +19,7 @@ from pathlib import Path
 from core.errors import Conflict, LoragError
 from core.datadir import adapters_dir, tenant_dir
 from core.prompt import PROMPT_FORMAT
+from models.locate import locate_model
 from adapters.manifest import (
     AdapterManifest,
     DataStats,
@@ -127,7 +128,9 @@ class LoraFinetuneRecipe:
         # cpu=True without CUDA: torchrun/accelerate launch on CPU then runs gloo data parallel too.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.bf16 = use_bf16(cfg.precision)
-        self.tokenizer = load_tokenizer(cfg.base_model)
+        # "packaged" and hub ids resolve as the server resolves them (converted once; no minute of hub retries).
+        self.base_path = locate_model(cfg.base_model, models_dir=Path(self.settings.data_dir) / "models")
+        self.tokenizer = load_tokenizer(self.base_path)
 
         # Data: file -> examples -> server prompt (+ RAFT passages) -> chat template -> masked tokens.
         self.data = load_examples(data_file, strict=cfg.strict)
@@ -159,7 +162,7 @@ class LoraFinetuneRecipe:
 
         # Model: base (frozen) + fresh adapter, seeded so every run starts from the same weights.
         torch.manual_seed(cfg.seed)
-        base = load_base_model(cfg.base_model, cfg, device_index=self.accelerator.local_process_index)
+        base = load_base_model(self.base_path, cfg, device_index=self.accelerator.local_process_index)
         self.fingerprint = model_fingerprint(base.config)
         self.peft_model = attach_adapter(base, cfg)
         if cfg.method != "qlora":

@@ -1,6 +1,6 @@
 """Picks the generator the server runs from the ``generation`` settings: the multi-adapter engine for Llama/Qwen2,
 transformers + peft for other models; when the configured model cannot be loaded, loudly the packaged model
-(server.generation.packaged) and, when even that fails, the extractive generator."""
+(models.packaged) and, when even that fails, the extractive generator."""
 
 import logging
 from pathlib import Path
@@ -8,7 +8,8 @@ from pathlib import Path
 from core.errors import LoragError
 from core.settings import default_data_dir
 from server.generation.extractive import ExtractiveGenerator
-from server.generation.packaged import MODEL_NAME, ensure_packaged_model, is_packaged
+from models.locate import locate_model
+from models.packaged import MODEL_NAME, ensure_packaged_model, is_packaged
 from server.generation.protocol import Generator
 
 log = logging.getLogger(__name__)
@@ -75,19 +76,7 @@ def models_dir(settings) -> Path:
 
 
 def _locate(model: str, settings) -> str:
-    """What to hand to from_pretrained for ``model``: the packaged model's directory (converted on first use),
-    a hub id that can be loaded (or its cached snapshot), or a local path as given.
-
-    Raises:
-        LoragError: the packaged model cannot be prepared, or a hub id is neither cached nor downloadable.
-    """
-    from server.generation.hub import locate_hub_model, looks_like_hub_id
-
-    if is_packaged(model):
-        return str(ensure_packaged_model(models_dir(settings)))
-    if looks_like_hub_id(model):
-        return locate_hub_model(model)
-    return model
+    return locate_model(model, models_dir=models_dir(settings))
 
 
 def _load_packaged_instead(settings, reason: str, *, engine: str, adapters, embedder) -> Generator:

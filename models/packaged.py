@@ -91,7 +91,7 @@ def ensure_packaged_model(models_dir: str | Path) -> Path:
 
 def _convert_into(gguf: Path, source: dict, target: Path) -> None:
     """Convert into a temporary sibling of ``target``, make it durable, then swap it in."""
-    from server.generation.gguf_convert import convert_gguf
+    from models.gguf_convert import convert_gguf
 
     staging = target.with_name(f".{target.name}.converting-{os.getpid()}")
     log.warning("converting the packaged model %s from %s into %s (once; about a minute on a CPU) ...",

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import constants
 
 from core.errors import LoragError
-from server.generation.hub import cached_snapshot, hub_reachable, locate_hub_model, looks_like_hub_id
+from models.hub import cached_snapshot, hub_reachable, locate_hub_model, looks_like_hub_id
 
 REPO = "lorag-tests/cached-model"
 

