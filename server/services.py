@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from retrieval.service import RetrievalService
     from server.catalog import ModelCatalog
-    from server.attribution.attributor import Attributor
     from server.chat_service import ChatService
     from server.generation.protocol import Generator
     from server.hotswap.service import AdapterService
@@ -125,6 +125,13 @@ def served_model_name(settings: ServerSettings, generator) -> str:
     if settings.server.served_model_name:
         return settings.server.served_model_name
     if getattr(generator, "kind", None) == "generative" and settings.generation.model:
+        from models.packaged import MODEL_NAME, packaged_model_dir
+        from server.generation.factory import models_dir
+
+        # The packaged model, whether configured ("packaged") or standing in for a model that did not load.
+        served = generator.served_model().name if hasattr(generator, "served_model") else ""
+        if served and Path(served).resolve() == packaged_model_dir(models_dir(settings.generation)).resolve():
+            return MODEL_NAME
         return settings.generation.model
     return getattr(generator, "name", "lorag-base")
 
