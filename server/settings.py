@@ -117,7 +117,7 @@ class AttributionSettings(BaseModel):
     enabled: bool = Field(True, description="match each answer sentence to the passages that support it and fix "
                           "its [n] markers; a request may turn it off with retrieval.attribution=false")
     support_threshold: float = Field(0.255, ge=0, le=1, description="a passage supports a sentence at this "
-                                     "probability or more (held-out precision 0.91, recall 0.98)")
+                                     "probability or more (held-out precision 0.90, recall 0.98)")
     keep_threshold: float = Field(0.10, ge=0, le=1, description="a marker the model wrote stays on this lower bar")
     max_citations: int = Field(2, ge=1, description="markers per sentence at most")
     abstain_below: float = Field(0.45, ge=0, le=1, description="when no retrieved passage matches the question this "
