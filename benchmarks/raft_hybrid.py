@@ -82,6 +82,8 @@ def main() -> int:
         # base and rag do not depend on the adapter: measured with the first variant only
         modes = "base,rag,adapter,rag+adapter" if position == 0 else "adapter,rag+adapter"
         for attribution in ("on", "off") if args.attribution_off and position == 0 else ("on",):
+            if attribution == "off":
+                modes = "rag,rag+adapter"  # attribution only changes the modes with passages
             out = args.work / "eval" / f"{variant}-attribution-{attribution}"
             started = time.perf_counter()
             device = ["--device", args.device] if args.device else []
