@@ -17,6 +17,7 @@ the general-ability check (data/eval/general.jsonl). Everything lands in --work;
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATASETS = ROOT.parent / "shared" / "datasets"
+DATASETS = Path(os.environ.get("LORAG_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 # Recipe variants: name -> `lorag train` flags. "raft" is lorag's default recipe.
 VARIANTS = {

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.errors import LoragError
-from core.records import Passage
+from core.records import Passage, document_name
 
 # The version of what a model reads: the system prompt, the document layout and the [n] grammar. An adapter's
 # manifest records the version it was trained on; serving it under another one is flagged (adapters.manifest).
-PROMPT_FORMAT = 1
+PROMPT_FORMAT = 2  # 2: documents are named by file name, never by the server path they were ingested from
 
 # What lorag answers, without generating, when no retrieved passage can answer the question.
 ABSTENTION_ANSWER = "The documents do not say. None of the retrieved passages answers this question."
@@ -164,7 +164,7 @@ def format_documents(passages: Sequence[Passage]) -> str:
     blocks = []
     for number, passage in enumerate(passages, start=1):
         chunk = passage.chunk
-        attributes = f'number="{number}" source="{_attribute(chunk.source)}" page="{chunk.page}"'
+        attributes = f'number="{number}" source="{_attribute(document_name(chunk.source))}" page="{chunk.page}"'
         if chunk.heading_path:
             attributes += f' section="{_attribute(" > ".join(chunk.heading_path))}"'
         text = _DELIMITER.sub(r"<\1\2-text", chunk.text.strip())

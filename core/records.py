@@ -1,6 +1,13 @@
 """The records that flow from ingest through retrieval to citations."""
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
+
+
+def document_name(source: str) -> str:
+    """What clients and models are shown for a document: its file name (an upload's sanitised original name).
+    The full path it was ingested from stays on the server: a prompt or a response never carries it."""
+    return PurePath(source).name or source
 
 
 @dataclass(frozen=True)

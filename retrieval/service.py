@@ -11,7 +11,7 @@ from retrieval.reranker import load_reranker
 from retrieval.retriever import HybridRetriever
 from core.settings import Settings
 from core.datadir import validate_tenant_name
-from core.records import Chunk, DocumentRecord, Passage
+from core.records import Chunk, DocumentRecord, Passage, document_name
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class RetrievalService:
         settings = self.settings.retrieval
         retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), settings,
                                     reranker=self.reranker)
+        if sources:
+            sources = _stored_sources(index, sources)
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
 
     def embed_texts(self, texts: Sequence[str]):
@@ -126,3 +128,12 @@ class _LockedEmbedder:
     def embed_query(self, text: str):
         with self._lock:
             return self._embedder.embed_query(text)
+
+
+def _stored_sources(index: TenantIndex, given: Sequence[str]) -> list[str]:
+    """The stored sources a ``sources`` filter names: a stored path itself, or a document name as responses
+    show it (core.records.document_name), which stands for every document of that name."""
+    stored = [record.source for record in index.documents()]
+    known = set(stored)
+    return list(dict.fromkeys(source for name in given for source in
+                              ([name] if name in known else [s for s in stored if document_name(s) == name])))

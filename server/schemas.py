@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.records import Chunk, DocumentRecord, Passage
+from core.records import Chunk, DocumentRecord, Passage, document_name
 
 RetrievalMode = Literal["hybrid", "dense", "keyword"]
 
@@ -30,7 +30,7 @@ class PassageOut(BaseModel):
         return cls(
             id=chunk.id,
             document_id=chunk.document_id,
-            source=chunk.source,
+            source=document_name(chunk.source),
             page=chunk.page,
             start=chunk.start,
             end=chunk.end,
@@ -236,7 +236,7 @@ class DocumentOut(BaseModel):
     def from_record(cls, record: DocumentRecord) -> "DocumentOut":
         return cls(
             id=record.document_id,
-            source=record.source,
+            source=document_name(record.source),
             pages=record.pages,
             chunk_count=record.chunk_count,
             size_bytes=record.size_bytes,

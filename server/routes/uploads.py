@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
+from core.records import document_name
 from server.deps import CurrentTenant, ReadyServices
 from server.schemas import DocumentDeleted, ErrorResponse, UploadResult
 
@@ -36,7 +37,8 @@ async def upload_documents(
 async def delete_document(document_id: DocumentId, tenant: CurrentTenant, services: ReadyServices) -> DocumentDeleted:
     """Remove the document from the tenant's index; an uploaded original is deleted too."""
     removed = await services.uploads.delete(tenant.id, document_id)
-    return DocumentDeleted(id=document_id, deleted=True, source=removed.source, upload_removed=removed.upload_removed)
+    return DocumentDeleted(id=document_id, deleted=True, source=document_name(removed.source),
+                           upload_removed=removed.upload_removed)
 
 
 @router.get(

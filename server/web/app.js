@@ -244,11 +244,11 @@ function renderAnswer(container, text, final) {
   container.append(paragraph);
 
   if (proof && proof.abstained && proof.draft) {
-    container.append(el("p", { class: "notice", text: "The model's answer was withheld: no retrieved passage supports it." }));
+    container.append(el("p", { class: "declined", text: "The model's answer was withheld: no retrieved passage supports it." }));
     container.append(el("details", { class: "retrieved" }, el("summary", { text: "Show the withheld answer" }),
       el("p", { class: "draft", text: proof.draft })));
   } else if (proof && proof.abstained) {
-    container.append(el("p", { class: "notice", text: "None of the retrieved passages answers this question, so nothing was generated." }));
+    container.append(el("p", { class: "declined", text: "None of the retrieved passages answers this question, so nothing was generated." }));
   } else if (proof && proof.sentences.some((s) => s.claim)) {
     const claims = proof.sentences.filter((s) => s.claim).length;
     container.append(el("p", {

@@ -228,3 +228,24 @@ def test_a_follow_up_is_searched_with_the_question_it_follows(client, corpus):
     body = _chat(client, corpus.acme_key, messages=messages).json()
     sources = [c["source"] for c in body["citations"] + body["context"]]
     assert sources and sources[0].endswith("maintenance.md")
+
+
+def test_no_response_or_prompt_carries_a_server_path(client, corpus):
+    from core.prompt import build_prompt
+    from tests.conftest import SAMPLE_DOCS
+
+    body = _chat(client, corpus.acme_key)
+    retrieved = client.post("/v1/retrieve", json={"query": QUESTION}, headers=auth(corpus.acme_key))
+    documents = client.get("/v1/documents", headers=auth(corpus.acme_key))
+    for response in (body, retrieved, documents):
+        assert str(SAMPLE_DOCS.resolve()) not in response.text and str(corpus.data_dir) not in response.text
+    sources = {c["source"] for c in body.json()["citations"] + body.json()["context"]}
+    assert "kestrel-tide-datasheet.pdf" in sources  # the document's name
+    passages = corpus.retrieval.retrieve("acme", QUESTION)
+    prompt = build_prompt([{"role": "user", "content": QUESTION}], passages)
+    assert str(SAMPLE_DOCS.resolve()) not in prompt.messages[-1]["content"]
+    assert 'source="kestrel-tide-datasheet.pdf"' in prompt.messages[-1]["content"]
+    # a client filters by the name it was shown
+    only = client.post("/v1/retrieve", json={"query": QUESTION, "sources": ["returns-and-warranty.txt"]},
+                       headers=auth(corpus.acme_key)).json()["data"]
+    assert only and {p["source"] for p in only} == {"returns-and-warranty.txt"}

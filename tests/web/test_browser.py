@@ -299,7 +299,7 @@ def test_answer_shows_per_sentence_support_and_every_retrieved_passage(page, sit
 
     declined = ask(page, "Who won the 1998 football world cup final?")
     assert declined.locator("p").first.inner_text().startswith("The documents do not say")
-    assert "None of the retrieved passages answers" in declined.locator(".notice").first.inner_text()
+    assert "None of the retrieved passages answers" in declined.locator(".declined").first.inner_text()
     assert declined.locator("details.retrieved button.cite").count() >= 1
 
 

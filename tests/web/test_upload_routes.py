@@ -57,7 +57,9 @@ def test_mixed_batch_gets_one_outcome_per_file_and_good_files_are_searchable(cli
 
     uploads = site.data_dir / "tenants" / "acme" / "uploads"
     assert sorted(p.name for p in uploads.iterdir()) == ["Osprey_Valve.pdf", "notes.md"]  # nothing else left behind
-    assert str(uploads / "Osprey_Valve.pdf") in _sources(client, site.acme_key)
+    # Clients see the document's name; the path on the server never leaves it.
+    assert "Osprey_Valve.pdf" in _sources(client, site.acme_key)
+    assert not any(str(site.data_dir) in source for source in _sources(client, site.acme_key))
 
     found = client.post("/v1/retrieve", headers=auth(site.acme_key), json={"query": "Osprey valve torque", "k": 3})
     top = found.json()["data"][0]
@@ -133,10 +135,10 @@ def test_delete_removes_document_and_upload_for_its_tenant_only(client, site):
     response = client.delete(f"/v1/documents/{doc_id}", headers=auth(site.acme_key))
     assert response.status_code == 200, response.text
     assert response.json() == {
-        "id": doc_id, "object": "document.deleted", "deleted": True, "source": str(saved), "upload_removed": True
+        "id": doc_id, "object": "document.deleted", "deleted": True, "source": "lighthouse.txt", "upload_removed": True
     }
     assert not saved.exists()
-    assert str(saved) not in _sources(client, site.acme_key)
+    assert "lighthouse.txt" not in _sources(client, site.acme_key)
     _error(client.get(f"/v1/documents/{doc_id}/file", headers=auth(site.acme_key)), 404)
     _error(client.delete(f"/v1/documents/{doc_id}", headers=auth(site.acme_key)), 404)
 
