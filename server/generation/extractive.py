@@ -7,7 +7,7 @@ so citations work exactly as they do for generated answers.
 import asyncio
 import math
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -31,6 +31,18 @@ _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i in is it its of on or that the this to was "
     "were what when where which who why will with you your".split()
 )
+
+# Page furniture: lines that are part of no sentence (each pattern matches a whole line, spaces collapsed).
+_PAGE_NUMBER = re.compile(
+    r"(?:(?i:page|p\.)\s*)?\d{1,4}(?:\s*(?i:of|/)\s*\d{1,4})?"  # "12", "Page 3", "3 of 8", "3/8"
+    r"|[-\u2013\u2014]\s*\d{1,4}\s*[-\u2013\u2014]"  # "- 12 -"
+    r"|[ivxlc]{1,7}"  # "iv" (front matter)
+)
+_PAGE_MARKER = re.compile(r"(?i)\bpage\s+\d{1,4}\s+of\s+\d{1,4}\b")  # "Kestrel Instruments | Page 3 of 8"
+_CONTENTS = re.compile(r"(?i)(?:table\s+of\s+)?contents")
+_LEADER_ENTRY = re.compile(r".*\S\s*(?:(?:\.\s?){4,}|\u2026+|(?:\u00b7\s?){3,}|_{4,})\s*\d{1,4}")  # "Returns ..... 12"
+_PAGED_ENTRY = re.compile(r".*\D\s\d{1,4}")  # a line ending in a page number, inside a table of contents
+_LONGEST_FURNITURE = 100  # characters: a longer line is text, even when it repeats
 
 
 class ExtractiveGenerator:
@@ -80,17 +92,63 @@ class ExtractiveGenerator:
 
 
 def _sentences(passages: Sequence[Passage]) -> list[tuple[str, int]]:
-    """(sentence, passage number) in passage order; a sentence repeated by overlapping chunks is kept once."""
+    """(sentence, passage number) in passage order; a sentence repeated by overlapping chunks is kept once.
+
+    Page furniture is left out: page numbers, "Page 3 of 8", table-of-contents entries, and lines that recur on
+    two or more pages of one document among the passages (running headers and footers).
+    """
+    running = _running_lines(passages)
     seen: set[str] = set()
     result = []
     for number, passage in enumerate(passages, start=1):
-        for piece in _SENTENCE_END.split(passage.chunk.text):
+        text = _without_furniture(passage.chunk.text, running.get(passage.chunk.source, set()))
+        for piece in _SENTENCE_END.split(text):
             sentence = " ".join(piece.split())
             # A Markdown heading names a topic and states nothing: quoting it answers no question.
             if len(sentence) >= 12 and not sentence.startswith("#") and sentence not in seen:
                 seen.add(sentence)
                 result.append((sentence, number))
     return result
+
+
+def _running_lines(passages: Sequence[Passage]) -> dict[str, set[str]]:
+    """Per document, the short lines found on two or more of its pages: its running headers and footers."""
+    pages: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for passage in passages:
+        for line in passage.chunk.text.splitlines():
+            line = " ".join(line.split())
+            if line and len(line) <= _LONGEST_FURNITURE:
+                pages[(passage.chunk.source, line)].add(passage.chunk.page)
+    running: dict[str, set[str]] = defaultdict(set)
+    for (source, line), seen_on in pages.items():
+        if len(seen_on) > 1:
+            running[source].add(line)
+    return running
+
+
+def _without_furniture(text: str, running: set[str]) -> str:
+    """``text`` with its furniture lines blanked, so the text around one never joins into one sentence."""
+    lines = []
+    in_contents = False  # after a "Contents" line, entries ending in a page number are furniture too
+    for raw in text.splitlines():
+        line = " ".join(raw.split())
+        if not line:
+            lines.append("")
+            continue
+        if _CONTENTS.fullmatch(line):
+            in_contents = True
+            lines.append("")
+            continue
+        in_contents = in_contents and bool(_PAGED_ENTRY.fullmatch(line))
+        furniture = (
+            in_contents
+            or line in running
+            or _PAGE_NUMBER.fullmatch(line) is not None
+            or _LEADER_ENTRY.fullmatch(line) is not None
+            or (len(line) <= _LONGEST_FURNITURE and _PAGE_MARKER.search(line) is not None and line[-1] not in ".!?")
+        )
+        lines.append("" if furniture else raw)
+    return "\n".join(lines)
 
 
 def _terms(text: str) -> list[str]:

@@ -1,13 +1,14 @@
 """The extractive fallback: cited sentences that come from the passages they cite, and an honest empty answer."""
 
 import asyncio
+import re
 
 import pytest
 
 from server.citations import extract_citations
 from server.generation.extractive import NOTHING_FOUND, ExtractiveGenerator
 from core.prompt import ChatMessage
-from server.generation.protocol import GenerationRequest, Generator
+from server.generation.protocol import GenerationRequest, Generator, SamplingParams
 from tests.server_generation.conftest import make_passage
 
 PASSAGES = (
@@ -103,3 +104,45 @@ def test_weak_matches_do_not_pad_the_answer():
     text = "".join(d.text for d in deltas)
     assert "three-year limited warranty" in text
     assert "Returns Policy" not in text
+
+
+def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
+    """(stream, deltas, text) of one request to ``generator`` (default: ExtractiveGenerator())."""
+    async def main():
+        stream = await (generator or ExtractiveGenerator()).start(GenerationRequest(
+            messages=(ChatMessage("user", question),), passages=tuple(passages),
+            sampling=SamplingParams(max_tokens=max_tokens),
+        ))
+        return stream, [delta async for delta in stream.deltas]
+
+    stream, deltas = asyncio.run(main())
+    return stream, deltas, "".join(d.text for d in deltas)
+
+
+PAGED = (  # two pages of one PDF with a running header, page markers, page numbers and a table of contents
+    make_passage(1, "Kestrel Tide Owner Manual - Warranty Terms\nPage 3 of 8\nContents\nWarranty terms ........ 3\n"
+                    "Warranty claims ........ 4\nThe warranty covers the hull and the sensors for three years.\n3",
+                 source="owner-manual.pdf", page=3),
+    make_passage(2, "Kestrel Tide Owner Manual - Warranty Terms\nPage 4 of 8\nWarranty claims are repaired within "
+                    "fifteen working days.\n- 4 -", source="owner-manual.pdf", page=4),
+)
+
+
+def test_page_headers_footers_numbers_and_contents_lines_are_never_quoted():
+    _, _, text = _answer("What does the warranty cover?", PAGED)
+
+    assert "The warranty covers the hull and the sensors for three years. [1]" in text
+    for furniture in ("Owner Manual - Warranty Terms", "Page 3 of 8", "Page 4 of 8", "Contents", "....", "- 4 -"):
+        assert furniture not in text
+    for line in text.split("\n\n")[1:]:
+        assert not re.match(r"\d+\b", line)  # no bare page number glued to the front of a sentence
+
+
+def test_a_page_marker_inside_a_short_line_and_a_table_of_contents_without_leaders_are_left_out():
+    passage = make_passage(1, "Table of Contents\nPart I - Returns and refunds 3\nPart II - Warranty and claims 7\n\n"
+                              "Kestrel Instruments | Page 7 of 12\nRefunds are paid within fourteen days of the "
+                              "returned product arriving.", source="policy.pdf", page=7)
+    _, _, text = _answer("When are refunds for returns paid?", (passage,))
+
+    assert "Refunds are paid within fourteen days of the returned product arriving. [1]" in text
+    assert "Part I" not in text and "Page 7 of 12" not in text and "Kestrel Instruments |" not in text
