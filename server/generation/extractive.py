@@ -67,7 +67,11 @@ class ExtractiveGenerator:
         return None
 
     def answer_pieces(self, question: str, passages: Sequence[Passage]) -> list[str]:
-        """The answer as the pieces it is streamed in: a header, then one cited sentence per piece."""
+        """The answer as the pieces it is streamed in: a header, then one cited sentence per piece.
+
+        When the quoted sentences come from more than one document, each names its document, so values that
+        differ between documents are never merged into one unattributed answer.
+        """
         if not passages:
             return [NOTHING_FOUND]
         candidates = _sentences(passages)
@@ -82,7 +86,14 @@ class ExtractiveGenerator:
         if not chosen:
             first_sentence, number = candidates[0]
             return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]
-        return [HEADER] + [f"\n\n{candidates[i][0]} [{candidates[i][1]}]" for i in chosen]
+        sources = [passages[candidates[i][1] - 1].chunk.source for i in chosen]
+        names = _document_names(sources) if len(set(sources)) > 1 else {}
+        quotes = []
+        for i, source in zip(chosen, sources):
+            sentence, number = candidates[i]
+            attribution = f"According to {names[source]}: " if names else ""
+            quotes.append(f"\n\n{attribution}{sentence} [{number}]")
+        return [HEADER, *quotes]
 
     def _scores(self, question: str, sentences: list[str]) -> list[float]:
         if self.embedder is not None:
@@ -149,6 +160,20 @@ def _without_furniture(text: str, running: set[str]) -> str:
         )
         lines.append("" if furniture else raw)
     return "\n".join(lines)
+
+
+def _document_names(sources: Sequence[str]) -> dict[str, str]:
+    """Each source's file name, with as many parent folders as tell it apart from the others; never the full path."""
+    parts = {source: [p for p in source.replace("\\", "/").split("/") if p] or [source] for source in set(sources)}
+    names = {}
+    for source, path in parts.items():
+        depth = 1
+        while depth < len(path) and any(
+            other != source and other_path[-depth:] == path[-depth:] for other, other_path in parts.items()
+        ):
+            depth += 1
+        names[source] = "/".join(path[-depth:])
+    return names
 
 
 def _terms(text: str) -> list[str]:

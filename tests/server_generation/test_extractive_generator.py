@@ -146,3 +146,32 @@ def test_a_page_marker_inside_a_short_line_and_a_table_of_contents_without_leade
 
     assert "Refunds are paid within fourteen days of the returned product arriving. [1]" in text
     assert "Part I" not in text and "Page 7 of 12" not in text and "Kestrel Instruments |" not in text
+
+
+CONFLICTING = (
+    make_passage(1, "Unused products may be returned within 30 days of delivery for a full refund.",
+                 source="/srv/lorag/tenants/acme/docs/policy-2024.md"),
+    make_passage(2, "Unused products may be returned within 45 days of delivery for a full refund.",
+                 source="/srv/lorag/tenants/acme/docs/policy-2025.md"),
+)
+
+
+def test_values_from_different_documents_each_name_their_document_never_its_path():
+    _, _, text = _answer("Within how many days can unused products be returned for a full refund?", CONFLICTING)
+
+    assert ("According to policy-2024.md: Unused products may be returned within 30 days of delivery for a full "
+            "refund. [1]") in text
+    assert ("According to policy-2025.md: Unused products may be returned within 45 days of delivery for a full "
+            "refund. [2]") in text
+    assert "/srv" not in text and "tenants" not in text
+
+
+def test_documents_with_the_same_file_name_are_told_apart_by_their_folder():
+    passages = (
+        make_passage(1, "Unused products may be returned within 30 days of delivery.", source="/data/eu/policy.md"),
+        make_passage(2, "Unused products may be returned within 60 days of delivery.", source="/data/us/policy.md"),
+    )
+    _, _, text = _answer("Within how many days can unused products be returned?", passages)
+
+    assert "According to eu/policy.md: " in text and "According to us/policy.md: " in text
+    assert "/data" not in text
