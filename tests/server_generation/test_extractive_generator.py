@@ -6,7 +6,7 @@ import re
 import pytest
 
 from server.citations import extract_citations
-from server.generation.extractive import NOTHING_FOUND, ExtractiveGenerator
+from server.generation.extractive import HEADER, NOTHING_FOUND, ExtractiveGenerator, approximate_tokens
 from core.prompt import ChatMessage
 from server.generation.protocol import GenerationRequest, Generator, SamplingParams
 from tests.server_generation.conftest import make_passage
@@ -175,3 +175,47 @@ def test_documents_with_the_same_file_name_are_told_apart_by_their_folder():
 
     assert "According to eu/policy.md: " in text and "According to us/policy.md: " in text
     assert "/data" not in text
+
+
+def test_max_tokens_is_honoured_and_the_cut_falls_between_sentences():
+    generator = ExtractiveGenerator()
+    question = "Within how many days can unused products be returned for a full refund?"
+    _, full, text = _answer(question, CONFLICTING, generator=generator)
+    assert full[-1].finish_reason == "stop" and len(full) == 3  # the header and two quoted sentences
+    budget = sum(d.tokens for d in full) - 1  # one token short of the whole answer
+
+    _, deltas, cut = _answer(question, CONFLICTING, generator=generator, max_tokens=budget)
+    assert deltas[-1].finish_reason == "length"
+    assert sum(d.tokens for d in deltas) <= budget
+    assert generator.count_tokens(cut) <= budget
+    assert text.startswith(cut) and cut.endswith("]")  # whole sentences only, each with its marker
+
+    _, deltas, tiny = _answer(question, CONFLICTING, generator=generator, max_tokens=3)
+    assert deltas[-1].finish_reason == "length" and tiny and generator.count_tokens(tiny) <= 3
+    assert HEADER.startswith(tiny)
+
+
+def test_token_usage_is_counted_without_a_tokenizer():
+    stream, deltas, text = _answer("How long does the warranty cover manufacturing defects?", PASSAGES)
+
+    completion = sum(d.tokens for d in deltas)
+    assert completion == approximate_tokens(text) > 0
+    read = approximate_tokens("How long does the warranty cover manufacturing defects?")
+    read += sum(approximate_tokens(p.chunk.text) for p in PASSAGES)
+    assert stream.prompt.prompt_tokens == read > 0
+    # Pieces of up to 6 word characters, and each punctuation mark: The warran-ty covers manufa-cturin-g defect-s .
+    assert approximate_tokens("The warranty covers manufacturing defects.") == 10
+
+
+def test_a_tokenizer_passed_in_counts_the_tokens(tiny_tokenizer):
+    def count(text: str) -> int:
+        return len(tiny_tokenizer.encode(text, add_special_tokens=False))
+
+    generator = ExtractiveGenerator(count_tokens=count)
+    stream, deltas, text = _answer("How long does the warranty cover manufacturing defects?", PASSAGES,
+                                   generator=generator, max_tokens=40)
+
+    assert sum(d.tokens for d in deltas) == sum(count(d.text) for d in deltas) <= 40
+    assert deltas[-1].finish_reason == "length"
+    question_tokens = count("How long does the warranty cover manufacturing defects?")
+    assert stream.prompt.prompt_tokens == question_tokens + sum(count(p.chunk.text) for p in PASSAGES)
