@@ -5,9 +5,12 @@ import re
 
 import pytest
 
+from evaluation.answer_metrics import is_abstention
 from server.citations import extract_citations
-from server.generation.extractive import HEADER, NOTHING_FOUND, ExtractiveGenerator, approximate_tokens
-from core.prompt import ChatMessage
+from server.generation.extractive import (
+    HEADER, NO_MATCH, NOT_SUPPORTED, NOTHING_FOUND, ExtractiveGenerator, approximate_tokens,
+)
+from core.prompt import CITATION_MARKER, ChatMessage
 from server.generation.protocol import GenerationRequest, Generator, SamplingParams
 from tests.server_generation.conftest import make_passage
 
@@ -117,6 +120,28 @@ def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
 
     stream, deltas = asyncio.run(main())
     return stream, deltas, "".join(d.text for d in deltas)
+
+
+def test_a_question_no_sentence_supports_is_declined_without_a_citation():
+    """Sharing a word (warranty) is not support: the answer says the documents do not contain the answer,
+    in words the evaluation counts as declining, and cites nothing."""
+    _, deltas, text = _answer("What is the warranty on the electric scooter's motor?", PASSAGES)
+
+    assert text == NOT_SUPPORTED and deltas[-1].finish_reason == "stop"
+    assert "do not contain the answer" in text and is_abstention(text)
+    assert not CITATION_MARKER.search(text)
+    for declined in (NOTHING_FOUND, NO_MATCH):  # the other ways it declines are recognised too
+        assert is_abstention(declined)
+
+
+def test_support_is_high_for_the_answer_and_low_for_a_near_miss():
+    generator = ExtractiveGenerator()
+    answered = generator.support("How long does the warranty cover manufacturing defects?", PASSAGES)
+    missed = generator.support("What is the warranty on the electric scooter's motor?", PASSAGES)
+
+    assert answered == pytest.approx(1.0)  # every term of the question is in one sentence
+    assert missed < generator.min_support <= answered
+    assert generator.support("anything", ()) == 0.0
 
 
 PAGED = (  # two pages of one PDF with a running header, page markers, page numbers and a table of contents
