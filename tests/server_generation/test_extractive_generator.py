@@ -1,13 +1,17 @@
 """The extractive fallback: cited sentences that come from the passages they cite, and an honest empty answer."""
 
 import asyncio
+import re
 
 import pytest
 
+from evaluation.answer_metrics import is_abstention
 from server.citations import extract_citations
-from server.generation.extractive import NOTHING_FOUND, ExtractiveGenerator
-from core.prompt import ChatMessage
-from server.generation.protocol import GenerationRequest, Generator
+from server.generation.extractive import (
+    HEADER, NO_MATCH, NOT_SUPPORTED, NOTHING_FOUND, ExtractiveGenerator, approximate_tokens,
+)
+from core.prompt import CITATION_MARKER, ChatMessage
+from server.generation.protocol import GenerationRequest, Generator, SamplingParams
 from tests.server_generation.conftest import make_passage
 
 PASSAGES = (
@@ -103,3 +107,140 @@ def test_weak_matches_do_not_pad_the_answer():
     text = "".join(d.text for d in deltas)
     assert "three-year limited warranty" in text
     assert "Returns Policy" not in text
+
+
+def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
+    """(stream, deltas, text) of one request to ``generator`` (default: ExtractiveGenerator())."""
+    async def main():
+        stream = await (generator or ExtractiveGenerator()).start(GenerationRequest(
+            messages=(ChatMessage("user", question),), passages=tuple(passages),
+            sampling=SamplingParams(max_tokens=max_tokens),
+        ))
+        return stream, [delta async for delta in stream.deltas]
+
+    stream, deltas = asyncio.run(main())
+    return stream, deltas, "".join(d.text for d in deltas)
+
+
+def test_a_question_no_sentence_supports_is_declined_without_a_citation():
+    """Sharing a word (warranty) is not support: the answer says the documents do not contain the answer,
+    in words the evaluation counts as declining, and cites nothing."""
+    _, deltas, text = _answer("What is the warranty on the electric scooter's motor?", PASSAGES)
+
+    assert text == NOT_SUPPORTED and deltas[-1].finish_reason == "stop"
+    assert "do not contain the answer" in text and is_abstention(text)
+    assert not CITATION_MARKER.search(text)
+    for declined in (NOTHING_FOUND, NO_MATCH):  # the other ways it declines are recognised too
+        assert is_abstention(declined)
+
+
+def test_support_is_high_for_the_answer_and_low_for_a_near_miss():
+    generator = ExtractiveGenerator()
+    answered = generator.support("How long does the warranty cover manufacturing defects?", PASSAGES)
+    missed = generator.support("What is the warranty on the electric scooter's motor?", PASSAGES)
+
+    assert answered == pytest.approx(1.0)  # every term of the question is in one sentence
+    assert missed < generator.min_support <= answered
+    assert generator.support("anything", ()) == 0.0
+
+
+PAGED = (  # two pages of one PDF with a running header, page markers, page numbers and a table of contents
+    make_passage(1, "Kestrel Tide Owner Manual - Warranty Terms\nPage 3 of 8\nContents\nWarranty terms ........ 3\n"
+                    "Warranty claims ........ 4\nThe warranty covers the hull and the sensors for three years.\n3",
+                 source="owner-manual.pdf", page=3),
+    make_passage(2, "Kestrel Tide Owner Manual - Warranty Terms\nPage 4 of 8\nWarranty claims are repaired within "
+                    "fifteen working days.\n- 4 -", source="owner-manual.pdf", page=4),
+)
+
+
+def test_page_headers_footers_numbers_and_contents_lines_are_never_quoted():
+    _, _, text = _answer("What does the warranty cover?", PAGED)
+
+    assert "The warranty covers the hull and the sensors for three years. [1]" in text
+    for furniture in ("Owner Manual - Warranty Terms", "Page 3 of 8", "Page 4 of 8", "Contents", "....", "- 4 -"):
+        assert furniture not in text
+    for line in text.split("\n\n")[1:]:
+        assert not re.match(r"\d+\b", line)  # no bare page number glued to the front of a sentence
+
+
+def test_a_page_marker_inside_a_short_line_and_a_table_of_contents_without_leaders_are_left_out():
+    passage = make_passage(1, "Table of Contents\nPart I - Returns and refunds 3\nPart II - Warranty and claims 7\n\n"
+                              "Kestrel Instruments | Page 7 of 12\nRefunds are paid within fourteen days of the "
+                              "returned product arriving.", source="policy.pdf", page=7)
+    _, _, text = _answer("When are refunds for returns paid?", (passage,))
+
+    assert "Refunds are paid within fourteen days of the returned product arriving. [1]" in text
+    assert "Part I" not in text and "Page 7 of 12" not in text and "Kestrel Instruments |" not in text
+
+
+CONFLICTING = (
+    make_passage(1, "Unused products may be returned within 30 days of delivery for a full refund.",
+                 source="/srv/lorag/tenants/acme/docs/policy-2024.md"),
+    make_passage(2, "Unused products may be returned within 45 days of delivery for a full refund.",
+                 source="/srv/lorag/tenants/acme/docs/policy-2025.md"),
+)
+
+
+def test_values_from_different_documents_each_name_their_document_never_its_path():
+    _, _, text = _answer("Within how many days can unused products be returned for a full refund?", CONFLICTING)
+
+    assert ("According to policy-2024.md: Unused products may be returned within 30 days of delivery for a full "
+            "refund. [1]") in text
+    assert ("According to policy-2025.md: Unused products may be returned within 45 days of delivery for a full "
+            "refund. [2]") in text
+    assert "/srv" not in text and "tenants" not in text
+
+
+def test_documents_with_the_same_file_name_are_told_apart_by_their_folder():
+    passages = (
+        make_passage(1, "Unused products may be returned within 30 days of delivery.", source="/data/eu/policy.md"),
+        make_passage(2, "Unused products may be returned within 60 days of delivery.", source="/data/us/policy.md"),
+    )
+    _, _, text = _answer("Within how many days can unused products be returned?", passages)
+
+    assert "According to eu/policy.md: " in text and "According to us/policy.md: " in text
+    assert "/data" not in text
+
+
+def test_max_tokens_is_honoured_and_the_cut_falls_between_sentences():
+    generator = ExtractiveGenerator()
+    question = "Within how many days can unused products be returned for a full refund?"
+    _, full, text = _answer(question, CONFLICTING, generator=generator)
+    assert full[-1].finish_reason == "stop" and len(full) == 3  # the header and two quoted sentences
+    budget = sum(d.tokens for d in full) - 1  # one token short of the whole answer
+
+    _, deltas, cut = _answer(question, CONFLICTING, generator=generator, max_tokens=budget)
+    assert deltas[-1].finish_reason == "length"
+    assert sum(d.tokens for d in deltas) <= budget
+    assert generator.count_tokens(cut) <= budget
+    assert text.startswith(cut) and cut.endswith("]")  # whole sentences only, each with its marker
+
+    _, deltas, tiny = _answer(question, CONFLICTING, generator=generator, max_tokens=3)
+    assert deltas[-1].finish_reason == "length" and tiny and generator.count_tokens(tiny) <= 3
+    assert HEADER.startswith(tiny)
+
+
+def test_token_usage_is_counted_without_a_tokenizer():
+    stream, deltas, text = _answer("How long does the warranty cover manufacturing defects?", PASSAGES)
+
+    completion = sum(d.tokens for d in deltas)
+    assert completion == approximate_tokens(text) > 0
+    read = approximate_tokens("How long does the warranty cover manufacturing defects?")
+    read += sum(approximate_tokens(p.chunk.text) for p in PASSAGES)
+    assert stream.prompt.prompt_tokens == read > 0
+    # Pieces of up to 6 word characters, and each punctuation mark: The warran-ty covers manufa-cturin-g defect-s .
+    assert approximate_tokens("The warranty covers manufacturing defects.") == 10
+
+
+def test_a_tokenizer_passed_in_counts_the_tokens(tiny_tokenizer):
+    def count(text: str) -> int:
+        return len(tiny_tokenizer.encode(text, add_special_tokens=False))
+
+    generator = ExtractiveGenerator(count_tokens=count)
+    stream, deltas, text = _answer("How long does the warranty cover manufacturing defects?", PASSAGES,
+                                   generator=generator, max_tokens=40)
+
+    assert sum(d.tokens for d in deltas) == sum(count(d.text) for d in deltas) <= 40
+    assert deltas[-1].finish_reason == "length"
+    question_tokens = count("How long does the warranty cover manufacturing defects?")
+    assert stream.prompt.prompt_tokens == question_tokens + sum(count(p.chunk.text) for p in PASSAGES)
