@@ -2,7 +2,8 @@
 
 Splitting is langchain's RecursiveCharacterTextSplitter measured in the embedder's own tokens, so a
 chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end])
-and the sentence windows that are embedded for it (ingest.windows).
+and the sentence windows that are embedded for it (ingest.windows). Page furniture (``Page.furniture``)
+is never part of a chunk: the text between furniture lines is chunked piece by piece.
 """
 
 import hashlib
@@ -58,10 +59,11 @@ class Chunker:
     def split_pages(
         self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str
     ) -> Iterator[Chunk]:
-        """Chunks of every page in reading order; Markdown/HTML sections are split separately."""
+        """Chunks of every page in reading order; Markdown/HTML sections are split separately, and so are the
+        stretches of a page between its furniture lines."""
         for page in pages:
             for section in _merge_bare_headings(page):
-                for start, end in self.spans(page.text, section.start, section.end):
+                for start, end in self._section_spans(page, section):
                     text = page.text[start:end]
                     windows = self.windows(page.text, start, end)
                     yield Chunk(
@@ -87,6 +89,10 @@ class Chunker:
         )
         return tuple(spans)
 
+    def _section_spans(self, page: Page, section: Section) -> Iterator[tuple[int, int]]:
+        for start, end in _without_furniture(section.start, section.end, page.furniture):
+            yield from self.spans(page.text, start, end)
+
     def spans(self, text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(start, end)`` offsets into ``text`` of the chunks of ``text[start:end]``."""
         piece = text[start:end]
@@ -108,6 +114,20 @@ class Chunker:
                 raise ValueError(f"chunk not found in its page text: {chunk_text[:60]!r}")
             yield start + found, start + found + len(chunk_text)
             cursor, previous_end = found + 1, found + len(chunk_text)
+
+
+def _without_furniture(start: int, end: int, furniture: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The stretches of ``[start, end)`` outside every furniture span (spans sorted and disjoint)."""
+    stretches = []
+    for skip_start, skip_end in furniture:
+        if skip_end <= start or skip_start >= end:
+            continue
+        if skip_start > start:
+            stretches.append((start, skip_start))
+        start = max(start, skip_end)
+    if end > start:
+        stretches.append((start, end))
+    return stretches
 
 
 def _merge_bare_headings(page: Page) -> list[Section]:

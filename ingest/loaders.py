@@ -7,9 +7,10 @@ so a mislabeled file fails with a clear reason instead of being indexed as garba
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ingest.furniture import find_furniture
 from ingest.settings import IngestSettings
 from core.errors import LoragError
 
@@ -42,6 +43,9 @@ class Page:
     number: int  # 1-based; formats without pages have a single page 1
     text: str
     sections: tuple[Section, ...] = ()  # empty: the whole page has no heading path
+    # Spans [start, end) of ``text`` that are page furniture (running headers and footers, page numbers,
+    # table-of-contents lines; ingest.furniture): kept in the text, so offsets hold, but never chunked.
+    furniture: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -311,6 +315,8 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
         warnings.append(
             f"{path}: {len(empty)} of {page_count} pages have no text layer (pages {listed}); OCR is not done"
         )
+    furniture = find_furniture([page.text for page in pages])
+    pages = [replace(page, furniture=spans) for page, spans in zip(pages, furniture)]
     return LoadedDocument(path, "pdf", pages, warnings)
 
 
