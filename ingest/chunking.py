@@ -2,8 +2,9 @@
 
 Splitting is langchain's RecursiveCharacterTextSplitter measured in the embedder's own tokens, so a
 chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end])
-and the sentence windows that are embedded for it (ingest.windows). Page furniture (``Page.furniture``)
-is never part of a chunk: the text between furniture lines is chunked piece by piece.
+and the sentence windows that are embedded for it (ingest.windows), with the line naming its document and
+section (``Chunk.context``) that its vectors and keyword terms include. Page furniture (``Page.furniture``) is
+never part of a chunk: the text between furniture lines is chunked piece by piece.
 """
 
 import hashlib
@@ -17,12 +18,33 @@ from core.records import Chunk
 
 # Whitespace the splitter may strip between two chunks, for locating the next chunk (see Chunker.spans).
 _MAX_GAP = 64
+# A context line names the title and at most this many of the innermost headings, each cut to HEADING_CHARS:
+# it stands beside every window of the chunk, so it stays short.
+CONTEXT_HEADINGS = 2
+HEADING_CHARS = 60
 
 
 def chunk_id_of(tenant: str, document_id: str, page: int, start: int, end: int, text: str) -> str:
     """Stable id: the same text at the same place of the same file always gets the same id."""
     key = "\x1f".join((tenant, document_id, str(page), str(start), str(end), text))
     return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
+
+
+def context_line(title: str, heading_path: Sequence[str]) -> str:
+    """``"<title> > <heading> > <subheading>"``: what a chunk belongs to (``Chunk.context``).
+
+    A first heading that repeats the title (Markdown's ``# Title``) is named once; deeper paths keep their
+    innermost CONTEXT_HEADINGS headings, where the words that tell sections apart are.
+    """
+    headings = [" ".join(heading.split()) for heading in heading_path]
+    if headings and title and headings[0].casefold() == title.casefold():
+        headings = headings[1:]
+    headings = [_cut(heading, HEADING_CHARS) for heading in headings[-CONTEXT_HEADINGS:] if heading]
+    return " > ".join([title, *headings] if title else headings)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
 
 
 def check_chunking(settings: ChunkingSettings) -> None:
@@ -57,12 +79,14 @@ class Chunker:
         )
 
     def split_pages(
-        self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str
+        self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str, title: str = ""
     ) -> Iterator[Chunk]:
         """Chunks of every page in reading order; Markdown/HTML sections are split separately, and so are the
-        stretches of a page between its furniture lines."""
+        stretches of a page between its furniture lines. With ``chunking.window_context``, each chunk's
+        ``context`` names ``title`` and its heading path (empty when there are neither)."""
         for page in pages:
             for section in _merge_bare_headings(page):
+                context = context_line(title, section.heading_path) if self.settings.window_context else ""
                 for start, end in self._section_spans(page, section):
                     text = page.text[start:end]
                     windows = self.windows(page.text, start, end)
@@ -77,6 +101,7 @@ class Chunker:
                         text=text,
                         heading_path=section.heading_path,
                         windows=windows,
+                        context=context,
                     )
 
     def windows(self, text: str, start: int, end: int) -> tuple[tuple[int, int], ...]:
