@@ -30,9 +30,15 @@ class Chunk:
     # Page offsets of the sentence windows embedded for this chunk, one vector each (ingest.windows);
     # empty: one vector for the whole text.
     windows: tuple[tuple[int, int], ...] = ()
+    # "<document title> > <heading path>": what the chunk belongs to, so that a question naming the document
+    # ("the 2024 policy") finds it. Its vector is added to each window's (chunking.context_weight) and the
+    # keyword index reads it with the text; never part of ``text`` or the spans. Empty for chunks ingested
+    # without it (chunking.window_context off, or an index written before it existed).
+    context: str = ""
 
     def embedded_texts(self) -> list[str]:
-        """The texts whose vectors stand for this chunk in the index, in window order."""
+        """The texts whose vectors stand for this chunk in the index, in window order (each vector with
+        ``context``'s mixed in)."""
         if not self.windows:
             return [self.text]
         return [self.text[start - self.start : end - self.start] for start, end in self.windows]

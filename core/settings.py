@@ -50,6 +50,19 @@ class ChunkingSettings(BaseModel):
         description="each chunk is embedded as sentence windows of at most this many tokens (one vector each) and "
         "scores by its best window; 0 embeds the whole chunk as one vector",
     )
+    window_context: bool = Field(
+        True,
+        description="give each chunk a context line, \"<document title> > <heading path>\", that its vectors and "
+        "its keyword terms include, so questions that name the document find it; the stored text and spans are "
+        "unchanged",
+    )
+    context_weight: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="each window's vector is normalise(window + this x context line); 0 leaves the context to "
+        "keyword search alone",
+    )
 
 
 class RetrievalSettings(BaseModel):

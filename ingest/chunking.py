@@ -2,7 +2,9 @@
 
 Splitting is langchain's RecursiveCharacterTextSplitter measured in the embedder's own tokens, so a
 chunk fits the embedder's window; each chunk records where it sits in its page (page_text[start:end])
-and the sentence windows that are embedded for it (ingest.windows).
+and the sentence windows that are embedded for it (ingest.windows), with the line naming its document and
+section (``Chunk.context``) that its vectors and keyword terms include. Page furniture (``Page.furniture``) is
+never part of a chunk: the text between furniture lines is chunked piece by piece.
 """
 
 import hashlib
@@ -16,12 +18,33 @@ from core.records import Chunk
 
 # Whitespace the splitter may strip between two chunks, for locating the next chunk (see Chunker.spans).
 _MAX_GAP = 64
+# A context line names the title and at most this many of the innermost headings, each cut to HEADING_CHARS:
+# it stands beside every window of the chunk, so it stays short.
+CONTEXT_HEADINGS = 2
+HEADING_CHARS = 60
 
 
 def chunk_id_of(tenant: str, document_id: str, page: int, start: int, end: int, text: str) -> str:
     """Stable id: the same text at the same place of the same file always gets the same id."""
     key = "\x1f".join((tenant, document_id, str(page), str(start), str(end), text))
     return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
+
+
+def context_line(title: str, heading_path: Sequence[str]) -> str:
+    """``"<title> > <heading> > <subheading>"``: what a chunk belongs to (``Chunk.context``).
+
+    A first heading that repeats the title (Markdown's ``# Title``) is named once; deeper paths keep their
+    innermost CONTEXT_HEADINGS headings, where the words that tell sections apart are.
+    """
+    headings = [" ".join(heading.split()) for heading in heading_path]
+    if headings and title and headings[0].casefold() == title.casefold():
+        headings = headings[1:]
+    headings = [_cut(heading, HEADING_CHARS) for heading in headings[-CONTEXT_HEADINGS:] if heading]
+    return " > ".join([title, *headings] if title else headings)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
 
 
 def check_chunking(settings: ChunkingSettings) -> None:
@@ -56,12 +79,15 @@ class Chunker:
         )
 
     def split_pages(
-        self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str
+        self, pages: Sequence[Page], *, tenant: str, document_id: str, source: str, title: str = ""
     ) -> Iterator[Chunk]:
-        """Chunks of every page in reading order; Markdown/HTML sections are split separately."""
+        """Chunks of every page in reading order; Markdown/HTML sections are split separately, and so are the
+        stretches of a page between its furniture lines. With ``chunking.window_context``, each chunk's
+        ``context`` names ``title`` and its heading path (empty when there are neither)."""
         for page in pages:
             for section in _merge_bare_headings(page):
-                for start, end in self.spans(page.text, section.start, section.end):
+                context = context_line(title, section.heading_path) if self.settings.window_context else ""
+                for start, end in self._section_spans(page, section):
                     text = page.text[start:end]
                     windows = self.windows(page.text, start, end)
                     yield Chunk(
@@ -75,6 +101,7 @@ class Chunker:
                         text=text,
                         heading_path=section.heading_path,
                         windows=windows,
+                        context=context,
                     )
 
     def windows(self, text: str, start: int, end: int) -> tuple[tuple[int, int], ...]:
@@ -86,6 +113,10 @@ class Chunker:
             text, start, end, window_tokens=self.settings.window_tokens, count_tokens=self.count_tokens
         )
         return tuple(spans)
+
+    def _section_spans(self, page: Page, section: Section) -> Iterator[tuple[int, int]]:
+        for start, end in _without_furniture(section.start, section.end, page.furniture):
+            yield from self.spans(page.text, start, end)
 
     def spans(self, text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(start, end)`` offsets into ``text`` of the chunks of ``text[start:end]``."""
@@ -108,6 +139,20 @@ class Chunker:
                 raise ValueError(f"chunk not found in its page text: {chunk_text[:60]!r}")
             yield start + found, start + found + len(chunk_text)
             cursor, previous_end = found + 1, found + len(chunk_text)
+
+
+def _without_furniture(start: int, end: int, furniture: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The stretches of ``[start, end)`` outside every furniture span (spans sorted and disjoint)."""
+    stretches = []
+    for skip_start, skip_end in furniture:
+        if skip_end <= start or skip_start >= end:
+            continue
+        if skip_start > start:
+            stretches.append((start, skip_start))
+        start = max(start, skip_end)
+    if end > start:
+        stretches.append((start, end))
+    return stretches
 
 
 def _merge_bare_headings(page: Page) -> list[Section]:

@@ -1,4 +1,4 @@
-"""One loader per file format, each turning a file into numbered pages of plain text.
+"""One loader per file format, each turning a file into numbered pages of plain text and a title.
 
 Formats are chosen by extension and checked against the content (a PDF must start with ``%PDF-``),
 so a mislabeled file fails with a clear reason instead of being indexed as garbage.
@@ -7,9 +7,10 @@ so a mislabeled file fails with a clear reason instead of being indexed as garba
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ingest.furniture import find_furniture
 from ingest.settings import IngestSettings
 from core.errors import LoragError
 
@@ -42,6 +43,9 @@ class Page:
     number: int  # 1-based; formats without pages have a single page 1
     text: str
     sections: tuple[Section, ...] = ()  # empty: the whole page has no heading path
+    # Spans [start, end) of ``text`` that are page furniture (running headers and footers, page numbers,
+    # table-of-contents lines; ingest.furniture): kept in the text, so offsets hold, but never chunked.
+    furniture: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -50,6 +54,35 @@ class LoadedDocument:
     format: str
     pages: list[Page]
     warnings: list[str] = field(default_factory=list)
+    # What the document calls itself: its first heading, PDF metadata title or HTML <title>, else the file
+    # name made readable. Starts every chunk's context line (chunking.window_context).
+    title: str = ""
+
+
+# A title is cut to this many characters (at a word boundary): every chunk's context line repeats it.
+TITLE_CHARS = 100
+
+
+def readable_stem(path: Path) -> str:
+    """The file name as a title: ``AMCOR_2023_10K.pdf`` -> ``AMCOR 2023 10K``, ``returns-and-warranty.txt`` ->
+    ``returns and warranty`` (a hyphen next to a digit stays: ``KT-300``, ``2023-08-30``)."""
+    words = re.sub(r"_+|(?<=[^\W\d_])-+(?=[^\W\d_])", " ", path.stem)
+    return _short_title(words) or path.name
+
+
+def first_line_title(text: str) -> str | None:
+    """The first non-empty line of plain text when it reads as a title: short, and not a sentence."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not line or len(line) > 2 * TITLE_CHARS or len(line.split()) > 20 or line[-1] in ".,;:!?":
+        return None
+    return _short_title(line)
+
+
+def _short_title(title: str) -> str:
+    title = " ".join(title.split())
+    if len(title) <= TITLE_CHARS:
+        return title
+    return title[:TITLE_CHARS].rsplit(" ", 1)[0]
 
 
 def document_id_of(path: Path, *, block_size: int = 1 << 20) -> str:
@@ -146,7 +179,8 @@ def _read_text(path: Path, warnings: list[str]) -> str:
 def load_text(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     warnings: list[str] = []
     text = _read_text(path, warnings)
-    return LoadedDocument(path, "text", [Page(1, text)], warnings)
+    title = first_line_title(text) or readable_stem(path)
+    return LoadedDocument(path, "text", [Page(1, text)], warnings, title)
 
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
@@ -186,7 +220,14 @@ def markdown_sections(text: str) -> tuple[Section, ...]:
 def load_markdown(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     warnings: list[str] = []
     text = _read_text(path, warnings)
-    return LoadedDocument(path, "markdown", [Page(1, text, markdown_sections(text))], warnings)
+    sections = markdown_sections(text)
+    title = _first_heading(sections) or readable_stem(path)
+    return LoadedDocument(path, "markdown", [Page(1, text, sections)], warnings, title)
+
+
+def _first_heading(sections: tuple[Section, ...]) -> str | None:
+    heading = next((section.heading_path[0] for section in sections if section.heading_path), None)
+    return _short_title(heading) if heading else None
 
 
 # Elements whose text is never content: code, styling, and page chrome repeated on every page of a site.
@@ -207,6 +248,8 @@ def load_html(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     soup = BeautifulSoup(_read_text(path, warnings), "html.parser")
     for element in soup.find_all(_BOILERPLATE):
         element.decompose()
+    title_element = soup.find("title")
+    document_title = _short_title(title_element.get_text(" ")) if title_element is not None else ""
     if soup.head is not None:
         title = soup.head.title
         if title is not None:
@@ -245,7 +288,9 @@ def load_html(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     text = "".join(text_parts)
     if length > section_start and (sections or section_path):
         sections.append(Section(section_start, length, section_path))
-    return LoadedDocument(path, "html", [Page(1, text, tuple(sections))], warnings)
+    sections = tuple(sections)
+    title = document_title or _first_heading(sections) or readable_stem(path)
+    return LoadedDocument(path, "html", [Page(1, text, sections)], warnings, title)
 
 
 # ---------------------------------------------------------------- PDF
@@ -269,6 +314,7 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
             except (FileNotDecryptedError, NotImplementedError) as error:
                 raise LoadError(f"{path}: encrypted PDF cannot be opened ({error})") from error
         page_count = len(reader.pages)
+        title = _pdf_title(reader) or readable_stem(path)
     except LoadError:
         raise
     except LimitReachedError as error:
@@ -311,7 +357,23 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
         warnings.append(
             f"{path}: {len(empty)} of {page_count} pages have no text layer (pages {listed}); OCR is not done"
         )
-    return LoadedDocument(path, "pdf", pages, warnings)
+    furniture = find_furniture([page.text for page in pages])
+    pages = [replace(page, furniture=spans) for page, spans in zip(pages, furniture)]
+    return LoadedDocument(path, "pdf", pages, warnings, title)
+
+
+def _pdf_title(reader) -> str | None:
+    """The metadata title when it names the document: not an office file name ("Microsoft Word - draft3.docx")
+    or a filing number ("0000004962-23-000006"), which many PDFs carry instead."""
+    try:
+        title = reader.metadata.title if reader.metadata is not None else None
+    except Exception:  # a malformed /Info dictionary costs the title only
+        return None
+    title = " ".join(str(title or "").split())
+    title = re.sub(r"^Microsoft (?:Word|PowerPoint|Excel) - ", "", title)
+    if len(re.findall(r"[A-Za-z]{2,}", title)) < 2 or re.search(r"\.(?:docx?|pdf|indd|xlsx?|pptx?|rtf|odt)$", title, re.I):
+        return None
+    return _short_title(title)
 
 
 LOADERS: dict[str, Callable[..., LoadedDocument]] = {

@@ -4,6 +4,9 @@ A chunk has one vector per embedded window (``Chunk.windows``, or one for its wh
 ``rowid * WINDOW_SLOTS + window ordinal``, so a search hit maps back to its chunk by integer division, with
 no lookup table to keep consistent. The ``state`` table also records the committed vector generation, so
 rows and vectors change in one SQLite transaction (see ``retrieval.index`` for the commit protocol).
+
+Chunks carry the context line their windows were embedded with (``Chunk.context``). Files written before it
+have no ``context`` column: readers treat every context as empty, and the next write adds the column.
 """
 
 import json
@@ -40,12 +43,14 @@ CREATE TABLE IF NOT EXISTS chunks (
     "end" INTEGER NOT NULL,
     text TEXT NOT NULL,
     heading_path TEXT NOT NULL,
-    windows TEXT NOT NULL  -- JSON [[start, end], ...]: page offsets of the embedded windows ([] = whole text)
+    windows TEXT NOT NULL,  -- JSON [[start, end], ...]: page offsets of the embedded windows ([] = whole text)
+    context TEXT NOT NULL DEFAULT ''  -- the chunk's context line (Chunk.context); '' = none
 );
 CREATE INDEX IF NOT EXISTS chunks_by_id ON chunks(chunk_id);
 CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks(source, ordinal);
 """
 _CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows'
+_CONTEXT_COLUMN = "context TEXT NOT NULL DEFAULT ''"
 _DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
 # Vector ids per chunk: 1024 windows is far more than a chunk of at most max_seq_length tokens can have,
 # and rowid * 1024 stays exact in int64 for any rowid SQLite will ever hand out here.
@@ -87,6 +92,11 @@ def create_schema(path: Path) -> None:
         connection.close()
 
 
+def has_context_column(connection: sqlite3.Connection) -> bool:
+    """Whether the chunks table has the ``context`` column (files written before it have not)."""
+    return any(row[1] == "context" for row in connection.execute("PRAGMA table_info(chunks)"))
+
+
 class ChunkStore:
     """Read side of one tenant's SQLite file; safe to share between threads."""
 
@@ -95,6 +105,7 @@ class ChunkStore:
         self.tenant = tenant
         self._connection = connect(self.path)
         self._lock = threading.Lock()
+        self._has_context = False  # see _context_column
 
     def close(self) -> None:
         with self._lock:
@@ -103,6 +114,17 @@ class ChunkStore:
     def _rows(self, sql: str, parameters: Sequence = ()) -> list[tuple]:
         with self._lock:
             return self._connection.execute(sql, parameters).fetchall()
+
+    def _context_column(self) -> str:
+        """The chunks' context column, or '' for a file written before it (looked for until found: a writer in
+        another process adds it)."""
+        if not self._has_context:
+            with self._lock:
+                self._has_context = has_context_column(self._connection)
+        return "context" if self._has_context else "''"
+
+    def _chunk_columns(self) -> str:
+        return f"{_CHUNK_COLUMNS}, {self._context_column()}"
 
     def _rows_where_in(self, select: str, column: str, values: list) -> list[tuple]:
         """Rows of ``select ... WHERE column IN values``, queried in batches that stay under SQLite's
@@ -139,14 +161,14 @@ class ChunkStore:
         return self._document(rows[0]) if rows else None
 
     def chunk(self, chunk_id: str) -> Chunk | None:
-        rows = self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE chunk_id = ? ORDER BY rowid LIMIT 1", (chunk_id,))
+        rows = self._rows(f"SELECT {self._chunk_columns()} FROM chunks WHERE chunk_id = ? ORDER BY rowid LIMIT 1", (chunk_id,))
         return self._chunk(rows[0]) if rows else None
 
     def chunks_of(self, document_id: str) -> list[Chunk]:
         document = self.document(document_id)
         if document is None:
             return []
-        rows = self._rows(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE source = ? ORDER BY ordinal", (document.source,))
+        rows = self._rows(f"SELECT {self._chunk_columns()} FROM chunks WHERE source = ? ORDER BY ordinal", (document.source,))
         return [self._chunk(row) for row in rows]
 
     def neighbours(self, chunk_id: str, *, before: int = 1, after: int = 1) -> list[Chunk]:
@@ -155,14 +177,14 @@ class ChunkStore:
             return []
         source, ordinal = rows[0]
         rows = self._rows(
-            f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE source = ? AND ordinal BETWEEN ? AND ? ORDER BY ordinal",
+            f"SELECT {self._chunk_columns()} FROM chunks WHERE source = ? AND ordinal BETWEEN ? AND ? ORDER BY ordinal",
             (source, ordinal - max(before, 0), ordinal + max(after, 0)),
         )
         return [self._chunk(row) for row in rows]
 
     def chunks_by_rowid(self, rowids: Iterable[int]) -> dict[int, Chunk]:
         """The chunks stored under ``rowids`` (ids no longer stored are absent from the result)."""
-        rows = self._rows_where_in(f"SELECT {_CHUNK_COLUMNS} FROM chunks", "rowid", [int(rowid) for rowid in rowids])
+        rows = self._rows_where_in(f"SELECT {self._chunk_columns()} FROM chunks", "rowid", [int(rowid) for rowid in rowids])
         return {int(row[0]): self._chunk(row) for row in rows}
 
     def rowids_of_sources(self, sources: Iterable[str]) -> np.ndarray:
@@ -181,12 +203,17 @@ class ChunkStore:
         return sum(max(1, len(json.loads(windows))) for (windows,) in rows)
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
-        """Every chunk's ``(rowids, texts)`` in rowid order: the keyword index's corpus."""
-        rows = self._rows("SELECT rowid, text FROM chunks ORDER BY rowid")
+        """Every chunk's ``(rowids, texts)`` in rowid order: the keyword index's corpus. A chunk's text follows
+        its context line, so a query naming the document's title matches its words too."""
+        context = self._context_column()
+        rows = self._rows(
+            f"SELECT rowid, CASE WHEN {context} = '' THEN text ELSE {context} || char(10) || text END "
+            "FROM chunks ORDER BY rowid"
+        )
         return np.asarray([row[0] for row in rows], dtype=np.int64), [row[1] for row in rows]
 
     def _chunk(self, row: tuple) -> Chunk:
-        rowid, chunk_id, source, document_id, page, start, end, text, heading_path, windows = row
+        rowid, chunk_id, source, document_id, page, start, end, text, heading_path, windows, context = row
         return Chunk(
             id=chunk_id,
             tenant=self.tenant,
@@ -198,6 +225,7 @@ class ChunkStore:
             text=text,
             heading_path=tuple(json.loads(heading_path)),
             windows=tuple(tuple(window) for window in json.loads(windows)),
+            context=context,
         )
 
     def _document(self, row: tuple) -> DocumentRecord:
@@ -216,6 +244,8 @@ class ChunkWriter:
         self.tenant = tenant
         self._connection = connect(path)
         self._connection.execute("BEGIN IMMEDIATE")
+        if not has_context_column(self._connection):  # a file from before chunk contexts; committed with the rest
+            self._connection.execute(f"ALTER TABLE chunks ADD COLUMN {_CONTEXT_COLUMN}")
         self.generation = read_generation(
             self._connection.execute("SELECT value FROM state WHERE key = 'generation'").fetchall()
         )
@@ -256,9 +286,10 @@ class ChunkWriter:
                 )
             cursor = self._connection.execute(
                 'INSERT INTO chunks (chunk_id, source, document_id, ordinal, page, start, "end", text, heading_path, '
-                "windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "windows, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (chunk.id, chunk.source, chunk.document_id, ordinal, chunk.page, chunk.start, chunk.end, chunk.text,
-                 json.dumps(list(chunk.heading_path)), json.dumps([list(window) for window in chunk.windows])),
+                 json.dumps(list(chunk.heading_path)), json.dumps([list(window) for window in chunk.windows]),
+                 chunk.context),
             )
             rowids.append(cursor.lastrowid)
         counts = np.asarray([vector_count(chunk) for chunk in chunks], dtype=np.int64)

@@ -255,7 +255,9 @@ def test_window_tokens_sets_the_vectors_per_chunk(tmp_path, data_dir, embedder):
     sentences = [f"Pump {n} delivers {n * 7} litres per minute at {n + 2} bar of pressure." for n in range(12)]
     (corpus / "pumps.txt").write_text(" ".join(sentences) + "\n")
     for tenant, window_tokens in (("windowed", 20), ("whole", 0)):
-        settings = IngestAppSettings(data_dir=data_dir, chunking=ChunkingSettings(window_tokens=window_tokens))
+        # Without the context line, a window's vector is exactly its sentence's (test_window_context covers it).
+        chunking = ChunkingSettings(window_tokens=window_tokens, window_context=False)
+        settings = IngestAppSettings(data_dir=data_dir, chunking=chunking)
         assert ingest_paths([corpus], tenant=tenant, settings=settings, embedder=embedder).failed == 0
         index = open_index(settings, tenant, embedder)
         try:

@@ -283,3 +283,40 @@ def test_search_widens_when_one_chunk_fills_the_first_window_hits(build_index, c
         update.commit()
     hits = index.search_dense(query, 2)  # the first 8 window hits are all the fjord chunk's
     assert [c.source for c, _ in hits] == ["travel/norway.txt", "recipes/bread.txt"]
+
+
+def test_an_index_from_before_chunk_contexts_keeps_working_and_takes_new_ones(build_index, embedder, corpus_vectors):
+    import sqlite3
+
+    from retrieval.index import STORE_NAME
+
+    index = build_index(["handbook/warranty.md", "recipes/bread.txt"])
+    index.close()
+    with sqlite3.connect(index.directory / STORE_NAME) as connection:  # the chunks table as written before contexts
+        connection.executescript("""
+            ALTER TABLE chunks RENAME TO chunks_now;
+            CREATE TABLE chunks (rowid INTEGER PRIMARY KEY AUTOINCREMENT, chunk_id TEXT NOT NULL, source TEXT NOT NULL,
+                document_id TEXT NOT NULL, ordinal INTEGER NOT NULL, page INTEGER NOT NULL, start INTEGER NOT NULL,
+                "end" INTEGER NOT NULL, text TEXT NOT NULL, heading_path TEXT NOT NULL, windows TEXT NOT NULL);
+            INSERT INTO chunks SELECT rowid, chunk_id, source, document_id, ordinal, page, start, "end", text,
+                heading_path, windows FROM chunks_now;
+            DROP TABLE chunks_now;
+        """)
+    old = reopen(index, embedder)
+    record = old.document_by_source("handbook/warranty.md")
+    assert [c.text for c in old.chunks_of(record.document_id)] == CORPUS["handbook/warranty.md"][1]
+    assert all(c.context == "" for c in old.chunks_of(record.document_id))
+    assert old.search_dense(corpus_vectors["recipes/bread.txt"][0], 1)[0][0].source == "recipes/bread.txt"
+    assert old.search_keyword("receipt service centre", 1)[0][0].source == "handbook/warranty.md"
+
+    # A new ingest adds the column; a reader opened before it sees the new contexts after its refresh.
+    record, chunks = make_document("acme", "handbook/calibration.md", *CORPUS["handbook/calibration.md"])
+    chunks = [replace(chunk, context="Kestrel Lab Handbook > Calibration") for chunk in chunks]
+    with reopen(index, embedder).update() as update:
+        update.put_document(record, chunks, corpus_vectors["handbook/calibration.md"])
+        update.commit()
+    assert old.refresh()
+    assert old.chunks_of(record.document_id) == chunks
+    assert all(c.context == "" for c in old.chunks_of(old.document_by_source("handbook/warranty.md").document_id))
+    # The keyword index reads the context line too: "Lab Handbook" is in no chunk text.
+    assert {c.source for c, _ in old.search_keyword("lab handbook", 10)} == {"handbook/calibration.md"}
