@@ -129,7 +129,8 @@ def test_mixed_tenant_batches_give_each_row_its_own_adapter_and_tenants_stay_apa
         assert alpha["residency"] == "gpu" and alpha["method"] == "lora" and alpha["metrics"]["steps"] == 3
         assert alpha["requests"] == 7 and alpha["tokens"] > 0 and alpha["load_time_ms"] > 0
         assert alpha["loss_plot_url"] is None and alpha["pinned"] is False
-        assert alpha["warnings"] == []  # trained on today's prompt format (1, recorded before the field existed)
+        # its manifest records no prompt format (written as before the field existed: format 1), and today's is 2
+        assert len(alpha["warnings"]) == 1 and "prompt format 1" in alpha["warnings"][0]
         metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
         assert 'lorag_adapter_requests_total{adapter="alpha",tenant="acme"} 7.0' in metrics
         assert 'lorag_adapter_residency{adapter="alpha",tenant="acme"} 2.0' in metrics
