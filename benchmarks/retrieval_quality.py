@@ -1,9 +1,14 @@
-"""Retrieval quality of dense, keyword and hybrid search on COVID-QA and HotpotQA (hit@1/5/10, MRR, nDCG@10).
+"""Retrieval quality (hit@1/5/10, MRR, nDCG@10) on COVID-QA, HotpotQA and FinanceBench, before and after page
+furniture and window context, in one run.
 
-Runs the real chunker (ingest.chunking, with its sentence windows), embedder and TenantIndex in a temporary
-data dir. Hybrid is reported as a ratio against the better of dense and keyword measured in the same run.
-For context it also scores one whole-chunk vector per chunk (the index format before windows), alone and fused.
-    python benchmarks/retrieval_quality.py                       # seeded subsample, a few minutes on CPU
+Runs the real loaders (the FinanceBench PDFs through ingest.loaders), chunker (sentence windows, furniture, context
+lines), embedding (ingest.pipeline) and TenantIndex + HybridRetriever in a temporary data dir, twice per set:
+  before: furniture chunked like any text, no context line (lorag before both);
+  after:  the defaults (furniture kept out of chunks, context line mixed into each window vector and read by BM25).
+The after hybrid is reported as a ratio to the before hybrid, and to the better of its own dense and keyword
+retrievers. Ablation rows (exact search in numpy, fused the same way) say where a change comes from, and score the
+context line written in front of each window instead of mixed in.
+    python benchmarks/retrieval_quality.py --cache /tmp/q             # seeded subsample, minutes on an idle CPU
     python benchmarks/retrieval_quality.py --limit 0 --covid-docs 0 --device cuda   # everything
 """
 
@@ -15,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,43 +28,36 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.records import Chunk, DocumentRecord  # noqa: E402
+from core.settings import ChunkingSettings, EmbeddingSettings, RetrievalSettings  # noqa: E402
 from ingest.chunking import Chunker  # noqa: E402
+from ingest.loaders import Page, first_line_title, load_document, readable_stem  # noqa: E402
+from ingest.pipeline import mix_context  # noqa: E402
+from ingest.settings import IngestSettings  # noqa: E402
 from retrieval.embedder import Embedder  # noqa: E402
 from retrieval.index import TenantIndex  # noqa: E402
 from retrieval.keyword import KeywordIndex  # noqa: E402
 from retrieval.ranking_metrics import hit_at_k, mean_scores, ndcg_at_k, reciprocal_rank  # noqa: E402
-from retrieval.retriever import HybridRetriever, reciprocal_rank_fusion, relative_score_fusion, zscore_fusion  # noqa: E402
-from core.settings import ChunkingSettings, EmbeddingSettings, RetrievalSettings  # noqa: E402
-from core.records import Chunk, DocumentRecord  # noqa: E402
+from retrieval.retriever import HybridRetriever, zscore_fusion  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-TENANT = "bench"
 CUTOFFS = (1, 5, 10)
-# Hybrid variants scored from the same candidate lists: (label, fusion, candidates per retriever, dense weight,
-# confidence power, BM25 terms stemmed, dense over sentence windows (else one whole-chunk vector per chunk)).
-# The first is the default (RetrievalSettings()); fusion "rrf" ignores the weight, and the confidence power
-# (per-query weights from each list's top z-score) applies to "zscore" only. Default chosen on seed 0 by the
-# rule: highest worst ratio to the better single retriever over the 10 (set, metric) pairs, ties broken by the
-# mean ratio; other seeds are held out (benchmarks/RESULTS.md).
-VARIANTS = [
-    ("hybrid (default: z-score, dense 0.5, fixed)", "zscore", 100, 0.5, 0.0, True, True),
-    ("hybrid, z-score, dense 0.5, power 0.5", "zscore", 100, 0.5, 0.5, True, True),
-    ("hybrid, z-score, dense 0.45, power 1", "zscore", 100, 0.45, 1.0, True, True),
-    ("hybrid, z-score, dense 0.55, power 0.5 (before)", "zscore", 100, 0.55, 0.5, True, True),
-    ("hybrid, relative, dense 0.5, 50 cand.", "relative", 50, 0.5, 0.0, True, True),
-    ("hybrid, RRF k=60, 50 cand.", "rrf", 50, 0.5, 0.0, True, True),
-    ("hybrid of whole-chunk dense, dense 0.55, power 0.5", "zscore", 100, 0.55, 0.5, True, False),
-]
-SINGLE_ROWS = 4  # dense, stemmed BM25, unstemmed BM25, whole-chunk dense: the rows before the hybrids
+CANDIDATES = 100
+WHOLE_PAGE = sys.maxsize  # a relevant span that is a whole page (FinanceBench evidence pages)
 
+
+@dataclass
+class Document:
+    pages: list[Page]
+    title: str
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="covidqa,hotpotqa")
+    p.add_argument("--datasets", default="covidqa,hotpotqa,financebench")
     p.add_argument("--limit", type=int, default=200, help="questions per dataset, seeded sample (0 = all)")
     p.add_argument("--covid-docs", type=int, default=30, help="COVID-QA articles in the corpus, seeded (0 = all 98)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sample of COVID-QA and HotpotQA (FinanceBench: all 39)")
     p.add_argument("--device", default=None, help="embedder device (default: cuda when available)")
     p.add_argument("--data-root", type=Path, default=DATASETS)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -66,7 +65,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- corpora: (documents: source -> page text, questions: [(question, relevant spans)]) --------------
+# ---- corpora: (documents: source -> Document, questions: [(question, relevant (source, page, start, end))]) ----
 
 def load_covidqa(root: Path, *, limit: int, docs: int, seed: int):
     articles = json.loads((root / "covidqa" / "covidQA.json").read_text())["data"]
@@ -78,7 +77,8 @@ def load_covidqa(root: Path, *, limit: int, docs: int, seed: int):
         for paragraph in article["paragraphs"]:
             source = f"covid/{paragraph['document_id']}"
             context = paragraph["context"]
-            documents[source] = context
+            # As a text file: its first line is the article's title.
+            documents[source] = Document([Page(1, context)], first_line_title(context) or readable_stem(Path(source)))
             for qa in paragraph["qas"]:
                 answer = qa["answers"][0]
                 start = answer["answer_start"]
@@ -88,7 +88,7 @@ def load_covidqa(root: Path, *, limit: int, docs: int, seed: int):
                     skipped += 1
                     continue
                 # Relevant: any chunk of this article overlapping the answer span.
-                questions.append((qa["question"], {(source, start, start + len(answer["text"]))}))
+                questions.append((qa["question"], {(source, 1, start, start + len(answer["text"]))}))
     questions = _sample(questions, limit, rng)
     return documents, questions, f"{len(articles)} articles, {len(questions)} questions ({skipped} unmatched answers dropped)"
 
@@ -101,20 +101,38 @@ def load_hotpotqa(root: Path, *, limit: int, seed: int):
         relevant = set()
         for context in row["contexts"]:
             # Identical paragraphs recur across questions: key them by title and text so the pool has each once.
-            digest = hashlib.sha256(context["paragraph_text"].encode()).hexdigest()[:8]
-            source = f"hotpot/{context['title']}#{digest}"
-            documents[source] = context["paragraph_text"]
+            text = context["paragraph_text"]
+            source = f"hotpot/{context['title']}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+            # As a text file named after its article: the title is the file name (the first line is a sentence).
+            documents[source] = Document([Page(1, text)], first_line_title(text) or context["title"])
             if context["is_supporting"]:
-                relevant.add((source, 0, len(context["paragraph_text"])))
+                relevant.add((source, 1, 0, len(text)))
         questions.append((row["question_text"], relevant))
     return documents, questions, f"{len(rows)} questions, {len(documents)} pooled paragraphs"
+
+
+def load_financebench(root: Path):
+    """The 9 filings through the real PDF loader; relevant = any chunk of an evidence page."""
+    documents, lines, furniture = {}, 0, 0
+    for path in sorted((root / "financebench" / "pdfs").glob("*.pdf")):
+        loaded = load_document(path, settings=IngestSettings())
+        documents[path.name] = Document(loaded.pages, loaded.title)
+        lines += sum(1 for page in loaded.pages for line in page.text.splitlines() if line.strip())
+        furniture += sum(len(page.furniture) for page in loaded.pages)
+    questions = []
+    for line in (root / "financebench" / "questions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        questions.append((row["question"], {(row["doc"], e["page_0based"] + 1, 0, WHOLE_PAGE) for e in row["evidence"]}))
+    pages = sum(len(d.pages) for d in documents.values())
+    return documents, questions, (f"{len(documents)} filings, {pages} pages, {len(questions)} questions; "
+                                  f"{furniture} of {lines} lines are page furniture")
 
 
 def _sample(items: list, limit: int, rng: random.Random) -> list:
     return rng.sample(items, limit) if limit and limit < len(items) else items
 
 
-# ---- index -------------------------------------------------------------------------------------
+# ---- chunks, vectors, indexes ---------------------------------------------------------------------
 
 def embed_cached(embedder: Embedder, texts: list[str], cache: Path | None) -> np.ndarray:
     """Embed ``texts``, reusing a .npy file (never pickled) keyed by the model and the texts."""
@@ -130,136 +148,184 @@ def embed_cached(embedder: Embedder, texts: list[str], cache: Path | None) -> np
     return vectors
 
 
-def build_index(data_dir: Path, documents: dict[str, str], embedder: Embedder, cache: Path | None) -> TenantIndex:
-    chunker = Chunker(embedder.tokenizer, ChunkingSettings())
-    index = TenantIndex.open(data_dir, TENANT, embedder_name=embedder.name, dimension=embedder.dimension)
+def chunk_arm(documents: dict[str, Document], chunker: Chunker, *, furniture: bool, tenant: str) -> list[Chunk]:
+    chunks = []
+    for source, document in documents.items():
+        pages = document.pages if furniture else [replace(page, furniture=()) for page in document.pages]
+        chunks += chunker.split_pages(pages, tenant=tenant, document_id=_document_id(source), source=source,
+                                      title=document.title)
+    return chunks
+
+
+def _document_id(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Arm:
+    """One arm's chunks (reading order), each chunk's first vector row, its plain window vectors and the index."""
+
+    chunks: list[Chunk]
+    starts: np.ndarray
+    plain: np.ndarray  # (windows, dimension): the windows alone
+    index: TenantIndex
+
+
+def build_arm(data_dir: Path, tenant: str, chunks: list[Chunk], embedder: Embedder, cache: Path | None,
+              *, context_weight: float) -> Arm:
+    """Index ``chunks`` with the vectors ingest gives them (``ingest.pipeline.embed_chunks``, embeddings cached)."""
+    plain = embed_cached(embedder, [text for chunk in chunks for text in chunk.embedded_texts()], cache)
+    vectors = with_context(plain, chunks, embedder, cache, weight=context_weight)
+    index = TenantIndex.open(data_dir, tenant, embedder_name=embedder.name, dimension=embedder.dimension)
+    by_source: dict[str, list[Chunk]] = {}
+    for chunk in chunks:
+        by_source.setdefault(chunk.source, []).append(chunk)
     with index.update() as update:
-        all_chunks = []
-        for number, (source, text) in enumerate(documents.items()):
-            document_id = f"doc{number}"
-            chunks = [
-                Chunk(id=f"{document_id}-{i}", tenant=TENANT, document_id=document_id, source=source, page=1,
-                      start=start, end=end, text=text[start:end], windows=chunker.windows(text, start, end))
-                for i, (start, end) in enumerate(chunker.spans(text, 0, len(text)))
-            ]
-            all_chunks.append((DocumentRecord(document_id, TENANT, source, 1, len(chunks), len(text), "-"), chunks))
-        texts = [t for _, chunks in all_chunks for c in chunks for t in c.embedded_texts()]
-        vectors = embed_cached(embedder, texts, cache)
         offset = 0
-        for record, chunks in all_chunks:
-            count = sum(len(c.embedded_texts()) for c in chunks)
-            update.put_document(record, chunks, vectors[offset : offset + count])
+        for source, document_chunks in by_source.items():
+            count = sum(len(chunk.embedded_texts()) for chunk in document_chunks)
+            record = DocumentRecord(document_chunks[0].document_id, tenant, source, max(c.page for c in document_chunks),
+                                    len(document_chunks), 0, "-")
+            update.put_document(record, document_chunks, vectors[offset : offset + count])
             offset += count
         update.commit()
-    return index
+    counts = np.asarray([len(chunk.embedded_texts()) for chunk in chunks])
+    return Arm(chunks, np.concatenate([[0], np.cumsum(counts)[:-1]]), plain, index)
 
 
-def whole_chunk_search(chunks: list[Chunk], query_vectors: np.ndarray, embedder: Embedder, cache: Path | None,
-                       k: int) -> list[list[tuple[Chunk, float]]]:
-    """Exact top-``k`` search with one vector per whole chunk text (index format 1, before windows)."""
-    scores = query_vectors @ embed_cached(embedder, [c.text for c in chunks], cache).T  # (queries, chunks)
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[(chunks[i], float(row[i])) for i in order] for row, order in zip(scores, ranked)]
+def with_context(plain: np.ndarray, chunks: list[Chunk], embedder: Embedder, cache: Path | None, *,
+                 weight: float) -> np.ndarray:
+    contexts = sorted({chunk.context for chunk in chunks if chunk.context})
+    if not contexts or weight == 0:
+        return plain
+    context_vectors = dict(zip(contexts, embed_cached(embedder, contexts, cache)))
+    return mix_context(plain.copy(), chunks, context_vectors, weight=weight)
 
 
-# ---- metrics -----------------------------------------------------------------------------------
+# ---- rankings and metrics -----------------------------------------------------------------------------
+
+Ranked = list[tuple[Chunk, float]]  # best first
+
+
+def dense_rankings(arm: Arm, vectors: np.ndarray, query_vectors: np.ndarray) -> list[Ranked]:
+    """Exact search in numpy: a chunk scores by its best window (as TenantIndex.search_dense does)."""
+    best = np.maximum.reduceat(query_vectors @ vectors.T, arm.starts, axis=1)  # (queries, chunks)
+    top = np.argsort(-best, axis=1, kind="stable")[:, :CANDIDATES]
+    return [[(arm.chunks[i], float(row[i])) for i in order] for row, order in zip(best, top)]
+
+
+def keyword_rankings(arm: Arm, questions, *, with_context: bool) -> list[Ranked]:
+    if with_context:  # the product's: BM25 over each chunk's context line and text
+        return [arm.index.search_keyword(question, CANDIDATES) for question, _ in questions]
+    keyword = KeywordIndex(np.arange(len(arm.chunks)), [chunk.text for chunk in arm.chunks])
+    return [[(arm.chunks[i], s) for i, s in keyword.search(question, CANDIDATES)] for question, _ in questions]
+
+
+def fuse(dense: list[Ranked], keyword: list[Ranked]) -> list[Ranked]:
+    """What HybridRetriever does with RetrievalSettings(): z-score fusion, dense weight 0.5."""
+    settings = RetrievalSettings()
+    weights = {"dense": settings.dense_weight, "keyword": 1.0 - settings.dense_weight}
+    fused = []
+    for d, k in zip(dense, keyword):
+        by_key = {(c.source, c.id): c for c, _ in d + k}
+        scored = {"dense": [((c.source, c.id), s) for c, s in d], "keyword": [((c.source, c.id), s) for c, s in k]}
+        ranked = zscore_fusion(scored, weights=weights, confidence_power=settings.confidence_power)
+        fused.append([(by_key[key], score) for key, score in ranked])
+    return fused
+
 
 def is_relevant(chunk: Chunk, spans: set) -> bool:
-    return any(chunk.source == s and chunk.start < e and start < chunk.end for s, start, e in spans)
+    return any(chunk.source == s and chunk.page == p and chunk.start < e and start < chunk.end
+               for s, p, start, e in spans)
 
 
-def score_rankings(rankings: list[list[Chunk]], questions, relevant_counts: list[int]) -> dict[str, float]:
+def score(rankings: list[Ranked], questions, chunks: list[Chunk]) -> dict[str, float]:
     rows = []
-    for ranking, (_, spans), n_relevant in zip(rankings, questions, relevant_counts):
-        flags = [is_relevant(chunk, spans) for chunk in ranking[:10]]
+    for ranking, (_, spans) in zip(rankings, questions):
+        flags = [is_relevant(chunk, spans) for chunk, _ in ranking[:10]]
         row = {f"hit@{k}": hit_at_k(flags, k) for k in CUTOFFS}
         row["MRR"] = reciprocal_rank(flags, 10)
-        row["nDCG@10"] = ndcg_at_k(flags, 10, relevant=n_relevant)
+        row["nDCG@10"] = ndcg_at_k(flags, 10, relevant=sum(is_relevant(c, spans) for c in chunks))
         rows.append(row)
     return mean_scores(rows)
 
 
-def run_dataset(name: str, documents, questions, embedder: Embedder, data_dir: Path, cache: Path | None) -> dict:
+# ---- one dataset ----------------------------------------------------------------------------------------------
+
+def run_dataset(name: str, documents: dict[str, Document], questions, embedder: Embedder, data_dir: Path,
+                cache: Path | None) -> dict:
     started = time.perf_counter()
-    index = build_index(data_dir / name, documents, embedder, cache)
+    settings = ChunkingSettings()
+    before_chunker = Chunker(embedder.tokenizer, settings.model_copy(update={"window_context": False}))
+    after_chunker = Chunker(embedder.tokenizer, settings)
+    before = build_arm(data_dir / name, "before", chunk_arm(documents, before_chunker, furniture=False, tenant="before"),
+                       embedder, cache, context_weight=0.0)
+    after = build_arm(data_dir / name, "after", chunk_arm(documents, after_chunker, furniture=True, tenant="after"),
+                      embedder, cache, context_weight=settings.context_weight)
     built = time.perf_counter() - started
-    all_chunks = [c for d in index.documents() for c in index.chunks_of(d.document_id)]
-    relevant_counts = [sum(is_relevant(c, spans) for c in all_chunks) for _, spans in questions]
-
     query_vectors = embed_cached(embedder, [q for q, _ in questions], cache)
-    rowids, texts = index.store.texts()
-    unstemmed = KeywordIndex(rowids, texts, stemmer_language=None)
-    chunk_of = index.store.chunks_by_rowid(rowids.tolist())
-    dense, keyword, keyword_unstemmed = [], [], []
-    for (question, _), vector in zip(questions, query_vectors):
-        dense.append(index.search_dense(vector, 100))
-        keyword.append(index.search_keyword(question, 100))  # stemmed when PyStemmer is installed
-        keyword_unstemmed.append([(chunk_of[r], s) for r, s in unstemmed.search(question, 100)])
-    dense_whole = whole_chunk_search(all_chunks, query_vectors, embedder, cache, 100)
 
-    def fused(fusion: str, candidates: int, dense_weight: float, power: float, stemmed: bool,
-              windows: bool = True) -> list[list[Chunk]]:
-        out = []
-        for d, k in zip(dense if windows else dense_whole, keyword if stemmed else keyword_unstemmed):
-            d, k = d[:candidates], k[:candidates]
-            by_key = {(c.source, c.id): c for c, _ in d + k}
-            if fusion == "rrf":
-                lists = {"dense": [(c.source, c.id) for c, _ in d], "keyword": [(c.source, c.id) for c, _ in k]}
-                ranked = reciprocal_rank_fusion(lists, k=60)
-            else:
-                scored = {"dense": [((c.source, c.id), s) for c, s in d],
-                          "keyword": [((c.source, c.id), s) for c, s in k]}
-                weights = {"dense": dense_weight, "keyword": 1.0 - dense_weight}
-                if fusion == "zscore":
-                    ranked = zscore_fusion(scored, weights=weights, confidence_power=power)
-                else:
-                    ranked = relative_score_fusion(scored, weights=weights)
-            out.append([by_key[key] for key, _ in ranked[:10]])
-        return out
+    results: dict[str, dict[str, float]] = {}
+    for label, arm in (("before", before), ("after", after)):
+        dense = [arm.index.search_dense(vector, CANDIDATES) for vector in query_vectors]
+        keyword = [arm.index.search_keyword(question, CANDIDATES) for question, _ in questions]
+        hybrid = fuse(dense, keyword)
+        results[f"{label}: dense"] = score(dense, questions, arm.chunks)
+        results[f"{label}: keyword (BM25)"] = score(keyword, questions, arm.chunks)
+        results[f"{label}: hybrid"] = score(hybrid, questions, arm.chunks)
+        # The hybrid rows must be exactly what HybridRetriever returns (the server's code path).
+        retriever = HybridRetriever(arm.index, _PrecomputedQueries(dict(zip([q for q, _ in questions], query_vectors))),
+                                    RetrievalSettings(k=10))
+        check = [[p.chunk.id for p in retriever.retrieve(q, k=10)] for q, _ in questions[:50]]
+        assert check == [[c.id for c, _ in ranking[:10]] for ranking in hybrid[:50]], f"{name} {label}: not the product"
 
-    results = {
-        "dense": score_rankings([[c for c, _ in r] for r in dense], questions, relevant_counts),
-        "keyword (BM25, stemmed)": score_rankings([[c for c, _ in r] for r in keyword], questions, relevant_counts),
-        "keyword (BM25, unstemmed)": score_rankings([[c for c, _ in r] for r in keyword_unstemmed], questions,
-                                                    relevant_counts),
-        "dense, whole chunks (format 1)": score_rankings([[c for c, _ in r] for r in dense_whole], questions,
-                                                         relevant_counts),
+    # Ablations on the after arm's chunks: where the gain comes from, and the rejected alternative.
+    mixed = with_context(after.plain, after.chunks, embedder, cache, weight=settings.context_weight)
+    prefixed = embed_cached(embedder, [f"{c.context}: {t}" if c.context else t
+                                       for c in after.chunks for t in c.embedded_texts()], cache)
+    keyword_text = keyword_rankings(after, questions, with_context=False)
+    keyword_context = keyword_rankings(after, questions, with_context=True)
+    ablations = {
+        "after, no context line (furniture only)": (after.plain, keyword_text),
+        "after, context in keyword only": (after.plain, keyword_context),
+        "after, context in dense only": (mixed, keyword_text),
+        "after, context written before each window": (prefixed, keyword_context),
     }
-    for label, *variant in VARIANTS:
-        results[label] = score_rankings(fused(*variant), questions, relevant_counts)
-
-    # The default variant must be exactly what HybridRetriever returns (same code path as the server).
-    vectors = {q: v for (q, _), v in zip(questions, query_vectors)}
-    retriever = HybridRetriever(index, _PrecomputedQueries(vectors.__getitem__), RetrievalSettings(k=10))
-    check = [[p.chunk for p in retriever.retrieve(q, k=10)] for q, _ in questions[:50]]
-    assert [[c.id for c in r] for r in check] == [[c.id for c in r] for r in fused(*VARIANTS[0][1:])[:50]]
-    return {"chunks": len(index), "build_seconds": round(built, 1), "metrics": results}
+    for label, (vectors, keyword) in ablations.items():
+        dense = dense_rankings(after, vectors, query_vectors)
+        if label.endswith("before each window"):
+            results["after, context written before each window: dense"] = score(dense, questions, after.chunks)
+        results[f"{label}: hybrid"] = score(fuse(dense, keyword), questions, after.chunks)
+    for arm in (before, after):
+        arm.index.close()
+    return {"chunks": {"before": len(before.chunks), "after": len(after.chunks)},
+            "build_seconds": round(built, 1), "metrics": results}
 
 
 class _PrecomputedQueries:
-    def __init__(self, lookup: Callable[[str], np.ndarray]):
-        self.embed_query = lookup
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.embed_query: Callable[[str], np.ndarray] = vectors.__getitem__
 
 
 def print_table(name: str, description: str, result: dict) -> None:
     metrics = result["metrics"]
-    columns = list(metrics["dense"])
-    print(f"\n## {name}: {description}, {result['chunks']} chunks (index built in {result['build_seconds']} s)")
-    print(f"{'mode':50s}" + "".join(f"{c:>9s}" for c in columns))
+    columns = list(metrics["before: hybrid"])
+    chunks = result["chunks"]
+    print(f"\n## {name}: {description}; {chunks['before']} chunks before, {chunks['after']} after "
+          f"(indexes built in {result['build_seconds']} s)")
+    print(f"{'mode':52s}" + "".join(f"{c:>9s}" for c in columns))
     for mode, values in metrics.items():
-        print(f"{mode:50s}" + "".join(f"{values[c]:9.3f}" for c in columns))
-    # The baseline is the better of dense and the default (stemmed) keyword retriever, per metric.
-    best_single = {c: max(metrics["dense"][c], metrics["keyword (BM25, stemmed)"][c]) for c in columns}
-    print("ratios to the better single retriever (dense or stemmed BM25), same run:")
-    for mode in list(metrics)[SINGLE_ROWS:]:
-        ratios = "".join(f"{metrics[mode][c] / best_single[c]:9.3f}" if best_single[c] else f"{'-':>9s}" for c in columns)
-        print(f"{mode:50s}" + ratios)
-    # Context: the default against the best of all three single rows, whole-chunk dense included.
-    best_any = {c: max(best_single[c], metrics["dense, whole chunks (format 1)"][c]) for c in columns}
-    default = list(metrics)[SINGLE_ROWS]
-    print("ratio of the default to the best of dense, whole-chunk dense and stemmed BM25:")
-    print(f"{default:50s}" + "".join(f"{metrics[default][c] / best_any[c]:9.3f}" if best_any[c] else f"{'-':>9s}"
-                                     for c in columns))
+        print(f"{mode:52s}" + "".join(f"{values[c]:9.3f}" for c in columns))
+    baseline = metrics["before: hybrid"]
+    print("ratios to the before hybrid, same run:")
+    for mode in metrics:
+        if mode.endswith("hybrid") and mode != "before: hybrid":
+            print(f"{mode:52s}" + "".join(f"{metrics[mode][c] / baseline[c]:9.3f}" if baseline[c] else f"{'-':>9s}"
+                                          for c in columns))
+    best_single = {c: max(metrics["after: dense"][c], metrics["after: keyword (BM25)"][c]) for c in columns}
+    print("ratio of the after hybrid to the better of its dense and keyword retrievers:")
+    print(f"{'after: hybrid':52s}" + "".join(f"{metrics['after: hybrid'][c] / best_single[c]:9.3f}"
+                                             if best_single[c] else f"{'-':>9s}" for c in columns))
 
 
 def main(argv=None) -> int:
@@ -275,8 +341,10 @@ def main(argv=None) -> int:
                                                                  docs=args.covid_docs, seed=args.seed)
             elif name == "hotpotqa":
                 documents, questions, description = load_hotpotqa(args.data_root, limit=args.limit, seed=args.seed)
+            elif name == "financebench":
+                documents, questions, description = load_financebench(args.data_root)
             else:
-                raise SystemExit(f"unknown dataset {name!r}: use covidqa and/or hotpotqa")
+                raise SystemExit(f"unknown dataset {name!r}: use covidqa, hotpotqa and/or financebench")
             result = run_dataset(name, documents, questions, embedder, Path(tmp), args.cache)
             print_table(name, description, result)
             report[name] = {"description": description, **result}

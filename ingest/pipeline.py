@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -301,12 +301,19 @@ def embed_chunks(embedder, chunks: Sequence[Chunk], *, context_weight: float) ->
     contexts = sorted({chunk.context for chunk in chunks if chunk.context})
     if not contexts or context_weight == 0:
         return vectors
-    context_vectors = dict(zip(contexts, _embed(embedder, contexts)))
+    return mix_context(vectors, chunks, dict(zip(contexts, _embed(embedder, contexts))), weight=context_weight)
+
+
+def mix_context(
+    vectors: np.ndarray, chunks: Sequence[Chunk], context_vectors: Mapping[str, np.ndarray], *, weight: float
+) -> np.ndarray:
+    """``vectors`` (one per embedded text of ``chunks``, in order) with each chunk's context line vector mixed
+    in at ``weight`` and renormalised, in place; vectors of chunks without a context line stay as they are."""
     offset = 0
     for chunk in chunks:
         count = vector_count(chunk)
         if chunk.context:
-            mixed = vectors[offset : offset + count] + context_weight * context_vectors[chunk.context]
+            mixed = vectors[offset : offset + count] + weight * context_vectors[chunk.context]
             vectors[offset : offset + count] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
         offset += count
     return vectors
