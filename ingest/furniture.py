@@ -23,6 +23,9 @@ REPEAT_PAGES = 20
 # A table of contents: at least this many consecutive entries ("Risk Factors 14") with page numbers that never
 # go down. Fewer could be a small table of labelled counts.
 MIN_TOC_ENTRIES = 6
+# Contents lines are short (the longest 10-K item title is ~120 characters); longer lines are never tested, which
+# also keeps the dot-leader pattern linear on a hostile page's megabyte-long line.
+CONTENTS_LINE_CHARS = 250
 
 _DIGITS = re.compile(r"\d+")
 _ROMAN = re.compile(r"^[ivx]{1,6}$", re.IGNORECASE)  # front matter; "(c)" and "(d)" are footnote marks
@@ -32,9 +35,8 @@ _BARE_NUMBER = re.compile(r"^[-–—]?\s*(\d{1,4}|[ivx]{1,6}|[A-Z]-\d{1,3})\s*[
 _PAGE_OF = re.compile(r"^(?:page|pg\.?|p\.)\s*\d{1,4}(?:\s*(?:of|/)\s*\d{1,4})?$|^\d{1,4}\s+of\s+\d{1,4}$", re.IGNORECASE)
 # "Risk Factors ........ 14": dot leaders (or an ellipsis character) before a page number.
 _DOT_LEADER = re.compile(r"[A-Za-z].*?(?:\.\s?){4,}\s*(?:\d{1,4}|[ivx]{1,6}|[A-Z]-\d{1,3})$|[A-Za-z].*?…+\s*\d{1,4}$")
-# "Item 1A. Risk Factors 14", "Note 3 – Income Taxes 81": a title then one page number, no money or percentages,
-# and a word just before the number ("Restructuring related 130 145 275" is a table row).
-_TOC_ENTRY = re.compile(r"^(?!.*[$%])(?=.*[A-Za-z]{2}).*?\S*[A-Za-z]\S*\s+(?P<page>\d{1,4})$")
+_LETTER = re.compile(r"[A-Za-z]")
+_WORD = re.compile(r"[A-Za-z]{2}")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def _mark_contents(page_lines: list[_Line], found: set[int], *, page_count: int)
     """Dot-leader lines, and runs of at least MIN_TOC_ENTRIES entries whose page numbers never go down, with the
     short lines between them ("PART II", "Item 1.")."""
     for index, line in enumerate(page_lines):
-        if _DOT_LEADER.match(line.text):
+        if len(line.text) <= CONTENTS_LINE_CHARS and _DOT_LEADER.match(line.text):
             found.add(index)
     entries: list[int] = []  # the current run's entry lines
     run: list[int] = []  # its entries and the short lines between them
@@ -180,9 +182,17 @@ def _mark_contents(page_lines: list[_Line], found: set[int], *, page_count: int)
 
 
 def _contents_page_number(text: str, *, page_count: int) -> int | None:
-    """The page number a contents entry points to, or None when ``text`` is no entry. Printed numbers can run
-    ahead of the PDF's own page count (a filing's exhibits), but not by much."""
-    entry = _TOC_ENTRY.match(text)
-    if entry is None or int(entry.group("page")) > page_count + 50:
+    """The page number a contents entry points to, or None when ``text`` is no entry.
+
+    An entry: a title then one page number ("Item 1A. Risk Factors 14", "Note 3 – Income Taxes 81"), no money or
+    percentages, and a word just before the number ("Restructuring related 130 145 275" is a table row). Printed
+    numbers can run ahead of the PDF's own page count (a filing's exhibits), but not by much.
+    """
+    if len(text) > CONTENTS_LINE_CHARS or "$" in text or "%" in text or not _WORD.search(text):
         return None
-    return int(entry.group("page"))
+    words = text.rsplit(None, 2)
+    if len(words) < 2 or not (words[-1].isascii() and words[-1].isdigit()) or len(words[-1]) > 4:
+        return None
+    if not _LETTER.search(words[-2]) or int(words[-1]) > page_count + 50:
+        return None
+    return int(words[-1])

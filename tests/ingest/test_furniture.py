@@ -120,3 +120,13 @@ def test_pdf_furniture_stays_in_the_page_text_but_out_of_every_chunk(embedder, m
         for line in lines:
             assert line in chunked, (number, line)
     assert not any(chunk.page == 1 and "Deployment" in chunk.text for chunk in chunks)  # the contents page
+
+
+def test_megabyte_long_lines_are_judged_in_linear_time():
+    import time
+
+    started = time.perf_counter()
+    lines = ["Item " + "x" * 1_000_000 + " 12", "a" + "." * 1_000_000 + " 3", "word " * 200_000 + "14"]
+    removed = removed_lines(["\n".join(lines), "\n".join(reversed(lines))])
+    assert time.perf_counter() - started < 10  # a backtracking pattern takes minutes on one 2,000-character line
+    assert removed == [[], []]  # too long for contents lines, and no edge line recurs on 3 pages
