@@ -22,6 +22,7 @@ from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_erro
 from core.prompt import ABSTENTION_ANSWER, ChatMessage
 from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
+from server.generation.extractive import ExtractiveGenerator
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
 from server.metrics import Metrics
 from server.schemas import (
@@ -39,6 +40,9 @@ from server.settings import ServerSettings
 from server.tenants import Tenant
 
 log = logging.getLogger(__name__)
+
+# What an answer says when the model's draft was unsupported and the passages' own sentences stand in for it.
+QUOTE_HEADER = "The generated answer was not supported by the documents; these sentences from them best match the question:"
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ChatService:
         metrics: Metrics,
         adapters=None,
         attributor: Attributor | None = None,
+        quoter: ExtractiveGenerator | None = None,
     ):
         self.settings = settings
         self.retrieval = retrieval
@@ -90,6 +95,8 @@ class ChatService:
         self.metrics = metrics
         self.adapters = adapters  # server.hotswap.service.AdapterService: loads the request's adapter version
         self.attributor = attributor  # None: citations come from the model's own [n] markers only
+        # quotes the passages when nothing a model wrote is supported (attribution.unsupported = "quote")
+        self.quoter = quoter
 
     # -- before generation -----------------------------------------------------------------------
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
@@ -272,10 +279,24 @@ class ChatService:
             attribution = _attribution_out(proof, prepared.answerability)
             text, numbers = proof.text, proof.cited
             claims = [s for s in proof.sentences if s.claim]
-            if claims and not any(s.supported for s in claims) and self.settings.attribution.unsupported == "decline":
-                # Nothing the model said stands on a passage: say so, and keep the draft for whoever wants to see it.
-                attribution = attribution.model_copy(update={"abstained": True, "draft": text, "text": ABSTENTION_ANSWER})
-                text, numbers = ABSTENTION_ANSWER, []
+            if claims and not any(s.supported for s in claims) and self.settings.attribution.unsupported != "flag":
+                # Nothing the model said stands on a passage. Quote the passages' best sentences when one
+                # supports the question ("quote"), else say the documents do not; the draft is kept either way.
+                draft = text
+                quoted = None
+                if self.settings.attribution.unsupported == "quote" and self.quoter is not None:
+                    quoted = await run_in_threadpool(self.quoter.quote, prepared.query, used)
+                if quoted:
+                    quote = QUOTE_HEADER + "".join(quoted)
+                    proof = await run_in_threadpool(self.attributor.attribute, quote, used, question=prepared.query,
+                                                    evidence=prepared.evidence)
+                    attribution = _attribution_out(proof, prepared.answerability).model_copy(
+                        update={"draft": draft, "quoted": True})
+                    text, numbers = proof.text, proof.cited
+                else:
+                    attribution = attribution.model_copy(
+                        update={"abstained": True, "draft": draft, "text": ABSTENTION_ANSWER})
+                    text, numbers = ABSTENTION_ANSWER, []
         if attribution is None or prepared.abstained:
             from server.citations import extract_citations
 

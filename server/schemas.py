@@ -76,9 +76,11 @@ class AttributionOut(BaseModel):
     supported: int = Field(description="sentences a passage supports")
     unsupported: int = Field(description="claims no retrieved passage supports")
     abstained: bool = Field(False, description="no passage answered the question, so the answer says so")
-    draft: str | None = Field(None, description="when the answer was declined after generation: what the model "
-                              "wrote, none of which a retrieved passage supports")
+    draft: str | None = Field(None, description="when the answer was declined or quoted after generation: what the "
+                              "model wrote, none of which a retrieved passage supports")
     answerability: float | None = Field(None, description="how well the best passage matches the question (0..1)")
+    quoted: bool = Field(False, description="nothing the model wrote was supported, so the answer quotes the passages' "
+                         "sentences that best match the question instead (the model's text is in ``draft``)")
 
 
 class ErrorDetail(BaseModel):

@@ -91,6 +91,7 @@ def build_services(
     from server.attribution.attributor import Attributor
     from server.catalog import ModelCatalog
     from server.chat_service import ChatService
+    from server.generation.extractive import ExtractiveGenerator
 
     services.generator = generator if generator is not None else _load_generator(settings)
     services.owns_generator = generator is None
@@ -105,6 +106,8 @@ def build_services(
         metrics=services.metrics, adapters=services.adapters,
         # answer sentences are compared with passage windows in the space the index was built in
         attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
+        # word overlap, as the extractive fallback: its quotes and abstention are measured (benchmarks/RESULTS.md)
+        quoter=ExtractiveGenerator(),
     )
     return services
 

@@ -122,9 +122,11 @@ class AttributionSettings(BaseModel):
     max_citations: int = Field(2, ge=1, description="markers per sentence at most")
     abstain_below: float = Field(0.45, ge=0, le=1, description="when no retrieved passage matches the question this "
                                  "well, answer that the documents do not say, without generating; 0 = never")
-    unsupported: Literal["decline", "flag"] = Field(
-        "decline", description="an answer none of whose claims a passage supports: 'decline' answers that the "
-        "documents do not say (the draft stays in attribution.draft); 'flag' returns it with its sentences flagged")
+    unsupported: Literal["quote", "decline", "flag"] = Field(
+        "quote", description="an answer none of whose claims a passage supports: 'quote' answers with the "
+        "passages' sentences that best match the question, cited, or declines when none matches well enough; "
+        "'decline' answers that the documents do not say; either way the draft stays in attribution.draft; "
+        "'flag' returns it with its sentences flagged")
 
 
 class ServerSettings(Settings):

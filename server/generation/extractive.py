@@ -134,18 +134,40 @@ class ExtractiveGenerator:
         candidates = _sentences(by_passage)
         if not candidates:
             return [NOTHING_FOUND]
-        sentences = [sentence for sentence, _ in candidates]
-        scores = self._scores(question, sentences)
-        ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i][1]))
-        # Quote only sentences that match nearly as well as the best one: padding the answer with
-        # weak matches (a title sharing one word with the question) reads as if they were relevant.
-        floor = max(scores) * self.relative_floor
-        chosen = [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
+        scores = self._scores(question, [sentence for sentence, _ in candidates])
+        chosen = self._chosen(candidates, scores)
         if not chosen:
             first_sentence, number = candidates[0]
             return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]
         if self._support(question, passages, by_passage, scores) < self.min_support:
             return [NOT_SUPPORTED]
+        return [HEADER, *self._quotes(passages, candidates, chosen)]
+
+    def quote(self, question: str, passages: Sequence[Passage]) -> list[str] | None:
+        """The passages' sentences that best answer ``question``, each with its [n], as pieces; None when no
+        sentence supports the question well enough to quote (the same bar as :meth:`answer_pieces`).
+
+        The chat service answers with these when nothing a model wrote stands on a passage
+        (``attribution.unsupported = "quote"``).
+        """
+        by_passage = _passage_sentences(passages)
+        candidates = _sentences(by_passage)
+        if not candidates:
+            return None
+        scores = self._scores(question, [sentence for sentence, _ in candidates])
+        chosen = self._chosen(candidates, scores)
+        if not chosen or self._support(question, passages, by_passage, scores) < self.min_support:
+            return None
+        return self._quotes(passages, candidates, chosen)
+
+    def _chosen(self, candidates: list[tuple[str, int]], scores: list[float]) -> list[int]:
+        ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i][1]))
+        # Quote only sentences that match nearly as well as the best one: padding the answer with
+        # weak matches (a title sharing one word with the question) reads as if they were relevant.
+        floor = max(scores) * self.relative_floor
+        return [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
+
+    def _quotes(self, passages: Sequence[Passage], candidates: list[tuple[str, int]], chosen: list[int]) -> list[str]:
         sources = [passages[candidates[i][1] - 1].chunk.source for i in chosen]
         names = _document_names(sources) if len(set(sources)) > 1 else {}
         quotes = []
@@ -153,7 +175,7 @@ class ExtractiveGenerator:
             sentence, number = candidates[i]
             attribution = f"According to {names[source]}: " if names else ""
             quotes.append(f"\n\n{attribution}{sentence} [{number}]")
-        return [HEADER, *quotes]
+        return quotes
 
     def support(self, question: str, passages: Sequence[Passage]) -> float:
         """How well the best sentence of ``passages`` supports the question; quoting needs ``support >= min_support``.
