@@ -34,7 +34,10 @@ VARIANTS = {
     "no-cite": ["--no-cite"],
     "oracle-always": ["--no-oracle-p", "0"],
     "no-distractors": ["--distractors", "0"],
+    # The base model's own answers to general questions of ANOTHER dataset mixed in (training/replay.py)
+    "replay": ["--replay", "{replay}", "--replay-share", "0.25"],
 }
+REPLAY_PROMPTS = 400
 
 
 def main() -> int:
@@ -54,6 +57,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", help="torch device for eval (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapter-modes-only", action="store_true",
+                        help="evaluate only adapter and rag+adapter (another run of the same split measures base and rag)")
     parser.add_argument("--attribution-off", action="store_true", help="also evaluate rag modes without attribution")
     args = parser.parse_args()
 
@@ -78,10 +83,11 @@ def main() -> int:
             _run(lorag, ["train", "--tenant", "raft", "--data", str(split["train"]), "--base", args.base,
                          "--name", name, "--with-retrieval", "--k", str(args.k), "--epochs", str(args.epochs),
                          "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-                         "--lr", str(args.lr), "--seed", str(args.seed), *steps, *VARIANTS[variant], *common])
+                         "--lr", str(args.lr), "--seed", str(args.seed), *steps,
+                         *(flag.format(replay=split["replay"]) for flag in VARIANTS[variant]), *common])
             timings[f"train_{variant}_s"] = time.perf_counter() - started
         # base and rag do not depend on the adapter: measured with the first variant only
-        modes = "base,rag,adapter,rag+adapter" if position == 0 else "adapter,rag+adapter"
+        modes = "base,rag,adapter,rag+adapter" if position == 0 and not args.adapter_modes_only else "adapter,rag+adapter"
         for attribution in ("on", "off") if args.attribution_off and position == 0 else ("on",):
             if attribution == "off":
                 modes = "rag,rag+adapter"  # attribution only changes the modes with passages
@@ -143,7 +149,12 @@ def _split(args) -> dict:
                     for q in unanswerable[: args.eval_questions]])
     eval_file = split_dir / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(row) + "\n" for row in eval_rows))
-    return {"train": train_file, "eval": eval_file, "ingest": [str(docs[name]) for name in sorted(train | held)],
+    # Replay prompts from the other dataset, so none is a question the adapter is evaluated on.
+    others = _hotpotqa(split_dir / "other-docs")[1] if args.dataset != "hotpotqa" else _covidqa(split_dir / "other-docs")[1]
+    rng.shuffle(others)
+    replay_file = split_dir / "replay.jsonl"
+    replay_file.write_text("".join(json.dumps({"question": q["question"]}) + "\n" for q in others[:REPLAY_PROMPTS]))
+    return {"train": train_file, "eval": eval_file, "replay": replay_file, "ingest": [str(docs[name]) for name in sorted(train | held)],
             "counts": {"train_docs": train, "held_out_docs": held, "absent_docs": absent, "trained": trained,
                        "eval": eval_rows}}
 
@@ -226,8 +237,9 @@ def _print(reports: dict, args, timings: dict) -> None:
                 print(f"    {mode:<12} {values}")
         general = results.get("general", {}).get("summary", {})
         if general:
-            print("  general ability: " + ", ".join(f"{mode} contains_gold {_fmt(s.get('contains_gold'))}"
-                                                   for mode, s in general.items()))
+            print("  general ability: " + "; ".join(
+                f"{mode} contains_gold {_fmt(s.get('contains_gold'))} f1 {_fmt(s.get('f1'))} em {_fmt(s.get('exact_match'))}"
+                for mode, s in general.items()))
     print("\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

@@ -1,5 +1,6 @@
-"""The main job end to end: ingest data/docs/ for tenant 'demo', serve, ask one question with the openai client,
-print the answer with its cited passages. Run ``python -m lorag.demo`` (``make demo``)."""
+"""The main job end to end: ingest data/docs/ for tenant 'demo', serve, train the tenant a small RAFT adapter (or
+reuse the one trained before), ask one question with the openai client with RAG alone and with RAG + the adapter,
+and print both answers with their cited passages. Run ``python -m lorag.demo`` (``make demo``)."""
 
 import argparse
 import logging
@@ -9,6 +10,7 @@ from pathlib import Path
 from core.errors import LoragError
 from core.settings import load_settings
 from lorag.cli import quiet_library_loggers
+from lorag.demo_adapter import demo_adapter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TENANT = "demo"
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default=str(REPO_ROOT / "data" / "docs"), help="folder to ingest (default data/docs/)")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--config", help="TOML settings file (env LORAG_CONFIG)")
+    parser.add_argument("--no-adapter", action="store_true", help="skip the tenant adapter: RAG alone")
+    parser.add_argument("--adapter-steps", type=int, help="optimizer steps for the demo adapter (default: 2 epochs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     quiet_library_loggers()
@@ -61,37 +65,82 @@ def run(args: argparse.Namespace) -> None:
     if may_use_packaged and not packaged_model_dir(generation.models_dir).exists():
         print("(the packaged model is converted the first time it is used: about a minute; later runs reuse it)")
     with serving(app) as base_url:
-        ask(base_url, key, args.question, settings)
+        ready = _ready(base_url)
+        print(describe_generator(ready, settings.generation))
+        print(f"server: {base_url}  generator: {ready['generator']}")
+        base = training_base(ready, settings.generation)
+        if base is None or args.no_adapter:
+            ask(base_url, key, args.question, model="lorag")
+            return
+        adapter = demo_adapter(settings, tenant=TENANT, base_model=base, retrieval=retrieval, steps=args.adapter_steps)
+        _wait_until_listed(base_url, key, adapter)
+        ask(base_url, key, args.question, model="base", label="RAG alone (the base model)")
+        ask(base_url, key, args.question, model=adapter, label=f"RAG + the tenant's adapter {adapter!r}")
 
 
-def ask(base_url: str, key: str, question: str, settings) -> None:
-    import httpx
+def training_base(ready: dict, generation) -> str | None:
+    """The base model to train the demo adapter on: the generative model the server runs, as settings name it
+    (``packaged`` when the packaged model stands in for the configured one); None for extractive answers."""
+    from models.packaged import PACKAGED, packaged_model_dir
+
+    if ready["generator_kind"] != "generative":
+        return None
+    if str(packaged_model_dir(generation.models_dir)) in (ready["generator"] or ""):
+        return PACKAGED
+    return generation.model
+
+
+def ask(base_url: str, key: str, question: str, *, model: str, label: str | None = None) -> None:
     from openai import OpenAI
-
-    ready = httpx.get(f"{base_url}/readyz").json()
-    print(describe_generator(ready, settings.generation))
-    print(f"server: {base_url}  generator: {ready['generator']}")
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key)
     completion = client.chat.completions.create(
-        model="lorag",
+        model=model,
         messages=[{"role": "user", "content": question}],
         max_tokens=200,
+        temperature=0,
         extra_body={"retrieval": {"k": 4}},
     )
     extra = completion.model_extra or {}
-    print(f"\nQ: {question}\nA: {completion.choices[0].message.content.strip()}\n")
+    heading = f"--- {label} ---\n" if label else ""
+    print(f"\n{heading}Q: {question}\nA: {completion.choices[0].message.content.strip()}\n")
+    proof = extra.get("attribution") or {}
+    if proof.get("quoted"):
+        print(f"(nothing the model wrote was supported by a passage, so the answer quotes them; the model wrote: "
+              f"{' '.join((proof.get('draft') or '').split())[:200]!r})")
     citations = extra.get("citations", [])
     if not citations:
         # A small model often answers without [n] markers; show what it was given, so the answer can be checked.
         print("(the answer cites no passage by [n]; the passages it was given:)")
     for citation in citations or extra.get("context", []):
         excerpt = " ".join(citation["text"].split())[:EXCERPT_CHARS]
-        label = f"[{citation['number']}]" if "number" in citation else "-"
-        print(f"{label} {citation['source']} page {citation['page']} (chars {citation['start']}-{citation['end']})")
+        label_n = f"[{citation['number']}]" if "number" in citation else "-"
+        print(f"{label_n} {citation['source']} page {citation['page']} (chars {citation['start']}-{citation['end']})")
         print(f"    {excerpt}...")
         print(f"    {base_url}{citation['url']}")
-    print(f"\ngenerator: {extra.get('generator')}  usage: {completion.usage}")
+    print(f"\nmodel: {model}  generator: {extra.get('generator')}  usage: {completion.usage}")
+
+
+def _ready(base_url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{base_url}/readyz").json()
+
+
+def _wait_until_listed(base_url: str, key: str, adapter: str, timeout_s: float = 60.0) -> None:
+    """The server picks up a new adapter directory on its next scan (adapters.poll_interval_s)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+        if any(card["id"] == adapter for card in models):
+            return
+        time.sleep(0.5)
+    raise LoragError(f"the server did not list adapter {adapter!r} within {timeout_s:.0f} s",
+                     hint="check adapters.poll_interval_s and the server log")
 
 
 def describe_generator(ready: dict, generation) -> str:

@@ -67,6 +67,11 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
                        help="passages retrieved for other questions mixed into each example")
     group.add_argument("--cite", action=argparse.BooleanOptionalAction, default=None, dest="raft_cite",
                        help="target answers cite the relevant passage's [n] (default on)")
+    group.add_argument("--replay", metavar="FILE", dest="replay_data",
+                       help="general prompts whose base-model answers are mixed in, so the adapter keeps what the base "
+                       "model does without documents")
+    group.add_argument("--replay-share", type=float, dest="replay_share",
+                       help="share of training examples replayed from --replay (default 0.25)")
     train.set_defaults(handler=run_train)
 
     adapters = subparsers.add_parser("adapters", parents=[common], help="list, show, delete or merge a tenant's adapters")
@@ -99,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
             "method", "rslora", "rank", "alpha", "dropout", "target_modules", "epochs", "max_steps", "lr",
             "warmup_ratio", "batch_size", "grad_accum", "max_seq_len", "precision", "packing",
             "gradient_checkpointing", "compile", "seed", "val_split", "eval_steps", "save_steps", "patience", "strict",
-            "with_retrieval", "k", "raft_no_oracle_p", "raft_distractors", "raft_cite",
+            "with_retrieval", "k", "raft_no_oracle_p", "raft_distractors", "raft_cite", "replay_data", "replay_share",
         )
     }
     flags["base_model"] = args.base

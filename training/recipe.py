@@ -8,6 +8,7 @@ optimizer, scheduler, RNG states and the position in the data order, so the loss
 import json
 import logging
 import math
+import random
 import signal
 import sys
 import threading
@@ -143,6 +144,8 @@ class LoraFinetuneRecipe:
         self.truncated = 0
         train_encoded = self._encode(train_examples, retrieval)
         val_encoded = self._encode(val_examples, retrieval)
+        if cfg.replay_data and train_encoded:
+            train_encoded += self._replayed(len(train_encoded))
         if not train_encoded:
             raise LoragError(f"training data file {str(data_file)!r}: no example keeps an answer token within --max-seq-len {cfg.max_seq_len}")
         if cfg.patience is not None and not val_encoded:
@@ -193,6 +196,23 @@ class LoraFinetuneRecipe:
             with self.peft_model.disable_adapter():
                 self.base_val_loss = self.evaluate()
 
+    def _replayed(self, train_count: int) -> list[Encoded]:
+        """The base model's answers to the replay prompts: ``replay_share`` of the mixed training set."""
+        import torch
+
+        from training.replay import load_prompts, replay_conversations
+
+        cfg = self.cfg
+        prompts = load_prompts(cfg.replay_data)
+        wanted = min(len(prompts), round(cfg.replay_share / (1 - cfg.replay_share) * train_count))
+        shuffled = random.Random(cfg.seed).sample(prompts, wanted)
+        device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+        conversations = replay_conversations(
+            shuffled, base_path=self.base_path, tokenizer=self.tokenizer, max_new_tokens=cfg.replay_max_tokens,
+            run_dir=self.run_dir, write_cache=self.accelerator.is_main_process, device=device,
+        )
+        return self._encoded(conversations)
+
     def _encode(self, examples, retrieval) -> list[Encoded]:
         cfg = self.cfg
         if cfg.with_retrieval and examples:
@@ -216,6 +236,11 @@ class LoraFinetuneRecipe:
             conversations = [
                 [*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}] for e in examples
             ]
+        return self._encoded(conversations)
+
+    def _encoded(self, conversations: list[list[dict]]) -> list[Encoded]:
+        """Chat-templated, label-masked token ids; examples with no answer token left within max_seq_len are dropped."""
+        cfg = self.cfg
         encoded, truncated = [], 0
         for conversation in conversations:
             item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len)

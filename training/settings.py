@@ -48,6 +48,11 @@ class TrainingSettings(BaseModel):
     raft_distractors: int = Field(2, ge=0, description="passages from other questions mixed in")
     raft_no_answer: str = Field(ABSTENTION_ANSWER, description="the answer when the oracle is left out: the "
                                 "server's own abstention, so a trained adapter declines in the words lorag uses")
+    replay_data: str | None = Field(None, description="general prompts (JSON/JSONL with 'question') whose base-model "
+                                    "answers are mixed into training so the adapter keeps what the base does without "
+                                    "documents (training.replay)")
+    replay_share: float = Field(0.25, ge=0, lt=1, description="share of training examples that are replayed answers")
+    replay_max_tokens: int = Field(128, ge=1, description="tokens per replayed answer; longer ones are left out")
     raft_cite: bool = Field(True, description="target answers cite the oracle passage's [n]")
 
     @property
