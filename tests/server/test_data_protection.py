@@ -143,3 +143,27 @@ def test_docs_page_loads_nothing_from_another_host(client):
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
     assert client.get("/redoc").status_code == 404  # FastAPI's ReDoc page loads from a CDN: not served
+
+
+def test_document_upload_quotas_count_and_bytes(corpus, extractive_generator):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(data_dir=corpus.data_dir, server={"admin_key": corpus.admin_key},
+                              quotas={"max_uploads": 1, "max_upload_bytes": 2 * len(SECRET)})
+    with TestClient(create_app(settings, retrieval=corpus.retrieval, generator=extractive_generator)) as client:
+        key = _new_tenant(client, corpus, "upsilon")
+        _upload(client, key, "vault.txt")
+        _upload(client, key, "vault.txt", body=SECRET.replace("4417", "5518"))  # a replacement is no new document
+        second = client.post("/v1/documents", headers=auth(key),
+                             files=[("files", ("second.txt", SECRET.encode(), "text/plain"))])
+        assert assert_error(second, 409)["code"] == "quota_exceeded"
+        assert "quotas.max_uploads" in second.json()["error"]["message"]
+        too_big = client.post("/v1/documents", headers=auth(key),
+                              files=[("files", ("vault.txt", (SECRET * 3).encode(), "text/plain"))])
+        assert assert_error(too_big, 413)["code"] == "quota_exceeded"
+        assert "quotas.max_upload_bytes" in too_big.json()["error"]["message"]
+        names = sorted(p.name for p in (corpus.data_dir / "tenants" / "upsilon" / "uploads").iterdir())
+        assert names == ["vault.txt"]
