@@ -422,7 +422,10 @@ def _clean_unreferenced_generations(directory: Path, store: ChunkStore) -> None:
             if stale or any(directory.glob(".vectors-*.tmp-*")):
                 log.warning("tenant %s: removing %d vector file(s) of old generations left by an interrupted "
                             "run", directory.parent.name, len(stale))
-                _delete_old_generations(directory, keep=current)
+                try:
+                    _delete_old_generations(directory, keep=current)
+                except OSError as error:  # readers never look at them: not worth refusing to open the index
+                    log.warning("tenant %s: cannot remove old vector files: %s", directory.parent.name, error)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
