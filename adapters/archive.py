@@ -1,7 +1,7 @@
 """Unpacks an uploaded adapter archive (.tar.gz / .tgz / .tar / .zip) without trusting it.
 
 Only the files an adapter dir holds are written (``ADAPTER_FILES``); any other member is skipped unread, so an
-archive cannot store arbitrary data on the server. Refused: absolute paths, '..', links and device files, more
+archive cannot store arbitrary data on the server (a pickle checkpoint is refused by name: lorag never loads one). Refused: absolute paths, '..', links and device files, more
 than ``MAX_MEMBERS`` entries, a file over its own limit, more than ``max_bytes`` unpacked in all, and a weights
 file whose size disagrees with its safetensors header (checked, with ``check_header``, before any weight byte is
 written). The adapter files may sit at the top or inside one top-level directory.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from adapters.peft_files import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
+from adapters.peft_files import CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_SUFFIXES, WEIGHTS_FILE
 from adapters.registry import InvalidAdapter
 
 MAX_MEMBERS = 64
@@ -66,6 +66,11 @@ def extract_adapter_archive(
         for member in members(archive, filename):
             if member.is_dir:
                 continue
+            if member.path.suffix.lower() in PICKLE_SUFFIXES:  # said plainly rather than skipped: it was meant
+                raise InvalidAdapter(
+                    f"adapter file {member.path.name!r} is a pickle-based checkpoint, which lorag never loads; "
+                    f"save the adapter as {WEIGHTS_FILE} (peft save_pretrained with safe_serialization=True)"
+                )
             if member.path.name not in ADAPTER_FILES:
                 continue  # not part of an adapter: never written
             limit = ADAPTER_FILES[member.path.name]
