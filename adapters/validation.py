@@ -90,10 +90,11 @@ def check_finite_weights(checked: CheckedAdapter) -> None:
     Raises:
         InvalidAdapter: a non-finite tensor, or an unreadable file.
     """
+    weights_path = checked.path / WEIGHTS_FILE
     try:
-        flat = read_flat(checked.path / WEIGHTS_FILE)
-    except InvalidSafetensors as error:
-        raise InvalidAdapter(f"adapter {checked.name!r}: {error}") from error
+        flat = read_flat(weights_path)
+    except InvalidSafetensors as error:  # named by file, not by the server's path (an upload's is a scratch dir)
+        raise InvalidAdapter(f"adapter {checked.name!r}: {str(error).replace(str(weights_path), WEIGHTS_FILE)}") from error
     bad = flat.first_non_finite()
     if bad is not None:
         raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {bad!r} has NaN or infinite values")

@@ -6,11 +6,11 @@ the old key is unloaded when its last request finishes.
 """
 
 import asyncio
-from collections.abc import Callable
 import re
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -506,7 +506,7 @@ class AdapterService:
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)
             raise
         if self.quotas is not None:
-            new_bytes = sum(tree_bytes(item) for item in source.iterdir() if item.is_file()) + sum(map(len, extra.values()))
+            new_bytes = tree_bytes(source) + sum(map(len, extra.values()))
             check_adapter_quota(self.quotas, self.data_dir, tenant, name, new_bytes=new_bytes)
         self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
         self.refresh()

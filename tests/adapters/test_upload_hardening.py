@@ -150,7 +150,7 @@ def test_sparse_gigabyte_members_are_never_written(server, adapter_sources, tmp_
         # A good adapter with a 1 GiB extra file: registered, the extra file is never written.
         archive = _sparse_tar(tmp_path / "extra", {"adapter_config.json": config, "adapter_model.safetensors": weights,
                                                    "lorag_adapter.json": (alpha / "lorag_adapter.json").read_bytes(),
-                                                   "junk.bin": (b"", GIB)})
+                                                   "junk.dat": (b"", GIB)})
         response, peak = _upload_watching_disk(client, keys["acme"], "with-extra", archive, data_dir)
         assert response.status_code == 201, response.text
         assert peak < 64 * 2**20, f"{peak} bytes were written for a 3-file adapter"
