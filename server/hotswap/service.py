@@ -141,6 +141,7 @@ class AdapterService:
         self.quotas = getattr(settings, "quotas", None)
         self.data_dir = settings.data_dir
         self.registry = AdapterRegistry(settings.data_dir)
+        self._register_lock = threading.Lock()
         self.host = host
         self.served = host.served_model() if host is not None else None
         self.metrics = AdapterMetrics(metrics.registry) if metrics is not None else None
@@ -505,10 +506,11 @@ class AdapterService:
             self._event("reject")
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)
             raise
-        if self.quotas is not None:
-            new_bytes = tree_bytes(source) + sum(map(len, extra.values()))
-            check_adapter_quota(self.quotas, self.data_dir, tenant, name, new_bytes=new_bytes)
-        self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
+        with self._register_lock:  # two uploads at once must not both fit into the last free quota
+            if self.quotas is not None:
+                new_bytes = tree_bytes(source) + sum(map(len, extra.values()))
+                check_adapter_quota(self.quotas, self.data_dir, tenant, name, new_bytes=new_bytes)
+            self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
         self.refresh()
         return self.view(tenant, name)
 
