@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.atomic import fsync_path
+from core.datadir import PRIVATE_DIR_MODE, make_private_dir, make_private_file
 from core.errors import Conflict, LoragError, NotFound
 from core.prompt import PROMPT_FORMAT
 
@@ -203,11 +204,12 @@ def write_adapter_dir(
         LoragError: ``fill`` did not write the adapter files.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(target.parent)
     if target.exists() and not overwrite:
         raise Conflict(f"adapter {str(target)!r} already exists", hint="Pick another --name or delete it first")
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp.mkdir(mode=PRIVATE_DIR_MODE)
+    os.chmod(tmp, PRIVATE_DIR_MODE)
     old = None
     try:
         fill(tmp)
@@ -216,6 +218,7 @@ def write_adapter_dir(
             raise LoragError(f"adapter {str(target)!r} is incomplete: {', '.join(missing)} not written")
         for path in tmp.rglob("*"):
             if path.is_file():
+                make_private_file(path)  # tenant data: owner-only, whatever wrote it (peft, shutil, matplotlib)
                 fsync_path(path)
         fsync_path(tmp)
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside first

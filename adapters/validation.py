@@ -84,6 +84,22 @@ def check_adapter_dir(
                           weights_stat)
 
 
+def check_finite_weights(checked: CheckedAdapter) -> None:
+    """Read the weights once and refuse NaN or infinity (a diverged training run), naming the tensor.
+
+    Raises:
+        InvalidAdapter: a non-finite tensor, or an unreadable file.
+    """
+    weights_path = checked.path / WEIGHTS_FILE
+    try:
+        flat = read_flat(weights_path)
+    except InvalidSafetensors as error:  # named by file, not by the server's path (an upload's is a scratch dir)
+        raise InvalidAdapter(f"adapter {checked.name!r}: {str(error).replace(str(weights_path), WEIGHTS_FILE)}") from error
+    bad = flat.first_non_finite()
+    if bad is not None:
+        raise InvalidAdapter(f"adapter {checked.name!r}: {WEIGHTS_FILE} tensor {bad!r} has NaN or infinite values")
+
+
 def read_host_adapter(checked: CheckedAdapter, *, pinned: bool = False, check_finite: bool = True) -> HostAdapter:
     """Read the weights of ``checked`` into CPU memory (one buffer, page-locked when ``pinned``), refusing
     files changed since validation and, with ``check_finite``, NaN/infinite weights (a generator that
@@ -189,6 +205,30 @@ def _check_tensors(name: str, weights_path: Path, served: ServedModel | None, ma
                       for key in handle.keys()}
     except Exception as error:  # noqa: BLE001 - any header error means the same: not a safetensors file
         raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} is not a readable safetensors file: {error}") from error
+    check_tensor_shapes(name, shapes, served, max_rank)
+
+
+def check_weights_header(name: str, header: dict, served: ServedModel | None, max_rank: int) -> None:
+    """The tensor checks of :func:`check_adapter_dir` from a raw safetensors header (an upload not yet written).
+
+    Raises:
+        InvalidAdapter: a tensor that is not a LoRA weight of the served model, or a malformed entry.
+    """
+    shapes = {}
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} tensor {key!r} has a malformed shape")
+        shapes[key] = (tuple(shape), spec.get("dtype"))
+    check_tensor_shapes(name, shapes, served, max_rank)
+
+
+def check_tensor_shapes(name: str, shapes: dict[str, tuple[tuple, str]], served: ServedModel | None,
+                        max_rank: int) -> None:
+    """Raises: InvalidAdapter unless every tensor is a float LoRA A (r, in) or B (out, r) of a served module."""
     if not shapes:
         raise InvalidAdapter(f"adapter {name!r}: {WEIGHTS_FILE} holds no tensors")
     pairs: dict[str, dict[str, tuple]] = {}

@@ -1,7 +1,8 @@
 """Turns the paths given to ``lorag ingest`` into the list of files to load, walking folders safely.
 
 Folders are walked recursively; symlinks are followed but each real directory and file is visited
-once, so symlink loops cannot hang the walk. Hidden and unsupported files are skipped with a note.
+once, so symlink loops cannot hang the walk. Hidden and unsupported files are skipped with a note; links that lead
+nowhere (a loop, a link to itself, a missing target) are reported naming the links.
 """
 
 import os
@@ -17,6 +18,7 @@ class Discovery:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason) worth one note each
     missing: list[Path] = field(default_factory=list)  # named on the command line but absent
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # folders whose listing failed, with why
+    broken_links: list[tuple[Path, str]] = field(default_factory=list)  # (link, the loop or missing target)
 
 
 def discover_files(paths: list[Path]) -> Discovery:
@@ -68,11 +70,41 @@ def _add_file(path: Path, found: Discovery, seen_files: set[str], *, named: bool
     if detect_format(path) is None:
         found.skipped.append((path, f"unsupported file type {path.suffix or '(no extension)'!r}"))
         return
-    if not path.is_file():  # dangling symlink, socket, fifo
-        found.skipped.append((path, "not a regular file (dangling link?)"))
+    if path.is_symlink() and not path.exists():
+        found.broken_links.append((path, describe_broken_link(path)))
+        return
+    if not path.is_file():  # socket, fifo, device
+        found.skipped.append((path, "not a regular file"))
         return
     real = os.path.realpath(path)
     if real in seen_files:
         return
     seen_files.add(real)
     found.files.append(path)
+
+
+MAX_LINK_HOPS = 40  # as the kernel's own limit on nested links
+
+
+def describe_broken_link(link: Path) -> str:
+    """Why following ``link`` reaches no file, naming each link on the way: "symbolic link loop: a.pdf -> b.pdf ->
+    a.pdf", "symbolic link to itself: a.pdf -> a.pdf" or "dangling symbolic link: a.pdf -> gone.pdf"."""
+    hops = [str(link.name)]
+    current = os.path.abspath(link)
+    visited = [current]
+    for _ in range(MAX_LINK_HOPS):
+        try:
+            target = os.readlink(current)
+        except OSError:  # not a link (a folder link on the way loops or is missing)
+            break
+        following = os.path.normpath(os.path.join(os.path.dirname(current), target))
+        hops.append(target)
+        if following == current:
+            return f"symbolic link to itself: {' -> '.join(hops)}"
+        if following in visited:
+            return f"symbolic link loop: {' -> '.join(hops)}"
+        if not os.path.lexists(following):
+            return f"dangling symbolic link: {' -> '.join(hops)} (no such file)"
+        visited.append(following)
+        current = following
+    return f"symbolic link that resolves to no file: {' -> '.join(hops)} (a loop through a linked folder?)"

@@ -5,8 +5,12 @@ so a mislabeled file fails with a clear reason instead of being indexed as garba
 """
 
 import hashlib
+import logging
 import re
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -147,9 +151,9 @@ def load_document(path: Path, *, settings: IngestSettings) -> LoadedDocument:
 def _check_content_matches(path: Path, fmt: str, head: bytes) -> None:
     is_pdf = b"%PDF-" in head[:1024]
     if fmt == "pdf" and not is_pdf:
-        looks_like = "HTML" if re.search(rb"<(!doctype\s+html|html|head|body)\b", head, re.I) else "not a PDF"
+        looks_like = " (looks like HTML)" if re.search(rb"<(!doctype\s+html|html|head|body)\b", head, re.I) else ""
         raise LoadError(
-            f"{path}: named .pdf but the content is {looks_like} (no %PDF- header)",
+            f"{path}: not a PDF{looks_like}: named .pdf but there is no %PDF- header",
             hint="Rename the file to its real type or export it as PDF again",
         )
     if fmt != "pdf" and is_pdf:
@@ -301,16 +305,52 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
 
     pypdf bounds decompression itself (LimitReachedError); the character limits bound what we keep.
     """
-    from pypdf import PdfReader
-    from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
-
     warnings: list[str] = []
+    with _pypdf_warnings_into(warnings, path):
+        return _load_pdf(path, settings=settings, warnings=warnings)
+
+
+@contextmanager
+def _pypdf_warnings_into(warnings: list[str], path: Path) -> Iterator[None]:
+    """pypdf logs what it repairs ("incorrect startxref", ...) without naming the file: collect this thread's
+    records into the document's warnings, each naming ``path``, instead of letting them reach the log bare."""
+    thread = threading.get_ident()
+
+    def capture(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        if record.levelno >= logging.WARNING:
+            warnings.append(f"{path}: pypdf: {record.getMessage()}")
+        return False
+
+    import pypdf  # noqa: F401 - imports its modules
+
+    # A logger's filters see only the records made on it, and pypdf logs on one logger per module (its __name__):
+    # each of them gets the filter.
+    loggers = [logging.getLogger(name) for name in list(sys.modules) if name == "pypdf" or name.startswith("pypdf.")]
+    for logger in loggers:
+        logger.addFilter(capture)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(capture)
+
+
+def _load_pdf(path: Path, *, settings: IngestSettings, warnings: list[str]) -> LoadedDocument:
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError, PdfReadError
+
     try:
         reader = PdfReader(path, strict=False)
         if reader.is_encrypted:
             try:
                 if not reader.decrypt(""):
-                    raise LoadError(f"{path}: encrypted PDF needs a password", hint="Save an unencrypted copy")
+                    raise LoadError(f"{path}: encrypted: a password is required",
+                                    hint="Save a copy without a password and ingest that")
+            except DependencyError as error:  # pypdf installed without its crypto extra
+                raise LoadError(f"{path}: encrypted with AES, which needs the 'cryptography' package",
+                                hint="pip install 'pypdf[crypto]'") from error
             except (FileNotDecryptedError, NotImplementedError) as error:
                 raise LoadError(f"{path}: encrypted PDF cannot be opened ({error})") from error
         page_count = len(reader.pages)

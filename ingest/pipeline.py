@@ -82,6 +82,8 @@ def ingest_paths(
         _note(report.add(FileOutcome(_display(path), "failed", reason)))
     for path, reason in found.skipped:
         _note(report.add(FileOutcome(_display(path), "skipped", reason)))
+    for path, reason in found.broken_links:  # a mistake in the folder worth fixing: a warning, not a note
+        _note(report.add(FileOutcome(_display(path), "skipped", reason)), level=logging.WARNING)
     if not found.files and not prune:  # nothing to add: create no index and load no model
         report.seconds = time.perf_counter() - started
         return report
@@ -379,13 +381,13 @@ def _open_existing(tenant: str, settings: Settings):
     )
 
 
-def _note(outcome: FileOutcome) -> None:
-    """One line per problem, naming the file: failures and warnings as warnings, skips as info."""
+def _note(outcome: FileOutcome, *, level: int = logging.INFO) -> None:
+    """One line per problem, naming the file: failures and warnings as warnings, skips at ``level``."""
     lines = [(logging.WARNING, warning) for warning in outcome.warnings]
     if outcome.status == "failed":
         lines.append((logging.WARNING, f"failed: {outcome.reason}"))
     elif outcome.status == "skipped":
-        lines.append((logging.INFO, f"skipped: {outcome.reason}"))
+        lines.append((level, f"skipped: {outcome.reason}"))
     elif outcome.status == "removed":
         lines.append((logging.INFO, f"removed: {outcome.reason}"))
     for level, message in lines:

@@ -30,7 +30,7 @@ from retrieval.keyword import KeywordIndex
 from core.atomic import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
 from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count
-from core.datadir import index_dir
+from core.datadir import PRIVATE_FILE_MODE, index_dir, make_private_dir, make_private_file
 from core.records import Chunk, DocumentRecord
 from retrieval.vector_store import FaissVectorStore
 
@@ -59,6 +59,8 @@ class TenantIndex:
         self._chunk_count = 0  # chunks of the loaded generation (vectors are per window, so not len(vectors))
         self._vectors = FaissVectorStore.empty(manifest.dimension, index_type=manifest.index_type)
         self._keyword: tuple[int, KeywordIndex] | None = None
+        self._identity = _dir_identity(self.directory)
+        _clean_unreferenced_generations(self.directory, self.store)
         self._load()
 
     @classmethod
@@ -117,6 +119,14 @@ class TenantIndex:
 
     def close(self) -> None:
         self.store.close()
+
+    def moved(self) -> bool:
+        """Whether the index directory was removed or replaced since this was opened (its tenant was removed
+        or quarantined): the caller must drop this instance, whose open files still show the old data."""
+        try:
+            return _dir_identity(self.directory) != self._identity
+        except OSError:
+            return True
 
     def refresh(self) -> bool:
         """Reload if another process committed since this one loaded; returns whether it reloaded."""
@@ -238,7 +248,7 @@ class IndexUpdate:
 
     def __init__(self, index: TenantIndex):
         self.index = index
-        self._lock_file = open(index.directory / LOCK_NAME, "a+b")
+        self._lock_file = open(_private_lock_file(index.directory), "a+b")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         try:
             self._writer = ChunkWriter(index.directory / STORE_NAME, tenant=index.tenant)
@@ -298,6 +308,8 @@ class IndexUpdate:
         try:
             removed = np.concatenate(self._removed) if self._removed else np.zeros(0, dtype=np.int64)
             if len(removed) == 0 and not self._added_ids:
+                # Nothing to commit, but a run killed between an earlier commit and its clean-up left files behind.
+                _delete_old_generations(index.directory, keep=self._writer.generation)
                 self.discard()
                 return
             vectors = self._base_vectors().copy()
@@ -312,6 +324,7 @@ class IndexUpdate:
             path = vectors_path(index.directory, generation)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             vectors.save(tmp)
+            make_private_file(tmp)
             os.replace(tmp, path)
             fsync_path(index.directory)
             chunk_count = self._writer.commit(generation)  # the commit point
@@ -362,8 +375,8 @@ class IndexUpdate:
 
 def _create(directory: Path, *, embedder_name: str, dimension: int, index_type: str) -> IndexManifest:
     FaissVectorStore.empty(dimension, index_type=index_type)  # validates index_type before anything is written
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_NAME, "a+b") as lock_file:
+    make_private_dir(directory)
+    with open(_private_lock_file(directory), "a+b") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # two processes creating the same tenant: one manifest wins
         manifest = read_manifest(directory)
         if manifest is None:
@@ -376,6 +389,45 @@ def _create(directory: Path, *, embedder_name: str, dimension: int, index_type: 
             )
             write_manifest(directory, manifest)  # last: an index without a manifest does not exist yet
     return manifest
+
+
+def _private_lock_file(directory: Path) -> Path:
+    path = directory / LOCK_NAME
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE_MODE))
+    return path
+
+
+def _dir_identity(directory: Path) -> tuple[int, int]:
+    stat = directory.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _clean_unreferenced_generations(directory: Path, store: ChunkStore) -> None:
+    """Delete vector files of generations SQLite no longer names (a kill after a commit, before its clean-up).
+
+    Only when no writer holds the lock: a writer mid-commit has written a file SQLite does not name yet.
+    """
+    try:
+        lock_file = open(_private_lock_file(directory), "a+b")
+    except OSError:  # a read-only data dir: leave the files, readers never look at them
+        return
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        try:
+            current = store.generation()
+            stale = [path for path in directory.glob("vectors-*.faiss") if path != vectors_path(directory, current)]
+            if stale or any(directory.glob(".vectors-*.tmp-*")):
+                log.warning("tenant %s: removing %d vector file(s) of old generations left by an interrupted "
+                            "run", directory.parent.name, len(stale))
+                try:
+                    _delete_old_generations(directory, keep=current)
+                except OSError as error:  # readers never look at them: not worth refusing to open the index
+                    log.warning("tenant %s: cannot remove old vector files: %s", directory.parent.name, error)
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _delete_old_generations(directory: Path, *, keep: int) -> None:

@@ -46,6 +46,10 @@ class RetrievalService:
         validate_tenant_name(tenant)
         with self._lock:
             index = self._indexes.get(tenant)
+            if index is not None and index.moved():  # the tenant was removed: never serve its old files
+                index.close()
+                del self._indexes[tenant]
+                index = None
             if index is None:
                 if not TenantIndex.exists(self.settings.data_dir, tenant):
                     return None

@@ -10,6 +10,7 @@ have no ``context`` column: readers treat every context as empty, and the next w
 """
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.datadir import PRIVATE_FILE_MODE
 from core.errors import LoragError
 from core.records import Chunk, DocumentRecord
 
@@ -77,6 +79,11 @@ def vector_count(chunk: Chunk) -> int:
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    # Created owner-only before SQLite opens it: its -wal and -shm files take the database file's mode.
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
+    except FileExistsError:
+        pass
     # WAL: readers see the last committed state and never wait for a writer.
     connection = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")

@@ -15,6 +15,7 @@ from server.error_handlers import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import MetricsMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
+from server.routes.docs import install_docs
 from server.services import build_services, close_services, new_services
 from server.settings import ServerSettings
 
@@ -53,6 +54,8 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs from local assets, not from a CDN
+        redoc_url=None,
         openapi_tags=[
             {"name": "chat", "description": "OpenAI-compatible chat completions with citations"},
             {"name": "retrieval", "description": "search without generation"},
@@ -67,6 +70,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     install_error_handlers(app)
     for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web):
         app.include_router(module.router)
+    install_docs(app)
     # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, max_json_bytes=settings.server.max_json_bytes

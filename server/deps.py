@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.errors import Forbidden, ServerBusy, Unauthorized
 from server.services import Services
+from server.settings import is_loopback
 from server.tenants import Principal, Tenant, hash_key
 
 TENANT_HEADER = "X-Lorag-Tenant"
@@ -80,11 +81,18 @@ def require_metrics_access(
 ) -> None:
     """Metrics carry every tenant's id and adapter names: with an admin key configured, only it may read them.
 
-    Without one (a loopback-only development server) they stay open, so a local Prometheus needs no setup.
-    Raises: Unauthorized without the key, Forbidden with any other key.
+    Without one they stay open only on a server bound to loopback (``server.host``), so a local Prometheus needs
+    no setup; a server reachable from other hosts refuses them until an admin key is set.
+    Raises: Unauthorized without the key, Forbidden with any other key or without an admin key off loopback.
     """
-    if get_services(request).settings.server.admin_hash() is not None:
+    http = get_services(request).settings.server
+    if http.admin_hash() is not None:
         require_admin(get_principal(request, credentials))
+    elif not is_loopback(http.host):
+        raise Forbidden(
+            f"/metrics names every tenant and adapter, so a server on {http.host!r} without an admin key does not "
+            "serve it", hint="set server.admin_key (env LORAG_SERVER__ADMIN_KEY) and scrape with that key",
+        )
 
 
 def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

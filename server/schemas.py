@@ -300,6 +300,13 @@ class TenantOut(BaseModel):
     created_at: str
 
 
+class TenantRemoved(TenantOut):
+    data: Literal["quarantined", "purged", "none"] = Field(
+        description="what became of the tenant's data: moved to <data_dir>/quarantine (the default), deleted "
+        "(?purge=true), or there was none"
+    )
+
+
 class TenantList(BaseModel):
     object: Literal["list"] = "list"
     data: list[TenantOut]

@@ -9,7 +9,8 @@ TENANT_EPILOG = """examples:
   lorag tenant add acme            create tenant 'acme' and print its API key (shown once)
   lorag tenant list
   lorag tenant rotate-key acme     replace acme's keys with a new one
-  lorag tenant remove acme         keys stop working; acme's indexes stay on disk
+  lorag tenant remove acme         keys stop working; acme's data moves to <data-dir>/quarantine
+  lorag tenant remove acme --purge keys stop working; acme's data is deleted
 """
 
 
@@ -51,8 +52,13 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     add.set_defaults(handler=run_tenant_add)
     listing = actions.add_parser("list", parents=[common], help="list tenants (never keys)")
     listing.set_defaults(handler=run_tenant_list)
-    remove = actions.add_parser("remove", parents=[common], help="remove a tenant; its data stays on disk")
+    remove = actions.add_parser(
+        "remove", parents=[common],
+        help="remove a tenant; its data moves to <data-dir>/quarantine (deleted with --purge)",
+    )
     remove.add_argument("name")
+    remove.add_argument("--purge", action="store_true",
+                        help="delete the tenant's index, uploads, adapters and training runs instead")
     remove.set_defaults(handler=run_tenant_remove)
     rotate = actions.add_parser("rotate-key", parents=[common], help="replace a tenant's keys with a new one")
     rotate.add_argument("name")
@@ -118,8 +124,13 @@ def run_tenant_list(args: argparse.Namespace) -> int:
 
 
 def run_tenant_remove(args: argparse.Namespace) -> int:
-    tenant = _registry(args).remove(args.name)
-    print(f"tenant {tenant.id} removed; its keys no longer work (indexes and adapters stay on disk)")
+    from server.tenant_lifecycle import remove_tenant
+
+    settings = _settings(args)
+    removed = remove_tenant(_registry(args), settings.data_dir, args.name, purge=args.purge)
+    data = {"purged": "its data was deleted", "none": "it had no data",
+            "quarantined": f"its data was moved to {removed.quarantined_to}"}[removed.data]
+    print(f"tenant {removed.id} removed; its keys no longer work and {data}")
     return 0
 
 

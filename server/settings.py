@@ -129,12 +129,22 @@ class AttributionSettings(BaseModel):
         "'flag' returns it with its sentences flagged")
 
 
+class QuotaSettings(BaseModel):
+    """What one tenant may store through the API; 0 switches a limit off. Over a count: 409, over bytes: 413."""
+
+    max_adapters: int = Field(32, ge=0, description="adapters per tenant")
+    max_adapter_bytes: int = Field(8 * 2**30, ge=0, description="bytes of all of a tenant's adapter dirs")
+    max_uploads: int = Field(1000, ge=0, description="uploaded documents per tenant")
+    max_upload_bytes: int = Field(2 * 2**30, ge=0, description="bytes of all of a tenant's uploaded documents")
+
+
 class ServerSettings(Settings):
     server: HTTPSettings = HTTPSettings()
     generation: GenerationSettings = GenerationSettings()
     adapters: AdapterSettings = AdapterSettings()
     attribution: AttributionSettings = AttributionSettings()
     ingest: IngestSettings = IngestSettings()  # limits for documents uploaded through the API
+    quotas: QuotaSettings = QuotaSettings()
 
     @model_validator(mode="after")
     def _models_live_in_the_data_dir(self) -> "ServerSettings":

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
 
-from core.datadir import tenant_dir
+from core.datadir import PRIVATE_FILE_MODE, make_private_dir, uploads_dir
 from core.errors import NotFound
 from ingest.loaders import EXTENSIONS, document_id_of
 from ingest.pipeline import ingest_paths, remove_sources
 from ingest.settings import ingest_settings_of
 from server.errors import InvalidRequest
+from server.quotas import check_upload_quota
 from server.schemas import UploadOutcome
 
 if TYPE_CHECKING:
@@ -44,10 +45,6 @@ CONTENT_TYPES = {
     "text": "text/plain; charset=utf-8",
     "html": "text/html; charset=utf-8",
 }
-
-
-def uploads_dir(data_dir: Path, tenant: str) -> Path:
-    return tenant_dir(data_dir, tenant) / "uploads"
 
 
 def sanitize_filename(name: str) -> str:
@@ -124,6 +121,7 @@ class DocumentUploads:
         staged: list[_Staged] = []
         taken: set[str] = set()
         async with self.batch:
+            await run_in_threadpool(self._check_quota, tenant, files)
             for upload in files:
                 item = await run_in_threadpool(_save, upload, directory, max_bytes=max_bytes, taken=taken)
                 if item.path is not None:
@@ -131,6 +129,17 @@ class DocumentUploads:
                 staged.append(item)
             await run_in_threadpool(self.ingest, tenant, staged)
         return [item.outcome for item in staged]
+
+    def _check_quota(self, tenant: str, files: Sequence[UploadFile]) -> None:
+        """Raises: QuotaCountExceeded / QuotaBytesExceeded before any file of the request is saved."""
+        names, new_bytes = [], 0
+        for upload in files:
+            try:
+                names.append(sanitize_filename(upload.filename or ""))
+            except InvalidRequest:
+                continue  # refused on its own later; it stores nothing
+            new_bytes += upload.file.seek(0, os.SEEK_END)
+        check_upload_quota(self.settings.quotas, self.settings.data_dir, tenant, names, new_bytes=new_bytes)
 
     async def delete(self, tenant: str, document_id: str) -> RemovedDocument:
         """Remove the document from the tenant's index; an uploaded original is deleted too.
@@ -216,12 +225,12 @@ def _save(upload: UploadFile, directory: Path, *, max_bytes: int, taken: set[str
     if name in taken:
         outcome.reason = f"file {name!r} appears twice in this upload"
         return _Staged(outcome)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)
     target = directory / name
     tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
     size = 0
     try:
-        with open(tmp, "wb") as handle:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE), "wb") as handle:
             upload.file.seek(0)
             while block := upload.file.read(_COPY_BLOCK):
                 size += len(block)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import fsync_path, write_atomically
+from core.datadir import make_private_dir
 from core.errors import LoragError
 
 KEEP_CHECKPOINTS = 2
@@ -62,10 +63,9 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) 
     import torch
 
     parent = Path(run_dir) / "checkpoints"
-    parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(parent)
     target = parent / f"step-{step:07d}"
-    tmp = parent / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = make_private_dir(parent / f".tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_adapter_weights(model, tmp, atomic=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import Conflict, LoragError
-from core.datadir import adapters_dir, tenant_dir
+from core.datadir import adapters_dir, make_private_dir, tenant_dir
 from core.prompt import PROMPT_FORMAT
 from models.locate import locate_model
 from adapters.manifest import (
@@ -189,7 +189,7 @@ class LoraFinetuneRecipe:
         if self.resume:
             self._restore(latest)
         elif self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.run_dir)  # tenant data: 0700 down from the tenant dir
             (self.run_dir / LOG_FILE).write_text("")
             checkpoints.write_json(self.run_dir / "run.json", self._run_identity())
         if self.base_val_loss is None and self.val_rows:

@@ -10,6 +10,7 @@ import re
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,9 +23,12 @@ from adapters.manifest import MANIFEST_FILE, AdapterManifest, LoraSpec, prompt_f
 from adapters.host import AdapterHost, HostAdapter
 from adapters.registry import AdapterDir, AdapterRegistry
 from server.hotswap.residency import Residency
-from adapters.validation import CheckedAdapter, check_adapter_dir, read_host_adapter
+from adapters.validation import (
+    CheckedAdapter, check_adapter_dir, check_finite_weights, check_weights_header, read_host_adapter,
+)
 from adapters.registry import InvalidAdapter, validate_adapter_name
 from server.errors import ServerBusy
+from server.quotas import check_adapter_quota, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +138,10 @@ class AdapterService:
         """``settings``: ServerSettings (data_dir, adapters). ``host``: the generator, or None when it cannot
         serve adapters (listing still works; loading is refused)."""
         self.settings = settings.adapters
+        self.quotas = getattr(settings, "quotas", None)
+        self.data_dir = settings.data_dir
         self.registry = AdapterRegistry(settings.data_dir)
+        self._register_lock = threading.Lock()
         self.host = host
         self.served = host.served_model() if host is not None else None
         self.metrics = AdapterMetrics(metrics.registry) if metrics is not None else None
@@ -462,6 +469,11 @@ class AdapterService:
         self.registry.remove(tenant, name)
         self.refresh()
 
+    def check_upload_header(self, name: str) -> Callable[[dict], None]:
+        """The check an upload's weights header must pass before its data is written (shapes for the served
+        model, ranks), as a callable for adapters.archive."""
+        return lambda header: check_weights_header(name, header, self.served, self.settings.max_rank)
+
     def check_can_register(self, name: str) -> None:
         """The checks that need no files: run them before receiving or unpacking an upload.
 
@@ -483,17 +495,22 @@ class AdapterService:
         self.check_can_register(name)
         try:
             checked = self._check(source, tenant=tenant, name=name)
-        except (TypeError, ValueError, AttributeError, re.error) as error:  # a malformed adapter_config.json
+            check_finite_weights(checked)  # refused now, not when a request first loads it
+            extra = {}
+            if checked.manifest is None:
+                extra[MANIFEST_FILE] = _manifest_for_plain(checked, self.served).model_dump_json(indent=2).encode()
+        except (TypeError, ValueError, AttributeError, re.error, RecursionError) as error:  # a malformed config
             self._event("reject")
-            raise InvalidAdapter(f"adapter {name!r}: malformed adapter_config.json ({error})") from error
+            raise InvalidAdapter(f"adapter {name!r}: malformed adapter_config.json ({_short(error)})") from error
         except LoragError as error:
             self._event("reject")
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)
             raise
-        extra = {}
-        if checked.manifest is None:
-            extra[MANIFEST_FILE] = _manifest_for_plain(checked, self.served).model_dump_json(indent=2).encode()
-        self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
+        with self._register_lock:  # two uploads at once must not both fit into the last free quota
+            if self.quotas is not None:
+                new_bytes = tree_bytes(source) + sum(map(len, extra.values()))
+                check_adapter_quota(self.quotas, self.data_dir, tenant, name, new_bytes=new_bytes)
+            self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
         self.refresh()
         return self.view(tenant, name)
 
@@ -525,6 +542,11 @@ def _manifest_for_plain(checked: CheckedAdapter, served) -> AdapterManifest:
                       use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora"))),
         hyperparameters={"registered_from": "plain peft directory"},
     )
+
+
+def _short(error: BaseException) -> str:
+    text = str(error)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _iso(timestamp: float | None) -> str | None:

@@ -131,10 +131,18 @@ async def vllm_unload_lora_adapter(body: UnloadLoraAdapter, tenant: CurrentTenan
 
 
 def _allowed_path(settings, path: str) -> Path:
-    """Raises: InvalidRequest for an unusable path; Forbidden unless it resolves inside adapters.allowed_paths."""
+    """Raises: InvalidRequest for an unusable path; Forbidden unless it resolves inside adapters.allowed_paths,
+    and always for a path inside the data directory (or holding it), whatever allowed_paths says: registering
+    from there would copy another tenant's adapter. Links are resolved first, so none leads around this."""
     if not path or "\x00" in path:
         raise InvalidRequest(f"adapter path {path!r} is empty or contains a NUL character")
     source = Path(path).expanduser().resolve()
+    data_dir = Path(settings.data_dir).expanduser().resolve()
+    if source == data_dir or source.is_relative_to(data_dir) or data_dir.is_relative_to(source):
+        raise Forbidden(
+            f"path {path!r} is inside the server's data directory, where no adapter may be registered from",
+            hint="upload the adapter as an archive instead",
+        )
     allowed = [Path(root).expanduser().resolve() for root in settings.adapters.allowed_paths]
     if not any(source == root or source.is_relative_to(root) for root in allowed):
         raise Forbidden(
@@ -155,6 +163,7 @@ def _register_upload(adapters: AdapterService, settings, tenant: str, name: str,
         unpacked = scratch / "unpacked"
         unpacked.mkdir()
         source = extract_adapter_archive(
-            archive, upload.filename or "upload", unpacked, max_bytes=settings.adapters.max_upload_bytes
+            archive, upload.filename or "upload", unpacked, max_bytes=settings.adapters.max_upload_bytes,
+            check_header=adapters.check_upload_header(name),
         )
         return adapters.register(tenant, name, source, overwrite=overwrite)

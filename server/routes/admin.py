@@ -2,11 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from server.deps import AdminPrincipal, AppServices
-from server.schemas import ErrorResponse, TenantCreate, TenantKey, TenantList, TenantOut
+from server.schemas import ErrorResponse, TenantCreate, TenantKey, TenantList, TenantOut, TenantRemoved
+from server.tenant_lifecycle import remove_tenant as remove_tenant_and_data
 from server.tenants import Tenant
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -39,7 +40,21 @@ async def rotate_key(tenant_id: TenantId, admin: AdminPrincipal, services: AppSe
     return TenantKey(tenant=tenant_out(services.registry.get(tenant_id)), api_key=key)
 
 
-@router.delete("/tenants/{tenant_id}", response_model=TenantOut, responses=_ERRORS)
-async def remove_tenant(tenant_id: TenantId, admin: AdminPrincipal, services: AppServices) -> TenantOut:
-    """Remove the tenant from the registry; its indexes and adapters stay on disk."""
-    return tenant_out(await run_in_threadpool(services.registry.remove, tenant_id))
+@router.delete("/tenants/{tenant_id}", response_model=TenantRemoved, responses=_ERRORS)
+async def remove_tenant(
+    tenant_id: TenantId,
+    admin: AdminPrincipal,
+    services: AppServices,
+    purge: Annotated[bool, Query(description="delete the tenant's data instead of quarantining it")] = False,
+) -> TenantRemoved:
+    """Remove the tenant: its keys stop working and its data (index, uploads, adapters, training runs) moves to
+    ``<data_dir>/quarantine``, or with ``purge=true`` is deleted. A tenant created later under the same id starts
+    empty. ``purge=true`` also deletes data left on disk by a tenant no longer registered."""
+    removed = await run_in_threadpool(
+        remove_tenant_and_data, services.registry, services.settings.data_dir, tenant_id, purge=purge
+    )
+    if services.adapters is not None:
+        await run_in_threadpool(services.adapters.refresh)  # retire its adapters now, not at the next poll
+    out = tenant_out(removed.tenant) if removed.tenant is not None else TenantOut(
+        id=tenant_id, keys=0, default_adapter=None, created_at="")
+    return TenantRemoved(**out.model_dump(), data=removed.data)

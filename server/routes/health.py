@@ -1,4 +1,5 @@
-"""Liveness and readiness (no auth, for orchestrators) and Prometheus metrics (the admin key, when one is set)."""
+"""Liveness and readiness (no auth, for orchestrators) and Prometheus metrics (the admin key, when one is set;
+without one, only on a loopback host)."""
 
 from fastapi import APIRouter, Depends, Response
 
@@ -36,5 +37,6 @@ def readyz(services: AppServices, response: Response) -> HealthStatus:
 )
 def metrics(services: AppServices) -> Response:
     """Prometheus text format: requests, latency, time to first token, retrieval time, tokens, per tenant and
-    adapter. Needs ``Authorization: Bearer <admin key>`` when ``server.admin_key`` is set."""
+    adapter. Needs ``Authorization: Bearer <admin key>`` when ``server.admin_key`` is set; without one it is
+    served only when ``server.host`` is loopback (403 otherwise), since its labels name every tenant and adapter."""
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)

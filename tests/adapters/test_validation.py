@@ -145,10 +145,10 @@ def test_unsafe_tar_members_are_refused(tmp_path, member, kind, reason):
 
 
 def test_clashing_tar_members_are_named_without_server_paths(tmp_path):
-    archive = _tar(tmp_path, [("d", b"x", "file"), ("d/e", b"y", "file")])
+    archive = _tar(tmp_path, [("loss.png", b"x", "file"), ("loss.png/loss.png", b"y", "file")])
     dest = tmp_path / "out"
     dest.mkdir()
-    with pytest.raises(InvalidAdapter, match="conflicting members at 'd'") as refused:
+    with pytest.raises(InvalidAdapter, match="conflicting members at 'loss.png'") as refused:
         extract_adapter_archive(archive, "upload.tar", dest, max_bytes=10**6)
     assert str(tmp_path) not in str(refused.value)
 

@@ -13,9 +13,11 @@ from tests.conftest import SAMPLE_DOCS
 SAMPLE_PDF = SAMPLE_DOCS / "specs" / "kestrel-tide-datasheet.pdf"
 
 
-def encrypted_pdf() -> bytes:
+def encrypted_pdf(*, user_password: str = "secret", algorithm: str | None = None) -> bytes:
+    """The sample PDF encrypted (RC4 by default, or ``algorithm`` such as "AES-256"); an empty ``user_password``
+    makes a file anyone may open, as many 'protected' PDFs are."""
     writer = PdfWriter(clone_from=PdfReader(SAMPLE_PDF))
-    writer.encrypt(user_password="secret", owner_password="owner")
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm=algorithm)
     return _bytes(writer)
 
 
@@ -51,10 +53,11 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     sample = SAMPLE_PDF.read_bytes()
     files = {
-        "encrypted.pdf": (encrypted_pdf(), "encrypted"),
+        "encrypted.pdf": (encrypted_pdf(), "encrypted: a password is required"),
+        "aes-password.pdf": (encrypted_pdf(algorithm="AES-256"), "encrypted: a password is required"),
         "truncated.pdf": (sample[: len(sample) // 3], "truncated"),
         "empty.md": (b"", "empty file"),
-        "mislabeled.pdf": (b"<!DOCTYPE html><html><body><p>not a pdf</p></body></html>", "HTML"),
+        "mislabeled.pdf": (b"<!DOCTYPE html><html><body><p>not a pdf</p></body></html>", "not a PDF (looks like HTML)"),
         "scanned.pdf": (image_only_pdf(), "OCR is not done"),
         "bomb.pdf": (bomb_pdf(), "safety limit"),
         "binary.txt": (b"\x00\x01\x02 binary \x00", "binary"),

@@ -82,7 +82,7 @@ def bad_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", ["encrypted.pdf", "truncated.pdf", "empty.md", "mislabeled.pdf", "scanned.pdf", "bomb.pdf", "binary.txt"]
+    "name", ["encrypted.pdf", "aes-password.pdf", "truncated.pdf", "empty.md", "mislabeled.pdf", "scanned.pdf", "bomb.pdf", "binary.txt"]
 )
 def test_bad_inputs_fail_with_a_clear_reason(bad_folder, name):
     folder, expected = bad_folder

@@ -188,7 +188,7 @@ def test_cli_exit_status_and_summary(tmp_path, data_dir, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "added            1" in out and "failed           1" in out
-    assert f"failed: {corpus / 'broken.pdf'}: named .pdf but the content is HTML" in out
+    assert f"failed: {corpus / 'broken.pdf'}: not a PDF (looks like HTML)" in out
     (corpus / "broken.pdf").unlink()
     assert main(["ingest", str(corpus), "--tenant", "cli", "--data-dir", str(data_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["unchanged"] == 1

@@ -170,3 +170,15 @@ def test_gpu_compiled_layers_give_the_eager_losses(memorise_file, data_dir, tiny
         settings = train_settings(data_dir, tiny_llama_path, max_steps=4, compile=compile_layers, dropout=0.0)
         runs[compile_layers] = train_adapter(settings, tenant="acme", data_file=memorise_file, name=f"c{compile_layers:d}").losses
     assert runs[True] == pytest.approx(runs[False], rel=2e-2)
+
+
+def test_trained_adapter_and_training_runs_are_owner_only(trained):
+    import stat
+
+    settings, result = trained
+    tenant = settings.data_dir / "tenants" / "acme"
+    directories = [tenant, result.adapter_dir, result.run_dir.parent]
+    assert all(d.is_dir() for d in directories)
+    assert {str(d): oct(stat.S_IMODE(d.stat().st_mode)) for d in directories} == {str(d): "0o700" for d in directories}
+    files = list(result.adapter_dir.iterdir())
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o600" for f in files}
