@@ -313,8 +313,18 @@ class TenantKey(BaseModel):
     api_key: str = Field(description="shown only once; store it now")
 
 
+class RemoteServerStatus(BaseModel):
+    """One vLLM server of generation.engine = "remote" (no tenant's adapter names: health needs no key)."""
+
+    server: str
+    up: bool | None = Field(None, description="None until lorag has heard from it")
+    adapters: int = Field(0, description="lorag adapters loaded on it")
+    model: str | None = None
+
+
 class HealthStatus(BaseModel):
     status: Literal["ok", "starting", "unavailable"]
     generator: str | None = None
     generator_kind: str | None = None
     retrieval: bool = False
+    remote: list[RemoteServerStatus] | None = None  # generation.engine = "remote" only
