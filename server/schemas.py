@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from core.records import Chunk, DocumentRecord, Passage, document_name
 
@@ -328,3 +328,10 @@ class HealthStatus(BaseModel):
     generator_kind: str | None = None
     retrieval: bool = False
     remote: list[RemoteServerStatus] | None = None  # generation.engine = "remote" only
+
+    @model_serializer(mode="wrap")
+    def _remote_only_when_remote(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("remote") is None:
+            data.pop("remote", None)  # local generators keep the health bodies they always had
+        return data

@@ -9,7 +9,7 @@ from server.schemas import HealthStatus, RemoteServerStatus
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=HealthStatus, response_model_exclude_none=True)
+@router.get("/healthz", response_model=HealthStatus)
 def healthz(services: AppServices) -> HealthStatus:
     """The process answers HTTP; with remote generation, which vLLM servers answered last time."""
     return HealthStatus(status="ok", remote=_remote(services))
