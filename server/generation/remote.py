@@ -255,6 +255,8 @@ async def _events(response: httpx.Response):
             error = event["error"]
             raise _StreamError(error.get("message", str(error)) if isinstance(error, dict) else str(error))
         yield event
+    # vLLM always ends with [DONE]; a body that stops before it was cut off (a crash, a proxy giving up)
+    raise _StreamError("the stream ended without its closing [DONE]")
 
 
 async def _first_token(events) -> list[dict]:

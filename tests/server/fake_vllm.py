@@ -27,6 +27,7 @@ vLLM forgets runtime adapters when it restarts; :meth:`FakeVllm.restart` does th
 the same port). The answer is deterministic: the first sentence of document [1] of the prompt, cited.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -57,17 +58,20 @@ class FakeState:
     loras: dict[str, str] = field(default_factory=dict)  # name -> path
     requests: list[dict] = field(default_factory=list)  # chat bodies received, in order
     fail_chat: list[int] = field(default_factory=list)  # statuses to answer the next chat requests with
+    stall_chat: list[float] = field(default_factory=list)  # seconds the next chat requests wait before answering
+    die_after_words: int | None = None  # a streamed answer breaks its connection after this many words (a crash)
 
 
 def build_app(state: FakeState) -> FastAPI:
     app = FastAPI()
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {state.api_key}":
-            return JSONResponse(content={"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
+    if state.api_key:  # as vLLM's AuthenticationMiddleware: /v1 paths need the key
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.url.path.startswith("/v1") and \
+                    request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return JSONResponse(content={"error": "Unauthorized"}, status_code=401)
+            return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -130,6 +134,8 @@ def build_app(state: FakeState) -> FastAPI:
         if model and model != state.base_model and model not in state.loras:
             return _error(f"The model `{model}` does not exist. Valid aliases: {state.base_model}.",
                           "NotFoundError", 404, param="model")
+        if state.stall_chat:
+            await asyncio.sleep(state.stall_chat.pop(0))
         if state.fail_chat:
             status = state.fail_chat.pop(0)
             return _error("EngineCore encountered an issue. See stack trace (above) for the root cause.",
@@ -144,8 +150,9 @@ def build_app(state: FakeState) -> FastAPI:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
                                  "finish_reason": finish}], "usage": usage}
         include_usage = (body.get("stream_options") or {}).get("include_usage")
-        return StreamingResponse(_chunks(ident, created, model, words, finish, usage if include_usage else None),
-                                 media_type="text/event-stream")
+        chunks = _chunks(ident, created, model, words, finish, usage if include_usage else None,
+                         die_after=state.die_after_words)
+        return StreamingResponse(chunks, media_type="text/event-stream")
 
     return app
 
@@ -164,7 +171,11 @@ def _answer(body: dict) -> tuple[list[str], str]:
     return (words[:limit], "length") if len(words) > limit else (words, "stop")
 
 
-async def _chunks(ident, created, model, words, finish, usage):
+class ServerCrashed(Exception):
+    """Raised inside a streamed answer: uvicorn drops the connection mid-body, as a dying vLLM process does."""
+
+
+async def _chunks(ident, created, model, words, finish, usage, *, die_after: int | None = None):
     def event(choices, **extra):
         payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": choices, **extra}
@@ -173,6 +184,8 @@ async def _chunks(ident, created, model, words, finish, usage):
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}])
     for index, word in enumerate(words):  # the finish reason rides on the last piece of text
+        if die_after is not None and index == die_after:
+            raise ServerCrashed(f"stopped after {die_after} words")
         last = index == len(words) - 1
         yield event([{"index": 0, "delta": {"content": word if index == 0 else " " + word}, "logprobs": None,
                       "finish_reason": finish if last else None, "token_ids": None}])

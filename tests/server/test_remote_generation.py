@@ -1,6 +1,7 @@
 """generation.engine = "remote": lorag's real server (real uvicorn, the official openai client, real retrieval
 and attribution) generating on fake vLLM servers that answer as vLLM 0.32 does (tests/server/fake_vllm.py)."""
 
+import json
 import logging
 import re
 import socket
@@ -179,6 +180,39 @@ def test_failover_to_another_server_on_5xx_and_dead_server(remote_data, tiny_lla
         metrics = httpx.get(f"{base_url}/metrics", headers=auth(ADMIN_KEY)).text
         assert f'lorag_remote_up{{server="{first.url}"}} 0.0' in metrics
         assert f'lorag_remote_up{{server="{second.url}"}} 1.0' in metrics
+
+
+def test_a_server_silent_past_the_timeout_is_replaced(remote_data, tiny_llama_path, fakes):
+    slow, fast = fakes
+    _, _, keys, _ = remote_data
+    slow.state.stall_chat = [3.0, 3.0]
+    with lorag(remote_data, tiny_llama_path, [slow.url, fast.url], remote_timeout_s=0.5) as (base_url, app):
+        for _ in range(2):  # one of the two starts on the silent server
+            assert "7741" in ask(base_url, keys["acme"]).choices[0].message.content
+        assert len(slow.state.requests) >= 1 and pool(app).failovers >= 1
+        assert pool(app).failures[(slow.url, "unreachable")] >= 1
+
+
+def test_a_server_dying_mid_answer_ends_the_stream_with_an_error_and_no_retry(remote_data, tiny_llama_path, fakes):
+    fake = fakes[0]
+    _, _, keys, _ = remote_data
+    fake.state.die_after_words = 3
+    with lorag(remote_data, tiny_llama_path, [fake.url, fakes[1].url]) as (base_url, _app):
+        body = {"model": "base", "stream": True, "messages": [{"role": "user", "content": QUESTION}]}
+        for _ in range(2):  # make sure one request started on the dying server
+            with httpx.stream("POST", f"{base_url}/v1/chat/completions", headers=auth(keys["acme"]), json=body,
+                              timeout=30) as response:
+                assert response.status_code == 200
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            if fake.state.requests and not fakes[1].state.requests:
+                break
+            fakes[1].state.requests.clear()
+        assert len(fake.state.requests) == 1 and fakes[1].state.requests == []  # text had streamed: no retry
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "remote_error" and "stopped mid-answer" in error["message"]
+        streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-2])
+        assert streamed == "The Heron launch"
 
 
 def test_no_server_answering_is_a_clean_503_and_failing_servers_a_502(remote_data, tiny_llama_path, fakes):
