@@ -214,6 +214,12 @@ class RemotePool:
             log.info("adapter %s loaded on vLLM server %s from %s", name, server.label, path)
             return
         self.count_failure(server, f"load_{response.status_code}")
+        if response.status_code in (404, 405) and not _unreadable(message):
+            # vLLM adds the route only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is set
+            raise RemoteFailed(
+                f"the vLLM server {server.label} does not offer {LOAD} ({response.status_code}: {message})",
+                hint="start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+            )
         if response.status_code == 404 or _unreadable(message):
             # vLLM hides paths in its messages; lorag names the one it sent, in the log only: tenants never see
             # server paths.

@@ -57,6 +57,7 @@ class FakeState:
     api_key: str | None = None
     loras: dict[str, str] = field(default_factory=dict)  # name -> path
     requests: list[dict] = field(default_factory=list)  # chat bodies received, in order
+    runtime_lora: bool = True  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: without it the load/unload routes do not exist
     fail_chat: list[int] = field(default_factory=list)  # statuses to answer the next chat requests with
     stall_chat: list[float] = field(default_factory=list)  # seconds the next chat requests wait before answering
     die_after_words: int | None = None  # a streamed answer breaks its connection after this many words (a crash)
@@ -90,6 +91,8 @@ def build_app(state: FakeState) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request):
+        if not state.runtime_lora:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
         name, path = body.get("lora_name"), body.get("lora_path")
         missing = next((field for field in ("lora_name", "lora_path") if field not in body), None)
@@ -118,6 +121,8 @@ def build_app(state: FakeState) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(request: Request):
+        if not state.runtime_lora:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         name = (await request.json()).get("lora_name")
         if not name:
             return _error("'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput", 400)

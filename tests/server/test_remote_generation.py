@@ -299,6 +299,7 @@ def test_startup_without_a_reachable_server_or_model_name_fails_clearly(tiny_lla
 
 def test_pushing_an_adapter_already_loaded_by_another_replica_and_refusals(remote_data, fakes):
     from core.errors import Conflict
+    from server.errors import RemoteFailed
     from server.generation.remote_pool import RemotePool
 
     fake = fakes[0]
@@ -311,6 +312,11 @@ def test_pushing_an_adapter_already_loaded_by_another_replica_and_refusals(remot
         replicas[0].unregister("acme:support@0123456789ab")
         replicas[1].unregister("acme:support@0123456789ab")  # vLLM's 404 "cannot be found": nothing left to do
         assert fake.state.loras == {}
+
+        fake.state.runtime_lora = False  # vLLM started without VLLM_ALLOW_RUNTIME_LORA_UPDATING
+        with pytest.raises(RemoteFailed, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            replicas[0].register("acme:support@0123456789ab", path)
+        fake.state.runtime_lora = True
 
         fake.state.max_lora_rank = 2  # vLLM refuses ranks over --max-lora-rank
         with pytest.raises(Conflict, match="LoRA rank 4 is greater than max_lora_rank 2"):
