@@ -46,11 +46,18 @@ class RemoteGenerator:
         self.tokenizer = tokenizer
         self.base_model = base_model
         self.name = f"remote:{base_model}"
-        self.context_tokens = context_tokens
+        self._context_tokens = context_tokens
         self._served = served
         self._data_dir = Path(data_dir).resolve()
         self._remote_data_dir = remote_data_dir
         self._clients: dict[int, httpx.AsyncClient] = {}  # one per event loop: an httpx client is bound to its loop
+
+    @property
+    def context_tokens(self) -> int:
+        """The configured context, capped by the smallest max_model_len a vLLM server reported (a server first
+        heard from after start-up may be the smaller one)."""
+        reported = [server.max_model_len for server in self.pool.servers if server.max_model_len]
+        return min([self._context_tokens, *reported])
 
     # ---- Generator -----------------------------------------------------------------------------
     async def start(self, request: GenerationRequest) -> GenerationStream:
@@ -63,8 +70,9 @@ class RemoteGenerator:
             RemoteFailed (502): every server that answered failed.
         """
         sampling = request.sampling
-        sampling.check(context_tokens=self.context_tokens, model=self.name)
-        prompt = await asyncio.to_thread(self._build_prompt, request, self.context_tokens - sampling.max_tokens)
+        context = self.context_tokens
+        sampling.check(context_tokens=context, model=self.name)
+        prompt = await asyncio.to_thread(self._build_prompt, request, context - sampling.max_tokens)
         model = self.base_model
         if request.adapter is not None:
             if request.adapter not in self.pool.adapters:
@@ -305,14 +313,13 @@ def load_remote_generator(settings, *, data_dir: Path, model_path: str) -> Remot
         pool.close()
         raise LoragError(f"cannot read the tokenizer and config of generation.model {model_path!r}: {error}",
                          hint="generation.model must name the base model the vLLM servers serve") from error
-    lengths = [s.max_model_len for s in pool.servers if s.max_model_len]
-    context = min([settings.max_context_tokens or served_context(model_path), *lengths])
+    context = settings.max_context_tokens or served_context(model_path)
     generator = RemoteGenerator(pool, tokenizer, base_model=base_model, served=served, context_tokens=context,
                                 data_dir=data_dir, remote_data_dir=settings.remote_adapter_dir)
     pool.start_polling(settings.remote_health_interval_s)
     up = [s.label for s in pool.servers if s.up]
     log.info("remote generation on %s (model %s, %d-token context); up: %s", ", ".join(settings.remote_url),
-             base_model, context, ", ".join(up) or "none")
+             base_model, generator.context_tokens, ", ".join(up) or "none")
     return generator
 
 

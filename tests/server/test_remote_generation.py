@@ -325,3 +325,17 @@ def test_pushing_an_adapter_already_loaded_by_another_replica_and_refusals(remot
     finally:
         for pool in replicas:
             pool.close()
+
+
+def test_the_servers_max_model_len_bounds_the_prompt(remote_data, tiny_llama_path):
+    fake = FakeVllm(BASE, max_model_len=300).start()
+    _, _, keys, _ = remote_data
+    try:
+        with lorag(remote_data, tiny_llama_path, [fake.url]) as (base_url, _app):
+            body = {"model": "base", "max_tokens": 300, "messages": [{"role": "user", "content": QUESTION}]}
+            response = httpx.post(f"{base_url}/v1/chat/completions", headers=auth(keys["acme"]), json=body)
+            error = assert_error(response, 400)
+            assert "300-token context of remote:tiny-llama" in error["message"]
+            assert fake.state.requests == []  # refused before it reached vLLM
+    finally:
+        fake.stop()
