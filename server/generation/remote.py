@@ -90,7 +90,7 @@ class RemoteGenerator:
         server, response, events, first = await self._open(body, adapter=request.adapter, request_id=request.request_id)
         info = PromptInfo(prompt_tokens=len(prompt.token_ids or ()), passages_used=tuple(prompt.passages),
                           dropped_passages=prompt.dropped)
-        stream = GenerationStream(prompt=info, deltas=None, extra={"remote": server.label})  # type: ignore[arg-type]
+        stream = GenerationStream(prompt=info, deltas=None)  # type: ignore[arg-type]  # set just below
         stream.deltas = self._deltas(stream, server, response, events, first)
         return stream
 
@@ -123,12 +123,14 @@ class RemoteGenerator:
                 failed.append(f"{server.label}: {error}")
                 continue
             return opened
-        reasons = "; ".join(failed + unreachable)
+        # The servers' addresses and answers go to the log only: clients learn what happened, not the topology.
+        log.error("request %s: no vLLM server answered it (%s)", request_id, "; ".join(failed + unreachable))
+        tried = len(failed) + len(unreachable)
         if failed:
-            raise RemoteFailed(f"every generation server failed the request ({reasons})",
-                               hint="retry later; the lorag server log has the details")
-        raise RemoteUnavailable(f"no generation server could be reached ({reasons})",
-                                hint="the vLLM servers in generation.remote_url are down; retry later")
+            raise RemoteFailed(f"every generation server failed the request ({len(failed)} of {tried} answered "
+                               "with an error)", hint="retry later; the lorag server log has the details")
+        raise RemoteUnavailable(f"no generation server could be reached ({tried} tried)",
+                                hint="retry later; the lorag server log has the details")
 
     async def _open_on(self, client: httpx.AsyncClient, server: VllmServer, body: dict, *, adapter: str | None):
         """One server: push the adapter if it lacks it, post, and read up to the first token.
@@ -187,8 +189,9 @@ class RemoteGenerator:
                         break
                     except (httpx.HTTPError, _StreamError) as error:
                         self.pool.count_failure(server, "stream")
-                        raise RemoteFailed(f"the generation server {server.label} stopped mid-answer: "
-                                           f"{_reason(error)}") from error
+                        log.error("vLLM server %s stopped mid-answer: %s", server.label, _reason(error))
+                        raise RemoteFailed("the generation server stopped mid-answer",
+                                           hint="retry; the lorag server log has the details") from error
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content") or ""

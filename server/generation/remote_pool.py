@@ -177,7 +177,9 @@ class RemotePool:
         if len(down) == len(self.servers):
             with self._lock:
                 self.adapters.pop(name, None)
-            raise RemoteUnavailable(f"no vLLM server could load adapter {_public(name)}: {'; '.join(down)}")
+            log.error("no vLLM server could load adapter %s: %s", name, "; ".join(down))
+            raise RemoteUnavailable(f"no generation server could be reached to load adapter {_public(name)}",
+                                    hint="retry later; the lorag server log has the details")
 
     def ensure(self, server: VllmServer, name: str) -> None:
         """Make sure ``server`` has ``name`` loaded (a server that was down or restarted gets it now)."""
@@ -216,8 +218,9 @@ class RemotePool:
         self.count_failure(server, f"load_{response.status_code}")
         if response.status_code in (404, 405) and not _unreadable(message):
             # vLLM adds the route only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is set
+            log.error("vLLM server %s has no %s (%d: %s)", server.label, LOAD, response.status_code, message)
             raise RemoteFailed(
-                f"the vLLM server {server.label} does not offer {LOAD} ({response.status_code}: {message})",
+                f"the generation server does not offer {LOAD}, so adapter {_public(name)} cannot be served",
                 hint="start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
             )
         if response.status_code == 404 or _unreadable(message):
@@ -235,11 +238,12 @@ class RemotePool:
             # vLLM 0.32 answers an adapter it will not run (rank, bias) with a 500 carrying PEFTHelper's reason
             raise Conflict(f"the generation server refuses adapter {_public(name)}: {message}",
                            hint="check vLLM's --max-lora-rank and the adapter's target modules")
+        log.error("vLLM server %s failed to load adapter %s (%d: %s)", server.label, name, response.status_code,
+                  message)
         if response.status_code in (401, 403):
-            raise RemoteFailed(f"the vLLM server {server.label} refused lorag's key "
-                               f"(generation.remote_api_key): {message}")
-        raise RemoteFailed(f"the vLLM server {server.label} failed to load adapter {_public(name)} "
-                           f"({response.status_code}): {message}")
+            raise RemoteFailed("the generation server refused lorag's key (generation.remote_api_key)")
+        raise RemoteFailed(f"the generation server failed to load adapter {_public(name)} ({response.status_code})",
+                           hint="the lorag server log has the details")
 
     def unregister(self, name: str) -> None:
         """``POST /v1/unload_lora_adapter`` everywhere; a server that lacks it or is down is fine (nothing to

@@ -236,6 +236,7 @@ def test_no_server_answering_is_a_clean_503_and_failing_servers_a_502(remote_dat
             assert raised.value.status_code == 503
             assert raised.value.body["code"] == "remote_unavailable"
             assert "could be reached" in raised.value.body["message"]
+            assert first.url not in raised.value.message and second.url not in raised.value.message  # log only
         ready = httpx.get(f"{base_url}/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
 
