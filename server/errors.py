@@ -15,6 +15,7 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    502: "server_error",
     503: "server_overloaded",
     504: "timeout_error",
 }
@@ -58,6 +59,20 @@ class ServerBusy(LoragError):
 class RequestTimeout(LoragError):
     http_status = 504
     code = "timeout"
+
+
+class RemoteUnavailable(LoragError):
+    """No configured generation server (generation.remote_url) could be reached."""
+
+    http_status = 503
+    code = "remote_unavailable"
+
+
+class RemoteFailed(LoragError):
+    """A generation server answered with an error lorag cannot pass on as the client's own mistake."""
+
+    http_status = 502
+    code = "remote_error"
 
 
 def error_body(status: int, message: str, *, error_type: str | None = None, param=None, code=None) -> dict:

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from core.records import Chunk, DocumentRecord, Passage, document_name
 
@@ -322,8 +322,25 @@ class TenantKey(BaseModel):
     api_key: str = Field(description="shown only once; store it now")
 
 
+class RemoteServerStatus(BaseModel):
+    """One vLLM server of generation.engine = "remote" (no tenant's adapter names: health needs no key)."""
+
+    server: str
+    up: bool | None = Field(None, description="None until lorag has heard from it")
+    adapters: int = Field(0, description="lorag adapters loaded on it")
+    model: str | None = None
+
+
 class HealthStatus(BaseModel):
     status: Literal["ok", "starting", "unavailable"]
     generator: str | None = None
     generator_kind: str | None = None
     retrieval: bool = False
+    remote: list[RemoteServerStatus] | None = None  # generation.engine = "remote" only
+
+    @model_serializer(mode="wrap")
+    def _remote_only_when_remote(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("remote") is None:
+            data.pop("remote", None)  # local generators keep the health bodies they always had
+        return data

@@ -34,8 +34,9 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--device", help="torch device for the model, e.g. cuda or cpu")
     serve.add_argument(
-        "--engine", choices=["auto", "engine", "transformers"],
-        help="generation path (generation.engine): auto = the multi-adapter engine for Llama/Qwen2 on CUDA",
+        "--engine", choices=["auto", "engine", "transformers", "remote"],
+        help="generation path (generation.engine): auto = the multi-adapter engine for Llama/Qwen2 on CUDA; "
+        "remote = the vLLM servers in generation.remote_url (env LORAG_GENERATION__REMOTE_URL)",
     )
     serve.set_defaults(handler=run_serve)
 

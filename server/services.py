@@ -97,6 +97,10 @@ def build_services(
     services.owns_generator = generator is None
     if announce and services.owns_generator:
         _announce(services.generator, settings)
+    if hasattr(services.generator, "remote_states"):
+        from server.generation.remote_metrics import RemoteCollector
+
+        services.metrics.registry.register(RemoteCollector(services.generator.pool))
     services.adapters = _start_adapters(settings, services.generator, services.metrics)
     services.catalog = ModelCatalog(
         settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
@@ -150,7 +154,7 @@ def _load_generator(settings: ServerSettings) -> Generator:
 
     # No embedder for the extractive fallback: embedding every candidate sentence costs seconds per request
     # on CPU (benchmarks/serve_load.py), and word overlap is enough to pick sentences to quote.
-    return load_generator(settings.generation, adapters=settings.adapters)
+    return load_generator(settings.generation, adapters=settings.adapters, data_dir=settings.data_dir)
 
 
 def _start_adapters(settings: ServerSettings, generator, metrics: Metrics) -> AdapterService:

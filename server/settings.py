@@ -5,11 +5,13 @@ the sections, e.g. ``LORAG_SERVER__PORT``, ``LORAG_SERVER__ADMIN_KEY``, ``LORAG_
 """
 
 import hashlib
+import json
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from ingest.settings import IngestSettings
 from core.settings import Settings
@@ -89,9 +91,54 @@ class GenerationSettings(BaseModel):
         "too), 'extractive' quotes passages without a model, 'error' refuses to start",
     )
     models_dir: Path | None = Field(None, description="where converted models are kept; None = <data_dir>/models")
-    engine: Literal["auto", "engine", "transformers"] = Field(
-        "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft"
+    engine: Literal["auto", "engine", "transformers", "remote"] = Field(
+        "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft; "
+        "remote: OpenAI-compatible vLLM servers (remote_url) generate, lorag keeps retrieval, prompts and citations",
     )
+    remote_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="engine = remote: base URLs of the vLLM servers (e.g. http://gpu1:8000), "
+        "one or several (a JSON list, or comma-separated in LORAG_GENERATION__REMOTE_URL); tried in turn on failure",
+    )
+    remote_api_key: SecretStr | None = Field(
+        None, description="the vLLM servers' --api-key (env LORAG_GENERATION__REMOTE_API_KEY)"
+    )
+    remote_model: str | None = Field(
+        None, description="the base model's name on the vLLM servers; None = the one their /v1/models lists"
+    )
+    remote_adapter_dir: str | None = Field(
+        None, description="lorag's data directory as the vLLM servers see it (the same shared storage mounted "
+        "elsewhere); None = the same path. Adapters are loaded by vLLM from there",
+    )
+    remote_timeout_s: float = Field(60.0, gt=0, description="a vLLM server silent this long (between tokens) fails")
+    remote_health_interval_s: float = Field(
+        10.0, ge=0, description="how often /v1/models of every vLLM server is polled (up/down, adapters to re-push)"
+    )
+
+    @field_validator("remote_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value):
+        if isinstance(value, str):  # env vars hold one string: a JSON list or "http://a:8000,http://b:8000"
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [part for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("remote_url")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        checked = []
+        for url in urls:
+            url = url.strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"generation.remote_url {url!r} is not an http(s) URL (e.g. http://gpu1:8000)")
+            checked.append(url.removesuffix("/v1"))
+        return checked
+
+    @model_validator(mode="after")
+    def _remote_needs_urls(self) -> "GenerationSettings":
+        if self.engine == "remote" and not self.remote_url:
+            raise ValueError('generation.engine is "remote" but generation.remote_url names no vLLM server; set '
+                             "LORAG_GENERATION__REMOTE_URL=http://host:8000 (several: comma-separated)")
+        return self
     repetition_penalty: float = Field(
         1.2, gt=0, le=10, description="default for requests that send none: generated tokens already in the answer "
         "are penalised (not the prompt's); 1.2 stopped SmolLM2-135M's loops (benchmarks/RESULTS.md); 1 = off",

