@@ -1,8 +1,10 @@
-"""Continuous batching over fixed cache rows: requests join between decode steps, leave when done.
+"""Continuous batching over a paged KV cache: requests join between decode steps, leave when done.
 
-Every step first retires cancelled requests, admits waiting ones into free rows, prefills up to a
-token budget of pending prompts in chunks, then runs one decode step for every request that has
-its prompt in the cache. The same logic runs on CPU (eager) and GPU (captured decode graphs).
+Every step first retires cancelled requests, admits waiting ones (a free decode row and the cache
+blocks the request can ever need, see block_pool), prefills up to a token budget of pending prompts in
+chunks, then runs one decode step for every request that has its prompt in the cache. A prompt whose
+first blocks are in the prefix cache starts after them. The same logic runs on CPU (eager) and GPU
+(captured decode graphs).
 """
 
 import itertools
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from core.errors import LoragError
-from server.engine.kv_cache import KVCache
+from server.engine.block_pool import block_keys
+from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
 from server.engine.sampling import row_generator, sample
 from server.engine.segments import segment_prompts, to_segments
@@ -45,6 +48,11 @@ class Sequence:
     # engine-side state
     row: int | None = None
     computed: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, tokens found in the prefix cache
+    blocks: list[int] = field(default_factory=list)  # block table: cache blocks of tokens 0, bs, 2 bs, ...
+    reserved: int = 0  # blocks promised by the pool, not taken yet
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    published: int = 0  # leading blocks registered in the prefix cache
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish: str | None = None
@@ -60,10 +68,10 @@ class Scheduler:
     def __init__(
         self,
         model,
-        cache: KVCache,
+        cache: PagedKVCache,
         adapters: AdapterSlots | None,
         *,
-        decode: Callable[[list[int], list[int], list[int]], torch.Tensor],
+        decode: Callable[[list[int], list[int], list[int], torch.Tensor], torch.Tensor],
         prefill_chunk: int = 1024,
         prefill_budget: int = 2048,
         prefill_pad: int = 1,
@@ -72,7 +80,11 @@ class Scheduler:
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.max_group = max_group  # prompts prefilled in one forward
+        self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
+        # Block table of every row (host side; all scratch where a row is free): rows' tables go to the
+        # device with each forward, so growing a sequence is a host write.
+        self.tables = torch.zeros(cache.rows, cache.max_blocks, dtype=torch.int32)
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._wake = threading.Condition()
@@ -94,6 +106,12 @@ class Scheduler:
                 f"request {seq.seq_id}: the prompt has {len(seq.prompt)} tokens, the engine's context is "
                 f"{self.cache.max_len} tokens", hint="shorten the prompt or raise the engine's max_len")
         seq.max_tokens = max(1, min(seq.max_tokens, room))
+        blocks = self.pool.capacity * self.pool.block_size
+        if len(seq.prompt) >= blocks:
+            raise LoragError(
+                f"request {seq.seq_id}: the prompt has {len(seq.prompt)} tokens, the engine's KV cache holds "
+                f"{blocks} tokens in all", hint="shorten the prompt or give the engine more KV cache blocks")
+        seq.max_tokens = min(seq.max_tokens, blocks - len(seq.prompt))
         seq.generator = row_generator(seq.seed, self.model.device)
         with self._wake:
             self._waiting.append(seq)
@@ -158,14 +176,54 @@ class Scheduler:
                 self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
+        """Waiting requests in order into free rows, while the pool can promise each the blocks it can ever
+        need (the head of the queue waits for blocks rather than being overtaken by shorter requests)."""
         with self._wake:
             for row, occupant in enumerate(self.rows):  # lowest rows first keeps decode batches small
                 if not self._waiting:
                     break
                 if occupant is None:
+                    if not self._claim_blocks(self._waiting[0]):
+                        break
                     seq = self._waiting.popleft()
                     seq.row = row
                     self.rows[row] = seq
+                    self.tables[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+
+    def _claim_blocks(self, seq: Sequence) -> bool:
+        """Share the prompt's cached leading blocks and reserve the rest; False (nothing taken) if they do not fit."""
+        pool = self.pool
+        if self.pool.prefix_cache and not seq.keys:
+            salt = self.adapters.cache_salt(seq.adapter_slot) if self.adapters is not None else b"base"
+            seq.keys = block_keys(seq.prompt, pool.block_size, salt)
+        # At least the prompt's last token is computed here: its logits give the first answer token.
+        cached = pool.lookup(seq.keys[: (len(seq.prompt) - 1) // pool.block_size])
+        need = pool.blocks_for(len(seq.prompt) + seq.max_tokens) - len(cached)
+        if need > pool.available - pool.evictable_among(cached):
+            return False
+        pool.share(cached)
+        pool.reserve(need)
+        seq.blocks, seq.reserved = list(cached), need
+        seq.computed = seq.cached = len(cached) * pool.block_size
+        seq.published = len(cached)
+        pool.stats.queried_tokens += len(seq.prompt)
+        pool.stats.hit_tokens += seq.cached
+        return True
+
+    def _grow(self, seq: Sequence, tokens: int) -> None:
+        """Give ``seq`` blocks for its first ``tokens`` tokens (from its reservation)."""
+        while len(seq.blocks) * self.pool.block_size < tokens:
+            block = self.pool.allocate()
+            seq.reserved -= 1
+            self.tables[seq.row, len(seq.blocks)] = block
+            seq.blocks.append(block)
+
+    def _publish(self, seq: Sequence) -> None:
+        """Register the prompt's blocks that are now full and computed in the prefix cache."""
+        full = min(seq.computed // self.pool.block_size, len(seq.keys))
+        for i in range(seq.published, full):
+            self.pool.register(seq.blocks[i], seq.keys[i])
+        seq.published = max(seq.published, full)
 
     def _prefill(self) -> None:
         """Prefill pending prompts within the step's token budget.
@@ -204,23 +262,26 @@ class Scheduler:
 
     def _padded(self, n: int) -> int:
         # Padding to a multiple keeps the set of shapes small (kernel choice is cached per shape);
-        # pad tokens sit at the scratch position, after every real one, so nothing attends to them.
+        # pad tokens (position -1) write to the scratch block, after every real one, so nothing attends to them.
         return -(-n // self.prefill_pad) * self.prefill_pad
 
     def _prefill_group(self, group: list[Sequence], width: int) -> int:
         """Whole prompts of ``group`` in one forward, (len(group), width) padded; returns tokens spent."""
         device = self.model.device
-        scratch = self.cache.scratch_position
+        for seq in group:
+            self._grow(seq, len(seq.prompt))
         tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in group]
-        positions = [list(range(len(s.prompt))) + [scratch] * (width - len(s.prompt)) for s in group]
+        positions = [list(range(len(s.prompt))) + [-1] * (width - len(s.prompt)) for s in group]
         segments = self._segments([len(s.prompt) for s in group], [s.adapter_slot for s in group], width=width)
+        tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
-            rows=torch.tensor([s.row for s in group], device=device), adapters=self.adapters, segments=segments,
+            block_tables=tables.to(device), adapters=self.adapters, segments=segments,
             logits_at=torch.tensor([len(s.prompt) - 1 for s in group], device=device), fresh=True,
         )
         for seq in group:
             seq.computed = len(seq.prompt)
+            self._publish(seq)
         for seq, token in zip(group, self._sample(group, logits)):
             self._accept(seq, token)
         return width * len(group)
@@ -229,15 +290,17 @@ class Scheduler:
         """The next ``n`` prompt tokens of ``seq``; returns tokens spent."""
         start = seq.computed
         padded = self._padded(n)
+        self._grow(seq, start + n)
         tokens = seq.prompt[start : start + n] + [0] * (padded - n)
-        positions = list(range(start, start + n)) + [self.cache.scratch_position] * (padded - n)
+        positions = list(range(start, start + n)) + [-1] * (padded - n)
         device = self.model.device
         logits = self.model.forward(
             torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
-            rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
+            block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
             segments=self._segments([n], [seq.adapter_slot], width=padded), logits_at=n - 1, fresh=start == 0,
         )
         seq.computed += n
+        self._publish(seq)
         if seq.computed == len(seq.prompt):
             self._accept(seq, self._sample([seq], logits)[0])
         return padded
@@ -253,12 +316,17 @@ class Scheduler:
         if not active:
             return
         n = max(s.row for s in active) + 1
-        tokens, positions, slots = [0] * n, [self.cache.scratch_position] * n, [0] * n
+        # Rows not decoding (free, or still prefilling) write to and read the scratch block: position 0 of an
+        # all-scratch table.
+        tokens, positions, slots = [0] * n, [0] * n, [0] * n
+        tables = torch.zeros(n, self.cache.max_blocks, dtype=torch.int32)
         for seq in active:
             tokens[seq.row] = seq.generated[-1]
             positions[seq.row] = len(seq.prompt) + len(seq.generated) - 1
             slots[seq.row] = seq.adapter_slot
-        logits = self.decode(tokens, positions, slots)  # (>= n, vocab)
+            self._grow(seq, positions[seq.row] + 1)
+            tables[seq.row] = self.tables[seq.row]
+        logits = self.decode(tokens, positions, slots, tables)  # (>= n, vocab)
         if all(s.temperature == 0 and s.repetition_penalty == 1.0 for s in active):  # plain greedy: no gather
             chosen = logits.argmax(dim=-1).tolist()
             picked = [chosen[s.row] for s in active]
@@ -287,6 +355,10 @@ class Scheduler:
         seq.finish = reason
         if seq.row is not None and self.rows[seq.row] is seq:
             self.rows[seq.row] = None
+            self.tables[seq.row].zero_()
+            self.pool.release(seq.blocks)
+            self.pool.unreserve(seq.reserved)
+            seq.blocks, seq.reserved = [], 0
         if self.adapters is not None:
             self.adapters.release(seq.adapter_slot)
         seq.adapter_slot = 0

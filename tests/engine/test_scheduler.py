@@ -48,6 +48,7 @@ def test_more_requests_than_rows_queue_and_match(engine, reference):
 def test_chunked_prefill_gives_identical_tokens(engine):
     prompt = prompt_of(7, 70)
     expected = _alone(engine, prompt, "beta")
+    engine.cache.pool.clear_prefixes()  # the prompt is prefilled from its first token, chunk by chunk
     chunked = Scheduler(engine.model, engine.cache, engine.adapters,
                         decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=9, prefill_budget=20)
     seq, collector = make_sequence(engine, prompt, adapter="beta", max_tokens=12)
