@@ -58,7 +58,14 @@ class Engine:
         device = torch.device(device)
         max_len = min(config.max_len, hf_model.config.max_position_embeddings)
         model = EngineModel.from_hf(hf_model, cache_len=max_len, dtype=dtype, device=device)
-        shape = model.shape
+        return cls.from_model(model, config=config, start=start)
+
+    @classmethod
+    def from_model(cls, model: EngineModel, *, config: EngineConfig, start: bool = True) -> "Engine":
+        """Build the cache, adapter slots, decode step and scheduler around ``model`` (whose transformers
+        original may be gone: the KV cache is sized from the GPU memory free now)."""
+        device, dtype, shape = model.device, model.dtype, model.shape
+        max_len = min(config.max_len, shape.max_positions, model.cos.shape[0])
         adapters = AdapterSlots(layers=shape.layers, dims=shape.lora_dims(), num_slots=config.adapter_slots,
                                 max_rank=config.max_rank, dtype=dtype, device=device)
         model.stack_adapters(adapters)

@@ -7,9 +7,9 @@ Three ways in, chosen per forward (see :func:`cache_access`):
 - everything else (prompt chunks after cached tokens, CPU decode): the torch reference, which gathers
   the rows' blocks into contiguous keys and runs SDPA with a mask. It is also the kernel's test oracle.
 
-PyTorch's FlexAttention and varlen SDPA were the other candidates: neither reads a block table in a
-decode step without first materialising each row's keys (FlexAttention's paged path needs a
-BlockMask rebuilt per step, which a captured CUDA graph cannot do), so the decode step runs its own kernel.
+benchmarks/paged_attention_bench.py times the kernel against the gathering reference and against what the
+contiguous cache did (SDPA over every row's whole allocation). PyTorch's FlexAttention and varlen SDPA, the
+other candidates, are not measured there yet.
 """
 
 from dataclasses import dataclass
@@ -66,7 +66,7 @@ if triton is not None:
 
 
 def paged_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
-                 lengths: torch.Tensor) -> torch.Tensor:
+                 lengths: torch.Tensor, *, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """One query token per row: q (rows, heads, head_dim) against the first ``lengths[row]`` cached tokens of
     the row's blocks; cache (num_blocks, block_size, kv_heads, head_dim). Returns (rows, heads, head_dim)."""
     rows, heads, head_dim = q.shape
@@ -77,8 +77,8 @@ def paged_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, 
     _paged_decode_kernel[(rows, kv_heads)](
         q, cache_k, cache_v, block_tables, lengths, out, q.stride(0), q.stride(1), cache_k.stride(0),
         cache_k.stride(1), cache_k.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), head_dim**-0.5,
-        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BS=block_size, BLOCK_N=64,
-        IEEE=q.dtype == torch.float32,
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BS=block_size, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
     return out
 
