@@ -114,19 +114,19 @@ def kv_blocks(config: EngineConfig, *, max_len: int, device: torch.device, block
     """How many KV cache blocks to allocate (see EngineConfig.kv_blocks), scratch block included.
 
     Raises:
-        ValueError: the configured or free memory holds fewer blocks than one sequence of max_len needs.
+        ValueError: the free GPU memory holds fewer blocks than one sequence of max_len needs.
     """
     per_sequence = -(-max_len // config.block_size)
     most = 2 * config.max_rows * per_sequence + 1
     if config.kv_blocks is not None:
-        blocks = config.kv_blocks
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        blocks = min(most, int((free - config.kv_headroom_gib * 2**30) // block_bytes))
-    else:
-        blocks = config.max_rows * per_sequence + 1
+        return config.kv_blocks  # as asked: a request longer than the cache is refused at submit
+    if device.type != "cuda":
+        return config.max_rows * per_sequence + 1
+    free, _ = torch.cuda.mem_get_info(device)
+    blocks = min(most, int((free - config.kv_headroom_gib * 2**30) // block_bytes))
     if blocks < per_sequence + 1:
-        raise ValueError(f"engine KV cache: {blocks} blocks of {config.block_size} tokens do not hold one request of "
-                         f"max_len {max_len} ({per_sequence + 1} blocks with scratch); lower max_len or kv_headroom_gib, "
-                         f"or free GPU memory")
+        raise ValueError(f"engine KV cache: the free GPU memory ({free / 2**30:.1f} GiB, less kv_headroom_gib "
+                         f"{config.kv_headroom_gib:g}) holds {max(blocks, 0)} blocks of {config.block_size} tokens, "
+                         f"fewer than one request of max_len {max_len} needs ({per_sequence + 1} with scratch); "
+                         f"lower max_len or kv_headroom_gib, or free GPU memory")
     return blocks
