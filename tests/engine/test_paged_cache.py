@@ -116,19 +116,25 @@ def test_shared_prefix_is_prefilled_once_and_gives_the_same_tokens(arch_setup, r
     scheduler.submit(first)
     for _ in range(3):
         scheduler.step()
+    third_prompt = system + prompt_of(33, 5)
     second, second_out = make_sequence(engine, second_prompt, adapter="beta", max_tokens=10)
+    third, third_out = make_sequence(engine, third_prompt, adapter="beta", max_tokens=10)
     scheduler.submit(second)
+    scheduler.submit(third)
     scheduler.step()
-    assert second.cached == 24 and second.blocks[:3] == first.blocks[:3]  # taken by reference while both run
+    assert second.cached == third.cached == 24  # taken by reference while all three run
+    assert second.blocks[:3] == third.blocks[:3] == first.blocks[:3]
+    assert second.computed == len(second_prompt) and third.computed == len(third_prompt)  # one forward for both rests
     other, other_out = make_sequence(engine, second_prompt, adapter="alpha", max_tokens=10)
     scheduler.submit(other)
     scheduler.step()
     assert other.cached == 0  # another adapter: its keys and values differ
-    run_until_done(scheduler, [first_out, second_out, other_out])
+    run_until_done(scheduler, [first_out, second_out, third_out, other_out])
     assert first_out.tokens == reference(first_prompt, "beta", 10)
     assert second_out.tokens == reference(second_prompt, "beta", 10)
+    assert third_out.tokens == reference(third_prompt, "beta", 10)
     assert other_out.tokens == reference(second_prompt, "alpha", 10)
-    assert pool.stats.hit_tokens == 24 and pool.used == 0 and pool.cached > 0
+    assert pool.stats.hit_tokens == 48 and pool.used == 0 and pool.cached > 0
 
 
 def test_cached_prefix_is_evicted_when_its_blocks_are_needed(arch_setup, reference):
