@@ -96,6 +96,8 @@ def build_services(
     services.owns_generator = generator is None
     if announce and services.owns_generator:
         _announce(services.generator, settings)
+    if hasattr(services.generator, "kv_cache_stats"):  # the multi-adapter engine
+        services.metrics.watch_engine(services.generator.kv_cache_stats)
     services.adapters = _start_adapters(settings, services.generator, services.metrics)
     services.catalog = ModelCatalog(
         settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
