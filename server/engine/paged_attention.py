@@ -66,10 +66,18 @@ if triton is not None:
 
 
 def paged_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
-                 lengths: torch.Tensor, *, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                 lengths: torch.Tensor, *, block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """One query token per row: q (rows, heads, head_dim) against the first ``lengths[row]`` cached tokens of
-    the row's blocks; cache (num_blocks, block_size, kv_heads, head_dim). Returns (rows, heads, head_dim)."""
+    the row's blocks; cache (num_blocks, block_size, kv_heads, head_dim). Returns (rows, heads, head_dim).
+
+    ``block_n`` tokens per tile and ``num_warps`` default to what benchmarks/paged_attention_bench.py
+    measured fastest at the 8B shape: 128 and 8 for a lone row (a handful of programs: wider tiles keep each
+    busier; 35 us against 49 us), 64 and 4 from 64 rows up (4.2-4.3 TB/s).
+    """
     rows, heads, head_dim = q.shape
+    few = rows <= 8
+    block_n = block_n or (128 if few else 64)
+    num_warps = num_warps or (8 if few else 4)
     _, block_size, kv_heads, _ = cache_k.shape
     group = heads // kv_heads
     q = q.contiguous()

@@ -13,14 +13,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (14, 2, 64), (8, 8, 32)],
                          ids=["group2", "group7", "no-group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
-def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("block_n", [32, None], ids=["tile32", "default-tile"])
+def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dtype, block_n):
     gen = torch.Generator().manual_seed(heads + head_dim)
     block_size, num_blocks, max_blocks = 4, 40, 12
     cache_k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
     cache_v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
     # Row 0: one token (scratch-like); row 1: 3 blocks and a token, shuffled; row 2 shares row 1's first two
-    # blocks (a cached prefix) and has 70 tokens in its own, spanning more than one 64-token kernel tile;
-    # row 3: exactly two full blocks.
+    # blocks (a cached prefix), 46 tokens in all (two 32-token tiles); row 3: exactly two full blocks.
     tables = torch.zeros(4, max_blocks, dtype=torch.int32)
     tables[1, :4] = torch.tensor([17, 3, 29, 8])
     tables[2, :2] = tables[1, :2]
@@ -38,7 +38,7 @@ def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dt
         if kernel:  # the kernel path is the one decode steps on CUDA take; here it is forced on any device
             ck[access.write_block, access.write_offset] = k_new
             cv[access.write_block, access.write_offset] = v_new
-            return paged_decode(q[:, 0], ck, cv, access.block_tables, access.lengths)[:, None], ck
+            return paged_decode(q[:, 0], ck, cv, access.block_tables, access.lengths, block_n=block_n)[:, None], ck
         return attend_cache(q, k_new, v_new, ck, cv, access), ck
 
     got, got_cache = run(kernel=True)
