@@ -163,3 +163,19 @@ def test_prompt_larger_than_the_whole_cache_is_refused_with_its_size(arch_setup)
     seq, _ = make_sequence(engine, prompt_of(50, 40), max_tokens=4)
     with pytest.raises(LoragError, match="40 tokens, the engine's KV cache holds 32 tokens"):
         engine.scheduler.submit(seq)
+
+
+def test_cache_is_sized_from_free_gpu_memory_less_headroom(monkeypatch):
+    from server.engine.engine import EngineConfig, kv_blocks
+
+    # The free-memory query is the hardware's answer; on a CPU-only machine it is given here.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda")
+    block = 2**20  # 1 MiB a block
+    config = EngineConfig(max_rows=1000, max_len=4096, block_size=16, kv_headroom_gib=8)
+    assert kv_blocks(config, max_len=4096, device=cuda, block_bytes=block) == 12 * 1024  # (20 - 8) GiB of blocks
+    few_rows = EngineConfig(max_rows=2, max_len=4096, block_size=16)
+    assert kv_blocks(few_rows, max_len=4096, device=cuda, block_bytes=block) == 2 * 2 * 256 + 1  # no use for more
+    assert kv_blocks(few_rows, max_len=4096, device=torch.device("cpu"), block_bytes=block) == 2 * 256 + 1
+    with pytest.raises(ValueError, match="free GPU memory .*20.0 GiB.* fewer than one request of max_len 4096"):
+        kv_blocks(EngineConfig(max_rows=8, kv_headroom_gib=19.9), max_len=4096, device=cuda, block_bytes=block)
