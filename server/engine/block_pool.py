@@ -7,10 +7,9 @@ the blocks themselves are taken one at a time as the sequence grows.
 """
 
 import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-
-import numpy as np
 
 SCRATCH_BLOCK = 0  # never allocated: idle decode rows and prompt padding write there
 
@@ -35,7 +34,7 @@ def block_keys(tokens: list[int], block_size: int, salt: bytes) -> list[bytes]:
     """
     keys, previous = [], salt
     for end in range(block_size, len(tokens) + 1, block_size):
-        digest = hashlib.blake2b(np.asarray(tokens[end - block_size : end], dtype=np.int64).tobytes(),
+        digest = hashlib.blake2b(array("q", tokens[end - block_size : end]).tobytes(),
                                  digest_size=16, key=previous[:64])
         previous = digest.digest()
         keys.append(previous)

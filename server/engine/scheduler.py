@@ -193,7 +193,7 @@ class Scheduler:
     def _claim_blocks(self, seq: Sequence) -> bool:
         """Share the prompt's cached leading blocks and reserve the rest; False (nothing taken) if they do not fit."""
         pool = self.pool
-        if self.pool.prefix_cache and not seq.keys:
+        if pool.prefix_cache and not seq.keys:
             salt = self.adapters.cache_salt(seq.adapter_slot) if self.adapters is not None else b"base"
             seq.keys = block_keys(seq.prompt, pool.block_size, salt)
         # At least the prompt's last token is computed here: its logits give the first answer token.
@@ -232,9 +232,10 @@ class Scheduler:
         longest; causal attention keeps the padding after every real token), one such group per
         step: a forward costs the host about the same dispatch time whatever its size (10-30 ms on
         an H100 host for a 0.5B model), so a prompt that does not fit this step's group joins the
-        next step's rather than paying for a forward of its own. Longer prompts and continuations
-        (after a cached prefix, or a chunk of a long prompt) go one chunk at a time, attending to
-        what the cache already holds; the group runs before them when its oldest prompt is older.
+        next step's rather than paying for a forward of its own. The rest of a prompt after its cached
+        prefix is grouped the same way when it fits one chunk (with other such rests: their attention
+        reads the cache). Longer prompts go one chunk at a time, attending to what the cache already
+        holds; the group runs before them when its oldest prompt is older.
         """
         budget = self.prefill_budget
         pending = sorted((s for s in self.rows if s is not None and s.computed < len(s.prompt)), key=lambda s: s.seq_id)
