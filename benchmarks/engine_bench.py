@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.engine_workload import run_engine  # noqa: E402
 from server.engine.engine import Engine, EngineConfig  # noqa: E402
-from server.engine.scheduler import Sequence  # noqa: E402
 from tests.model_factory import LLAMA3_8B, QWEN25_05B, build_model, build_tokenizer  # noqa: E402
 
 SHAPES = {"tiny": dict(architecture="qwen2"), "qwen2.5-0.5b": QWEN25_05B, "llama3-8b": LLAMA3_8B}
@@ -52,13 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def percentile(values, q):
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def build_adapters(hf_model, root: Path, count: int, rank: int, seed: int) -> list[Path]:
     """``count`` random rank-``rank`` all-linear adapters saved as peft dirs (B != 0)."""
     from peft import LoraConfig, get_peft_model
@@ -77,54 +69,6 @@ def build_adapters(hf_model, root: Path, count: int, rank: int, seed: int) -> li
         dirs.append(path)
     peft_model.unload()  # give the base model back without LoRA layers
     return dirs
-
-
-def run_engine(engine, workload, *, adapter_names, poisson_rate=None, seed=0):
-    """Submit ``workload`` [(prompt, new_tokens)] with adapters round-robin; returns metrics."""
-    records = []
-    finished = threading.Event()
-    remaining = [len(workload)]
-    lock = threading.Lock()
-
-    def make_emit(record):
-        def emit(tokens, finish, error):
-            now = time.perf_counter()
-            if tokens:
-                if record["first"] is None:
-                    record["first"] = now
-                record["last"] = now
-                record["tokens"] += len(tokens)
-            if finish is not None:
-                record["finish"] = finish
-                record["error"] = error
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        finished.set()
-        return emit
-
-    rng = random.Random(seed)
-    sched = engine.scheduler
-    start = time.perf_counter()
-    for i, (prompt, new) in enumerate(workload):
-        if poisson_rate and i:
-            time.sleep(rng.expovariate(poisson_rate))
-        name = adapter_names[i % len(adapter_names)] if adapter_names else None
-        record = {"submit": time.perf_counter(), "first": None, "last": None, "tokens": 0, "finish": None}
-        records.append(record)
-        sched.submit(Sequence(prompt=prompt, max_tokens=new, emit=make_emit(record),
-                              adapter_slot=engine.adapters.acquire(name)))
-    finished.wait()
-    elapsed = time.perf_counter() - start
-    errors = [r["error"] for r in records if r.get("error") is not None]
-    if errors:
-        raise RuntimeError(f"engine failed: {errors[0]!r}")
-    tokens = sum(r["tokens"] for r in records)
-    ttft = [(r["first"] - r["submit"]) * 1000 for r in records]
-    tpot = [(r["last"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
-            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
-            "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99)}
 
 
 def run_peft_baseline(hf_model, adapter_dirs, workload, *, batch, batches, new_tokens, device):
@@ -258,7 +202,7 @@ def measure_engine(engine, workload, *, args, rng, vocab, device, tiny) -> dict:
     ttfts = [run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3)]
     results["ttft_long_ms"] = min(ttfts)
     results["ttft_long_tokens"] = len(long_prompt)
-    results["engine_memory_gib"] = {"kv_cache": engine.cache.nbytes() / 2**30,
+    results["engine_memory_gib"] = {"kv_cache": engine.cache.nbytes() / 2**30, "kv_blocks": engine.cache.num_blocks,
                                     "adapter_slots": engine.adapters.nbytes() / 2**30}
     return results
 
@@ -270,6 +214,12 @@ def profile(engine, vocab, device):
 
     decode = engine.scheduler.decode
     at = min(1500, engine.cache.max_len - 2)
+    model, cache = engine.model, engine.cache
+
+    def tables(rows):  # distinct blocks per row where the cache has them (timing only: contents do not matter)
+        ids = torch.arange(rows * cache.max_blocks) % (cache.num_blocks - 1) + 1
+        return ids.view(rows, cache.max_blocks).to(torch.int32)
+
     for bucket in (1, 8, 32, 64, 128):
         if bucket > engine.cache.rows:
             continue
@@ -278,26 +228,25 @@ def profile(engine, vocab, device):
             positions = [at] * bucket
             slots = [1 + (i % engine.adapters.num_slots) for i in range(bucket)] if lora else [0] * bucket
             for _ in range(3):
-                decode(tokens, positions, slots).argmax(-1).tolist()
+                decode(tokens, positions, slots, tables(bucket)).argmax(-1).tolist()
             sync(device)
             t0 = time.perf_counter()
             for _ in range(20):
-                decode(tokens, positions, slots).argmax(-1).tolist()
+                decode(tokens, positions, slots, tables(bucket)).argmax(-1).tolist()
             sync(device)
             print(f"decode bucket {bucket:4d} lora={lora!s:5}: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms/step", flush=True)
-    model, cache = engine.model, engine.cache
     for slot in (0, 1):
         for n in sorted({min(512, at), min(2000, at)}):
             toks = torch.randint(3, vocab, (1, n), device=device)
             pos = torch.arange(n, device=device)[None]
             segments = to_segments(segment_prompts([n], [slot], width=n), device=device) if slot else None
             for _ in range(2):
-                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters, segments=segments,
+                model.forward(toks, pos, cache=cache, block_tables=tables(1).to(device), adapters=engine.adapters, segments=segments,
                               fresh=True)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(5):
-                model.forward(toks, pos, cache=cache, rows=slice(0, 1), adapters=engine.adapters, segments=segments,
+                model.forward(toks, pos, cache=cache, block_tables=tables(1).to(device), adapters=engine.adapters, segments=segments,
                               fresh=True)
             sync(device)
             print(f"prefill {n} tokens adapter slot {slot}: {(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
@@ -306,14 +255,14 @@ def profile(engine, vocab, device):
     n = min(1500, at)
     toks = torch.randint(3, vocab, (group, n), device=device)
     pos = torch.arange(n, device=device)[None].expand(group, n)
-    rows_index = torch.arange(group, device=device)
+    group_tables = tables(group).to(device)
     for slots in ([0] * group, [1 + i % engine.adapters.num_slots for i in range(group)]):
         segments = (to_segments(segment_prompts([n] * group, slots, width=n), device=device) if any(slots) else None)
         for repeat in range(7):
             if repeat == 2:
                 sync(device)
                 t0 = time.perf_counter()
-            model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments,
+            model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments,
                           fresh=True)
         sync(device)
         print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters: "
@@ -325,7 +274,8 @@ def profile(engine, vocab, device):
     # compiled when the engine is), then the same step run eagerly.
     for name, step in (("engine's step", decode), ("eager", EagerDecode(model, cache, engine.adapters))):
         for lora in (False, True):
-            args = ([5] * rows, [at] * rows, [1 + (i % engine.adapters.num_slots) if lora else 0 for i in range(rows)])
+            args = ([5] * rows, [at] * rows, [1 + (i % engine.adapters.num_slots) if lora else 0 for i in range(rows)],
+                    tables(rows))
             step(*args)
             sync(device)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -335,10 +285,10 @@ def profile(engine, vocab, device):
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     for slots in ([0] * group, [1 + i % engine.adapters.num_slots for i in range(group)]):
         segments = (to_segments(segment_prompts([n] * group, slots, width=n), device=device) if any(slots) else None)
-        model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments, fresh=True)
+        model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments, fresh=True)
         sync(device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            model.forward(toks, pos, cache=cache, rows=rows_index, adapters=engine.adapters, segments=segments,
+            model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments,
                           fresh=True)
             sync(device)
         print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters (one forward):")

@@ -41,6 +41,21 @@ class Metrics:
             "lorag_chat_rejected", "Chat requests refused with 503 because the queue was full",
             registry=self.registry,
         )
+        self.kv_blocks = Gauge(
+            "lorag_engine_kv_blocks", "Engine KV cache blocks: used by running requests, cached (kept for shared "
+            "prompt prefixes, evicted when needed) or free", ["state"], registry=self.registry,
+        )
+        self.prefix_hit_rate = Gauge(
+            "lorag_engine_prefix_cache_hit_rate", "Share of prompt tokens found in the engine's prefix cache",
+            registry=self.registry,
+        )
+
+    def watch_engine(self, stats) -> None:
+        """Report the engine's KV cache from ``stats()`` (a dict with kv_blocks_used/cached/free and
+        prefix_hit_rate), read at every scrape."""
+        for state in ("used", "cached", "free"):
+            self.kv_blocks.labels(state).set_function(lambda state=state: stats()[f"kv_blocks_{state}"])
+        self.prefix_hit_rate.set_function(lambda: stats()["prefix_hit_rate"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

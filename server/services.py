@@ -101,6 +101,8 @@ def build_services(
         from server.generation.remote_metrics import RemoteCollector
 
         services.metrics.registry.register(RemoteCollector(services.generator.pool))
+    if hasattr(services.generator, "kv_cache_stats"):  # the multi-adapter engine
+        services.metrics.watch_engine(services.generator.kv_cache_stats)
     services.adapters = _start_adapters(settings, services.generator, services.metrics)
     services.catalog = ModelCatalog(
         settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters

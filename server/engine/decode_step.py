@@ -1,15 +1,16 @@
 """One batched decode step over cache rows 0..n-1: eager (CPU, fallback) or replayed CUDA graphs (GPU),
 either one optionally through the model's compiled layer (``compiled=True``, after compile_decode).
 
-Both take python lists (token, position, adapter slot per row; idle rows carry the cache's scratch
-position) and return float32 logits whose first n rows belong to those rows.
+Both take python lists (token, position, adapter slot per row) and the rows' block tables (n, max_blocks)
+int32 on the host (idle rows: position 0 and an all-scratch table), and return float32 logits whose
+first n rows belong to those rows.
 """
 
 import logging
 
 import torch
 
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
 from server.engine.segments import DECODE_BLOCK, Segments, decode_capacity, fill_segments, segment_rows, to_segments
 
@@ -19,18 +20,18 @@ log = logging.getLogger(__name__)
 class EagerDecode:
     """Runs the model forward directly; shapes follow the batch (no padding)."""
 
-    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, compiled: bool = False):
+    def __init__(self, model, cache: PagedKVCache, adapters: AdapterSlots | None, *, compiled: bool = False):
         self.model, self.cache, self.adapters = model, cache, adapters
         self.compiled = compiled  # every new batch size compiles once: meant for tests and small row counts
 
-    def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int], tables: torch.Tensor) -> torch.Tensor:
         device = self.model.device
         segments = None
         if self.adapters is not None and any(slots):
             segments = to_segments(segment_rows(slots), device=device)
         return self.model.forward(
             torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
-            cache=self.cache, rows=slice(0, len(tokens)), adapters=self.adapters, segments=segments,
+            cache=self.cache, block_tables=tables.to(device), adapters=self.adapters, segments=segments,
             compiled=self.compiled,
         )
 
@@ -39,19 +40,21 @@ class GraphedDecode:
     """Decode steps captured as CUDA graphs, one per (batch bucket, with/without adapters).
 
     Inputs live in static device buffers (the rows' adapter segments included); adapter weights live
-    in the slot tensors, so loading an adapter (a copy into its slot) needs no re-capture. A batch runs
-    in the smallest bucket that holds its highest row; rows past n are idle rows writing to the
-    scratch position.
+    in the slot tensors, so loading an adapter (a copy into its slot) needs no re-capture; the rows'
+    block tables are a static buffer too. A batch runs in the smallest bucket that holds its highest
+    row; rows past n are idle rows writing to the scratch block.
     """
 
-    def __init__(self, model, cache: KVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = (),
+    def __init__(self, model, cache: PagedKVCache, adapters: AdapterSlots | None, *, buckets: tuple[int, ...] = (),
                  compiled: bool = False):
         self.model, self.cache, self.adapters = model, cache, adapters
         default = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
         self.buckets = sorted({b for b in (buckets or default) if b < cache.rows} | {cache.rows})
         device, rows = model.device, cache.rows
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.positions = torch.full((rows, 1), cache.scratch_position, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.tables = torch.zeros(rows, cache.max_blocks, dtype=torch.int32, device=device)
+        self._host_tables = torch.zeros(rows, cache.max_blocks, dtype=torch.int32).pin_memory()
         slots = adapters.num_slots if adapters is not None else 0
         meta_len = decode_capacity(rows, slots) * (1 + DECODE_BLOCK)
         self.segment_meta = torch.zeros(meta_len, dtype=torch.int32, device=device)
@@ -63,7 +66,7 @@ class GraphedDecode:
 
     def _forward(self, bucket: int, lora: bool) -> torch.Tensor:
         return self.model.forward(
-            self.tokens[:bucket], self.positions[:bucket], cache=self.cache, rows=slice(0, bucket),
+            self.tokens[:bucket], self.positions[:bucket], cache=self.cache, block_tables=self.tables[:bucket],
             adapters=self.adapters if lora else None, segments=self._segments(bucket) if lora else None,
             compiled=self.compiled,
         )
@@ -101,17 +104,19 @@ class GraphedDecode:
         log.info("captured %d %sdecode graphs for buckets %s", len(self.graphs),
                  "compiled " if self.compiled else "", self.buckets)
 
-    def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int], tables: torch.Tensor) -> torch.Tensor:
         n = len(tokens)
         bucket = next(b for b in self.buckets if b >= n)
         lora = self.adapters is not None and any(slots)
         host = self._host
-        host[0, :bucket] = 0
-        host[1, :bucket] = self.cache.scratch_position
+        host[:, :bucket] = 0
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
+        self._host_tables[:bucket].zero_()
+        self._host_tables[:n] = tables
         self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
         self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
+        self.tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
         if lora and self._planned != (bucket, slots):  # most steps keep the previous step's batch
             self._plan(bucket, slots + [0] * (bucket - n))  # idle rows too
             self._planned = (bucket, list(slots))

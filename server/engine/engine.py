@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.decode_step import EagerDecode, GraphedDecode
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
 from server.engine.model import EngineModel, check_supported
 from server.engine.scheduler import Scheduler
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """Sizes fixed at start: they decide the memory the engine takes and the shapes it captures."""
 
-    max_rows: int = 8  # requests decoding at once (KV cache rows)
+    max_rows: int = 8  # requests decoding at once (decode batch rows; their KV lives in blocks)
     max_len: int = 4096  # prompt + answer tokens per request
     adapter_slots: int = 4  # adapters resident at once
     max_rank: int = 64  # larger ranks are refused; smaller ones are zero-padded to it
@@ -29,12 +29,19 @@ class EngineConfig:
     # torch.compile the decode steps' layers (fused elementwise ops: fewer kernels per step; each batch
     # bucket compiles once at start). None: on for CUDA, off on CPU (where every batch size would compile).
     compile: bool | None = None
+    block_size: int = 16  # tokens per KV cache block (also the prefix cache's unit of sharing)
+    # KV cache blocks; None: on CUDA as many as the free GPU memory holds after the weights, adapter slots
+    # and kv_headroom_gib, on CPU enough for every row at max_len. Either way at most twice what max_rows
+    # sequences of max_len can use (the rest of that room keeps shared prefixes).
+    kv_blocks: int | None = None
+    kv_headroom_gib: float = 8.0  # GPU memory left for activations, captured graphs and compiled kernels
+    prefix_cache: bool = True  # share the KV blocks of prompts' common leading tokens, evicted LRU
 
 
 class Engine:
     """The model with its cache, adapter slots and a running scheduler thread."""
 
-    def __init__(self, model: EngineModel, cache: KVCache, adapters: AdapterSlots, scheduler: Scheduler, *,
+    def __init__(self, model: EngineModel, cache: PagedKVCache, adapters: AdapterSlots, scheduler: Scheduler, *,
                  config: EngineConfig):
         self.model, self.cache, self.adapters, self.scheduler = model, cache, adapters, scheduler
         self.config = config
@@ -50,14 +57,24 @@ class Engine:
         check_supported(hf_model.config)
         device = torch.device(device)
         max_len = min(config.max_len, hf_model.config.max_position_embeddings)
-        text = hf_model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        cache = KVCache(layers=text.num_hidden_layers, rows=config.max_rows, kv_heads=text.num_key_value_heads,
-                        max_len=max_len, head_dim=head_dim, dtype=dtype, device=device)
-        model = EngineModel.from_hf(hf_model, cache_len=cache.length, dtype=dtype, device=device)
-        adapters = AdapterSlots(layers=model.shape.layers, dims=model.shape.lora_dims(), num_slots=config.adapter_slots,
+        model = EngineModel.from_hf(hf_model, cache_len=max_len, dtype=dtype, device=device)
+        return cls.from_model(model, config=config, start=start)
+
+    @classmethod
+    def from_model(cls, model: EngineModel, *, config: EngineConfig, start: bool = True) -> "Engine":
+        """Build the cache, adapter slots, decode step and scheduler around ``model`` (whose transformers
+        original may be gone: the KV cache is sized from the GPU memory free now)."""
+        device, dtype, shape = model.device, model.dtype, model.shape
+        max_len = min(config.max_len, shape.max_positions, model.cos.shape[0])
+        adapters = AdapterSlots(layers=shape.layers, dims=shape.lora_dims(), num_slots=config.adapter_slots,
                                 max_rank=config.max_rank, dtype=dtype, device=device)
         model.stack_adapters(adapters)
+        num_blocks = kv_blocks(config, max_len=max_len, device=device, block_bytes=PagedKVCache.block_bytes(
+            layers=shape.layers, block_size=config.block_size, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+            dtype=dtype))
+        cache = PagedKVCache(layers=shape.layers, num_blocks=num_blocks, block_size=config.block_size,
+                             kv_heads=shape.kv_heads, head_dim=shape.head_dim, max_len=max_len, rows=config.max_rows,
+                             dtype=dtype, device=device, prefix_cache=config.prefix_cache)
         compiled = config.compile if config.compile is not None else device.type == "cuda"
         if compiled:
             model.compile_decode()
@@ -71,8 +88,10 @@ class Engine:
                               prefill_pad=config.prefill_pad or (64 if device.type == "cuda" else 1))
         if start:
             scheduler.start()
-        log.info("engine ready: %d rows x %d tokens (KV %.2f GiB), %d adapter slots of rank %d (%.2f GiB), %s %s%s",
-                 config.max_rows, max_len, cache.nbytes() / 2**30, config.adapter_slots, config.max_rank,
+        log.info("engine ready: %d rows of up to %d tokens, KV cache %d blocks of %d tokens (%.2f GiB), "
+                 "%d adapter slots of rank %d (%.2f GiB), %s %s%s",
+                 config.max_rows, max_len, num_blocks, config.block_size, cache.nbytes() / 2**30,
+                 config.adapter_slots, config.max_rank,
                  adapters.nbytes() / 2**30, device, dtype, ", compiled decode" if compiled else "")
         return cls(model, cache, adapters, scheduler, config=config)
 
@@ -89,3 +108,25 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.stop()
+
+
+def kv_blocks(config: EngineConfig, *, max_len: int, device: torch.device, block_bytes: int) -> int:
+    """How many KV cache blocks to allocate (see EngineConfig.kv_blocks), scratch block included.
+
+    Raises:
+        ValueError: the free GPU memory holds fewer blocks than one sequence of max_len needs.
+    """
+    per_sequence = -(-max_len // config.block_size)
+    most = 2 * config.max_rows * per_sequence + 1
+    if config.kv_blocks is not None:
+        return config.kv_blocks  # as asked: a request longer than the cache is refused at submit
+    if device.type != "cuda":
+        return config.max_rows * per_sequence + 1
+    free, _ = torch.cuda.mem_get_info(device)
+    blocks = min(most, int((free - config.kv_headroom_gib * 2**30) // block_bytes))
+    if blocks < per_sequence + 1:
+        raise ValueError(f"engine KV cache: the free GPU memory ({free / 2**30:.1f} GiB, less kv_headroom_gib "
+                         f"{config.kv_headroom_gib:g}) holds {max(blocks, 0)} blocks of {config.block_size} tokens, "
+                         f"fewer than one request of max_len {max_len} needs ({per_sequence + 1} with scratch); "
+                         f"lower max_len or kv_headroom_gib, or free GPU memory")
+    return blocks

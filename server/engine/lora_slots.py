@@ -79,6 +79,7 @@ class AdapterSlots:
         self._idle = threading.Condition(self._lock)  # notified when a slot's last user releases it
         self._by_name: dict[str, int] = {}
         self._users = [0] * (num_slots + 1)
+        self._writes = [0] * (num_slots + 1)  # per slot: weight writes so far (see cache_salt)
 
     # ---- residency -------------------------------------------------------------------------------
     def resident(self) -> dict[str, int]:
@@ -227,6 +228,7 @@ class AdapterSlots:
         the way (one kernel each when the weights are already on the device); rows an adapter leaves
         unused (a missing module, a rank below r_max) are zeroed. B's blocks off its block diagonal are
         never written, so they stay zero."""
+        self._writes[slot] += 1
         for layer, by_group in enumerate(self._groups):
             for group, g in by_group.items():
                 modules = GROUPS[group]
@@ -246,6 +248,11 @@ class AdapterSlots:
                     if rank < self.max_rank:
                         g.a[start + rank : start + self.max_rank].zero_()
                         g.b[start + rank : start + self.max_rank, out].zero_()
+
+    def cache_salt(self, slot: int) -> bytes:
+        """What a slot's keys/values depend on besides the tokens: its index and how often its weights were
+        written. Prefix-cache keys carry it, so a reload never hits blocks computed with the old weights."""
+        return b"base" if slot == 0 else f"slot{slot}.{self._writes[slot]}".encode()
 
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size()

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_ops import expand_, expand_add, kernels_available, shrink, silu_mul_lora
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.lora_triton import lora_shrink_expand_, silu_mul
+from server.engine.paged_attention import CacheAccess, attend_cache, cache_access
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 from server.engine.segments import Segments
 
@@ -169,20 +170,20 @@ class EngineModel:
         tokens: torch.Tensor,
         positions: torch.Tensor,
         *,
-        cache: KVCache,
-        rows: slice | torch.Tensor,
+        cache: PagedKVCache,
+        block_tables: torch.Tensor,
         adapters: AdapterSlots | None,
         segments: Segments | None = None,
         logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
         compiled: bool = False,
     ) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq) of cache ``rows``.
+        """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq; -1 = padding) of the sequences
+        whose cache blocks are ``block_tables`` (batch, max_blocks) int32.
 
-        Keys/values of the new tokens are written to the cache first; each token attends to the
-        cache positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
-        padding after them only), so attention needs only the new keys (causal, no cache read) and
-        ``rows`` may be a (batch,) tensor of any rows; otherwise ``rows`` is a contiguous slice.
+        Keys/values of the new tokens are written to their blocks first; each token attends to its
+        sequence's positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
+        padding after them only), so attention needs only the new keys (causal, no cache read).
         ``segments`` groups the flattened (batch * seq) tokens by adapter slot (None: base model only).
         ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
@@ -191,16 +192,10 @@ class EngineModel:
         s = self.shape
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.embed)  # (batch, seq, hidden)
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (batch, seq, 1, head_dim)
-        mask = None
-        if not fresh:
-            visible = torch.arange(cache.length, device=tokens.device) <= positions[..., None]  # (batch, seq, length)
-            mask = _group_mask(visible, s.heads // s.kv_heads, dtype=x.dtype)
-        batch_index = torch.arange(batch, device=tokens.device)[:, None]
-        if isinstance(rows, slice):  # (batch, 1) cache row of each batch row
-            row_index = batch_index if not rows.start else batch_index + rows.start
-        else:
-            row_index = rows[:, None]
+        at = positions.clamp(min=0)
+        cos, sin = self.cos[at].unsqueeze(2), self.sin[at].unsqueeze(2)  # (batch, seq, 1, head_dim)
+        access = cache_access(positions, block_tables, block_size=cache.block_size, fresh=fresh,
+                              kernel=kernels_available(x), group=s.heads // s.kv_heads, dtype=x.dtype)
         layer = decoder_layer
         if compiled:
             if self._compiled_layer is None:
@@ -218,10 +213,9 @@ class EngineModel:
                     meta=segments.meta, blocks=segments.blocks, block_m=segments.block_m, rank=adapters.max_rank,
                     stacked=stacked, shrink={g: adapters.shrink_weight(i, g) for g in GROUPS},
                     expand={g: adapters.expand_weight(i, g) for g in GROUPS}, out_offsets=out_offsets)
-            x = layer(x, w, lora, shape=s, cos=cos, sin=sin, mask=mask, positions=positions, row_index=row_index,
-                      rows=rows, cache_k=cache.k[i], cache_v=cache.v[i], fresh=fresh)
+            x = layer(x, w, lora, shape=s, cos=cos, sin=sin, access=access, cache_k=cache.k[i], cache_v=cache.v[i])
         if isinstance(logits_at, torch.Tensor):
-            x = x[batch_index[:, 0], logits_at]
+            x = x[torch.arange(batch, device=x.device), logits_at]
         elif logits_at is not None:
             x = x[:, logits_at]
         return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
@@ -323,9 +317,9 @@ def _mlp_activation(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *,
 
 
 def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, shape: ModelShape,
-                  cos, sin, mask, positions, row_index, rows, cache_k, cache_v, fresh: bool) -> torch.Tensor:
-    """One decoder block on x (batch, seq, hidden); writes the new keys/values into cache_k/cache_v
-    (this layer's (rows, kv_heads, length, head_dim)) at (row_index (batch, 1), positions (batch, seq)).
+                  cos, sin, access: CacheAccess, cache_k, cache_v) -> torch.Tensor:
+    """One decoder block on x (batch, seq, hidden); writes the new keys/values into this layer's paged
+    cache_k/cache_v where ``access`` says and attends as it says.
 
     Everything it touches comes in as arguments, so torch.compile builds one graph for all layers.
     """
@@ -335,16 +329,7 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, s
     qkv = _project("qkv", h, w, lora).view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
     qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
     q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
-    # Index the whole cache tensor (not a row slice of it): a compiled graph then scatters in place.
-    cache_k[row_index, :, positions] = k
-    cache_v[row_index, :, positions] = v
-    if fresh:
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        ).transpose(1, 2)
-    else:
-        attn = _attend(q, cache_k[rows], cache_v[rows], mask)
-    attn = attn.reshape(batch * seq, s.q_dim)
+    attn = attend_cache(q, k, v, cache_k, cache_v, access).reshape(batch * seq, s.q_dim)
     x = _project_add("o", attn, x.view(batch * seq, s.hidden), w, lora).view(batch, seq, s.hidden)
     h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
     act = _mlp_activation(h, w, lora, intermediate=s.intermediate)
@@ -358,28 +343,3 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
-
-
-def _group_mask(visible: torch.Tensor, group: int, *, dtype) -> torch.Tensor:
-    """(batch, seq, length) bool -> additive (batch, 1, group * seq, length), the query layout of _attend.
-
-    Built once per forward: handing SDPA a bool mask would convert it again in every layer.
-    """
-    batch, seq, length = visible.shape
-    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
-    return bias[:, None, None].expand(batch, 1, group, seq, length).reshape(batch, 1, group * seq, length)
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention without repeating keys.
-
-    q (batch, seq, heads, head_dim); keys/values (batch, kv_heads, length, head_dim). The query heads
-    that share a kv head are folded into the query-length axis: (batch, kv_heads, group * seq, head_dim).
-    Returns (batch, seq, heads, head_dim).
-    """
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    q = q.transpose(1, 2).reshape(batch, kv_heads, group * seq, head_dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return out.reshape(batch, heads, seq, head_dim).transpose(1, 2)

@@ -1,8 +1,10 @@
-"""Continuous batching over fixed cache rows: requests join between decode steps, leave when done.
+"""Continuous batching over a paged KV cache: requests join between decode steps, leave when done.
 
-Every step first retires cancelled requests, admits waiting ones into free rows, prefills up to a
-token budget of pending prompts in chunks, then runs one decode step for every request that has
-its prompt in the cache. The same logic runs on CPU (eager) and GPU (captured decode graphs).
+Every step first retires cancelled requests, admits waiting ones (a free decode row and the cache
+blocks the request can ever need, see block_pool), prefills up to a token budget of pending prompts in
+chunks, then runs one decode step for every request that has its prompt in the cache. A prompt whose
+first blocks are in the prefix cache starts after them. The same logic runs on CPU (eager) and GPU
+(captured decode graphs).
 """
 
 import itertools
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from core.errors import LoragError
-from server.engine.kv_cache import KVCache
+from server.engine.block_pool import block_keys
+from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
 from server.engine.sampling import row_generator, sample
 from server.engine.segments import segment_prompts, to_segments
@@ -45,6 +48,11 @@ class Sequence:
     # engine-side state
     row: int | None = None
     computed: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, tokens found in the prefix cache
+    blocks: list[int] = field(default_factory=list)  # block table: cache blocks of tokens 0, bs, 2 bs, ...
+    reserved: int = 0  # blocks promised by the pool, not taken yet
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    published: int = 0  # leading blocks registered in the prefix cache
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish: str | None = None
@@ -60,10 +68,10 @@ class Scheduler:
     def __init__(
         self,
         model,
-        cache: KVCache,
+        cache: PagedKVCache,
         adapters: AdapterSlots | None,
         *,
-        decode: Callable[[list[int], list[int], list[int]], torch.Tensor],
+        decode: Callable[[list[int], list[int], list[int], torch.Tensor], torch.Tensor],
         prefill_chunk: int = 1024,
         prefill_budget: int = 2048,
         prefill_pad: int = 1,
@@ -72,7 +80,11 @@ class Scheduler:
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.max_group = max_group  # prompts prefilled in one forward
+        self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
+        # Block table of every row (host side; all scratch where a row is free): rows' tables go to the
+        # device with each forward, so growing a sequence is a host write.
+        self.tables = torch.zeros(cache.rows, cache.max_blocks, dtype=torch.int32)
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._wake = threading.Condition()
@@ -94,6 +106,12 @@ class Scheduler:
                 f"request {seq.seq_id}: the prompt has {len(seq.prompt)} tokens, the engine's context is "
                 f"{self.cache.max_len} tokens", hint="shorten the prompt or raise the engine's max_len")
         seq.max_tokens = max(1, min(seq.max_tokens, room))
+        blocks = self.pool.capacity * self.pool.block_size
+        if len(seq.prompt) >= blocks:
+            raise LoragError(
+                f"request {seq.seq_id}: the prompt has {len(seq.prompt)} tokens, the engine's KV cache holds "
+                f"{blocks} tokens in all", hint="shorten the prompt or give the engine more KV cache blocks")
+        seq.max_tokens = min(seq.max_tokens, blocks - len(seq.prompt))
         seq.generator = row_generator(seq.seed, self.model.device)
         with self._wake:
             self._waiting.append(seq)
@@ -158,14 +176,54 @@ class Scheduler:
                 self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
+        """Waiting requests in order into free rows, while the pool can promise each the blocks it can ever
+        need (the head of the queue waits for blocks rather than being overtaken by shorter requests)."""
         with self._wake:
             for row, occupant in enumerate(self.rows):  # lowest rows first keeps decode batches small
                 if not self._waiting:
                     break
                 if occupant is None:
+                    if not self._claim_blocks(self._waiting[0]):
+                        break
                     seq = self._waiting.popleft()
                     seq.row = row
                     self.rows[row] = seq
+                    self.tables[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+
+    def _claim_blocks(self, seq: Sequence) -> bool:
+        """Share the prompt's cached leading blocks and reserve the rest; False (nothing taken) if they do not fit."""
+        pool = self.pool
+        if pool.prefix_cache and not seq.keys:
+            salt = self.adapters.cache_salt(seq.adapter_slot) if self.adapters is not None else b"base"
+            seq.keys = block_keys(seq.prompt, pool.block_size, salt)
+        # At least the prompt's last token is computed here: its logits give the first answer token.
+        cached = pool.lookup(seq.keys[: (len(seq.prompt) - 1) // pool.block_size])
+        need = pool.blocks_for(len(seq.prompt) + seq.max_tokens) - len(cached)
+        if need > pool.available - pool.evictable_among(cached):
+            return False
+        pool.share(cached)
+        pool.reserve(need)
+        seq.blocks, seq.reserved = list(cached), need
+        seq.computed = seq.cached = len(cached) * pool.block_size
+        seq.published = len(cached)
+        pool.stats.queried_tokens += len(seq.prompt)
+        pool.stats.hit_tokens += seq.cached
+        return True
+
+    def _grow(self, seq: Sequence, tokens: int) -> None:
+        """Give ``seq`` blocks for its first ``tokens`` tokens (from its reservation)."""
+        while len(seq.blocks) * self.pool.block_size < tokens:
+            block = self.pool.allocate()
+            seq.reserved -= 1
+            self.tables[seq.row, len(seq.blocks)] = block
+            seq.blocks.append(block)
+
+    def _publish(self, seq: Sequence) -> None:
+        """Register the prompt's blocks that are now full and computed in the prefix cache."""
+        full = min(seq.computed // self.pool.block_size, len(seq.keys))
+        for i in range(seq.published, full):
+            self.pool.register(seq.blocks[i], seq.keys[i])
+        seq.published = max(seq.published, full)
 
     def _prefill(self) -> None:
         """Prefill pending prompts within the step's token budget.
@@ -174,53 +232,75 @@ class Scheduler:
         longest; causal attention keeps the padding after every real token), one such group per
         step: a forward costs the host about the same dispatch time whatever its size (10-30 ms on
         an H100 host for a 0.5B model), so a prompt that does not fit this step's group joins the
-        next step's rather than paying for a forward of its own. Longer prompts and continuations go
-        one chunk at a time, attending to what the cache already holds.
+        next step's rather than paying for a forward of its own. The rest of a prompt after its cached
+        prefix is grouped the same way when it fits one chunk (with other such rests: their attention
+        reads the cache). Longer prompts go one chunk at a time, attending to what the cache already
+        holds; the group runs before them when its oldest prompt is older.
         """
         budget = self.prefill_budget
-        group: list[Sequence] = []
-        width = 0
-        grouped = False  # this step's group of whole prompts has run
         pending = sorted((s for s in self.rows if s is not None and s.computed < len(s.prompt)), key=lambda s: s.seq_id)
-        for seq in pending:
-            if seq.computed == 0 and len(seq.prompt) <= self.prefill_chunk:
-                if grouped:
-                    continue
-                padded = self._padded(len(seq.prompt))
-                if group and (max(width, padded) * (len(group) + 1) > budget or len(group) == self.max_group):
-                    break  # the group is full: it runs below, the rest waits for the next step
-                group.append(seq)
-                width = max(width, padded)
-                continue
-            if group:
-                budget -= self._prefill_group(group, width)
-                group, width, grouped = [], 0, True
+        # Whole rests: a prompt from its start, or from the end of its cached prefix, that fits one chunk.
+        whole = [s for s in pending if s.computed == s.cached and len(s.prompt) - s.computed <= self.prefill_chunk]
+        partial = [s for s in pending if s not in whole]
+        group, width = self._choose_group(whole, budget)
+        group_first = bool(group) and (not partial or group[0].seq_id < partial[0].seq_id)
+        if group_first:
+            budget -= self._prefill_group(group, width)
+        for seq in partial:
             while budget > 0 and seq.computed < len(seq.prompt):
                 budget -= self._prefill_chunk(seq, min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed))
             if budget <= 0:
                 break
-        if group and budget > 0:
+        if group and not group_first and budget > 0:
             self._prefill_group(group, width)
+
+    def _choose_group(self, whole: list[Sequence], budget: int) -> tuple[list[Sequence], int]:
+        """This step's group and its padded width: the oldest prompt, then those closest to it in length
+        while the padded group fits the budget. Padding every prompt to the longest costs compute; prompts
+        of like length waste little of it (with lengths spread over 1,000-2,000 tokens, groups in arrival
+        order padded about a fifth of every forward), and the oldest still goes first. A group is all
+        fresh prompts (causal attention over their own tokens) or all rests after cached prefixes
+        (attention reads the cache), as the oldest is."""
+        if not whole:
+            return [], 0
+        anchor = whole[0]
+        rest = len(anchor.prompt) - anchor.computed
+        group, width = [anchor], self._padded(rest)
+        alike = [s for s in whole[1:] if (s.computed == 0) == (anchor.computed == 0)]
+        for seq in sorted(alike, key=lambda s: (abs(len(s.prompt) - s.computed - rest), s.seq_id)):
+            if len(group) == self.max_group:
+                break
+            wider = max(width, self._padded(len(seq.prompt) - seq.computed))
+            if wider * (len(group) + 1) <= budget:
+                group.append(seq)
+                width = wider
+        return group, width
 
     def _padded(self, n: int) -> int:
         # Padding to a multiple keeps the set of shapes small (kernel choice is cached per shape);
-        # pad tokens sit at the scratch position, after every real one, so nothing attends to them.
+        # pad tokens (position -1) write to the scratch block, after every real one, so nothing attends to them.
         return -(-n // self.prefill_pad) * self.prefill_pad
 
     def _prefill_group(self, group: list[Sequence], width: int) -> int:
-        """Whole prompts of ``group`` in one forward, (len(group), width) padded; returns tokens spent."""
+        """The rest of every prompt of ``group`` in one forward, (len(group), width) padded; returns tokens spent."""
         device = self.model.device
-        scratch = self.cache.scratch_position
-        tokens = [s.prompt + [0] * (width - len(s.prompt)) for s in group]
-        positions = [list(range(len(s.prompt))) + [scratch] * (width - len(s.prompt)) for s in group]
-        segments = self._segments([len(s.prompt) for s in group], [s.adapter_slot for s in group], width=width)
+        for seq in group:
+            self._grow(seq, len(seq.prompt))
+        starts = [s.computed for s in group]
+        tokens = [s.prompt[a:] + [0] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
+        positions = [list(range(a, len(s.prompt))) + [-1] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
+        segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
+                                  width=width)
+        tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
-            rows=torch.tensor([s.row for s in group], device=device), adapters=self.adapters, segments=segments,
-            logits_at=torch.tensor([len(s.prompt) - 1 for s in group], device=device), fresh=True,
+            block_tables=tables.to(device), adapters=self.adapters, segments=segments,
+            logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
+            fresh=not any(starts),
         )
         for seq in group:
             seq.computed = len(seq.prompt)
+            self._publish(seq)
         for seq, token in zip(group, self._sample(group, logits)):
             self._accept(seq, token)
         return width * len(group)
@@ -229,15 +309,17 @@ class Scheduler:
         """The next ``n`` prompt tokens of ``seq``; returns tokens spent."""
         start = seq.computed
         padded = self._padded(n)
+        self._grow(seq, start + n)
         tokens = seq.prompt[start : start + n] + [0] * (padded - n)
-        positions = list(range(start, start + n)) + [self.cache.scratch_position] * (padded - n)
+        positions = list(range(start, start + n)) + [-1] * (padded - n)
         device = self.model.device
         logits = self.model.forward(
             torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
-            rows=slice(seq.row, seq.row + 1), adapters=self.adapters,
+            block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
             segments=self._segments([n], [seq.adapter_slot], width=padded), logits_at=n - 1, fresh=start == 0,
         )
         seq.computed += n
+        self._publish(seq)
         if seq.computed == len(seq.prompt):
             self._accept(seq, self._sample([seq], logits)[0])
         return padded
@@ -253,12 +335,17 @@ class Scheduler:
         if not active:
             return
         n = max(s.row for s in active) + 1
-        tokens, positions, slots = [0] * n, [self.cache.scratch_position] * n, [0] * n
+        # Rows not decoding (free, or still prefilling) write to and read the scratch block: position 0 of an
+        # all-scratch table.
+        tokens, positions, slots = [0] * n, [0] * n, [0] * n
+        tables = torch.zeros(n, self.cache.max_blocks, dtype=torch.int32)
         for seq in active:
             tokens[seq.row] = seq.generated[-1]
             positions[seq.row] = len(seq.prompt) + len(seq.generated) - 1
             slots[seq.row] = seq.adapter_slot
-        logits = self.decode(tokens, positions, slots)  # (>= n, vocab)
+            self._grow(seq, positions[seq.row] + 1)
+            tables[seq.row] = self.tables[seq.row]
+        logits = self.decode(tokens, positions, slots, tables)  # (>= n, vocab)
         if all(s.temperature == 0 and s.repetition_penalty == 1.0 for s in active):  # plain greedy: no gather
             chosen = logits.argmax(dim=-1).tolist()
             picked = [chosen[s.row] for s in active]
@@ -287,6 +374,10 @@ class Scheduler:
         seq.finish = reason
         if seq.row is not None and self.rows[seq.row] is seq:
             self.rows[seq.row] = None
+            self.tables[seq.row].zero_()
+            self.pool.release(seq.blocks)
+            self.pool.unreserve(seq.reserved)
+            seq.blocks, seq.reserved = [], 0
         if self.adapters is not None:
             self.adapters.release(seq.adapter_slot)
         seq.adapter_slot = 0

@@ -182,6 +182,14 @@ class EngineGenerator:
             if not done:  # the consumer went away: free the row and the adapter slot
                 self.engine.scheduler.cancel(seq.seq_id)
 
+    def kv_cache_stats(self) -> dict[str, float]:
+        """The engine's KV cache blocks by state and its prefix cache's hit rate (prompt tokens found there
+        over prompt tokens looked up), for /metrics."""
+        pool = self.engine.cache.pool
+        used, cached = pool.used, pool.cached
+        return {"kv_blocks_used": used, "kv_blocks_cached": cached, "kv_blocks_free": pool.capacity - used - cached,
+                "prefix_hit_rate": pool.stats.hit_rate}
+
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)
 

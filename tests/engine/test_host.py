@@ -170,3 +170,27 @@ def test_engine_checks_finiteness_where_the_weights_land(qwen2_engine, lora_dir,
                                                             tensors=flat.views(), flat=flat))
     assert error.value.http_status == 422
     assert qwen2_engine.resident_keys() == before
+
+
+def test_metrics_show_kv_blocks_and_the_prefix_cache_hit_rate(qwen2_engine):
+    from server.metrics import Metrics
+    from tests.engine.conftest import make_sequence, prompt_of
+
+    metrics = Metrics()
+    metrics.watch_engine(qwen2_engine.kv_cache_stats)
+    engine = qwen2_engine.engine
+    pool = engine.cache.pool
+    prompt = prompt_of(90, 40)  # two full blocks of 16 tokens the second request finds cached
+    for _ in range(2):
+        seq, collector = make_sequence(engine, prompt, max_tokens=3)
+        engine.scheduler.submit(seq)
+        assert collector.done.wait(60)
+    assert seq.cached == 32
+    lines = metrics.render().decode().splitlines()
+    stats = qwen2_engine.kv_cache_stats()
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_cached"] >= 2
+    assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == pool.capacity
+    for state in ("used", "cached", "free"):
+        assert f'lorag_engine_kv_blocks{{state="{state}"}} {float(stats[f"kv_blocks_{state}"])}' in lines
+    assert 0 < pool.stats.hit_rate < 1
+    assert f"lorag_engine_prefix_cache_hit_rate {pool.stats.hit_rate}" in lines

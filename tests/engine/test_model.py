@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.model import EngineModel
 from server.engine.rope import UnsupportedModel, inverse_frequencies
 
@@ -12,9 +12,10 @@ from server.engine.rope import UnsupportedModel, inverse_frequencies
 def _engine_model(path):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     s = hf.config
-    cache = KVCache(layers=s.num_hidden_layers, rows=2, kv_heads=s.num_key_value_heads, max_len=60,
-                    head_dim=s.hidden_size // s.num_attention_heads, dtype=torch.float32, device="cpu")
-    return hf, EngineModel.from_hf(hf, cache_len=cache.length, dtype=torch.float32, device="cpu"), cache
+    cache = PagedKVCache(layers=s.num_hidden_layers, num_blocks=9, block_size=8, kv_heads=s.num_key_value_heads,
+                         head_dim=s.hidden_size // s.num_attention_heads, max_len=32, rows=2, dtype=torch.float32,
+                         device="cpu")
+    return hf, EngineModel.from_hf(hf, cache_len=cache.max_len, dtype=torch.float32, device="cpu"), cache
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -24,9 +25,11 @@ def test_logits_match_transformers_whole_and_in_chunks(arch, request):
     with torch.no_grad():
         expected = hf(ids).logits[0]
     run = dict(cache=cache, adapters=None, logits_at=None)
-    whole = model.forward(ids, torch.arange(24)[None], rows=slice(1, 2), fresh=True, **run)[0]
-    first = model.forward(ids[:, :10], torch.arange(10)[None], rows=slice(0, 1), fresh=True, **run)[0]
-    rest = model.forward(ids[:, 10:], torch.arange(10, 24)[None], rows=slice(0, 1), **run)[0]
+    # Blocks out of order and not contiguous: the chunk after the first 10 tokens reads them back through its table.
+    one, other = torch.tensor([[5, 2, 7, 0]], dtype=torch.int32), torch.tensor([[1, 8, 3, 0]], dtype=torch.int32)
+    whole = model.forward(ids, torch.arange(24)[None], block_tables=other, fresh=True, **run)[0]
+    first = model.forward(ids[:, :10], torch.arange(10)[None], block_tables=one, fresh=True, **run)[0]
+    rest = model.forward(ids[:, 10:], torch.arange(10, 24)[None], block_tables=one, **run)[0]
     torch.testing.assert_close(whole, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat([first, rest]), expected, rtol=1e-4, atol=1e-4)
 

@@ -48,6 +48,7 @@ def test_more_requests_than_rows_queue_and_match(engine, reference):
 def test_chunked_prefill_gives_identical_tokens(engine):
     prompt = prompt_of(7, 70)
     expected = _alone(engine, prompt, "beta")
+    engine.cache.pool.clear_prefixes()  # the prompt is prefilled from its first token, chunk by chunk
     chunked = Scheduler(engine.model, engine.cache, engine.adapters,
                         decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=9, prefill_budget=20)
     seq, collector = make_sequence(engine, prompt, adapter="beta", max_tokens=12)
@@ -161,4 +162,25 @@ def test_one_group_of_whole_prompts_per_step(engine):
         run_until_done(scheduler, [collector for _, collector in requests])
     finally:
         del engine.model.forward
+    assert [collector.tokens for _, collector in requests] == expected
+
+
+def test_group_takes_the_oldest_prompt_and_those_closest_to_it_in_length(engine):
+    """Padding a group to its longest prompt costs compute: the step's group is the oldest prompt and the
+    prompts nearest its length that fit, not the next ones in arrival order."""
+    lengths = [10, 30, 11, 29]
+    prompts = [prompt_of(80 + i, n) for i, n in enumerate(lengths)]
+    expected = [_alone(engine, prompt, None) for prompt in prompts]
+    engine.cache.pool.clear_prefixes()  # every prompt starts from its first token
+    scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
+                          decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=32,
+                          prefill_budget=64)  # 10 + 30 would fit padded (2 x 30) but pad 10 to 30
+    requests = [make_sequence(engine, prompt, max_tokens=12) for prompt in prompts]
+    for seq, _ in requests:
+        scheduler.submit(seq)
+    scheduler.step()
+    assert [seq.computed for seq, _ in requests] == [10, 0, 11, 0]
+    scheduler.step()
+    assert [seq.computed for seq, _ in requests] == [10, 30, 11, 29]
+    run_until_done(scheduler, [collector for _, collector in requests])
     assert [collector.tokens for _, collector in requests] == expected

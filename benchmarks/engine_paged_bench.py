@@ -1,0 +1,305 @@
+"""The paged-KV engine at the sizes users serve: throughput against the GPU's physical limit, concurrency,
+prefix reuse, Poisson arrivals, single-request latency, and a profile of one decode step and one prefill.
+
+GPU:  python benchmarks/engine_paged_bench.py --shape llama3-8b
+      python benchmarks/engine_paged_bench.py --shape qwen2.5-0.5b --concurrency 128 --no-prefix --no-poisson
+CPU smoke:  python benchmarks/engine_paged_bench.py --shape tiny
+
+The model is built with random weights directly on the device (nothing written to disk: speed depends on
+shapes only); adapters are random rank-16 all-linear LoRAs made in memory. Needs torch, transformers and
+server/engine only. The physical-limit estimate beside the figures assumes the GPU's peak bf16 matrix rate
+and memory bandwidth (--peak-tflops, --peak-tbs) and charges every prompt token's FLOPs and every decode
+step's bytes (weights once plus every running sequence's live keys and values) to whichever is slower.
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.engine_workload import run_engine  # noqa: E402
+from server.engine.engine import Engine, EngineConfig  # noqa: E402
+from server.engine.model import EngineModel  # noqa: E402
+
+SHAPES = {  # as tests/model_factory's, without its tokenizer dependencies
+    "tiny": dict(architecture="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
+                 vocab_size=512, max_positions=4096),
+    "qwen2.5-0.5b": dict(architecture="qwen2", hidden_size=896, layers=24, heads=14, kv_heads=2,
+                         intermediate_size=4864, vocab_size=151936, max_positions=32768),
+    "llama3-8b": dict(architecture="llama", hidden_size=4096, layers=32, heads=32, kv_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_positions=8192),
+}
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[64, 128, 256, 384],
+                   help="requests arriving at once, one run each (32 adapters)")
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--shared-prefix", type=int, default=300, help="tokens every request shares in the prefix run")
+    p.add_argument("--no-prefix", action="store_true")
+    p.add_argument("--poisson-rate", type=float, default=4.0)
+    p.add_argument("--poisson-requests", type=int, default=64)
+    p.add_argument("--no-poisson", action="store_true")
+    p.add_argument("--prefill-budget", type=int, default=16384)
+    p.add_argument("--compiled-single", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time a single request on a 1-row engine with compiled decode graphs (default: CUDA)")
+    p.add_argument("--time-limit", type=float, default=540.0, help="seconds after which optional parts are skipped")
+    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--peak-tbs", type=float, default=4.8)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_hf_model(shape: dict, *, dtype, device):
+    """A transformers causal LM of ``shape`` with random weights, initialised on ``device``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_class = Qwen2Config if shape["architecture"] == "qwen2" else LlamaConfig
+    config = config_class(hidden_size=shape["hidden_size"], num_hidden_layers=shape["layers"],
+                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                          intermediate_size=shape["intermediate_size"], vocab_size=shape["vocab_size"],
+                          max_position_embeddings=shape["max_positions"], tie_word_embeddings=False,
+                          rope_theta=500000.0 if shape["architecture"] == "llama" else 1000000.0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def random_adapter(model: EngineModel, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """peft-named tensors of a random all-linear rank-``rank`` LoRA (B != 0), made on the model's device."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    tensors = {}
+    for layer in range(model.shape.layers):
+        for module, (fan_in, fan_out) in model.shape.lora_dims().items():
+            block = "self_attn" if module in MODULES[:4] else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            for half, shape in (("A", (rank, fan_in)), ("B", (fan_out, rank))):
+                tensors[f"{prefix}.lora_{half}.weight"] = torch.randn(
+                    shape, generator=gen, device=model.device, dtype=model.dtype) * 0.02
+    return tensors
+
+
+def workload(rng, count, prompt_range, new_range, vocab, *, shared: list[int] | None = None):
+    shared = shared or []
+    return [(shared + [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range) - len(shared))],
+             rng.randint(*new_range)) for _ in range(count)]
+
+
+def physical_limit(model: EngineModel, requests, *, peak_tflops: float, peak_tbs: float) -> dict:
+    """Seconds the workload takes at best when all of it arrives at once: prompt FLOPs at the peak rate, then
+    decode steps each bounded by max(FLOPs, bytes read) with every unfinished sequence in the batch."""
+    s = model.shape
+    linear_params = s.layers * (s.hidden * (s.q_dim + 2 * s.kv_dim) + s.q_dim * s.hidden
+                                + 3 * s.hidden * s.intermediate) + s.hidden * s.vocab_size
+    weight_bytes = (linear_params + s.layers * 2 * s.hidden) * model.embed.element_size()
+    kv_token_bytes = 2 * s.layers * s.kv_dim * model.embed.element_size()
+    attention_flops = lambda q, k: 4 * s.layers * s.q_dim * q * k  # noqa: E731 - QK^T and PV per query/key pair
+    prefill_flops = sum(2 * linear_params * len(p) + attention_flops(len(p), len(p)) / 2 for p, _ in requests)
+    prefill_s = prefill_flops / (peak_tflops * 1e12)
+    decode_s = 0.0
+    for step in range(max(n for _, n in requests)):
+        running = [(len(p), n) for p, n in requests if n > step]
+        flops = sum(2 * linear_params + attention_flops(1, length + step) for length, _ in running)
+        read = weight_bytes + sum(kv_token_bytes * (length + step) for length, _ in running)
+        decode_s += max(flops / (peak_tflops * 1e12), read / (peak_tbs * 1e12))
+    tokens = sum(n for _, n in requests)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "tok_s": tokens / (prefill_s + decode_s)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    tiny = args.shape == "tiny"
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompt_range, new_range = ((20, 60), (8, 16)) if tiny else ((1000, 2000), (128, 256))
+    shared_prefix = min(args.shared_prefix, prompt_range[0] - 1)
+    concurrency = [min(c, 16) for c in args.concurrency] if tiny else args.concurrency
+    rng = random.Random(args.seed)
+    shape = SHAPES[args.shape]
+    vocab = shape["vocab_size"]
+    max_len = prompt_range[1] + new_range[1] + 1
+
+    t0 = time.perf_counter()
+    hf = build_hf_model(shape, dtype=dtype, device=device)
+    model = EngineModel.from_hf(hf, cache_len=max_len, dtype=dtype, device=device)
+    del hf  # the engine shares or copied every weight it needs; its KV cache gets the rest of the memory
+    free_memory(device)
+    rows = max(concurrency + [args.requests])
+    config = EngineConfig(max_rows=rows, max_len=max_len, adapter_slots=args.adapters, max_rank=args.rank,
+                          prefill_chunk=2048, prefill_budget=args.prefill_budget, compile=False)
+    engine = Engine.from_model(model, config=config)
+    for i in range(args.adapters):
+        engine.adapters.load_weights(f"a{i}", {"r": args.rank, "lora_alpha": 2 * args.rank},
+                                     random_adapter(model, args.rank, args.seed + i), source=f"random adapter {i}")
+    names = [f"a{i}" for i in range(args.adapters)]
+    pool = engine.cache.pool
+    results = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "kv_blocks": engine.cache.num_blocks, "block_size": engine.cache.block_size,
+               "kv_cache_gib": engine.cache.nbytes() / 2**30, "max_rows": rows, "runs": {}}
+    print(f"{args.shape} on {results['device']} ({dtype}): engine built in {time.perf_counter() - t0:.1f}s, "
+          f"{rows} rows, KV cache {engine.cache.num_blocks} blocks x {engine.cache.block_size} tokens "
+          f"({results['kv_cache_gib']:.1f} GiB, {pool.capacity * pool.block_size} tokens)", flush=True)
+
+    def record(label, metrics, requests=None):
+        if device.type == "cuda":
+            metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if requests is not None:
+            metrics["limit"] = physical_limit(model, requests, peak_tflops=args.peak_tflops, peak_tbs=args.peak_tbs)
+        results["runs"][label] = metrics
+        limit = metrics.get("limit")
+        print(f"{label:44} {metrics['tok_s']:8.0f} tok/s"
+              + (f" (limit {limit['tok_s']:.0f}: {metrics['tok_s'] / limit['tok_s']:.2f} of it)" if limit else "")
+              + f"  TTFT p50/p99 {metrics['ttft_p50_ms']:.0f}/{metrics['ttft_p99_ms']:.0f} ms"
+              f"  TPOT p50/p99 {metrics['tpot_p50_ms']:.2f}/{metrics['tpot_p99_ms']:.2f} ms"
+              f"  prefix hits {metrics['prefix_hit_rate']:.2f}", flush=True)
+
+    main_load = workload(rng, args.requests, prompt_range, new_range, vocab)
+    run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
+    for label, adapters in (("no adapters", []), (f"{args.adapters} adapters", names)):
+        record(f"{args.requests} at once, {label}", run_engine(engine, main_load, adapter_names=adapters), main_load)
+    base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
+    mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
+    print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
+
+    for c in concurrency:
+        if c == args.requests:
+            continue
+        load = workload(rng, c, prompt_range, new_range, vocab)
+        record(f"{c} at once, {args.adapters} adapters", run_engine(engine, load, adapter_names=names), load)
+
+    if not args.no_prefix:
+        shared = [rng.randrange(3, vocab) for _ in range(shared_prefix)]
+        load = workload(rng, args.requests, prompt_range, new_range, vocab, shared=shared)
+        primer = [(shared + [rng.randrange(3, vocab) for _ in range(8)], 1)]
+        for on in (False, True):
+            pool.prefix_cache = on
+            run_engine(engine, primer, adapter_names=[], cold=True)  # a request before them left the prefix behind
+            record(f"{args.requests} sharing {shared_prefix} tokens, prefix cache {'on' if on else 'off'}",
+                   run_engine(engine, load, adapter_names=[], cold=False), load)
+        pool.prefix_cache = True
+
+    if not args.no_poisson:
+        load = workload(rng, args.poisson_requests, prompt_range, new_range, vocab)
+        for prompt, _ in load[:3]:  # warm-up: kernel choices for one prompt at a time (no run above had those)
+            run_engine(engine, [(prompt, 4)], adapter_names=names[:1])
+        record(f"Poisson {args.poisson_rate:g}/s, {args.poisson_requests} requests, {args.adapters} adapters",
+               run_engine(engine, load, adapter_names=names, poisson_rate=args.poisson_rate, seed=args.seed))
+
+    single = (main_load[0][0][:128], 16 if tiny else 256)
+    for label, adapters in (("single request, eager graphs", []), ("single request + adapter, eager graphs", ["a0"])):
+        metrics = run_engine(engine, [single], adapter_names=adapters)
+        results[label] = 1000 / metrics["tpot_p50_ms"]
+        print(f"{label}: {results[label]:.0f} tok/s", flush=True)
+    long_prompt = [rng.randrange(3, vocab) for _ in range(2000 if not tiny else 60)]
+    ttft = min(run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
+    results["ttft_lone_prompt_ms"] = ttft
+    print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0): {ttft:.1f} ms", flush=True)
+
+    if device.type == "cuda":
+        profile(engine, names, device, at=1500, rows=min(128, rows))
+    engine.close()
+    del engine
+    free_memory(device)
+
+    compiled_single = args.compiled_single if args.compiled_single is not None else device.type == "cuda"
+    if compiled_single and time.perf_counter() - started < args.time_limit - 120:
+        one = Engine.from_model(model, config=EngineConfig(max_rows=1, max_len=max_len, adapter_slots=1,
+                                                            max_rank=args.rank, compile=True))
+        one.adapters.load_weights("a0", {"r": args.rank, "lora_alpha": 2 * args.rank},
+                                  random_adapter(model, args.rank, args.seed), source="random adapter 0")
+        for label, adapters in (("single request, compiled graphs", []),
+                                ("single request + adapter, compiled graphs", ["a0"])):
+            run_engine(one, [single], adapter_names=adapters)
+            metrics = run_engine(one, [single], adapter_names=adapters)
+            results[label] = 1000 / metrics["tpot_p50_ms"]
+            print(f"{label}: {results[label]:.0f} tok/s", flush=True)
+        ttft = min(run_engine(one, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
+        results["ttft_lone_prompt_compiled_ms"] = ttft
+        print(f"TTFT of a lone {len(long_prompt)}-token prompt, compiled engine: {ttft:.1f} ms", flush=True)
+        one.close()
+    elif compiled_single:
+        print("compiled single-request run skipped: time limit", flush=True)
+    print(f"total {time.perf_counter() - started:.0f}s", flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, f"engine_paged_bench_{args.shape}.json").write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def profile(engine, names, device, *, at: int, rows: int):
+    """GPU time of one decode step of ``rows`` rows at ``at`` cached tokens each (32 adapters and none), and of
+    one 8 x 1,500 prefill group, by kernel: where the time goes, measured."""
+    from server.engine.segments import segment_prompts, to_segments
+
+    cache, model, decode = engine.cache, engine.model, engine.scheduler.decode
+    ids = torch.arange(rows * cache.max_blocks) % (cache.num_blocks - 1) + 1
+    tables = ids.view(rows, cache.max_blocks).to(torch.int32)
+    slots = [engine.adapters.acquire(names[i % len(names)]) for i in range(rows)]
+    for lora in (False, True):
+        step = ([5] * rows, [at] * rows, slots if lora else [0] * rows, tables)
+        for _ in range(3):
+            decode(*step).argmax(-1).tolist()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            decode(*step).argmax(-1).tolist()
+        sync(device)
+        ms = (time.perf_counter() - t0) / 10 * 1000
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decode(*step)
+            sync(device)
+        print(f"\ndecode step, {rows} rows at {at} tokens, adapters {'on' if lora else 'off'}: {ms:.2f} ms a step "
+              f"(with the host's argmax and copy)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    for slot in slots:
+        engine.adapters.release(slot)
+    group, n = 8, 1500
+    toks = torch.randint(3, model.shape.vocab_size, (group, n), device=device)
+    pos = torch.arange(n, device=device)[None].expand(group, n)
+    plan = segment_prompts([n] * group, [1 + i for i in range(group)], width=n)
+    segments = to_segments(plan, device=device)
+    run = dict(cache=cache, block_tables=tables[:group].to(device), adapters=engine.adapters, segments=segments,
+               fresh=True)
+    model.forward(toks, pos, **run)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        model.forward(toks, pos, **run)
+    sync(device)
+    ms = (time.perf_counter() - t0) / 3 * 1000
+    flops = 2 * group * n * sum(w.numel() for w in (model.layers[0].qkv, model.layers[0].o, model.layers[0].gate_up,
+                                                   model.layers[0].down)) * model.shape.layers
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model.forward(toks, pos, **run)
+        sync(device)
+    print(f"\nprefill group {group} x {n} tokens, 8 adapters: {ms:.1f} ms, {flops / ms / 1e9:.0f} TFLOP/s in the "
+          f"linear layers' base GEMMs' terms")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

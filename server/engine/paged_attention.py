@@ -1,0 +1,181 @@
+"""Attention over the paged KV cache: each query reads only its own sequence's live keys and values.
+
+Three ways in, chosen per forward (see :func:`cache_access`):
+- fresh prompts (positions 0..n-1): causal attention over the new keys only, no cache read;
+- decode steps on CUDA: a Triton kernel that walks each row's block table up to the row's length
+  (one program per (row, kv head); the query heads sharing a kv head read its keys once);
+- everything else (prompt chunks after cached tokens, CPU decode): the torch reference, which gathers
+  the rows' blocks into contiguous keys and runs SDPA with a mask. It is also the kernel's test oracle.
+
+benchmarks/paged_attention_bench.py times the kernel against the gathering reference and against what the
+contiguous cache did (SDPA over every row's whole allocation). PyTorch's FlexAttention and varlen SDPA, the
+other candidates, are not measured there yet.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.lora_triton import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, out_ptr, stride_qb, stride_qh, stride_kb,
+                             stride_kt, stride_kh, stride_tb, stride_ob, stride_oh, scale,
+                             GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        length = tl.load(len_ptr + row)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        g_mask = g < GROUP
+        heads = kv_head * GROUP + g
+        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+        m_i = tl.zeros([G_PAD], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp2 below
+        for start in range(0, length, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            t_mask = t < length
+            block = tl.load(table_ptr + row * stride_tb + t // BS, mask=t_mask, other=0).to(tl.int64)
+            offset = block * stride_kb + (t % BS) * stride_kt + kv_head * stride_kh
+            k = tl.load(k_ptr + offset[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+            v = tl.load(v_ptr + offset[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+            if IEEE:  # float32 caches: exact products, as the torch reference computes them
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (G_PAD, BLOCK_N)
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_mask[:, None])
+
+
+def paged_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
+                 lengths: torch.Tensor, *, block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """One query token per row: q (rows, heads, head_dim) against the first ``lengths[row]`` cached tokens of
+    the row's blocks; cache (num_blocks, block_size, kv_heads, head_dim). Returns (rows, heads, head_dim).
+
+    ``block_n`` tokens per tile and ``num_warps`` default to what benchmarks/paged_attention_bench.py
+    measured fastest at the 8B shape: 128 and 8 for a lone row (a handful of programs: wider tiles keep each
+    busier; 35 us against 49 us), 64 and 4 from 64 rows up (4.2-4.3 TB/s).
+    """
+    rows, heads, head_dim = q.shape
+    few = rows <= 8
+    block_n = block_n or (128 if few else 64)
+    num_warps = num_warps or (8 if few else 4)
+    _, block_size, kv_heads, _ = cache_k.shape
+    group = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(rows, kv_heads)](
+        q, cache_k, cache_v, block_tables, lengths, out, q.stride(0), q.stride(1), cache_k.stride(0),
+        cache_k.stride(1), cache_k.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), head_dim**-0.5,
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BS=block_size, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps,
+    )
+    return out
+
+
+@torch.library.custom_op("lorag::paged_decode", mutates_args=())
+def paged_decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor) -> torch.Tensor:
+    return paged_decode(q, cache_k, cache_v, block_tables, lengths)
+
+
+@paged_decode_op.register_fake
+def _(q, cache_k, cache_v, block_tables, lengths):
+    return torch.empty_like(q)
+
+
+@dataclass(frozen=True)
+class CacheAccess:
+    """Where one forward's new tokens go in the paged cache and how its queries read it.
+
+    ``write_block``/``write_offset`` (batch, seq): the cache position of each new token (padding and idle
+    rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "kernel" (decode kernel over
+    ``block_tables``/``lengths``) or "gather" (reference: keys at ``read_slots`` (batch, length) under the
+    additive ``mask`` (batch, 1, group * seq, length)).
+    """
+
+    mode: str
+    write_block: torch.Tensor
+    write_offset: torch.Tensor
+    block_tables: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    read_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
+                 group: int, dtype) -> CacheAccess:
+    """The :class:`CacheAccess` of tokens at ``positions`` (batch, seq; -1 = padding) of rows whose blocks are
+    ``block_tables`` (batch, max_blocks) int32 (idle rows: all scratch, position 0)."""
+    real = positions >= 0
+    at = positions.clamp(min=0)
+    table = block_tables.long()
+    write_block = torch.where(real, table.gather(1, at // block_size), 0)
+    write_offset = torch.where(real, at % block_size, 0)
+    if fresh:
+        return CacheAccess("fresh", write_block, write_offset)
+    if kernel and positions.shape[1] == 1:
+        return CacheAccess("kernel", write_block, write_offset, block_tables=block_tables,
+                           lengths=(at[:, 0] + 1).to(torch.int32))
+    length = block_tables.shape[1] * block_size
+    t = torch.arange(length, device=positions.device)
+    read_slots = table[:, t // block_size] * block_size + t % block_size  # (batch, length)
+    # Padding queries see token 0 only, so their (ignored) outputs stay finite.
+    visible = (t <= at[..., None]) & (real[..., None] | (t == 0))  # (batch, seq, length)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    batch, seq, _ = visible.shape
+    mask = bias[:, None, None].expand(batch, 1, group, seq, length).reshape(batch, 1, group * seq, length)
+    return CacheAccess("gather", write_block, write_offset, read_slots=read_slots, mask=mask)
+
+
+def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                 access: CacheAccess) -> torch.Tensor:
+    """Write the new k/v (batch, seq, kv_heads, head_dim) into the cache, then attend q (batch, seq, heads,
+    head_dim) as ``access`` says. Returns (batch, seq, heads, head_dim)."""
+    # Index the whole cache tensor (not a view of it): a compiled graph then scatters in place.
+    cache_k[access.write_block, access.write_offset] = k
+    cache_v[access.write_block, access.write_offset] = v
+    if access.mode == "fresh":
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        ).transpose(1, 2)
+    if access.mode == "kernel":
+        op = paged_decode_op if torch.compiler.is_compiling() else paged_decode
+        return op(q[:, 0], cache_k, cache_v, access.block_tables, access.lengths)[:, None]
+    kv_heads, head_dim = cache_k.shape[2], cache_k.shape[3]
+    keys = cache_k.view(-1, kv_heads, head_dim)[access.read_slots].transpose(1, 2)  # (batch, kv_heads, length, d)
+    values = cache_v.view(-1, kv_heads, head_dim)[access.read_slots].transpose(1, 2)
+    return grouped_attention(q, keys, values, access.mask)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention without repeating keys.
+
+    q (batch, seq, heads, head_dim); keys/values (batch, kv_heads, length, head_dim). The query heads
+    that share a kv head are folded into the query-length axis: (batch, kv_heads, group * seq, head_dim).
+    Returns (batch, seq, heads, head_dim).
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    q = q.transpose(1, 2).reshape(batch, kv_heads, group * seq, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.reshape(batch, heads, seq, head_dim).transpose(1, 2)
