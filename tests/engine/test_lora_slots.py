@@ -96,7 +96,7 @@ def test_missing_files_and_pickled_weights_are_refused(slots, arch_setup, tmp_pa
         slots.load("empty", tmp_path)
 
 
-@pytest.mark.parametrize(("config", "message"), [(b"\x80\x81{", "is not valid JSON"), (b"{", "is not valid JSON"),
+@pytest.mark.parametrize(("config", "message"), [(b"\x80\x81{", "is not UTF-8 text"), (b"{", "is not valid JSON"),
                                                  (b"[1, 2]", "must hold a JSON object")])
 def test_malformed_adapter_config_is_refused_by_name(slots, arch_setup, tmp_path, config, message):
     _, _, dirs = arch_setup
