@@ -203,22 +203,23 @@ class LoraFinetuneRecipe:
 
                 retrieval = self._retrieval = getattr(self, "_retrieval", None) or RetrievalService(self.settings)
             conversations = [
-                r.messages
-                for r in build_raft_examples(
+                (r.messages, e.trained_turns)
+                for e, r in zip(examples, build_raft_examples(
                     examples,
                     lambda question: retrieval.retrieve(self.tenant, question, k=cfg.k),
                     settings=cfg,
                     tokenizer=self.tokenizer,
                     max_seq_len=cfg.max_seq_len,
-                )
+                ))
             ]
         else:
             conversations = [
-                [*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}] for e in examples
+                ([*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}], e.trained_turns)
+                for e in examples
             ]
         encoded, truncated = [], 0
-        for conversation in conversations:
-            item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len)
+        for conversation, trained_turns in conversations:
+            item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len, trained_turns=trained_turns)
             truncated += item.truncated
             if item.target_tokens:
                 encoded.append(item)
