@@ -109,7 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: lorag train ... --name {result.name} --resume", file=sys.stderr)
-        return 130
+        return 128 + int(result.stop_signal or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if result.manifest is None:  # not the main process of a data-parallel run: it reports
         return 0
     metrics = result.manifest.metrics
