@@ -10,9 +10,15 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthStatus)
-def healthz() -> HealthStatus:
-    """The process answers HTTP."""
-    return HealthStatus(status="ok")
+def healthz(services: AppServices) -> HealthStatus:
+    """The process answers HTTP (always 200, for liveness probes); the fields say what is loaded so far."""
+    generator = services.generator
+    return HealthStatus(
+        status="ok",
+        generator=getattr(generator, "name", None),
+        generator_kind=getattr(generator, "kind", None),
+        retrieval=services.retrieval is not None,
+    )
 
 
 @router.get("/readyz", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
