@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ingest.furniture import find_furniture
+from ingest.pdf_notes import collect_pypdf_notes
 from ingest.settings import IngestSettings
 from core.errors import LoragError
 
@@ -299,8 +300,21 @@ def load_html(path: Path, *, settings: IngestSettings) -> LoadedDocument:
 def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     """One page per PDF page (1-based). Encrypted files open only if the empty password works.
 
-    pypdf bounds decompression itself (LimitReachedError); the character limits bound what we keep.
+    pypdf bounds decompression itself (LimitReachedError); the character limits bound what we keep. What pypdf
+    logs while reading ("EOF marker not found") becomes this file's warnings, or part of its failure reason.
     """
+    with collect_pypdf_notes() as notes:
+        try:
+            document = _read_pdf(path, settings=settings)
+        except LoadError as error:
+            if not notes:
+                raise
+            raise LoadError(f"{error} (pypdf: {'; '.join(dict.fromkeys(notes))})") from error
+    document.warnings.extend(f"{path}: pypdf: {note}" for note in dict.fromkeys(notes))
+    return document
+
+
+def _read_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     from pypdf import PdfReader
     from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
 
