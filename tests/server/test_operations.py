@@ -98,3 +98,52 @@ def test_a_sources_filter_matching_nothing_says_so(client, corpus):
             "retrieval": {"sources": ["no-such-file.pdf"]}}
     error = assert_error(client.post("/v1/chat/completions", json=chat, headers=auth(corpus.acme_key)), 404)
     assert "match no document" in error["message"]
+
+
+@pytest.mark.slow
+def test_lorag_serve_writes_json_log_lines(tmp_path):
+    """A real `lorag serve --log-format json`: every line it writes is a JSON object, one per request."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import REPO_ROOT
+
+    data_dir = tmp_path / "data"
+    _, key = TenantRegistry(data_dir).add("acme")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lorag.cli", "serve", "--generator", "extractive", "--port", str(port),
+         "--log-format", "json", "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # a hang guard: the embedder loads first
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        models = httpx.get(f"{base}/v1/models", headers=auth(key, **{"X-Request-ID": "e2e-models"}))
+        assert models.status_code == 200 and models.headers["x-request-id"] == "e2e-models"
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, uvicorn's own included, is JSON
+    assert any(entry["logger"].startswith("uvicorn") for entry in entries)
+    [request] = [entry for entry in entries if entry.get("request_id") == "e2e-models"]
+    assert request["route"] == "/v1/models" and request["tenant"] == "acme" and request["status"] == 200
+    assert key not in stderr
