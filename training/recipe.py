@@ -48,8 +48,8 @@ class TrainResult:
     step: int
     interrupted: bool = False
     manifest: AdapterManifest | None = None
-    stop_signal: int | None = None  # the signal that interrupted the run (SIGINT or SIGTERM)
     history: list[dict] = field(default_factory=list)  # every logged step and evaluation
+    stop_signal: int | None = None  # the signal that interrupted the run (SIGINT or SIGTERM)
 
     @property
     def losses(self) -> list[float]:
