@@ -47,7 +47,7 @@ def measure_perplexity(
     encoded = []
     for example in examples:
         messages = [*prompt_messages(example).messages, {"role": "assistant", "content": example.answer}]
-        item = encode_chat(messages, tokenizer, max_seq_len=max_seq_len)
+        item = encode_chat(messages, tokenizer, max_seq_len=max_seq_len, trained_turns=example.trained_turns)
         if item.target_tokens:
             encoded.append(item)
     if not encoded:

@@ -303,7 +303,8 @@ def load_html(path: Path, *, settings: IngestSettings) -> LoadedDocument:
 def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     """One page per PDF page (1-based). Encrypted files open only if the empty password works.
 
-    pypdf bounds decompression itself (LimitReachedError); the character limits bound what we keep.
+    pypdf bounds decompression itself (LimitReachedError); the character limits bound what we keep. What pypdf
+    logs while reading ("EOF marker not found") becomes this file's warnings, or part of its failure reason.
     """
     warnings: list[str] = []
     with _pypdf_warnings_into(warnings, path):

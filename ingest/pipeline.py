@@ -102,6 +102,14 @@ def ingest_paths(
     context_weight = settings.chunking.context_weight
     if progress is not None:
         progress.start(len(found.files))
+    loop_started = time.perf_counter()
+
+    def file_done(chunks: int) -> None:
+        # The bar and the summary's chunks/s share this one clock, so they cannot disagree.
+        report.processing_seconds = time.perf_counter() - loop_started
+        if progress is not None:
+            progress.file_done(chunks=chunks, elapsed=report.processing_seconds)
+
     update = None
     pending = 0  # chunks staged in the open update
     dirty = False
@@ -112,14 +120,13 @@ def ingest_paths(
         for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits):
             _note(report.add(prepared.outcome))
             if prepared.record is None:
-                if progress is not None:
-                    progress.file_done(chunks=0)
+                file_done(0)
                 continue
             waiting.append(prepared)
             if sum(len(p.chunks) for p in waiting) < EMBED_GROUP:
                 continue  # small files share one embed call: per-call overhead dominates tiny batches
             pending += _store(waiting, embedder=embedder, update=update, context_weight=context_weight,
-                              progress=progress)
+                              on_file_done=file_done)
             _freeze_long_lived_objects()  # the model is loaded now: its objects join the skipped ones
             waiting, dirty = [], True
             if pending >= limits.commit_every_chunks:
@@ -128,7 +135,7 @@ def ingest_paths(
                 pending, dirty = 0, False
                 update = index.update()
         if waiting:
-            _store(waiting, embedder=embedder, update=update, context_weight=context_weight, progress=progress)
+            _store(waiting, embedder=embedder, update=update, context_weight=context_weight, on_file_done=file_done)
             dirty = True
         if prune:
             for source in _vanished_sources(index, found_roots=[Path(os.path.abspath(p)) for p in paths]):
@@ -271,7 +278,7 @@ def _prepare(
 
 
 def _store(
-    files: list[PreparedFile], *, embedder, update, context_weight: float, progress: IngestProgress | None
+    files: list[PreparedFile], *, embedder, update, context_weight: float, on_file_done: Callable[[int], None]
 ) -> int:
     """Embed the chunks of ``files`` together and stage each document; returns the number of chunks."""
     vectors = embed_chunks(embedder, [chunk for prepared in files for chunk in prepared.chunks],
@@ -284,8 +291,7 @@ def _store(
         prepared.outcome.chunks = count
         offset += texts
         chunks += count
-        if progress is not None:
-            progress.file_done(chunks=count)
+        on_file_done(count)
     return chunks
 
 

@@ -19,12 +19,14 @@ class IngestProgress:
         self.started = time.perf_counter()
         self.bar = tqdm(total=total_files, unit="file", file=self.stream, desc="ingest")
 
-    def file_done(self, *, chunks: int) -> None:
+    def file_done(self, *, chunks: int, elapsed: float | None = None) -> None:
+        """``elapsed``: seconds since the files started, on the clock the run's summary uses (``processing_seconds``)."""
         self.chunks += chunks
         if self.bar is None:
             return
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix(chunks=self.chunks, rate=f"{self.chunks / elapsed:.1f} chunks/s", refresh=False)
+        elapsed = max(elapsed if elapsed is not None else time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(chunks=self.chunks, rate=f"{chunks_per_second(self.chunks, elapsed):.1f} chunks/s",
+                             refresh=False)
         self.bar.update(1)
 
     def write(self, message: str) -> None:
@@ -38,6 +40,10 @@ class IngestProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def chunks_per_second(chunks: int, seconds: float) -> float:
+    return chunks / seconds if seconds > 0 else 0.0
 
 
 def should_show_progress(stream, environ) -> bool:

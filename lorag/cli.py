@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lorag_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
             module = importlib.import_module(module_name)
@@ -48,14 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lorag_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorag")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # a bare `lorag`: show what it can do rather than an argparse error
+        parser.print_help()
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Libraries' warnings (a transformers FutureWarning about its own internals) become log records of
+    # "py.warnings": shown with -v, otherwise kept out of the command's output.
+    logging.captureWarnings(True)
     if not args.verbose:
         quiet_library_loggers()
     try:
@@ -74,6 +90,7 @@ def quiet_library_loggers() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on import about optional CPU kernels lorag never uses (4-bit runs on CUDA only).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

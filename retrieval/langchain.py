@@ -11,7 +11,11 @@ from core.records import Passage
 
 
 class LoragRetriever(BaseRetriever):
-    """``LoragRetriever(service=RetrievalService(settings), tenant="acme", k=5).invoke("question")``."""
+    """``LoragRetriever(service=RetrievalService(settings), tenant="acme", k=5).invoke("question")``.
+
+    Raises (from ``invoke``): NoIndex for a tenant with nothing indexed, UnknownSources for a ``sources``
+    filter that names no document.
+    """
 
     service: RetrievalService
     tenant: str
@@ -22,7 +26,10 @@ class LoragRetriever(BaseRetriever):
     model_config = {"arbitrary_types_allowed": True}
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        passages = self.service.retrieve(self.tenant, query, k=self.k, sources=self.sources, mode=self.mode)
+        # require_index: an unknown tenant or an empty index is an error, not a silent "no documents".
+        passages = self.service.retrieve(
+            self.tenant, query, k=self.k, sources=self.sources, mode=self.mode, require_index=True
+        )
         return [passage_document(p) for p in passages]
 
 

@@ -16,6 +16,19 @@ from core.records import Chunk, DocumentRecord, Passage, document_name
 log = logging.getLogger(__name__)
 
 
+class NoIndex(NotFound):
+    """The tenant has no index, or an empty one: searching it could only return nothing."""
+
+    code = "no_index"
+
+
+class UnknownSources(NotFound):
+    """A ``sources`` filter names no document of the tenant; searching everything instead would mislead."""
+
+    param = "sources"
+    code = "unknown_sources"
+
+
 class RetrievalService:
     """Thread-safe: requests for any tenants may call it concurrently."""
 
@@ -66,21 +79,46 @@ class RetrievalService:
         return index
 
     def retrieve(
-        self, tenant: str, query: str, *, k: int | None = None, sources: Sequence[str] | None = None, mode: str | None = None
+        self,
+        tenant: str,
+        query: str,
+        *,
+        k: int | None = None,
+        sources: Sequence[str] | None = None,
+        mode: str | None = None,
+        require_index: bool = False,
     ) -> list[Passage]:
-        """The ``k`` best passages of ``tenant`` for ``query`` (empty when the tenant has no index).
+        """The ``k`` best passages of ``tenant`` for ``query``.
+
+        Without an index (or with an empty one) the result is empty, or with ``require_index`` (a search
+        API, where an empty list would pass for "nothing relevant") :class:`NoIndex` is raised.
 
         Raises:
+            NoIndex: ``require_index`` and the tenant has no indexed document.
+            UnknownSources: ``sources`` names no document of the tenant.
             LoragError: empty query, ``k`` out of range, unknown mode or tenant name.
         """
         index = self.index(tenant)
-        if index is None:
+        if index is None or len(index) == 0:
+            if require_index:
+                raise NoIndex(
+                    f"tenant {tenant!r} has no indexed documents, so there is nothing to search",
+                    hint=f"Ingest some with `lorag ingest PATH --tenant {tenant}` or POST /v1/documents",
+                )
+            if sources:
+                raise UnknownSources(f"sources {list(sources)!r}: tenant {tenant!r} has no indexed documents")
             return []
         settings = self.settings.retrieval
         retriever = HybridRetriever(index, _LockedEmbedder(self.embedder, self._embed_lock), settings,
                                     reranker=self.reranker)
         if sources:
-            sources = _stored_sources(index, sources)
+            named = _stored_sources(index, sources)
+            if not named:
+                raise UnknownSources(
+                    f"sources {list(sources)!r} match no document of tenant {tenant!r}",
+                    hint="Name documents as GET /v1/documents lists them (their file name or source)",
+                )
+            sources = named
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
 
     def embed_texts(self, texts: Sequence[str]):

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from server.error_handlers import install_error_handlers
 from server.limits import BodyLimitMiddleware, ChatQueue
 from server.metrics import MetricsMiddleware
+from server.request_log import RequestLogMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
 from server.routes.docs import install_docs
 from server.services import build_services, close_services, new_services
@@ -76,5 +77,6 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
         BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, max_json_bytes=settings.server.max_json_bytes
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLogMiddleware)  # outermost: its X-Request-ID is on every response, 413s included
     return app
 

@@ -38,6 +38,10 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
         help="generation path (generation.engine): auto = the multi-adapter engine for Llama/Qwen2 on CUDA; "
         "remote = the vLLM servers in generation.remote_url (env LORAG_GENERATION__REMOTE_URL)",
     )
+    serve.add_argument(
+        "--log-format", choices=["text", "json"],
+        help="'json' writes one JSON object per log line, one line per request (server.log_format)",
+    )
     serve.set_defaults(handler=run_serve)
 
     tenant = subparsers.add_parser(
@@ -73,17 +77,24 @@ def _settings(args: argparse.Namespace, **sections):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from server.app import create_app
+    from server.log_format import configure_logging
 
     generation = {"model": args.model, "device": args.device, "engine": args.engine}
-    settings = _settings(args, server={"host": args.host, "port": args.port}, generation=generation)
+    settings = _settings(args, server={"host": args.host, "port": args.port, "log_format": args.log_format},
+                         generation=generation)
     if args.generator == "extractive":
         settings.generation.model = None  # no model: the factory builds the extractive generator
+    configure_logging(settings.server.log_format, level=logging.DEBUG if args.verbose else logging.INFO)
     _check_can_listen(settings.server.host, settings.server.port)  # before minutes of model loading
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="info")
+    # log_config=None: uvicorn's own lines go through the handler above; its access log is replaced by the
+    # request line of server.request_log, which also names the tenant, model and request id.
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_config=None, access_log=False)
     return 0
 
 

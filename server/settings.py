@@ -50,6 +50,10 @@ class HTTPSettings(BaseModel):
     max_concurrent_requests: int = Field(8, ge=1, description="chat requests generating at once")
     max_queued_requests: int = Field(32, ge=0, description="chat requests waiting beyond that; more get 503")
     request_timeout_s: float = Field(120.0, gt=0, description="a chat request running longer is cut off")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per log line (request lines carry request_id, tenant, route, "
+        "model, status, latency_ms, error)"
+    )
 
     @model_validator(mode="after")
     def _refuse_unsafe_admin_key(self) -> "HTTPSettings":

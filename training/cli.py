@@ -88,7 +88,8 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     merge.add_argument("--tenant", required=True)
     merge.add_argument("name")
     merge.add_argument("--out", required=True, metavar="DIR")
-    merge.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    merge.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="dtype of the written weights (default: auto, the base model's own dtype)")
     merge.add_argument("--base", help="merge into this copy of the base model (bf16/fp32, never 4-bit)")
     merge.set_defaults(handler=run_adapters)
 
@@ -114,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: lorag train ... --name {result.name} --resume", file=sys.stderr)
-        return 130
+        return 128 + int(result.stop_signal or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if result.manifest is None:  # not the main process of a data-parallel run: it reports
         return 0
     metrics = result.manifest.metrics
@@ -154,8 +155,9 @@ def run_adapters(args: argparse.Namespace) -> int:
         registry.remove(args.tenant, args.name)
         print(f"deleted adapter {args.tenant}/{args.name}")
     else:
-        out = merge_adapter(registry, args.tenant, args.name, args.out, dtype=args.dtype, base_model=args.base)
-        print(f"merged {args.tenant}/{args.name} into {out}")
+        merged = merge_adapter(registry, args.tenant, args.name, args.out, dtype=args.dtype, base_model=args.base)
+        print(f"merged {args.tenant}/{args.name} into {merged.path}: {merged.dtype} weights, "
+              f"{merged.parameters:,} parameters, {merged.bytes / 1e6:.1f} MB of safetensors (base {merged.base})")
     return 0
 
 

@@ -18,6 +18,21 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value the loss skips
 FORMATS = ("alpaca", "sharegpt", "openai")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Documented fields of LLaMA-Factory's data formats (data/README.md) and OpenAI's fine-tuning format that lorag
+# cannot train on. A record using one is refused by name rather than trained as if the field were not there.
+_UNSUPPORTED_FIELDS = {
+    "tools": "tool descriptions (function calling) are not supported",
+    "functions": "function descriptions (function calling) are not supported",
+    "images": "image inputs are not supported (lorag trains text-only models)",
+    "videos": "video inputs are not supported (lorag trains text-only models)",
+    "audios": "audio inputs are not supported (lorag trains text-only models)",
+    "chosen": "preference (chosen/rejected) data is not supported; lorag trains supervised answers only",
+    "rejected": "preference (chosen/rejected) data is not supported; lorag trains supervised answers only",
+    "kto_tag": "KTO feedback data is not supported; lorag trains supervised answers only",
+    "preferred_output": "preference (DPO) data is not supported; lorag trains supervised answers only",
+    "non_preferred_output": "preference (DPO) data is not supported; lorag trains supervised answers only",
+}
+_TOOL_ROLES = ("observation", "function_call", "tool", "function")
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,9 @@ class Example:
 
     messages: tuple[ChatMessage, ...]
     line: int
+    # One flag per assistant turn of ``messages``, in order: False for a turn kept as context but not learned
+    # (OpenAI fine-tuning's ``weight: 0``). None: every assistant turn is learned.
+    trained_turns: tuple[bool, ...] | None = None
 
     @property
     def question(self) -> str:
@@ -101,7 +119,8 @@ def load_examples(path: str | Path, *, strict: bool = False) -> LoadedData:
     for line, record, error in records:
         if error is None:
             try:
-                examples.append(Example(parse(record), line))
+                messages, trained_turns = parse(record)
+                examples.append(Example(messages, line, trained_turns))
                 continue
             except ValueError as invalid:
                 error = str(invalid)
@@ -121,6 +140,8 @@ def detect_format(records: Sequence[object]) -> str | None:
     """The format of the first record that looks like one of the three, or None."""
     for record in records:
         if isinstance(record, dict):
+            if "preferred_output" in record or "non_preferred_output" in record:
+                return "openai"  # OpenAI's preference format: refused per record with the reason
             if "messages" in record:
                 return "openai"
             if "conversations" in record:
@@ -180,9 +201,17 @@ def _require_text(record: dict, key: str, *, optional: bool = False) -> str:
     return value
 
 
-def _parse_alpaca(record: object) -> tuple[ChatMessage, ...]:
+def _refuse_unsupported_fields(record: dict) -> None:
+    """Raise for a documented field lorag cannot train on, when it carries something (empty values are harmless)."""
+    for key, reason in _UNSUPPORTED_FIELDS.items():
+        if record.get(key) not in (None, "", [], {}):
+            raise ValueError(f"field {key!r}: {reason}")
+
+
+def _parse_alpaca(record: object) -> tuple[tuple[ChatMessage, ...], None]:
     if not isinstance(record, dict):
         raise ValueError(f"expected an object with instruction/output, got {type(record).__name__}")
+    _refuse_unsupported_fields(record)
     if "instruction" not in record or "output" not in record:
         raise ValueError(f"alpaca record needs 'instruction' and 'output'; found keys {sorted(record)}")
     instruction = _require_text(record, "instruction")
@@ -198,16 +227,19 @@ def _parse_alpaca(record: object) -> tuple[ChatMessage, ...]:
             raise ValueError(f"history[{index}] must be a pair of non-empty strings")
         messages += [ChatMessage("user", pair[0]), ChatMessage("assistant", pair[1])]
     question = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return (*messages, ChatMessage("user", question), ChatMessage("assistant", output))
+    return (*messages, ChatMessage("user", question), ChatMessage("assistant", output)), None
 
 
-def _parse_sharegpt(record: object) -> tuple[ChatMessage, ...]:
+def _parse_sharegpt(record: object) -> tuple[tuple[ChatMessage, ...], None]:
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError("sharegpt record needs 'conversations': a list of {from, value}")
+    _refuse_unsupported_fields(record)
     messages = []
     for index, turn in enumerate(record["conversations"]):
         if not isinstance(turn, dict):
             raise ValueError(f"conversations[{index}] must be an object with 'from' and 'value'")
+        if turn.get("from") in _TOOL_ROLES:
+            raise ValueError(f"conversations[{index}].from is {turn.get('from')!r}: tool calls and tool results are not supported")
         role = _SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise ValueError(f"conversations[{index}].from is {turn.get('from')!r}; expected human, gpt or system")
@@ -215,25 +247,67 @@ def _parse_sharegpt(record: object) -> tuple[ChatMessage, ...]:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"conversations[{index}].value must be non-empty text")
         messages.append(ChatMessage(role, value))
-    return _check_conversation(messages, "conversations")
+    # LLaMA-Factory's top-level system prompt; a system turn inside the conversation overrides it, as there.
+    system = _require_text(record, "system", optional=True)
+    if system.strip() and not any(m.role == "system" for m in messages):
+        messages.insert(0, ChatMessage("system", system))
+    return _check_conversation(messages, "conversations"), None
 
 
-def _parse_openai(record: object) -> tuple[ChatMessage, ...]:
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+def _parse_openai(record: object) -> tuple[tuple[ChatMessage, ...], tuple[bool, ...] | None]:
+    if not isinstance(record, dict):
         raise ValueError("OpenAI record needs 'messages': a list of {role, content}")
-    messages = []
+    _refuse_unsupported_fields(record)
+    if not isinstance(record.get("messages"), list):
+        raise ValueError("OpenAI record needs 'messages': a list of {role, content}")
+    messages, weights = [], []
     for index, turn in enumerate(record["messages"]):
         if not isinstance(turn, dict):
             raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
         role, content = turn.get("role"), turn.get("content")
+        if role in _TOOL_ROLES or turn.get("tool_calls") or turn.get("function_call"):
+            field_name = "role" if role in _TOOL_ROLES else ("tool_calls" if turn.get("tool_calls") else "function_call")
+            raise ValueError(f"messages[{index}].{field_name}: tool calls and tool results are not supported")
+        if role == "developer":  # the newer name of the system role
+            role = "system"
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"messages[{index}].role is {role!r}; expected system, user or assistant")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if isinstance(content, list):
+            content = _text_parts(content, f"messages[{index}].content")
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"messages[{index}].content must be non-empty text")
+        if "weight" in turn:
+            weight = turn["weight"]
+            if role != "assistant":
+                raise ValueError(f"messages[{index}].weight is only allowed on assistant messages")
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise ValueError(f"messages[{index}].weight is {weight!r}; expected 0 or 1")
+        if role == "assistant":
+            weights.append(turn.get("weight", 1) == 1)
         messages.append(ChatMessage(role, content))
-    return _check_conversation(messages, "messages")
+    if weights and not any(weights):
+        raise ValueError("every assistant message has weight 0: nothing to learn")
+    # Assistant turns after the last learned one change no loss (the model is causal): leave them out so the
+    # example ends with the answer it learns.
+    if messages and messages[-1].role == "assistant":
+        while not weights[-1]:
+            weights.pop()
+            messages.pop()
+            while messages[-1].role != "assistant":
+                messages.pop()
+    trained = None if all(weights) else tuple(weights)
+    return _check_conversation(messages, "messages"), trained
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """The text of OpenAI content parts; image, audio and file parts are refused, not dropped."""
+    texts = []
+    for number, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(f"{where}[{number}].type is {kind!r}: only text content parts are supported")
+        texts.append(part.get("text", ""))
+    return "".join(texts)
 
 
 def _check_conversation(messages: list[ChatMessage], key: str) -> tuple[ChatMessage, ...]:
@@ -255,21 +329,30 @@ def prompt_messages(example: Example, passages: Sequence = (), *, tokenizer=None
     return build_prompt(example.messages[:-1], passages, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
 
 
-def encode_chat(messages: Sequence[dict], tokenizer, *, max_seq_len: int) -> Encoded:
+def encode_chat(
+    messages: Sequence[dict], tokenizer, *, max_seq_len: int, trained_turns: Sequence[bool] | None = None
+) -> Encoded:
     """Render ``messages`` (ending with the assistant answer) through the chat template and mask labels.
 
     Labels keep every assistant turn's content plus the end-of-turn token that follows it; the
     template's role headers, the system prompt and the user turns are -100. Sequences longer than
-    ``max_seq_len`` are cut at the end (``truncated`` is set).
+    ``max_seq_len`` are cut at the end (``truncated`` is set). ``trained_turns`` (``Example.trained_turns``)
+    masks the assistant turns flagged False; it is matched to the last assistant turns, so a prompt that
+    dropped its oldest turns to fit still lines up.
 
     Raises:
         LoragError: the chat template does not render a conversation as a prefix of its extension.
     """
     messages = [dict(m) for m in messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    learned = set(assistant_turns)
+    if trained_turns is not None:
+        learned = {index for index, flag in zip(reversed(assistant_turns), reversed(trained_turns)) if flag}
+        learned |= set(assistant_turns[: max(len(assistant_turns) - len(trained_turns), 0)])
     spans = []
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if index not in learned:
             continue
         prefix = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         content = message["content"].strip()

@@ -3,6 +3,7 @@
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.manifest import check_base, read_manifest
@@ -11,10 +12,28 @@ from core.errors import Conflict, LoragError
 from models.locate import locate_model
 
 
+# --dtype names -> torch dtype names; "auto" keeps whatever the base checkpoint stores.
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    """What ``merge_adapter`` wrote, for the CLI to report."""
+
+    path: Path
+    dtype: str  # torch dtype name of the written weights, e.g. "float32"
+    base: str
+    parameters: int
+    bytes: int
+
+
 def merge_adapter(
-    registry: AdapterRegistry, tenant: str, name: str, out: Path, *, dtype: str = "bf16", base_model: str | None = None
-) -> Path:
-    """Write base + adapter as one plain transformers model to ``out`` (bf16 or fp32, never 4-bit).
+    registry: AdapterRegistry, tenant: str, name: str, out: Path, *, dtype: str = "auto", base_model: str | None = None
+) -> MergedModel:
+    """Write base + adapter as one plain transformers model to ``out``, never 4-bit.
+
+    ``dtype="auto"`` keeps the base checkpoint's dtype (a float32 base stays float32); ``bf16``, ``fp16``
+    or ``fp32`` convert.
 
     Raises:
         NotFound: no such adapter.
@@ -31,8 +50,8 @@ def merge_adapter(
     base = locate_model(base_model or manifest.base_model, models_dir=registry.data_dir / "models")
     out = Path(out)
     _check_merge_output(out)
-    if dtype not in ("bf16", "fp32"):
-        raise LoragError(f"merge dtype {dtype!r} is not supported", hint="Use bf16 or fp32")
+    if dtype not in DTYPES:
+        raise LoragError(f"merge dtype {dtype!r} is not supported", hint=f"Use one of {', '.join(DTYPES)}")
     try:
         config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as error:
@@ -45,7 +64,8 @@ def merge_adapter(
             hint="Merge into the bf16/fp32 base model (--base PATH) and quantise the merged model afterwards",
         )
     check_base(manifest, config)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(base)
 
@@ -62,7 +82,8 @@ def merge_adapter(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    written = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    return MergedModel(out, str(merged.dtype).removeprefix("torch."), str(base), merged.num_parameters(), written)
 
 
 def _check_merge_output(out: Path) -> None:

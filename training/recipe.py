@@ -50,6 +50,7 @@ class TrainResult:
     interrupted: bool = False
     manifest: AdapterManifest | None = None
     history: list[dict] = field(default_factory=list)  # every logged step and evaluation
+    stop_signal: int | None = None  # the signal that interrupted the run (SIGINT or SIGTERM)
 
     @property
     def losses(self) -> list[float]:
@@ -80,7 +81,9 @@ def train_adapter(
     recipe.setup(data_file=Path(data_file), val_file=Path(val_file) if val_file else None, retrieval=retrieval)
     interrupted = recipe.train(on_step=on_step)
     if interrupted:
-        return TrainResult(recipe.name, None, recipe.run_dir, recipe.step, True, history=recipe.history)
+        return TrainResult(
+            recipe.name, None, recipe.run_dir, recipe.step, True, history=recipe.history, stop_signal=recipe.stop_signal
+        )
     manifest = recipe.save()
     return TrainResult(recipe.name, recipe.adapter_dir, recipe.run_dir, recipe.step, False, manifest, recipe.history)
 
@@ -102,6 +105,7 @@ class LoraFinetuneRecipe:
         self.run_dir = tenant_dir(settings.data_dir, tenant) / "training" / self.name
         self.history: list[dict] = []
         self.step = 0
+        self.stop_signal: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, data_file: Path, val_file: Path | None, retrieval=None) -> None:
@@ -223,18 +227,19 @@ class LoraFinetuneRecipe:
 
                 retrieval = self._retrieval = getattr(self, "_retrieval", None) or RetrievalService(self.settings)
             conversations = [
-                r.messages
-                for r in build_raft_examples(
+                (r.messages, e.trained_turns)
+                for e, r in zip(examples, build_raft_examples(
                     examples,
                     lambda question: retrieval.retrieve(self.tenant, question, k=cfg.k),
                     settings=cfg,
                     tokenizer=self.tokenizer,
                     max_seq_len=cfg.max_seq_len,
-                )
+                ))
             ]
         else:
             conversations = [
-                [*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}] for e in examples
+                ([*prompt_messages(e).messages, {"role": "assistant", "content": e.answer}], e.trained_turns)
+                for e in examples
             ]
         return self._encoded(conversations)
 
@@ -242,8 +247,8 @@ class LoraFinetuneRecipe:
         """Chat-templated, label-masked token ids; examples with no answer token left within max_seq_len are dropped."""
         cfg = self.cfg
         encoded, truncated = [], 0
-        for conversation in conversations:
-            item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len)
+        for conversation, trained_turns in conversations:
+            item = encode_chat(conversation, self.tokenizer, max_seq_len=cfg.max_seq_len, trained_turns=trained_turns)
             truncated += item.truncated
             if item.target_tokens:
                 encoded.append(item)
@@ -257,7 +262,7 @@ class LoraFinetuneRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self, *, on_step: Callable[[int, dict], None] | None = None) -> bool:
-        """Run optimizer steps until the schedule ends, early stopping fires or SIGINT arrives.
+        """Run optimizer steps until the schedule ends, early stopping fires or SIGINT/SIGTERM arrives.
 
         Returns True when interrupted (a resumable checkpoint was saved).
         """
@@ -305,6 +310,7 @@ class LoraFinetuneRecipe:
                     interrupt = self._mean_over_ranks(float(interrupt)) > 0
                 if interrupt:
                     self.save_checkpoint()
+                    self.stop_signal = stop.signum or signal.SIGINT  # another rank may have received it
                     interrupted = True
                     break
                 if self.stopped_early:
@@ -512,26 +518,37 @@ def _autocast(device, bf16: bool):
 
 
 class _InterruptFlag:
-    """While active, the first Ctrl-C asks the loop to checkpoint and stop; a second one aborts at once."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop; a second one aborts.
+
+    SIGTERM is what a scheduler, ``docker stop`` or Kubernetes sends before killing the process, so it
+    gets the same resumable checkpoint as Ctrl-C.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step (send it again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
         return False
 
 

@@ -12,8 +12,16 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=HealthStatus)
 def healthz(services: AppServices) -> HealthStatus:
-    """The process answers HTTP; with remote generation, which vLLM servers answered last time."""
-    return HealthStatus(status="ok", remote=_remote(services))
+    """The process answers HTTP (always 200, for liveness probes); the fields say what is loaded so far and, with
+    remote generation, which vLLM servers answered last time."""
+    generator = services.generator
+    return HealthStatus(
+        status="ok",
+        generator=getattr(generator, "name", None),
+        generator_kind=getattr(generator, "kind", None),
+        retrieval=services.retrieval is not None,
+        remote=_remote(services),
+    )
 
 
 @router.get("/readyz", response_model=HealthStatus, responses={503: {"model": HealthStatus}})

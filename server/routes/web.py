@@ -16,6 +16,8 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 # Only these files are served: no path from the URL ever reaches the file system.
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
+    "markdown.js": "text/javascript; charset=utf-8",
+    "evidence.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 # Everything the page loads comes from this server; originals open as blob: URLs in a new tab.

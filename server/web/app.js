@@ -143,7 +143,7 @@ async function ask(question) {
   const answer = el("div", { class: "answer", "aria-busy": "true" });
   const message = el("div", { class: "message assistant" }, el("p", { class: "who", text: "lorag" }), answer);
   log.append(message);
-  message.scrollIntoView({ block: "end" });
+  followNewest(log, true);
 
   const body = {
     model: $("model").value,
@@ -160,24 +160,46 @@ async function ask(question) {
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         text += delta.content;
-        answer.textContent = text;
+        const follow = isAtBottom(log);
+        answer.replaceChildren(markdownBlock(text));
+        followNewest(log, follow);
       }
       if (chunk.citations !== undefined) final = chunk;
     }
     if (!final) throw new ApiError(0, "The answer stream ended early; the answer may be incomplete.");
     state.history.push({ role: "assistant", content: final.attribution ? final.attribution.text : text });
+    const follow = isAtBottom(log);
     renderAnswer(answer, text, final);
+    followNewest(log, follow);
   } catch (error) {
     state.history.pop(); // the question was not answered: do not send it as context again
-    answer.textContent = text;
+    const follow = isAtBottom(log);
+    answer.replaceChildren(markdownBlock(text));
     message.classList.add("failed");
     showError("chat-error", error);
     message.append(el("p", { class: "error", text: error.message }));
+    followNewest(log, follow);
   } finally {
     answer.setAttribute("aria-busy", "false");
     state.busy = false;
     $("ask-button").disabled = false;
   }
+}
+
+// The conversation follows the newest answer as it streams in, unless the reader scrolled up to read an earlier
+// one: then it stays where they are.
+function isAtBottom(log) {
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 24;
+}
+
+function followNewest(log, follow) {
+  if (follow) log.scrollTop = log.scrollHeight;
+}
+
+function markdownBlock(text, onText) {
+  const block = el("div", { class: "md" });
+  renderMarkdown(block, text, onText);
+  return block;
 }
 
 // Parse the SSE body of a streaming chat completion: yields each `data:` JSON object until [DONE].
@@ -221,27 +243,29 @@ function renderAnswer(container, text, final) {
   const proof = final.attribution;
   const answerText = proof ? proof.text : text; // the answer with its markers matched to the passages
   container.replaceChildren();
-  const paragraph = el("p");
-  if (proof && proof.sentences.length && !proof.abstained) {
-    let last = 0;
-    for (const sentence of proof.sentences) {
-      paragraph.append(answerText.slice(last, sentence.start));
+  const sentences = proof && proof.sentences.length && !proof.abstained ? proof.sentences : [];
+  // Markdown over the answer; each run of text is cut at sentence boundaries so every sentence keeps its support
+  // class (a sentence with **bold** in it becomes several spans of the same sentence).
+  container.append(markdownBlock(answerText, (node, start, end) => {
+    let position = start;
+    for (const [index, sentence] of sentences.entries()) {
+      if (sentence.end <= position || sentence.start >= end) continue;
+      if (sentence.start > position) appendWithMarkers(node, answerText.slice(position, sentence.start), citations);
+      const to = Math.min(end, sentence.end);
       const kind = !sentence.claim ? "neutral" : sentence.supported ? "supported" : "unsupported";
       const span = el("span", {
         class: `sentence ${kind}`,
+        "data-sentence": String(index),
         title: kind === "supported" ? "Supported by the cited passage" :
           kind === "unsupported" ? "No retrieved passage supports this sentence" : "",
       });
-      appendWithMarkers(span, answerText.slice(sentence.start, sentence.end), citations);
-      if (kind === "unsupported") span.append(el("span", { class: "flag", text: "not in the documents" }));
-      paragraph.append(span);
-      last = sentence.end;
+      appendWithMarkers(span, answerText.slice(Math.max(position, sentence.start), to), citations, [sentence.text]);
+      if (kind === "unsupported" && to === sentence.end) span.append(el("span", { class: "flag", text: "not in the documents" }));
+      node.append(span);
+      position = to;
     }
-    paragraph.append(answerText.slice(last));
-  } else {
-    appendWithMarkers(paragraph, answerText, citations);
-  }
-  container.append(paragraph);
+    if (position < end) appendWithMarkers(node, answerText.slice(position, end), citations);
+  }));
 
   if (proof && proof.abstained && proof.draft) {
     container.append(el("p", { class: "declined", text: "The model's answer was withheld: no retrieved passage supports it." }));
@@ -265,7 +289,9 @@ function renderAnswer(container, text, final) {
   if (final.citations.length) {
     const list = el("ol", { class: "sources", "aria-label": "Sources" });
     for (const citation of [...final.citations].sort((a, b) => a.number - b.number)) {
-      list.append(el("li", {}, citeButton(citation, `[${citation.number}] ${basename(citation.source)}, page ${citation.page}`)));
+      const supported = (citation.sentences || []).map((index) => proof && proof.sentences[index]).filter(Boolean);
+      list.append(el("li", {}, citeButton(citation, `[${citation.number}] ${basename(citation.source)}, page ${citation.page}`,
+        supported.map((sentence) => sentence.text))));
     }
     container.append(list);
   } else if ($("retrieval").checked) {
@@ -284,34 +310,35 @@ function renderAnswer(container, text, final) {
   }
 }
 
-// Text with its [n] markers turned into buttons that open the cited passage.
-function appendWithMarkers(parent, text, citations) {
+// Text with its [n] markers turned into buttons that open the cited passage; ``claims`` are the answer sentences
+// the marker stands behind, which the panel finds and marks in the passage.
+function appendWithMarkers(parent, text, citations, claims = []) {
   let last = 0;
   for (const match of text.matchAll(CITATION_MARKER)) {
     const cited = markerNumbers(match[0]).map((number) => citations.get(number)).filter(Boolean);
     if (!cited.length) continue;
     parent.append(text.slice(last, match.index));
-    cited.forEach((citation) => parent.append(citeButton(citation, `[${citation.number}]`)));
+    cited.forEach((citation) => parent.append(citeButton(citation, `[${citation.number}]`, claims)));
     last = match.index + match[0].length;
   }
   parent.append(text.slice(last));
 }
 
-function citeButton(citation, label) {
+function citeButton(citation, label, claims = []) {
   return el("button", {
     type: "button",
     class: "cite",
     text: label,
     "aria-label": `Source ${citation.number ? `${citation.number}: ` : ""}${basename(citation.source)}, page ${citation.page}`,
     "aria-controls": "panel",
-    onclick: (event) => openPanel(citation, event.currentTarget),
+    onclick: (event) => openPanel(citation, event.currentTarget, claims),
   });
 }
 
 // ---------------------------------------------------------------- source panel
 
-async function openPanel(citation, trigger) {
-  state.panel = { citation, trigger, radius: 1 };
+async function openPanel(citation, trigger, claims = []) {
+  state.panel = { citation, trigger, radius: 1, claims };
   const panel = $("panel");
   $("panel-title").textContent = `${citation.number ? `[${citation.number}] ` : ""}${basename(citation.source)}`;
   const meta = $("panel-meta");
@@ -333,7 +360,7 @@ async function openPanel(citation, trigger) {
 }
 
 async function loadContext() {
-  const { citation, radius } = state.panel;
+  const { citation, radius, claims } = state.panel;
   const box = $("panel-passages");
   box.setAttribute("aria-busy", "true");
   try {
@@ -344,10 +371,12 @@ async function loadContext() {
     for (const chunk of chunks) {
       const isCited = chunk.id === citation.id;
       const label = `page ${chunk.page}${chunk.heading_path.length ? ` · ${chunk.heading_path.join(" › ")}` : ""}`;
-      const text = isCited ? el("mark", { text: chunk.text }) : chunk.text;
+      // In the cited passage, the sentence(s) the answer stands on are marked, not the whole chunk.
+      const marks = isCited ? evidenceSpans(chunk.text, claims) : [];
+      const text = markdownBlock(chunk.text, (node, start, end) => appendMarked(node, chunk.text, start, end, marks));
+      text.classList.add("text");
       const block = el("div", { class: isCited ? "passage cited" : "passage", "data-passage-id": chunk.id },
-        el("p", { class: "where", text: isCited ? `Cited passage, ${label}` : label }),
-        el("p", { class: "text" }, text));
+        el("p", { class: "where", text: isCited ? `Cited passage, ${label}` : label }), text);
       box.append(block);
       if (isCited) cited = block;
     }
@@ -358,6 +387,19 @@ async function loadContext() {
   } finally {
     box.setAttribute("aria-busy", "false");
   }
+}
+
+// source[start, end) with the parts inside ``marks`` ([start, end) pairs, in order) wrapped in <mark>.
+function appendMarked(node, source, start, end, marks) {
+  let position = start;
+  for (const [markStart, markEnd] of marks) {
+    if (markEnd <= position || markStart >= end) continue;
+    if (markStart > position) node.append(source.slice(position, markStart));
+    const to = Math.min(end, markEnd);
+    node.append(el("mark", { text: source.slice(Math.max(position, markStart), to) }));
+    position = to;
+  }
+  if (position < end) node.append(source.slice(position, end));
 }
 
 function closePanel() {
@@ -488,8 +530,9 @@ function uploadOne({ file, row, progress, status }) {
 
 async function loadAdapters() {
   showError("adapters-error", null);
-  const box = $("adapters-list");
-  box.replaceChildren();
+  const rows = $("adapters-list");
+  rows.replaceChildren();
+  $("adapters-wrap").hidden = true;
   $("adapters-status").textContent = "";
   let adapters;
   try {
@@ -503,28 +546,38 @@ async function loadAdapters() {
     return;
   }
   if (!adapters.length) $("adapters-status").textContent = "This tenant has no adapters yet (train one with lorag train).";
-  for (const adapter of adapters) box.append(adapterCard(adapter));
+  $("adapters-wrap").hidden = !adapters.length;
+  for (const adapter of adapters) rows.append(adapterRow(adapter));
 }
 
-function adapterCard(adapter) {
-  const resident = adapter.residency === "gpu" || adapter.residency === "host";
-  const details = el("dl", { class: "meta" },
-    el("dt", { text: "Base model" }), el("dd", { text: adapter.base_model }),
-    el("dt", { text: "Method" }), el("dd", { text: adapter.method + (adapter.rank ? `, rank ${adapter.rank}` : "") }),
-    el("dt", { text: "Residency" }), el("dd", { text: adapter.residency + (adapter.pinned ? " (pinned)" : "") }),
-    el("dt", { text: "Created" }), el("dd", { text: adapter.created_at || "" }));
-  for (const [name, value] of Object.entries(adapter.metrics || {})) {
-    details.append(el("dt", { text: name }), el("dd", { text: typeof value === "number" ? String(+value.toFixed(4)) : JSON.stringify(value) }));
+const shortNumber = (value) => typeof value === "number" ? String(+value.toPrecision(4)) : "";
+const shortDate = (iso) => iso ? iso.slice(0, 10) : ""; // the day; the full time is in the cell's title
+
+// What a reader compares between adapters: validation loss and perplexity against the base model's.
+function validationSummary(metrics) {
+  const parts = [];
+  const loss = metrics.val_loss ?? metrics.eval_loss;
+  if (loss !== undefined && loss !== null) parts.push(`loss ${shortNumber(loss)}`);
+  if (metrics.val_perplexity !== undefined && metrics.val_perplexity !== null) {
+    const base = metrics.base_val_perplexity;
+    parts.push(`perplexity ${shortNumber(metrics.val_perplexity)}${base ? ` (base ${shortNumber(base)})` : ""}`);
   }
-  const card = el("article", { class: "card", "aria-labelledby": `adapter-${adapter.id}` },
-    el("h3", { id: `adapter-${adapter.id}`, text: adapter.name + (adapter.default ? " (default)" : "") }), details);
+  return parts.join(", ") || "not measured";
+}
+
+function adapterRow(adapter) {
+  const resident = adapter.residency === "gpu" || adapter.residency === "host";
+  const metrics = adapter.metrics || {};
+  const where = { gpu: "accelerator", host: "host memory", disk: "disk" }[adapter.residency] || adapter.residency;
+  const plot = el("td", { class: "plot" });
   if (adapter.loss_plot_url) {
-    const figure = el("figure", {}, el("figcaption", { text: "Training loss" }));
-    card.append(figure);
-    loadImage(adapter.loss_plot_url, `Training loss of ${adapter.name}`).then((img) => figure.prepend(img), () => figure.append(el("p", { class: "hint", text: "The loss plot could not be loaded." })));
+    loadImage(adapter.loss_plot_url, `Training loss of ${adapter.name}`).then(
+      (img) => plot.append(img), () => plot.append(el("span", { class: "hint", text: "not available" })));
+  } else {
+    plot.append(el("span", { class: "hint", text: "none" }));
   }
   const action = resident ? "unload" : "load";
-  card.append(el("button", {
+  const button = el("button", {
     type: "button",
     "data-adapter": adapter.name,
     text: resident ? "Unload" : "Load",
@@ -539,14 +592,23 @@ function adapterCard(adapter) {
       } catch (error) {
         failed = error;
       }
-      await loadAdapters(); // the list is redrawn: report afterwards and put focus back on this adapter
+      await loadAdapters(); // the table is redrawn: report afterwards and put focus back on this adapter
       if (done) $("adapters-status").textContent = done;
       if (failed) showError("adapters-error", failed);
       const again = $("adapters-list").querySelector(`[data-adapter="${CSS.escape(adapter.name)}"]`);
       (again || $("adapters-title")).focus();
     },
-  }));
-  return card;
+  });
+  return el("tr", { "data-adapter-row": adapter.name },
+    el("th", { scope: "row", text: adapter.name + (adapter.default ? " (default)" : "") }),
+    el("td", { text: adapter.base_model }),
+    el("td", { text: adapter.method + (adapter.rank ? `, rank ${adapter.rank}` : "") }),
+    el("td", { text: validationSummary(metrics) }),
+    el("td", { text: metrics.steps !== undefined ? String(metrics.steps) : "" }),
+    el("td", { text: where + (adapter.pinned ? " (pinned)" : "") }),
+    el("td", { text: shortDate(adapter.created_at), title: adapter.created_at || null }),
+    plot,
+    el("td", { class: "actions" }, button));
 }
 
 async function loadImage(url, alt) {

@@ -305,3 +305,22 @@ def test_objects_frozen_for_the_run_go_back_to_the_collector(tmp_path, data_dir,
     with pytest.raises(RuntimeError, match="disk full"):
         ingest_paths([corpus], tenant="t1", settings=settings, embedder=embedder)
     assert gc.get_freeze_count() == 0
+
+
+def test_summary_chunks_per_second_is_the_progress_bars(tmp_path, data_dir, embedder):
+    import re
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number in range(4):
+        (corpus / f"doc{number}.md").write_text(f"# Doc {number}\n\nPump {number} runs at {number * 10} litres per minute.\n")
+    stream = io.StringIO()
+    report = ingest_paths([corpus], tenant="rate", settings=make_settings(data_dir), embedder=embedder,
+                          progress=IngestProgress(stream=stream))
+    bar_rates = re.findall(r"rate=([\d.]+) chunks/s", stream.getvalue())
+    summary_rate = re.search(r"\(([\d.]+) chunks/s over ([\d.]+) s", report.format_table())
+    assert bar_rates and summary_rate, (stream.getvalue(), report.format_table())
+    # The bar's last value and the summary are one measurement: chunks over the time spent on the files.
+    assert bar_rates[-1] == summary_rate.group(1)
+    assert 0 < report.processing_seconds <= report.seconds
+    assert report.to_dict()["processing_seconds"] == round(report.processing_seconds, 3)

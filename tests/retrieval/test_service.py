@@ -6,7 +6,7 @@ from langchain_core.documents import Document
 
 from core.errors import NotFound
 from retrieval.langchain import LoragRetriever
-from retrieval.service import RetrievalService
+from retrieval.service import NoIndex, RetrievalService, UnknownSources
 from core.settings import Settings, load_settings
 from lorag.cli import main
 from tests.retrieval.conftest import CORPUS, make_document
@@ -75,6 +75,24 @@ def test_langchain_retriever_returns_documents_with_citation_metadata(build_inde
     assert top.metadata["heading_path"] == ["Calibration"] and top.metadata["score"] > 0
     assert LoragRetriever(service=service, tenant="acme", mode="keyword", k=5).invoke("sourdough")[0].metadata[
         "source"] == "recipes/bread.txt"
+
+
+def test_langchain_retriever_refuses_an_unknown_tenant_an_empty_index_and_an_unmatched_filter(build_index, service):
+    with pytest.raises(NoIndex, match="tenant 'nobody' has no indexed documents"):
+        LoragRetriever(service=service, tenant="nobody").invoke("anything")
+    index = build_index(["handbook/warranty.md"], tenant="emptied")
+    with index.update() as update:
+        update.remove_source("handbook/warranty.md")
+        update.commit()
+    with pytest.raises(NoIndex, match="tenant 'emptied' has no indexed documents"):
+        LoragRetriever(service=service, tenant="emptied").invoke("warranty")
+    build_index(["handbook/warranty.md"], tenant="acme")
+    with pytest.raises(UnknownSources, match=r"sources \['handbook/nope.md'\] match no document of tenant 'acme'"):
+        LoragRetriever(service=service, tenant="acme", sources=["handbook/nope.md"]).invoke("warranty")
+    # Before, an unmatched filter became no filter: passages from every document came back.
+    with pytest.raises(UnknownSources):
+        service.retrieve("acme", "warranty", sources=["handbook/nope.md"])
+    assert LoragRetriever(service=service, tenant="acme", sources=["warranty.md"]).invoke("warranty")
 
 
 def test_search_cli_prints_passages_and_json(build_index, data_dir, capsys):

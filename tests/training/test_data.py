@@ -112,3 +112,84 @@ def test_validation_split_is_seeded_and_reproducible():
     train, val = first
     assert len(val) == 5 and sorted(train + val) == items
     assert split_train_val(items, 0.0, seed=3) == (items, [])
+
+
+def _write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return str(path)
+
+
+def test_sharegpt_top_level_system_is_the_system_prompt(tmp_path):
+    path = _write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "system": "Be brief."},
+        # A system turn inside the conversation overrides the column, as in LLaMA-Factory.
+        {"conversations": [{"from": "system", "value": "Inner."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello"}], "system": "Outer."},
+    ])
+    first, second = load_examples(path).examples
+    assert first.messages[0] == ChatMessage("system", "Be brief.")
+    assert [m.content for m in second.messages if m.role == "system"] == ["Inner."]
+    assert "Be brief." in prompt_messages(first).messages[0]["content"]
+
+
+def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "openai.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Bad old answer.", "weight": 0},
+        {"role": "user", "content": "Interval?"},
+        {"role": "assistant", "content": "Ten minutes.", "weight": 1},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Also not learned.", "weight": 0},
+    ]}])
+    example = load_examples(path).examples[0]
+    # The trailing unlearned turn changes no loss, so the example ends with the answer it learns.
+    assert example.answer == "Ten minutes." and example.trained_turns == (False, True)
+    conversation = [*prompt_messages(example).messages, {"role": "assistant", "content": example.answer}]
+    encoded = encode_chat(conversation, tokenizer, max_seq_len=2048, trained_turns=example.trained_turns)
+    trained = [token for token in encoded.labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "Ten minutes.<|im_end|>"
+    assert "Bad old answer." in tokenizer.decode(encoded.input_ids)  # still context
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "every assistant message has weight 0"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     r"messages\[1\]\.weight is 0\.5; expected 0 or 1"),
+    ({"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]},
+     r"messages\[0\]\.weight is only allowed on assistant messages"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "field 'tools': tool descriptions"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "functions": [{"name": "f"}]}, "field 'functions'"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                   {"role": "tool", "content": "42", "tool_call_id": "1"}, {"role": "assistant", "content": "a"}]},
+     r"messages\[1\]\.tool_calls: tool calls and tool results are not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"},
+                                                {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                   {"role": "assistant", "content": "a"}]},
+     r"messages\[0\]\.content\[1\]\.type is 'image_url': only text content parts"),
+    ({"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": [{"role": "assistant", "content": "a"}],
+      "non_preferred_output": [{"role": "assistant", "content": "b"}]}, "field 'preferred_output': preference"),
+    ({"conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}], "images": ["a.jpg"]},
+     "field 'images': image inputs are not supported"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "[{\"name\": \"f\"}]"},
+     "field 'tools'"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"},
+                        {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]},
+     r"conversations\[1\]\.from is 'function_call': tool calls"),
+    ({"instruction": "q", "input": "", "chosen": "a", "rejected": "b"}, "field 'chosen': preference"),
+    ({"instruction": "q", "output": "a", "images": ["a.jpg"]}, "field 'images'"),
+])
+def test_unsupported_documented_fields_are_refused_with_file_and_line(tmp_path, record, reason):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    if "conversations" in record:
+        good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    elif "instruction" in record:
+        good = {"instruction": "q", "output": "a"}
+    path = _write_jsonl(tmp_path / "data.jsonl", [good, record])
+    with pytest.raises(LoragError, match=r"data\.jsonl:2: " + reason):
+        load_examples(path, strict=True)
+    data = load_examples(path)
+    assert len(data.examples) == 1 and data.bad[0].line == 2

@@ -66,6 +66,31 @@ def test_merge_matches_base_plus_adapter(trained, tmp_path, tiny_llama_path, cap
     assert code == 2 and "exists and is not empty" in err
 
 
+def test_merge_keeps_the_base_dtype_unless_asked_and_says_what_it_wrote(trained, tmp_path, tiny_llama_path, capsys):
+    from safetensors import safe_open
+
+    settings, _ = trained
+    assert json.loads((tiny_llama_path / "config.json").read_text()).get("dtype", "float32") == "float32"
+
+    def written_dtypes(directory):
+        dtypes = set()
+        for path in directory.glob("*.safetensors"):
+            with safe_open(str(path), "pt") as weights:
+                dtypes |= {weights.get_tensor(key).dtype for key in weights.keys()}
+        return dtypes
+
+    code, out, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(tmp_path / "same"),
+                         "--data-dir", str(settings.data_dir))
+    assert code == 0, err
+    assert written_dtypes(tmp_path / "same") == {torch.float32}
+    assert f"into {tmp_path / 'same'}: float32 weights" in out and "MB of safetensors" in out
+
+    code, out, err = run(capsys, "adapters", "merge", "--tenant", "acme", "support-v1", "--out", str(tmp_path / "half"),
+                         "--dtype", "bf16", "--data-dir", str(settings.data_dir))
+    assert code == 0, err
+    assert written_dtypes(tmp_path / "half") == {torch.bfloat16} and "bfloat16 weights" in out
+
+
 def test_merge_refuses_a_4bit_base(trained, tmp_path, tiny_llama_path, capsys):
     settings, _ = trained
     quantised = tmp_path / "base-4bit"

@@ -110,14 +110,17 @@ def test_answer_citation_opens_passage_in_context(page, site, server, artifacts)
     panel = page.locator("#panel")
     panel.wait_for(state="visible")
     assert page.evaluate("document.activeElement.id") == "panel-title"
-    page.locator(".passage.cited mark").wait_for()
+    page.locator(".passage.cited mark").first.wait_for()
     assert page.locator("#panel-page").inner_text() == "2"
 
-    # The highlighted passage is exactly the stored chunk the answer cites, shown among its neighbours.
+    # The cited passage is exactly the stored chunk the answer cites, shown among its neighbours; inside it the
+    # sentence the answer stands on is marked, not the whole chunk.
     passage_id = page.locator(".passage.cited").get_attribute("data-passage-id")
     stored = httpx.get(f"{server}/v1/passages/{passage_id}", headers=auth(site.acme_key)).json()["passage"]
     assert stored["page"] == 2 and "Dissolved oxygen" in stored["text"]
-    assert page.locator(".passage.cited mark").text_content() == stored["text"]
+    assert page.locator(".passage.cited .text").text_content() == stored["text"]
+    marked = " ".join(page.locator(".passage.cited mark").all_text_contents())
+    assert "0.1 mg/L" in marked and len(marked) < len(stored["text"]) / 2
     assert _panel_ids(page) == _neighbour_ids(server, site.acme_key, passage_id, 1)
     page.get_by_role("button", name="Show more context").click()
     wider = _neighbour_ids(server, site.acme_key, passage_id, 3)
@@ -270,12 +273,12 @@ def test_adapters_view_renders_the_adapter_api_contract(page, site, artifacts):
     page.route("**/v1/adapters**", adapters_api)
     sign_in(page, site.acme_key)
     page.get_by_role("button", name="Adapters").click()
-    card = page.locator("article.card", has_text="support-v1")
-    card.wait_for()
-    text = card.inner_text()
-    assert "Qwen/Qwen2.5-0.5B-Instruct" in text and "lora" in text and "1.2346" in text and "disk" in text
-    card.get_by_text("The loss plot could not be loaded.").wait_for()
-    card.get_by_role("button", name="Load support-v1").click()
+    row = page.locator("#adapters-table tbody tr", has_text="support-v1")
+    row.wait_for()
+    text = row.inner_text()
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in text and "lora" in text and "1.235" in text and "disk" in text
+    row.get_by_text("not available").wait_for()
+    row.get_by_role("button", name="Load support-v1").click()
     page.locator("#adapters-status", has_text="support-v1 loaded.").wait_for()
     page.get_by_role("button", name="Unload support-v1").wait_for()
     assert page.evaluate("document.activeElement.dataset.adapter") == "support-v1"  # focus survives the redraw
@@ -293,7 +296,7 @@ def test_answer_shows_per_sentence_support_and_every_retrieved_passage(page, sit
     others = retrieved.locator("button.cite")
     assert others.count() >= 1  # retrieved but uncited passages stay one click away
     others.first.click()
-    page.locator("#panel .passage.cited mark").wait_for()
+    page.locator("#panel .passage.cited").wait_for()
     page.screenshot(path=artifacts / "chat-support.png")
     page.keyboard.press("Escape")
 
@@ -324,3 +327,132 @@ def test_an_unsupported_sentence_is_marked_on_the_page(page, site, artifacts):
     assert "The buoy is painted green." in flagged.inner_text() and "not in the documents" in flagged.inner_text()
     assert probe.locator(".support-summary.partial").inner_text() == "1 of 2 sentences supported by the passages."
     probe.screenshot(path=artifacts / "chat-unsupported-sentence.png")
+
+
+def test_the_conversation_follows_the_newest_answer(page, site, artifacts):
+    page.set_viewport_size({"width": 1000, "height": 640})
+    sign_in(page, site.acme_key)
+    for question in (PDF_QUESTION, "How long is the warranty?", "How do I return a product?"):
+        ask(page, question)
+        # The end of the newest answer, its sources included, is in view without scrolling by hand.
+        assert page.evaluate("""() => { const log = document.getElementById('messages');
+            return log.scrollHeight > log.clientHeight && log.scrollHeight - log.scrollTop - log.clientHeight < 24; }""")
+        last = page.locator(".message.assistant").last.bounding_box()
+        box = page.locator("#messages").bounding_box()
+        assert last["y"] + last["height"] <= box["y"] + box["height"] + 1
+    page.screenshot(path=artifacts / "chat-follows-newest.png")
+
+
+def test_markdown_renders_in_answers_and_passages_without_raw_html(page, site, server, artifacts):
+    guide = ("# Buoy care\n\nTo clean the **Osprey buoy** follow these steps:\n\n"
+             "- rinse the hull with *fresh* water\n- check the `anchor-shackle` pin\n- dry the solar panel\n\n"
+             "See [the maintenance site](https://example.org/care) for details. "
+             "<img src=x onerror=\"window.__xss=1\"> <script>window.__xss=2</script>\n")
+    upload = httpx.post(f"{server}/v1/documents", headers=auth(site.acme_key),
+                        files={"files": ("buoy-care.md", guide.encode(), "text/markdown")}, timeout=120)
+    assert upload.status_code == 200 and upload.json()["data"][0]["status"] == "added", upload.text
+
+    sign_in(page, site.acme_key)
+    # The page's renderer on an answer as a model writes it: Markdown with a marker, and HTML that must stay text.
+    page.evaluate("""() => {
+      const text = "To clean the buoy:\\n\\n1. Rinse the hull with **fresh water** [1].\\n2. Check the `anchor-shackle` pin.\\n\\n"
+        + "Details: [care guide](https://example.org/care) and [bad](javascript:alert(1)) <img src=x onerror=\\"window.__xss=3\\">";
+      const citation = {number: 1, id: "x", document_id: "d", source: "buoy-care.md", page: 1, heading_path: [], text: "...", sentences: []};
+      const box = document.createElement("div");
+      box.id = "probe";
+      document.querySelector("#view-chat").append(box);
+      renderAnswer(box, text, {citations: [citation], context: [], generator: "transformers:x", attribution: null});
+    }""")
+    probe = page.locator("#probe")
+    body = probe.locator(".md")
+    assert body.locator("ol > li").count() == 2
+    assert body.locator("ol li strong").inner_text() == "fresh water"
+    assert body.locator("ol li button.cite").inner_text() == "[1]"
+    assert body.locator("code").inner_text() == "anchor-shackle"
+    assert body.locator("a").count() == 1 and body.locator("a").get_attribute("href") == "https://example.org/care"
+    assert probe.locator("img").count() == 0 and "<img src=x" in body.inner_text()
+    probe.screenshot(path=artifacts / "chat-markdown-answer.png")
+
+    answer = ask(page, "How do I clean the Osprey buoy hull?")
+    cite = answer.locator("button.cite", has_text="buoy-care.md").first
+    if not cite.count():  # the extractive answer may cite it only among the other retrieved passages
+        answer.locator("details.retrieved summary").click()
+        cite = answer.locator("details.retrieved button.cite", has_text="buoy-care.md").first
+    cite.click()
+    passage = page.locator("#panel .passage.cited .text")
+    passage.wait_for()
+    assert passage.locator("li").count() >= 3 and passage.locator("strong").first.inner_text() == "Osprey buoy"
+    assert passage.locator("img, script").count() == 0
+    page.screenshot(path=artifacts / "panel-markdown-passage.png")
+    assert page.evaluate("window.__xss") is None
+
+
+def test_the_cited_sentence_is_marked_not_the_whole_passage(page, site, artifacts):
+    sign_in(page, site.acme_key)
+    page.evaluate("""() => {
+      const passage = "Returns. Products may be returned within 30 days of delivery. Refunds are paid to the original card "
+        + "within five business days. Opened software cannot be returned.";
+      const text = "Refunds reach the original card within five business days [1].";
+      const citation = {number: 1, id: "c1", document_id: "d", source: "returns.txt", page: 1, heading_path: [],
+        text: passage, sentences: [0]};
+      const final = {citations: [citation], context: [], generator: "transformers:x", attribution: {text, abstained: false,
+        supported: 1, unsupported: 0, answerability: 0.9, sentences: [{start: 0, end: text.length,
+        text: "Refunds reach the original card within five business days.", supported: true, claim: true, citations: [1], score: 0.9}]}};
+      const box = document.createElement("div");
+      box.id = "probe";
+      document.querySelector("#view-chat").append(box);
+      renderAnswer(box, text, final);
+    }""")
+
+    def neighbours(route):
+        import json
+
+        text = ("Returns. Products may be returned within 30 days of delivery. Refunds are paid to the original card "
+                "within five business days. Opened software cannot be returned.")
+        chunk = {"id": "c1", "document_id": "d", "source": "returns.txt", "page": 1, "start": 0, "end": len(text),
+                 "heading_path": [], "text": text, "url": "/v1/passages/c1"}
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": [chunk]}))
+
+    page.route("**/v1/passages/c1/neighbours**", neighbours)
+    for trigger in (page.locator("#probe .sentence button.cite"), page.locator("#probe .sources button.cite")):
+        trigger.click()
+        page.locator("#panel .passage.cited mark").wait_for()
+        assert page.locator("#panel .passage.cited mark").all_text_contents() == [
+            "Refunds are paid to the original card within five business days."]
+        page.screenshot(path=artifacts / "panel-cited-sentence.png")
+        page.keyboard.press("Escape")
+        page.locator("#panel").wait_for(state="hidden")
+
+
+def test_adapters_view_is_a_readable_table(page, site, artifacts):
+    import json
+
+    adapters = [
+        {"id": "support-v2", "name": "support-v2", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "method": "lora",
+         "rank": 16, "default": True, "residency": "gpu", "pinned": True, "loss_plot_url": None,
+         "created_at": "2026-02-03T04:05:06+00:00",
+         "metrics": {"steps": 300, "val_loss": 0.912345, "val_perplexity": 2.49012, "base_val_perplexity": 9.87654,
+                     "tokens_per_second": 1234.5}},
+        {"id": "support-v1", "name": "support-v1", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "method": "dora",
+         "rank": 8, "residency": "disk", "pinned": False, "loss_plot_url": None,
+         "created_at": "2026-01-02T03:04:05+00:00", "metrics": {"steps": 120}},
+    ]
+    page.route("**/v1/adapters", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps({"object": "list", "data": adapters})))
+    sign_in(page, site.acme_key)
+    page.get_by_role("button", name="Adapters").click()
+    table = page.locator("#adapters-table")
+    table.locator("tbody tr").nth(1).wait_for()
+    headers = table.locator("thead th").all_inner_texts()
+    assert headers[:8] == ["Adapter", "Base model", "Method", "Validation", "Steps", "Where", "Created", "Training loss"]
+    first = table.locator("tbody tr").nth(0).locator("th, td").all_inner_texts()
+    assert first[:8] == ["support-v2 (default)", "Qwen/Qwen2.5-0.5B-Instruct", "lora, rank 16",
+                         "loss 0.9123, perplexity 2.49 (base 9.877)", "300", "accelerator (pinned)", "2026-02-03", "none"]
+    second = table.locator("tbody tr").nth(1).locator("th, td").all_inner_texts()
+    assert second[3] == "not measured" and second[5] == "disk"
+    # Every column, the action included, fits the page without scrolling the table sideways.
+    assert page.evaluate("(() => { const w = document.querySelector('#adapters-wrap'); return w.scrollWidth <= w.clientWidth; })()")
+    assert "{" not in table.inner_text()  # no raw JSON dumps
+    assert table.get_by_role("button", name="Unload support-v2").is_disabled()  # pinned and resident
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=artifacts / "adapters-table.png", full_page=True)
