@@ -308,7 +308,14 @@ def load_pdf(path: Path, *, settings: IngestSettings) -> LoadedDocument:
     """
     warnings: list[str] = []
     with _pypdf_warnings_into(warnings, path):
-        return _load_pdf(path, settings=settings, warnings=warnings)
+        try:
+            return _load_pdf(path, settings=settings, warnings=warnings)
+        except LoadError as error:
+            # What pypdf said on the way ("EOF marker not found") is often the cause: part of the reason.
+            notes = [w.split(": pypdf: ", 1)[1] for w in warnings if ": pypdf: " in w]
+            if not notes:
+                raise
+            raise LoadError(f"{error} (pypdf: {'; '.join(dict.fromkeys(notes))})") from error
 
 
 @contextmanager
