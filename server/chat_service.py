@@ -24,6 +24,9 @@ from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
 from server.metrics import Metrics
+from server.openai_fields import chat_turns, refuse_unimplemented
+from server.sources_markdown import sources_markdown
+from server.task_prompts import is_task_prompt
 from server.schemas import (
     AttributionOut,
     ChatChoice,
@@ -58,6 +61,9 @@ class PreparedChat:
     answerability: float | None = None  # how well the best passage matches the query
     abstained: bool = False  # no passage answers the query: the answer says so without generating
     evidence: dict = field(default_factory=dict)  # chunk id -> the attributor's PassageEvidence, embedded once
+    sources_in_content: bool = False  # append the cited sources to the text as Markdown
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -69,6 +75,11 @@ class ChatOutcome:
     citations: list[CitationOut]
     context: list[PassageOut]
     attribution: AttributionOut | None = None
+    sources: str = ""  # the Markdown "Sources" list appended to the text, when asked for
+
+    @property
+    def content(self) -> str:
+        return self.text + self.sources
 
 
 class ChatService:
@@ -95,9 +106,10 @@ class ChatService:
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
         """Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
         started = time.perf_counter()
+        refuse_unimplemented(body, logprobs=getattr(self.generator, "logprobs", False))
         sampling = self._sampling(body)
         choice = self.catalog.resolve(body.model, tenant)
-        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
+        messages = chat_turns(body.messages)
         last = next((m.content for m in reversed(messages) if m.role == "user"), "")
         if not last.strip():
             raise InvalidRequest("messages: the conversation needs a non-empty user message", param="messages")
@@ -106,6 +118,9 @@ class ChatService:
         passages: list[Passage] = []
         retrieval_s = 0.0
         options = body.retrieval
+        housekeeping = self.settings.server.skip_retrieval_for_task_prompts and is_task_prompt(last)
+        if not choice.retrieval or housekeeping:
+            options = options.model_copy(update={"enabled": False})
         if options.enabled:
             if options.k is not None and options.k > self.settings.server.max_k:
                 raise InvalidRequest(
@@ -135,6 +150,9 @@ class ChatService:
             request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s,
             query=query, attribute=attribute, answerability=answerability, evidence=evidence,
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
+            sources_in_content=(body.sources_in_content if body.sources_in_content is not None
+                                else self.settings.server.sources_in_content),
+            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -145,14 +163,14 @@ class ChatService:
                 param="messages",
             )
         for index, message in enumerate(body.messages):
-            if len(message.content) > limits.max_message_chars:
+            if len(message.content or "") > limits.max_message_chars:
                 raise InvalidRequest(
                     f"messages.{index}.content: {len(message.content)} characters is over the limit of "
                     f"{limits.max_message_chars}",
                     param=f"messages.{index}.content",
                 )
         max_tokens = body.max_tokens or body.max_completion_tokens or limits.default_max_tokens
-        if max_tokens > limits.max_tokens_limit:
+        if max_tokens is not None and max_tokens > limits.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens={max_tokens} is over the limit of {limits.max_tokens_limit}", param="max_tokens"
             )
@@ -160,8 +178,9 @@ class ChatService:
         if len(stop) > 4:
             raise InvalidRequest(f"stop: {len(stop)} sequences given, at most 4 are allowed", param="stop")
         penalty = body.repetition_penalty or self.settings.generation.repetition_penalty
+        temperature = body.temperature if body.temperature is not None else self.settings.generation.temperature
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+            max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=stop, seed=body.seed,
             repetition_penalty=penalty,
         )
 
@@ -209,6 +228,8 @@ class ChatService:
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
             outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+            if outcome.sources:
+                yield _sse(base | {"choices": [_choice({"content": outcome.sources})]})
             final = base | {
                 "choices": [_choice({}, outcome.finish_reason or "stop")],
                 "usage": _usage(outcome).model_dump(),
@@ -290,15 +311,16 @@ class ChatService:
         generator = self.generator.name
         self.metrics.tokens.labels(prepared.tenant, generator).inc(tokens)
         self.metrics.prompt_tokens.labels(prepared.tenant, generator).inc(stream.prompt.prompt_tokens)
+        sources = sources_markdown(cited, base_url=self.settings.server.public_url) if prepared.sources_in_content else ""
         return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
-                           attribution)
+                           attribution, sources=sources)
 
     def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse:
         return ChatResponse(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.text), finish_reason=outcome.finish_reason)],
+            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.content), finish_reason=outcome.finish_reason)],
             usage=_usage(outcome),
             citations=outcome.citations,
             context=outcome.context,

@@ -94,8 +94,14 @@ class ErrorResponse(BaseModel):
 
 # -- chat ----------------------------------------------------------------------------------------
 class ChatMessageIn(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
+    # "developer" is OpenAI's newer name for a system turn; "tool"/"function" turns are parsed so that
+    # server.openai_fields can refuse them by name instead of failing on their null content.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | None = Field(None, description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -112,8 +118,10 @@ class ChatMessageIn(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _valid_unicode(cls, value: str) -> str:
+    def _valid_unicode(cls, value: str | None) -> str | None:
         # JSON may carry lone surrogates ("\ud800"); tokenizers cannot encode them, so refuse them here.
+        if value is None:
+            return value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -148,11 +156,13 @@ class ChatRequest(BaseModel):
         }
     )
 
-    model: str = Field(description="the base model's served name, 'lorag', 'base', or one of the tenant's adapters")
+    model: str = Field(description="the base model's served name, 'lorag', 'base', one of the tenant's adapters, "
+                       "or any of these with the suffix '-no-rag' (answer without retrieval)")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: until the model ends its answer or the context "
+                                   "is full (server.default_max_tokens caps it when set)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default generation.temperature (0: greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM's extension: > 1 discourages "
                                              "repeating the answer's own tokens; default generation.repetition_penalty")
@@ -161,8 +171,25 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
     user: str | None = None
     seed: int | None = None
-    n: Literal[1] = Field(1, description="only one choice is supported")
+    n: int | None = Field(None, ge=1, description="only 1 is supported")
     retrieval: RetrievalOptions = RetrievalOptions()
+    sources_in_content: bool | None = Field(None, description="lorag extension: append the cited sources to the "
+                                            "answer as a Markdown list; default server.sources_in_content")
+    # OpenAI fields lorag does not implement: parsed so server.openai_fields can refuse them by name (400, param).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
 
 
 class ChatUsage(BaseModel):

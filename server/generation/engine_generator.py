@@ -3,6 +3,7 @@ and the adapter registry's AdapterHost (its slots are the resident adapters)."""
 
 import asyncio
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -133,7 +134,8 @@ class EngineGenerator:
         context = self.engine.cache.max_len
         sampling.check(context_tokens=context, model=self.name)
         prompt = build_prompt(request.messages, request.passages, tokenizer=self.tokenizer,
-                              max_prompt_tokens=context - sampling.max_tokens)
+                              max_prompt_tokens=sampling.prompt_budget(context))
+        sampling = replace(sampling, max_tokens=sampling.answer_tokens(context, len(prompt.token_ids)))
         slot = self.engine.adapters.acquire(request.adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

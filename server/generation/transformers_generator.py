@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from core.errors import LoragError, NotFound
@@ -151,8 +151,9 @@ class TransformersGenerator:
         sampling = request.sampling
         sampling.check(context_tokens=self.max_context_tokens, model=self.name)
         self._check_adapter(request.adapter)
-        budget = self.max_context_tokens - sampling.max_tokens
+        budget = sampling.prompt_budget(self.max_context_tokens)
         prompt = await asyncio.to_thread(self._build_prompt, request.messages, request.passages, budget)
+        sampling = replace(sampling, max_tokens=sampling.answer_tokens(self.max_context_tokens, len(prompt.token_ids)))
         row = _Row(
             token_ids=prompt.token_ids,
             sampling=sampling,
