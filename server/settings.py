@@ -122,6 +122,9 @@ class AdapterSettings(BaseModel):
     )
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="an uploaded adapter archive, unpacked")
     load_timeout_s: float = Field(60.0, gt=0, description="a request waits this long for a free adapter slot")
+    base_model_aliases: list[str] = Field(
+        default_factory=list, description="other names of the served weights (hub ids, paths) that an adapter's "
+        "base_model_name_or_path may give; server.served_model_name counts too. Shapes are still checked")
 
 
 class AttributionSettings(BaseModel):
