@@ -35,6 +35,8 @@ from server.schemas import (
     ChatResponse,
     ChatUsage,
     CitationOut,
+    CompletionChoice,
+    CompletionResponse,
     PassageOut,
     SentenceOut,
 )
@@ -64,6 +66,7 @@ class PreparedChat:
     sources_in_content: bool = False  # append the cited sources to the text as Markdown
     logprobs: bool = False
     top_logprobs: int = 0
+    kind: str = "chat"  # "text": answered through /v1/completions, shaped as a text completion
 
 
 @dataclass
@@ -103,8 +106,10 @@ class ChatService:
         self.attributor = attributor  # None: citations come from the model's own [n] markers only
 
     # -- before generation -----------------------------------------------------------------------
-    async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
-        """Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
+    async def prepare(self, body: ChatRequest, tenant: Tenant, *, kind: str = "chat") -> PreparedChat:
+        """``kind`` "text": a /v1/completions prompt, already turned into one user turn.
+
+        Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
         started = time.perf_counter()
         refuse_unimplemented(body, logprobs=getattr(self.generator, "logprobs", False))
         sampling = self._sampling(body)
@@ -141,7 +146,7 @@ class ChatService:
                 answerability = await run_in_threadpool(self.attributor.answerability, query, passages,
                                                         evidence=evidence)
 
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
         request = GenerationRequest(
             messages=messages, passages=tuple(passages), sampling=sampling, adapter=choice.adapter,
             request_id=request_id,
@@ -152,7 +157,7 @@ class ChatService:
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
             sources_in_content=(body.sources_in_content if body.sources_in_content is not None
                                 else self.settings.server.sources_in_content),
-            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, kind=kind,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -212,26 +217,29 @@ class ChatService:
         A client that goes away cancels this iterator, which closes the generator's stream.
         """
         deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
-        base = {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
-                "model": prepared.model}
+        text_completion = prepared.kind == "text"
+        choice = _text_choice if text_completion else _choice
+        base = {"id": prepared.id, "object": "text_completion" if text_completion else "chat.completion.chunk",
+                "created": prepared.created, "model": prepared.model}
         parts: list[str] = []
         tokens = 0
         finish_reason = None
         try:
-            yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
+            if not text_completion:
+                yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
             async for delta in _until(stream.deltas, deadline, prepared):
                 if delta.text:
                     if not parts:
                         self._first_token(prepared)
                     parts.append(delta.text)
-                    yield _sse(base | {"choices": [_choice({"content": delta.text})]})
+                    yield _sse(base | {"choices": [choice({"content": delta.text})]})
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
             outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
             if outcome.sources:
-                yield _sse(base | {"choices": [_choice({"content": outcome.sources})]})
+                yield _sse(base | {"choices": [choice({"content": outcome.sources})]})
             final = base | {
-                "choices": [_choice({}, outcome.finish_reason or "stop")],
+                "choices": [choice({}, outcome.finish_reason or "stop")],
                 "usage": _usage(outcome).model_dump(),
                 "citations": [c.model_dump() for c in outcome.citations],
                 "context": [p.model_dump() for p in outcome.context],
@@ -315,7 +323,14 @@ class ChatService:
         return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
                            attribution, sources=sources)
 
-    def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse:
+    def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse | CompletionResponse:
+        if prepared.kind == "text":
+            return CompletionResponse(
+                id=prepared.id, created=prepared.created, model=prepared.model,
+                choices=[CompletionChoice(text=outcome.content, finish_reason=outcome.finish_reason)],
+                usage=_usage(outcome), citations=outcome.citations, context=outcome.context,
+                generator=self.generator.name, attribution=outcome.attribution,
+            )
         return ChatResponse(
             id=prepared.id,
             created=prepared.created,
@@ -389,6 +404,11 @@ def _usage(outcome: ChatOutcome) -> ChatUsage:
 
 def _choice(delta: dict, finish_reason: str | None = None) -> dict:
     return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
+
+def _text_choice(delta: dict, finish_reason: str | None = None) -> dict:
+    """/v1/completions' streamed choice: the new text, not a message delta."""
+    return {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
 
 
 def _sse(payload: dict) -> str:

@@ -34,14 +34,13 @@ def refuse_unimplemented(body, *, logprobs: bool) -> None:
         raise InvalidRequest(
             f"response_format type {response_format.get('type')!r} is not supported: lorag answers in text with "
             "[n] citations; send {'type': 'text'} or leave response_format out", param="response_format")
-    wants_logprobs = body.logprobs if isinstance(body.logprobs, bool) else body.logprobs is not None
-    if wants_logprobs and not logprobs:
+    if body.logprobs and not logprobs:
         raise InvalidRequest("logprobs: this server's generator reports no token log-probabilities (the extractive "
                              "generator quotes passages, it does not sample tokens); leave logprobs out",
                              param="logprobs")
     if getattr(body, "top_logprobs", None) and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.logit_bias:
+    if getattr(body, "logit_bias", None):
         raise InvalidRequest("logit_bias is not supported; leave it out", param="logit_bias")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):

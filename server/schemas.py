@@ -223,6 +223,58 @@ class ChatResponse(BaseModel):
                                                "attribution is off")
 
 
+# -- text completions (/v1/completions) ----------------------------------------------------------
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completion: the prompt is answered as one user turn, with the same retrieval and
+    citations as chat (LlamaIndex's OpenAILike calls it unless is_chat_model=True)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "lorag", "prompt": "How long is the warranty?"}]})
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, or a list of one text")
+    max_tokens: int | None = Field(None, ge=1, description="as in chat: default until the answer ends or the context "
+                                   "is full")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = Field(None, ge=1)
+    retrieval: RetrievalOptions = RetrievalOptions()
+    sources_in_content: bool | None = None
+    # fields lorag does not implement, refused by name
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: ChatUsage
+    citations: list[CitationOut]
+    context: list[PassageOut]
+    generator: str
+    attribution: AttributionOut | None = None
+
+
 # -- retrieval and documents ---------------------------------------------------------------------
 class RetrieveRequest(BaseModel):
     model_config = ConfigDict(

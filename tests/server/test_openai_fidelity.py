@@ -180,3 +180,40 @@ def test_server_setting_appends_sources_to_streams_too(corpus, extractive_genera
         assert f"(https://docs.example.com{first['url']})" in text
         body = _chat(client, corpus.acme_key, sources_in_content=False).json()
         assert "**Sources**" not in body["choices"][0]["message"]["content"]
+
+
+def test_text_completions_answer_the_prompt_with_citations(client, corpus):
+    response = client.post("/v1/completions", json={"model": "lorag", "prompt": QUESTION}, headers=auth(corpus.acme_key))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
+    assert body["citations"] and all(f"[{c['number']}]" in choice["text"] for c in body["citations"])
+    assert any("0.1 mg/L" in c["text"] for c in body["citations"])
+    assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0
+
+
+def test_text_completions_stream_in_openai_shape(client, corpus):
+    import json
+
+    response = client.post("/v1/completions", json={"model": "lorag", "prompt": [QUESTION], "stream": True},
+                           headers=auth(corpus.acme_key))
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(c["object"] == "text_completion" and "text" in c["choices"][0] for c in chunks)
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert chunks[-1]["citations"] and chunks[-1]["choices"][0]["finish_reason"]
+    assert all(f"[{c['number']}]" in text for c in chunks[-1]["citations"])
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"prompt": ["one", "two"]}, "prompt"), ({"prompt": [1, 2, 3]}, "prompt"), ({"echo": True}, "echo"),
+     ({"logprobs": 2}, "logprobs"), ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"n": 3}, "n")],
+)
+def test_text_completion_fields_lorag_does_not_implement_are_refused(client, corpus, body, param):
+    payload = {"model": "lorag", "prompt": QUESTION, **body}
+    response = client.post("/v1/completions", json=payload, headers=auth(corpus.acme_key))
+    assert_error(response, 400, error_type="invalid_request_error", param=param)
