@@ -79,6 +79,7 @@ class ChatOutcome:
     context: list[PassageOut]
     attribution: AttributionOut | None = None
     sources: str = ""  # the Markdown "Sources" list appended to the text, when asked for
+    logprobs: dict | None = None  # OpenAI's {"content": [...]} of the generated tokens, when asked for
 
     @property
     def content(self) -> str:
@@ -185,6 +186,7 @@ class ChatService:
         penalty = body.repetition_penalty or self.settings.generation.repetition_penalty
         temperature = body.temperature if body.temperature is not None else self.settings.generation.temperature
         return SamplingParams(
+            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
             max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=stop, seed=body.seed,
             repetition_penalty=penalty,
         )
@@ -195,6 +197,7 @@ class ChatService:
         deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
         stream = await self._start(prepared, deadline)
         parts: list[str] = []
+        logprobs: list[dict] = []
         tokens = 0
         finish_reason = None
         first = True
@@ -204,11 +207,14 @@ class ChatService:
                     self._first_token(prepared)
                     first = False
                 parts.append(delta.text)
+                logprobs += [entry.as_openai() for entry in delta.logprobs]
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
         finally:
             await _close(stream.deltas)
         outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+        if prepared.logprobs:
+            outcome.logprobs = {"content": logprobs}
         return self.response(prepared, outcome)
 
     async def stream_events(self, prepared: PreparedChat, stream: GenerationStream) -> AsyncIterator[str]:
@@ -228,11 +234,14 @@ class ChatService:
             if not text_completion:
                 yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
             async for delta in _until(stream.deltas, deadline, prepared):
-                if delta.text:
+                if delta.text or delta.logprobs:
                     if not parts:
                         self._first_token(prepared)
                     parts.append(delta.text)
-                    yield _sse(base | {"choices": [choice({"content": delta.text})]})
+                    chunk = choice({"content": delta.text})
+                    if prepared.logprobs:  # the tokens behind this piece of text, as OpenAI streams them
+                        chunk["logprobs"] = {"content": [entry.as_openai() for entry in delta.logprobs]}
+                    yield _sse(base | {"choices": [chunk]})
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
             outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
@@ -335,7 +344,8 @@ class ChatService:
             id=prepared.id,
             created=prepared.created,
             model=prepared.model,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.content), finish_reason=outcome.finish_reason)],
+            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.content), finish_reason=outcome.finish_reason,
+                                logprobs=outcome.logprobs)],
             usage=_usage(outcome),
             citations=outcome.citations,
             context=outcome.context,

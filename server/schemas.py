@@ -207,6 +207,9 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     finish_reason: Literal["stop", "length", "cancelled"] | None
+    logprobs: dict | None = Field(None, description="with logprobs=true: {content: [{token, logprob, bytes, "
+                                  "top_logprobs}]} of the tokens the model generated (before attribution moves "
+                                  "[n] markers), after repetition_penalty and before temperature and top_p")
 
 
 class ChatResponse(BaseModel):

@@ -27,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     # > 1 discourages repeating what the answer already said (not the prompt): small models loop without it
     repetition_penalty: float = 1.0
+    logprobs: bool = False  # report each generated token's log-probability (generators with ``logprobs = True``)
+    top_logprobs: int = 0  # and this many most likely alternatives at each position
 
     def check(self, *, context_tokens: int, model: str) -> None:
         """Refuse values no generator can honour, the same way for every generator.
@@ -71,12 +73,28 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as OpenAI's ``logprobs.content`` reports it."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the most likely tokens at this position, best first
+
+    def as_openai(self) -> dict:
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return entry(self.token, self.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in self.top]}
+
+
+@dataclass(frozen=True)
 class TextDelta:
     """A piece of the answer as it is produced."""
 
     text: str
     tokens: int = 0  # tokens this delta adds (0 for generators that do not count tokens)
     finish_reason: Literal["stop", "length", "cancelled"] | None = None  # set on the last delta
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens of this delta, when the request asked for logprobs
 
 
 @dataclass(frozen=True)

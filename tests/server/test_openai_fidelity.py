@@ -217,3 +217,27 @@ def test_text_completion_fields_lorag_does_not_implement_are_refused(client, cor
     payload = {"model": "lorag", "prompt": QUESTION, **body}
     response = client.post("/v1/completions", json=payload, headers=auth(corpus.acme_key))
     assert_error(response, 400, error_type="invalid_request_error", param=param)
+
+
+def test_logprobs_from_the_transformers_generator(endless_client, corpus):
+    import json
+
+    body = _chat(endless_client, corpus.acme_key, max_tokens=6, logprobs=True, top_logprobs=3,
+                 retrieval={"enabled": False}).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] == 6
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert entry["logprob"] <= 0 and entry["bytes"] == list(entry["token"].encode("utf-8"))
+        # greedy: the chosen token is the most likely one of the distribution reported
+        assert (entry["token"], entry["logprob"]) == (top[0]["token"], top[0]["logprob"])
+    plain = _chat(endless_client, corpus.acme_key, max_tokens=6, retrieval={"enabled": False}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+    response = _chat(endless_client, corpus.acme_key, max_tokens=6, logprobs=True, stream=True,
+                     retrieval={"enabled": False})
+    chunks = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n")
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = [e for c in chunks for e in (c["choices"][0].get("logprobs") or {}).get("content", [])]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
