@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.records import Chunk, DocumentRecord, Passage, document_name
+from core.records import Chunk, DocumentRecord, Passage
 
 RetrievalMode = Literal["hybrid", "dense", "keyword"]
 
@@ -30,7 +30,7 @@ class PassageOut(BaseModel):
         return cls(
             id=chunk.id,
             document_id=chunk.document_id,
-            source=document_name(chunk.source),
+            source=chunk.display_name,
             page=chunk.page,
             start=chunk.start,
             end=chunk.end,
@@ -318,7 +318,7 @@ class DocumentOut(BaseModel):
     def from_record(cls, record: DocumentRecord) -> "DocumentOut":
         return cls(
             id=record.document_id,
-            source=document_name(record.source),
+            source=record.display_name,
             pages=record.pages,
             chunk_count=record.chunk_count,
             size_bytes=record.size_bytes,
