@@ -103,3 +103,19 @@ def test_an_open_webui_session(webui_server, corpus):
         # the documented switch for a client that cannot send extra fields: the -no-rag alias
         body = http.post("/chat/completions", json={"model": "lorag-no-rag", "messages": chat["messages"]}).json()
         assert body["context"] == [] and body["citations"] == []
+
+
+def test_langchain_bind_tools_is_refused_not_ignored(server, corpus):
+    import openai
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def pump_weight(model: str) -> str:
+        """Look up a pump's weight."""
+        return "12 kg"
+
+    chat = ChatOpenAI(base_url=f"{server}/v1", api_key=corpus.acme_key, model="lorag", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat.bind_tools([pump_weight]).invoke(QUESTION)
+    assert refused.value.body["param"] == "tools" and "does not call tools" in refused.value.body["message"]
