@@ -148,7 +148,7 @@ def _check_base(name: str, config: dict, manifest: AdapterManifest | None, serve
     local = _local_fingerprint(base)
     if local is not None and local == served.fingerprint:
         return  # a local copy of the same architecture under another path
-    names = [_public(name) for name in (served.name, *served.aliases)]
+    names = [public_model_name(name) for name in (served.name, *served.aliases)]
     differs = (f"the model at {base!r} has fingerprint {local}, the served one {served.fingerprint}"
                if local is not None else f"{base!r} is none of the served model's names {names}")
     raise Conflict(
@@ -169,7 +169,7 @@ def _names_served_base(base, served: ServedModel) -> bool:
     return any(resolved == Path(known).expanduser().resolve() for known in (served.name, *served.aliases))
 
 
-def _public(name: str) -> str:
+def public_model_name(name: str) -> str:
     """A served name fit for a tenant's eyes: a server path is shown by its last part only."""
     path = Path(name)
     return f".../{path.name}" if path.is_absolute() else name

@@ -23,7 +23,7 @@ from adapters.manifest import MANIFEST_FILE, AdapterManifest, LoraSpec, prompt_f
 from adapters.host import AdapterHost, HostAdapter
 from adapters.registry import AdapterDir, AdapterRegistry
 from server.hotswap.residency import Residency
-from adapters.validation import CheckedAdapter, check_adapter_dir, read_host_adapter
+from adapters.validation import CheckedAdapter, check_adapter_dir, public_model_name, read_host_adapter
 from adapters.registry import InvalidAdapter, validate_adapter_name
 from adapters.peft_files import is_pickle
 from server.errors import InvalidRequest, ServerBusy
@@ -405,7 +405,8 @@ class AdapterService:
         stats = entry.stats
         return {
             "id": name, "object": "adapter", "name": name, "tenant": tenant, "version": checked.version,
-            "base_model": manifest.base_model if manifest else checked.peft_config.get("base_model_name_or_path"),
+            "base_model": _base_model_name(manifest.base_model if manifest
+                                           else checked.peft_config.get("base_model_name_or_path")),
             "method": checked.method, "rank": checked.rank, "metrics": metrics,
             "residency": residency, "device": self.served.device if self.served and tier == "device" else None,
             "pinned": f"{tenant}/{name}" in self.settings.pinned, "default": name == default,
@@ -570,6 +571,11 @@ def _manifest_for_plain(checked: CheckedAdapter, served) -> AdapterManifest:
                       use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora"))),
         hyperparameters={"registered_from": "plain peft directory"},
     )
+
+
+def _base_model_name(base) -> str | None:
+    # Tenants see the base by its id or last path part: a server path stays on the server.
+    return public_model_name(base) if isinstance(base, str) and base else None
 
 
 def _iso(timestamp: float | None) -> str | None:

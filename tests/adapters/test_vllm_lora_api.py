@@ -33,6 +33,8 @@ def test_load_replace_unload_and_restart_follow_vllm(data_dir, tiny_llama_path, 
         loaded = _load(url, key, "runtime", allowed / "alpha")
         assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'runtime' added successfully."
         assert "runtime" in _models(url, key)
+        listing = api(url, key, "GET", "/v1/adapters")
+        assert listing.json()["data"] and str(tiny_llama_path) not in listing.text  # no server path for tenants
         alpha = ask(url, key, "runtime")
         assert alpha != base
 
