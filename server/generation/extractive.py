@@ -148,7 +148,9 @@ class ExtractiveGenerator:
             return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]
         if self._support(question, passages, by_passage, scores) < self.min_support:
             return [NOT_SUPPORTED]
-        sources = [passages[candidates[i][1] - 1].chunk.display_name for i in chosen]
+        # the stored name when there is one (relative to what was ingested), else the path: only its tail is shown
+        chunks = [passages[candidates[i][1] - 1].chunk for i in chosen]
+        sources = [chunk.name or chunk.source for chunk in chunks]
         names = _document_names(sources) if len(set(sources)) > 1 else {}
         quotes = []
         for i, source in zip(chosen, sources):
