@@ -175,14 +175,16 @@ class ChatRequest(BaseModel):
     retrieval: RetrievalOptions = RetrievalOptions()
     sources_in_content: bool | None = Field(None, description="lorag extension: append the cited sources to the "
                                             "answer as a Markdown list; default server.sources_in_content")
-    # OpenAI fields lorag does not implement: parsed so server.openai_fields can refuse them by name (400, param).
+    # OpenAI fields lorag does not implement (or not with every generator): parsed so server.openai_fields can
+    # refuse them by name (400, param).
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, description="the generated tokens' log-probabilities (generative "
+                                  "generators; the extractive one refuses)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
