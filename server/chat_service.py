@@ -19,7 +19,7 @@ from core.errors import LoragError
 from core.records import Passage
 from server.catalog import ModelCatalog
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from core.prompt import ABSTENTION_ANSWER, ChatMessage
+from core.prompt import ABSTENTION_ANSWER
 from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
@@ -65,7 +65,6 @@ class PreparedChat:
     evidence: dict = field(default_factory=dict)  # chunk id -> the attributor's PassageEvidence, embedded once
     sources_in_content: bool = False  # append the cited sources to the text as Markdown
     logprobs: bool = False
-    top_logprobs: int = 0
     kind: str = "chat"  # "text": answered through /v1/completions, shaped as a text completion
 
 
@@ -158,7 +157,7 @@ class ChatService:
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
             sources_in_content=(body.sources_in_content if body.sources_in_content is not None
                                 else self.settings.server.sources_in_content),
-            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, kind=kind,
+            logprobs=bool(body.logprobs), kind=kind,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
