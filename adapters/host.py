@@ -24,6 +24,9 @@ class ServedModel:
     max_adapters: int | None = None  # adapters the generator can hold at once; None: no limit of its own
     dora: bool = True  # whether DoRA adapters can be served (the multi-adapter engine runs plain LoRA only)
     checks_finite: bool = False  # load_adapter refuses NaN/infinite weights itself (on the device, cheaply)
+    # Other names of these weights an adapter's base_model_name_or_path may give: the served name
+    # (server.served_model_name, often the hub id of a local copy) and adapters.base_model_aliases.
+    aliases: tuple[str, ...] = ()
 
     @classmethod
     def of_module(cls, model, *, name: str) -> "ServedModel":

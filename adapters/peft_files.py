@@ -19,7 +19,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
 
 def check_files(path: Path, *, name: str | None = None) -> None:
-    """Refuse a dir that is missing, lacks the two peft files, or holds links or pickle checkpoints.
+    """Refuse a dir that is missing, lacks the two peft files (weights only as a pickle counts as lacking
+    them), or holds links. Other files are left alone and never opened: the HF Trainer and LLaMA-Factory
+    save ``training_args.bin`` (a pickle), ``trainer_state.json``, a README and tokenizer files next to the
+    adapter, and none of them is read.
 
     Raises:
         InvalidAdapter: naming the file and the reason.
@@ -28,20 +31,26 @@ def check_files(path: Path, *, name: str | None = None) -> None:
     where = _where(path, name)
     if not path.is_dir():
         raise InvalidAdapter(f"adapter directory {str(path)!r} does not exist")
+    if not (path / WEIGHTS_FILE).is_file():
+        pickled = sorted(item.name for item in path.glob("adapter_model*") if is_pickle(item))
+        if pickled:
+            raise InvalidAdapter(
+                f"{where}: the weights are only in {pickled[0]!r}, a pickle-based checkpoint, which lorag never "
+                f"loads; save the adapter as {WEIGHTS_FILE} (peft save_pretrained with safe_serialization=True)"
+            )
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / required).is_file():
             raise InvalidAdapter(
                 f"{where}: {required} is missing (no {required} in the adapter dir; save it with peft save_pretrained)"
             )
     for item in path.rglob("*"):
-        relative = item.relative_to(path)
         if item.is_symlink():
-            raise InvalidAdapter(f"adapter file {str(relative)!r} is a symbolic link; copy the file instead")
-        if item.suffix.lower() in PICKLE_SUFFIXES:
-            raise InvalidAdapter(
-                f"adapter file {str(relative)!r} is a pickle-based checkpoint, which lorag never loads; "
-                f"save the adapter as {WEIGHTS_FILE} (peft save_pretrained with safe_serialization=True)"
-            )
+            raise InvalidAdapter(f"adapter file {str(item.relative_to(path))!r} is a symbolic link; copy the file instead")
+
+
+def is_pickle(path: Path) -> bool:
+    """A file lorag must never open: a pickle-based checkpoint (``training_args.bin``, ``adapter_model.bin``)."""
+    return path.suffix.lower() in PICKLE_SUFFIXES
 
 
 def read_config(path: Path, *, name: str | None = None) -> tuple[dict, bytes]:

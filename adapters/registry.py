@@ -114,8 +114,10 @@ class AdapterRegistry:
         """Raises: NotFound (no such adapter or no manifest), LoragError (an unreadable manifest)."""
         return read_manifest(self.existing(tenant, name))
 
-    def write(self, tenant: str, name: str, source: Path, *, overwrite: bool, extra: dict[str, bytes] | None = None) -> Path:
-        """Copy the files of ``source`` (plus ``extra`` name -> bytes) into the registry atomically.
+    def write(self, tenant: str, name: str, source: Path, *, overwrite: bool, extra: dict[str, bytes] | None = None,
+              leave_out=lambda path: False) -> Path:
+        """Copy the files of ``source`` (plus ``extra`` name -> bytes) into the registry atomically; files for
+        which ``leave_out(path)`` is true (pickles nobody may load) are not copied.
 
         Raises:
             Conflict: the adapter exists and ``overwrite`` is false.
@@ -123,7 +125,7 @@ class AdapterRegistry:
 
         def fill(directory: Path) -> None:
             for item in Path(source).iterdir():
-                if item.is_file() and not item.is_symlink():
+                if item.is_file() and not item.is_symlink() and not leave_out(item):
                     shutil.copyfile(item, directory / item.name)
             for file_name, data in (extra or {}).items():
                 (directory / file_name).write_bytes(data)

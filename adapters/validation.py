@@ -2,16 +2,18 @@
 
 Safetensors only (pickle files are refused), the base-model fingerprint, rank, target modules and every
 tensor's shape; a plain peft directory (no ``lorag_adapter.json``) must name the served model in
-``adapter_config.json`` (``base_model_name_or_path``, same string or same resolved path).
+``adapter_config.json`` (``base_model_name_or_path``: its path or id, ``server.served_model_name``, one of
+``adapters.base_model_aliases``, or a local model dir of the same architecture fingerprint).
 """
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import Conflict
-from adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest
+from adapters.manifest import MANIFEST_FILE, AdapterManifest, model_fingerprint, read_manifest
 from adapters.host import HostAdapter, ServedModel
 from adapters.peft_files import CONFIG_FILE, WEIGHTS_FILE, check_files, read_config
 from adapters.registry import InvalidAdapter, validate_adapter_name
@@ -157,15 +159,47 @@ def _check_base(name: str, config: dict, manifest: AdapterManifest | None, serve
             )
         return
     base = config.get("base_model_name_or_path")
-    same = base == served.name or (
-        isinstance(base, str) and base and Path(base).expanduser().resolve() == Path(served.name).expanduser().resolve()
+    if _names_served_base(base, served):
+        return
+    local = _local_fingerprint(base)
+    if local is not None and local == served.fingerprint:
+        return  # a local copy of the same architecture under another path
+    names = [public_model_name(name) for name in (served.name, *served.aliases)]
+    differs = (f"the model at {base!r} has fingerprint {local}, the served one {served.fingerprint}"
+               if local is not None else f"{base!r} is none of the served model's names {names}")
+    raise Conflict(
+        f"adapter {name!r} has no {MANIFEST_FILE} and its {CONFIG_FILE} field 'base_model_name_or_path' is "
+        f"{base!r}, not the served model: {differs}",
+        hint=f"if this server runs the weights of {base!r}, set server.served_model_name to {base!r} or add it to "
+        "adapters.base_model_aliases; otherwise train the adapter on the served model",
     )
-    if not same:
-        raise Conflict(
-            f"adapter {name!r} has no {MANIFEST_FILE} and its {CONFIG_FILE} field 'base_model_name_or_path' is "
-            f"{base!r}, not the served model {served.name!r}",
-            hint="train it with `lorag train` (which writes the manifest) or on the served model",
-        )
+
+
+def _names_served_base(base, served: ServedModel) -> bool:
+    """``base`` is the served model's path or id, its served name, or an alias the admin declared."""
+    if not isinstance(base, str) or not base:
+        return False
+    if base in (served.name, *served.aliases):
+        return True
+    resolved = Path(base).expanduser().resolve()
+    return any(resolved == Path(known).expanduser().resolve() for known in (served.name, *served.aliases))
+
+
+def public_model_name(name: str) -> str:
+    """A served name fit for a tenant's eyes: a server path is shown by its last part only."""
+    path = Path(name)
+    return f".../{path.name}" if path.is_absolute() else name
+
+
+def _local_fingerprint(base) -> str | None:
+    """The architecture fingerprint of ``base`` when it is a model dir on this machine, else None."""
+    if not isinstance(base, str) or not base:
+        return None
+    config_path = Path(base).expanduser() / "config.json"
+    try:
+        return model_fingerprint(json.loads(config_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_method(name: str, config: dict, manifest: AdapterManifest | None, served: ServedModel) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from core.errors import LoragError
-from core.records import Passage, document_name
+from core.records import Passage
 
 # The version of what a model reads: the system prompt, the document layout and the [n] grammar. An adapter's
 # manifest records the version it was trained on; serving it under another one is flagged (adapters.manifest).
@@ -164,7 +164,7 @@ def format_documents(passages: Sequence[Passage]) -> str:
     blocks = []
     for number, passage in enumerate(passages, start=1):
         chunk = passage.chunk
-        attributes = f'number="{number}" source="{_attribute(document_name(chunk.source))}" page="{chunk.page}"'
+        attributes = f'number="{number}" source="{_attribute(chunk.display_name)}" page="{chunk.page}"'
         if chunk.heading_path:
             attributes += f' section="{_attribute(" > ".join(chunk.heading_path))}"'
         text = _DELIMITER.sub(r"<\1\2-text", chunk.text.strip())

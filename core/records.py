@@ -5,8 +5,9 @@ from pathlib import PurePath
 
 
 def document_name(source: str) -> str:
-    """What clients and models are shown for a document: its file name (an upload's sanitised original name).
-    The full path it was ingested from stays on the server: a prompt or a response never carries it."""
+    """A document's file name: what clients are shown for a document ingested before names were stored
+    (Chunk.display_name). The full path it was ingested from stays on the server: a prompt or a response
+    never carries it."""
     return PurePath(source).name or source
 
 
@@ -35,6 +36,13 @@ class Chunk:
     # keyword index reads it with the text; never part of ``text`` or the spans. Empty for chunks ingested
     # without it (chunking.window_context off, or an index written before it existed).
     context: str = ""
+    # What clients and models are shown for the document: its path relative to what was ingested (an upload's
+    # sanitised original name); empty for documents ingested before names were stored (see display_name).
+    name: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or document_name(self.source)
 
     def embedded_texts(self) -> list[str]:
         """The texts whose vectors stand for this chunk in the index, in window order (each vector with
@@ -64,3 +72,8 @@ class DocumentRecord:
     chunk_count: int
     size_bytes: int
     ingested_at: str  # ISO 8601, UTC
+    name: str = ""  # as Chunk.name: relative to what was ingested; "" = the file name
+
+    @property
+    def display_name(self) -> str:
+        return self.name or document_name(self.source)

@@ -19,6 +19,8 @@ class Discovery:
     missing: list[Path] = field(default_factory=list)  # named on the command line but absent
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # folders whose listing failed, with why
     broken_links: list[tuple[Path, str]] = field(default_factory=list)  # (link, the loop or missing target)
+    # file -> the name clients are shown: its path relative to the folder given (a file given by itself: its name)
+    names: dict[Path, str] = field(default_factory=dict)
 
 
 def discover_files(paths: list[Path]) -> Discovery:
@@ -31,7 +33,7 @@ def discover_files(paths: list[Path]) -> Discovery:
         if path.is_dir():
             _walk(path, found, seen_files, seen_dirs)
         elif path.is_file():
-            _add_file(path, found, seen_files, named=True)
+            _add_file(path, found, seen_files, named=True, name=path.name)
         else:
             found.missing.append(path)
     return found
@@ -63,10 +65,10 @@ def _walk(root: Path, found: Discovery, seen_files: set[str], seen_dirs: set[str
             if name.startswith("."):
                 found.skipped.append((path, "hidden file"))
             else:
-                _add_file(path, found, seen_files, named=False)
+                _add_file(path, found, seen_files, named=False, name=path.relative_to(root).as_posix())
 
 
-def _add_file(path: Path, found: Discovery, seen_files: set[str], *, named: bool) -> None:
+def _add_file(path: Path, found: Discovery, seen_files: set[str], *, named: bool, name: str) -> None:
     if detect_format(path) is None:
         found.skipped.append((path, f"unsupported file type {path.suffix or '(no extension)'!r}"))
         return
@@ -81,6 +83,7 @@ def _add_file(path: Path, found: Discovery, seen_files: set[str], *, named: bool
         return
     seen_files.add(real)
     found.files.append(path)
+    found.names[path] = name
 
 
 MAX_LINK_HOPS = 40  # as the kernel's own limit on nested links

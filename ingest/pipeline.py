@@ -117,7 +117,8 @@ def ingest_paths(
         _freeze_long_lived_objects()
         update = index.update()
         waiting: list[PreparedFile] = []  # parsed files whose chunks are embedded together
-        for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits):
+        for prepared in _prepare_ahead(found.files, index=index, chunker=chunker, tenant=tenant, limits=limits,
+                                       names=found.names):
             _note(report.add(prepared.outcome))
             if prepared.record is None:
                 file_done(0)
@@ -205,7 +206,8 @@ def list_documents(*, tenant: str, settings: Settings) -> list[DocumentRecord]:
 
 
 def _prepare_ahead(
-    files: list[Path], *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings
+    files: list[Path], *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings,
+    names: dict[Path, str],
 ) -> Iterator[PreparedFile]:
     """Yield prepared files in order, parsing up to ``limits.prefetch_files`` ahead in a thread.
 
@@ -213,7 +215,7 @@ def _prepare_ahead(
     """
 
     def prepare(path: Path) -> PreparedFile:
-        return _prepare(path, index=index, chunker=chunker, tenant=tenant, limits=limits)
+        return _prepare(path, index=index, chunker=chunker, tenant=tenant, limits=limits, name=names[path])
 
     if limits.prefetch_files == 0:
         yield from map(prepare, files)
@@ -229,8 +231,9 @@ def _prepare_ahead(
 
 
 def _prepare(
-    path: Path, *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings
+    path: Path, *, index, chunker: Callable[[], Chunker], tenant: str, limits: IngestSettings, name: str
 ) -> PreparedFile:
+    """``name``: what clients will be shown for the document (its path relative to what was ingested)."""
     source = str(path)
     try:
         source.encode("utf-8")
@@ -271,6 +274,7 @@ def _prepare(
         chunk_count=len(chunks),
         size_bytes=size,
         ingested_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        name=name,
     )
     status = "added" if existing is None else "updated"
     warnings = [_without_path(warning, source) for warning in document.warnings]

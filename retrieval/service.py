@@ -174,8 +174,10 @@ class _LockedEmbedder:
 
 def _stored_sources(index: TenantIndex, given: Sequence[str]) -> list[str]:
     """The stored sources a ``sources`` filter names: a stored path itself, or a document name as responses
-    show it (core.records.document_name), which stands for every document of that name."""
-    stored = [record.source for record in index.documents()]
-    known = set(stored)
-    return list(dict.fromkeys(source for name in given for source in
-                              ([name] if name in known else [s for s in stored if document_name(s) == name])))
+    show it (DocumentRecord.display_name, or the bare file name), which stands for every document of that name."""
+    records = index.documents()
+    known = {record.source for record in records}
+    return list(dict.fromkeys(
+        source for name in given for source in
+        ([name] if name in known else
+         [r.source for r in records if name in (r.display_name, document_name(r.source))])))

@@ -7,6 +7,8 @@ rows and vectors change in one SQLite transaction (see ``retrieval.index`` for t
 
 Chunks carry the context line their windows were embedded with (``Chunk.context``). Files written before it
 have no ``context`` column: readers treat every context as empty, and the next write adds the column.
+Documents carry the name clients are shown (``DocumentRecord.name``: the path relative to what was ingested);
+files written before it have no ``name`` column and their documents go by their file name.
 """
 
 import json
@@ -30,7 +32,8 @@ CREATE TABLE IF NOT EXISTS documents (
     pages INTEGER NOT NULL,
     chunk_count INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL
+    ingested_at TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT ''  -- what clients are shown (DocumentRecord.name); '' = the file name
 );
 CREATE INDEX IF NOT EXISTS documents_by_id ON documents(document_id);
 -- AUTOINCREMENT: a rowid is never reused, so a stale vector id can never point at a newer chunk.
@@ -54,6 +57,10 @@ CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks(source, ordinal);
 _CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows'
 _CONTEXT_COLUMN = "context TEXT NOT NULL DEFAULT ''"
 _DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
+_NAME_COLUMN = "name TEXT NOT NULL DEFAULT ''"
+_EMPTY_TEXT = "''"  # what a file written before a column reads in its place
+# A chunk's document name, looked up with the chunk: chunks of one document share it.
+_CHUNK_NAME = "COALESCE((SELECT documents.name FROM documents WHERE documents.source = chunks.source), '')"
 # Vector ids per chunk: 1024 windows is far more than a chunk of at most max_seq_length tokens can have,
 # and rowid * 1024 stays exact in int64 for any rowid SQLite will ever hand out here.
 WINDOW_SLOTS = 1024
@@ -104,6 +111,11 @@ def has_context_column(connection: sqlite3.Connection) -> bool:
     return any(row[1] == "context" for row in connection.execute("PRAGMA table_info(chunks)"))
 
 
+def has_name_column(connection: sqlite3.Connection) -> bool:
+    """Whether the documents table has the ``name`` column (files written before it have not)."""
+    return any(row[1] == "name" for row in connection.execute("PRAGMA table_info(documents)"))
+
+
 class ChunkStore:
     """Read side of one tenant's SQLite file; safe to share between threads."""
 
@@ -113,6 +125,7 @@ class ChunkStore:
         self._connection = connect(self.path)
         self._lock = threading.Lock()
         self._has_context = False  # see _context_column
+        self._has_name = False  # see _name_column
 
     def close(self) -> None:
         with self._lock:
@@ -130,8 +143,18 @@ class ChunkStore:
                 self._has_context = has_context_column(self._connection)
         return "context" if self._has_context else "''"
 
+    def _name_column(self) -> bool:
+        """Whether documents have names yet (looked for until found, as the context column is)."""
+        if not self._has_name:
+            with self._lock:
+                self._has_name = has_name_column(self._connection)
+        return self._has_name
+
     def _chunk_columns(self) -> str:
-        return f"{_CHUNK_COLUMNS}, {self._context_column()}"
+        return f"{_CHUNK_COLUMNS}, {self._context_column()}, {_CHUNK_NAME if self._name_column() else _EMPTY_TEXT}"
+
+    def _document_columns(self) -> str:
+        return f"{_DOCUMENT_COLUMNS}, {'name' if self._name_column() else _EMPTY_TEXT}"
 
     def _rows_where_in(self, select: str, column: str, values: list) -> list[tuple]:
         """Rows of ``select ... WHERE column IN values``, queried in batches that stay under SQLite's
@@ -156,15 +179,15 @@ class ChunkStore:
         return int(self._rows("SELECT count(*) FROM chunks")[0][0])
 
     def documents(self) -> list[DocumentRecord]:
-        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents ORDER BY source")
+        rows = self._rows(f"SELECT {self._document_columns()} FROM documents ORDER BY source")
         return [self._document(row) for row in rows]
 
     def document(self, document_id: str) -> DocumentRecord | None:
-        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE document_id = ? ORDER BY source LIMIT 1", (document_id,))
+        rows = self._rows(f"SELECT {self._document_columns()} FROM documents WHERE document_id = ? ORDER BY source LIMIT 1", (document_id,))
         return self._document(rows[0]) if rows else None
 
     def document_by_source(self, source: str) -> DocumentRecord | None:
-        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE source = ?", (source,))
+        rows = self._rows(f"SELECT {self._document_columns()} FROM documents WHERE source = ?", (source,))
         return self._document(rows[0]) if rows else None
 
     def chunk(self, chunk_id: str) -> Chunk | None:
@@ -220,7 +243,7 @@ class ChunkStore:
         return np.asarray([row[0] for row in rows], dtype=np.int64), [row[1] for row in rows]
 
     def _chunk(self, row: tuple) -> Chunk:
-        rowid, chunk_id, source, document_id, page, start, end, text, heading_path, windows, context = row
+        rowid, chunk_id, source, document_id, page, start, end, text, heading_path, windows, context, name = row
         return Chunk(
             id=chunk_id,
             tenant=self.tenant,
@@ -233,11 +256,12 @@ class ChunkStore:
             heading_path=tuple(json.loads(heading_path)),
             windows=tuple(tuple(window) for window in json.loads(windows)),
             context=context,
+            name=name,
         )
 
     def _document(self, row: tuple) -> DocumentRecord:
-        document_id, source, pages, chunk_count, size_bytes, ingested_at = row
-        return DocumentRecord(document_id, self.tenant, source, pages, chunk_count, size_bytes, ingested_at)
+        document_id, source, pages, chunk_count, size_bytes, ingested_at, name = row
+        return DocumentRecord(document_id, self.tenant, source, pages, chunk_count, size_bytes, ingested_at, name)
 
 
 def read_generation(rows: list[tuple]) -> int:
@@ -253,6 +277,8 @@ class ChunkWriter:
         self._connection.execute("BEGIN IMMEDIATE")
         if not has_context_column(self._connection):  # a file from before chunk contexts; committed with the rest
             self._connection.execute(f"ALTER TABLE chunks ADD COLUMN {_CONTEXT_COLUMN}")
+        if not has_name_column(self._connection):  # a file from before document names
+            self._connection.execute(f"ALTER TABLE documents ADD COLUMN {_NAME_COLUMN}")
         self.generation = read_generation(
             self._connection.execute("SELECT value FROM state WHERE key = 'generation'").fetchall()
         )
@@ -275,8 +301,9 @@ class ChunkWriter:
             LoragError: a chunk belongs to another source or tenant, or has more than WINDOW_SLOTS windows.
         """
         self._connection.execute(
-            f"INSERT INTO documents ({_DOCUMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.document_id, record.source, record.pages, len(chunks), record.size_bytes, record.ingested_at),
+            f"INSERT INTO documents ({_DOCUMENT_COLUMNS}, name) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.document_id, record.source, record.pages, len(chunks), record.size_bytes, record.ingested_at,
+             record.name),
         )
         rowids = []
         for ordinal, chunk in enumerate(chunks):

@@ -4,6 +4,8 @@ Names: the base model's served name and the alias ``base`` mean the base model; 
 tenant's default adapter when it has one, else the base model; any other name must be one of the
 tenant's adapters (those the adapter service validated against the served model; for a generator that
 cannot serve adapters, any directory with a ``lorag_adapter.json`` manifest under its adapters dir).
+Each of these names with the suffix ``-no-rag`` is the same model answering without retrieval, for clients
+that cannot send the ``retrieval`` field (Open WebUI's task model, plain chat).
 """
 
 import logging
@@ -17,6 +19,7 @@ from server.tenants import Tenant
 
 BASE_ALIAS = "base"
 DEFAULT_ALIAS = "lorag"
+NO_RAG_SUFFIX = "-no-rag"
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 class ModelChoice:
     name: str  # as the client asked
     adapter: str | None  # None = base model
+    retrieval: bool = True  # False for the -no-rag aliases
 
 
 class ModelCatalog:
@@ -47,10 +51,16 @@ class ModelCatalog:
             ModelCard(id=DEFAULT_ALIAS, owned_by="lorag", kind="alias"),
         ]
         cards += [ModelCard(id=name, owned_by=tenant.id, kind="adapter") for name in self.adapters(tenant.id)]
-        return cards
+        return cards + [ModelCard(id=card.id + NO_RAG_SUFFIX, owned_by=card.owned_by, kind="alias") for card in cards]
 
     def resolve(self, name: str, tenant: Tenant) -> ModelChoice:
         """Raises: ModelNotFound (404) for a name that is neither the base model nor the tenant's adapter."""
+        if name.endswith(NO_RAG_SUFFIX) and name not in self.adapters(tenant.id):
+            try:
+                model = self.resolve(name[: -len(NO_RAG_SUFFIX)], tenant)
+            except ModelNotFound:
+                raise _not_found(name) from None
+            return ModelChoice(name, model.adapter, retrieval=False)
         if name in (self.base_name, BASE_ALIAS):
             return ModelChoice(name, None)
         adapters = self.adapters(tenant.id)
@@ -62,7 +72,11 @@ class ModelCatalog:
             return ModelChoice(name, tenant.default_adapter)
         if name in adapters:
             return ModelChoice(name, name)
-        raise ModelNotFound(
-            f"The model {name!r} does not exist or you do not have access to it",
-            hint="GET /v1/models lists the names this key may use",
-        )
+        raise _not_found(name)
+
+
+def _not_found(name: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"The model {name!r} does not exist or you do not have access to it",
+        hint="GET /v1/models lists the names this key may use",
+    )

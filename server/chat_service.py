@@ -19,12 +19,15 @@ from core.errors import LoragError
 from core.records import Passage
 from server.catalog import ModelCatalog
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from core.prompt import ABSTENTION_ANSWER, ChatMessage
+from core.prompt import ABSTENTION_ANSWER
 from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
 from server.generation.extractive import ExtractiveGenerator
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
 from server.metrics import Metrics
+from server.openai_fields import chat_turns, refuse_unimplemented
+from server.sources_markdown import sources_markdown
+from server.task_prompts import is_task_prompt
 from server.schemas import (
     AttributionOut,
     ChatChoice,
@@ -33,6 +36,8 @@ from server.schemas import (
     ChatResponse,
     ChatUsage,
     CitationOut,
+    CompletionChoice,
+    CompletionResponse,
     PassageOut,
     SentenceOut,
 )
@@ -62,6 +67,9 @@ class PreparedChat:
     answerability: float | None = None  # how well the best passage matches the query
     abstained: bool = False  # no passage answers the query: the answer says so without generating
     evidence: dict = field(default_factory=dict)  # chunk id -> the attributor's PassageEvidence, embedded once
+    sources_in_content: bool = False  # append the cited sources to the text as Markdown
+    logprobs: bool = False
+    kind: str = "chat"  # "text": answered through /v1/completions, shaped as a text completion
 
 
 @dataclass
@@ -73,6 +81,12 @@ class ChatOutcome:
     citations: list[CitationOut]
     context: list[PassageOut]
     attribution: AttributionOut | None = None
+    sources: str = ""  # the Markdown "Sources" list appended to the text, when asked for
+    logprobs: dict | None = None  # OpenAI's {"content": [...]} of the generated tokens, when asked for
+
+    @property
+    def content(self) -> str:
+        return self.text + self.sources
 
 
 class ChatService:
@@ -99,12 +113,15 @@ class ChatService:
         self.quoter = quoter
 
     # -- before generation -----------------------------------------------------------------------
-    async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
-        """Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
+    async def prepare(self, body: ChatRequest, tenant: Tenant, *, kind: str = "chat") -> PreparedChat:
+        """``kind`` "text": a /v1/completions prompt, already turned into one user turn.
+
+        Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
         started = time.perf_counter()
+        refuse_unimplemented(body, logprobs=getattr(self.generator, "logprobs", False))
         sampling = self._sampling(body)
         choice = self.catalog.resolve(body.model, tenant)
-        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in body.messages)
+        messages = chat_turns(body.messages)
         last = next((m.content for m in reversed(messages) if m.role == "user"), "")
         if not last.strip():
             raise InvalidRequest("messages: the conversation needs a non-empty user message", param="messages")
@@ -113,6 +130,9 @@ class ChatService:
         passages: list[Passage] = []
         retrieval_s = 0.0
         options = body.retrieval
+        housekeeping = self.settings.server.skip_retrieval_for_task_prompts and is_task_prompt(last)
+        if not choice.retrieval or housekeeping:
+            options = options.model_copy(update={"enabled": False})
         if options.enabled:
             if options.k is not None and options.k > self.settings.server.max_k:
                 raise InvalidRequest(
@@ -133,7 +153,7 @@ class ChatService:
                 answerability = await run_in_threadpool(self.attributor.answerability, query, passages,
                                                         evidence=evidence)
 
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
         request = GenerationRequest(
             messages=messages, passages=tuple(passages), sampling=sampling, adapter=choice.adapter,
             request_id=request_id,
@@ -142,6 +162,9 @@ class ChatService:
             request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s,
             query=query, attribute=attribute, answerability=answerability, evidence=evidence,
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
+            sources_in_content=(body.sources_in_content if body.sources_in_content is not None
+                                else self.settings.server.sources_in_content),
+            logprobs=bool(body.logprobs), kind=kind,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -152,14 +175,14 @@ class ChatService:
                 param="messages",
             )
         for index, message in enumerate(body.messages):
-            if len(message.content) > limits.max_message_chars:
+            if len(message.content or "") > limits.max_message_chars:
                 raise InvalidRequest(
                     f"messages.{index}.content: {len(message.content)} characters is over the limit of "
                     f"{limits.max_message_chars}",
                     param=f"messages.{index}.content",
                 )
         max_tokens = body.max_tokens or body.max_completion_tokens or limits.default_max_tokens
-        if max_tokens > limits.max_tokens_limit:
+        if max_tokens is not None and max_tokens > limits.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens={max_tokens} is over the limit of {limits.max_tokens_limit}", param="max_tokens"
             )
@@ -167,8 +190,10 @@ class ChatService:
         if len(stop) > 4:
             raise InvalidRequest(f"stop: {len(stop)} sequences given, at most 4 are allowed", param="stop")
         penalty = body.repetition_penalty or self.settings.generation.repetition_penalty
+        temperature = body.temperature if body.temperature is not None else self.settings.generation.temperature
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+            logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+            max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=stop, seed=body.seed,
             repetition_penalty=penalty,
         )
 
@@ -178,6 +203,7 @@ class ChatService:
         deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
         stream = await self._start(prepared, deadline)
         parts: list[str] = []
+        logprobs: list[dict] = []
         tokens = 0
         finish_reason = None
         first = True
@@ -187,11 +213,14 @@ class ChatService:
                     self._first_token(prepared)
                     first = False
                 parts.append(delta.text)
+                logprobs += [entry.as_openai() for entry in delta.logprobs]
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
         finally:
             await _close(stream.deltas)
         outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+        if prepared.logprobs:
+            outcome.logprobs = {"content": logprobs}
         return self.response(prepared, outcome)
 
     async def stream_events(self, prepared: PreparedChat, stream: GenerationStream) -> AsyncIterator[str]:
@@ -200,24 +229,32 @@ class ChatService:
         A client that goes away cancels this iterator, which closes the generator's stream.
         """
         deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
-        base = {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
-                "model": prepared.model}
+        text_completion = prepared.kind == "text"
+        choice = _text_choice if text_completion else _choice
+        base = {"id": prepared.id, "object": "text_completion" if text_completion else "chat.completion.chunk",
+                "created": prepared.created, "model": prepared.model}
         parts: list[str] = []
         tokens = 0
         finish_reason = None
         try:
-            yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
+            if not text_completion:
+                yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
             async for delta in _until(stream.deltas, deadline, prepared):
-                if delta.text:
+                if delta.text or delta.logprobs:
                     if not parts:
                         self._first_token(prepared)
                     parts.append(delta.text)
-                    yield _sse(base | {"choices": [_choice({"content": delta.text})]})
+                    chunk = choice({"content": delta.text})
+                    if prepared.logprobs:  # the tokens behind this piece of text, as OpenAI streams them
+                        chunk["logprobs"] = {"content": [entry.as_openai() for entry in delta.logprobs]}
+                    yield _sse(base | {"choices": [chunk]})
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
             outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
+            if outcome.sources:
+                yield _sse(base | {"choices": [choice({"content": outcome.sources})]})
             final = base | {
-                "choices": [_choice({}, outcome.finish_reason or "stop")],
+                "choices": [choice({}, outcome.finish_reason or "stop")],
                 "usage": _usage(outcome).model_dump(),
                 "citations": [c.model_dump() for c in outcome.citations],
                 "context": [p.model_dump() for p in outcome.context],
@@ -311,15 +348,24 @@ class ChatService:
         generator = self.generator.name
         self.metrics.tokens.labels(prepared.tenant, generator).inc(tokens)
         self.metrics.prompt_tokens.labels(prepared.tenant, generator).inc(stream.prompt.prompt_tokens)
+        sources = sources_markdown(cited, base_url=self.settings.server.public_url) if prepared.sources_in_content else ""
         return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
-                           attribution)
+                           attribution, sources=sources)
 
-    def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse:
+    def response(self, prepared: PreparedChat, outcome: ChatOutcome) -> ChatResponse | CompletionResponse:
+        if prepared.kind == "text":
+            return CompletionResponse(
+                id=prepared.id, created=prepared.created, model=prepared.model,
+                choices=[CompletionChoice(text=outcome.content, finish_reason=outcome.finish_reason)],
+                usage=_usage(outcome), citations=outcome.citations, context=outcome.context,
+                generator=self.generator.name, attribution=outcome.attribution,
+            )
         return ChatResponse(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.text), finish_reason=outcome.finish_reason)],
+            choices=[ChatChoice(message=ChatChoiceMessage(content=outcome.content), finish_reason=outcome.finish_reason,
+                                logprobs=outcome.logprobs)],
             usage=_usage(outcome),
             citations=outcome.citations,
             context=outcome.context,
@@ -388,6 +434,11 @@ def _usage(outcome: ChatOutcome) -> ChatUsage:
 
 def _choice(delta: dict, finish_reason: str | None = None) -> dict:
     return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
+
+def _text_choice(delta: dict, finish_reason: str | None = None) -> dict:
+    """/v1/completions' streamed choice: the new text, not a message delta."""
+    return {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
 
 
 def _sse(payload: dict) -> str:

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from core.records import Chunk, DocumentRecord, Passage, document_name
+from core.records import Chunk, DocumentRecord, Passage
 
 RetrievalMode = Literal["hybrid", "dense", "keyword"]
 
@@ -30,7 +30,7 @@ class PassageOut(BaseModel):
         return cls(
             id=chunk.id,
             document_id=chunk.document_id,
-            source=document_name(chunk.source),
+            source=chunk.display_name,
             page=chunk.page,
             start=chunk.start,
             end=chunk.end,
@@ -96,8 +96,14 @@ class ErrorResponse(BaseModel):
 
 # -- chat ----------------------------------------------------------------------------------------
 class ChatMessageIn(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
+    # "developer" is OpenAI's newer name for a system turn; "tool"/"function" turns are parsed so that
+    # server.openai_fields can refuse them by name instead of failing on their null content.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | None = Field(None, description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -114,8 +120,10 @@ class ChatMessageIn(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _valid_unicode(cls, value: str) -> str:
+    def _valid_unicode(cls, value: str | None) -> str | None:
         # JSON may carry lone surrogates ("\ud800"); tokenizers cannot encode them, so refuse them here.
+        if value is None:
+            return value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -150,11 +158,13 @@ class ChatRequest(BaseModel):
         }
     )
 
-    model: str = Field(description="the base model's served name, 'lorag', 'base', or one of the tenant's adapters")
+    model: str = Field(description="the base model's served name, 'lorag', 'base', one of the tenant's adapters, "
+                       "or any of these with the suffix '-no-rag' (answer without retrieval)")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: until the model ends its answer or the context "
+                                   "is full (server.default_max_tokens caps it when set)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default generation.temperature (0: greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM's extension: > 1 discourages "
                                              "repeating the answer's own tokens; default generation.repetition_penalty")
@@ -163,8 +173,27 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
     user: str | None = None
     seed: int | None = None
-    n: Literal[1] = Field(1, description="only one choice is supported")
+    n: int | None = Field(None, ge=1, description="only 1 is supported")
     retrieval: RetrievalOptions = RetrievalOptions()
+    sources_in_content: bool | None = Field(None, description="lorag extension: append the cited sources to the "
+                                            "answer as a Markdown list; default server.sources_in_content")
+    # OpenAI fields lorag does not implement (or not with every generator): parsed so server.openai_fields can
+    # refuse them by name (400, param).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = Field(None, description="the generated tokens' log-probabilities (generative "
+                                  "generators; the extractive one refuses)")
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
 
 
 class ChatUsage(BaseModel):
@@ -182,6 +211,9 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     finish_reason: Literal["stop", "length", "cancelled"] | None
+    logprobs: dict | None = Field(None, description="with logprobs=true: {content: [{token, logprob, bytes, "
+                                  "top_logprobs}]} of the tokens the model generated (before attribution moves "
+                                  "[n] markers), after repetition_penalty and before temperature and top_p")
 
 
 class ChatResponse(BaseModel):
@@ -196,6 +228,58 @@ class ChatResponse(BaseModel):
     generator: str = Field(description="what produced the answer, e.g. 'extractive' or 'transformers:<model>'")
     attribution: AttributionOut | None = Field(None, description="per-sentence support; null when retrieval or "
                                                "attribution is off")
+
+
+# -- text completions (/v1/completions) ----------------------------------------------------------
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completion: the prompt is answered as one user turn, with the same retrieval and
+    citations as chat (LlamaIndex's OpenAILike calls it unless is_chat_model=True)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "lorag", "prompt": "How long is the warranty?"}]})
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, or a list of one text")
+    max_tokens: int | None = Field(None, ge=1, description="as in chat: default until the answer ends or the context "
+                                   "is full")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = Field(None, ge=1)
+    retrieval: RetrievalOptions = RetrievalOptions()
+    sources_in_content: bool | None = None
+    # fields lorag does not implement, refused by name
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: ChatUsage
+    citations: list[CitationOut]
+    context: list[PassageOut]
+    generator: str
+    attribution: AttributionOut | None = None
 
 
 # -- retrieval and documents ---------------------------------------------------------------------
@@ -238,7 +322,7 @@ class DocumentOut(BaseModel):
     def from_record(cls, record: DocumentRecord) -> "DocumentOut":
         return cls(
             id=record.document_id,
-            source=document_name(record.source),
+            source=record.display_name,
             pages=record.pages,
             chunk_count=record.chunk_count,
             size_bytes=record.size_bytes,

@@ -43,7 +43,17 @@ class HTTPSettings(BaseModel):
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="any request body, document uploads included")
     max_json_bytes: int = Field(1_000_000, ge=1024, description="JSON request bodies (chat, retrieve, admin)")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(256, ge=1)
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="cap for requests without max_tokens; None = OpenAI's rule: until the model ends "
+        "its answer or the context is full")
+    sources_in_content: bool = Field(
+        False, description="append the cited sources to every answer as a Markdown 'Sources' list, for clients that "
+        "show only the content (Open WebUI, LangChain); a request may set sources_in_content itself")
+    public_url: str | None = Field(
+        None, description="base URL put in front of the passage links of that list, e.g. https://lorag.example.com")
+    skip_retrieval_for_task_prompts: bool = Field(
+        True, description="answer chat clients' housekeeping prompts (Open WebUI's '### Task:' title, tag and "
+        "follow-up prompts) without retrieval")
     max_messages: int = Field(64, ge=1)
     max_message_chars: int = Field(32_000, ge=1)
     max_k: int = Field(50, ge=1, description="largest retrieval.k a request may ask for")
@@ -143,6 +153,10 @@ class GenerationSettings(BaseModel):
             raise ValueError('generation.engine is "remote" but generation.remote_url names no vLLM server; set '
                              "LORAG_GENERATION__REMOTE_URL=http://host:8000 (several: comma-separated)")
         return self
+
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="default for requests that send none; 0 = greedy, which keeps a small model on "
+        "the passages (OpenAI's default is 1.0)")
     repetition_penalty: float = Field(
         1.2, gt=0, le=10, description="default for requests that send none: generated tokens already in the answer "
         "are penalised (not the prompt's); 1.2 stopped SmolLM2-135M's loops (benchmarks/RESULTS.md); 1 = off",
@@ -160,6 +174,9 @@ class AdapterSettings(BaseModel):
     )
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="an uploaded adapter archive, unpacked")
     load_timeout_s: float = Field(60.0, gt=0, description="a request waits this long for a free adapter slot")
+    base_model_aliases: list[str] = Field(
+        default_factory=list, description="other names of the served weights (hub ids, paths) that an adapter's "
+        "base_model_name_or_path may give; server.served_model_name counts too. Shapes are still checked")
 
 
 class AttributionSettings(BaseModel):

@@ -20,7 +20,7 @@ from core.errors import LoragError
 from server.engine.block_pool import block_keys
 from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
-from server.engine.sampling import row_generator, sample
+from server.engine.sampling import penalise_repeats, row_generator, sample
 from server.engine.segments import segment_prompts, to_segments
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class Sequence:
     seed: int | None = None
     repetition_penalty: float = 1.0  # on generated tokens only (see sampling.sample)
     stop_token_ids: frozenset[int] = frozenset()
+    top_logprobs: int | None = None  # None: no log-probabilities; n: each token's, with the n most likely
+    # (token, logprob, top ids, top logprobs) per generated token, appended on the engine thread before its emit
+    logprobs: list[tuple[int, float, list[int], list[float]]] = field(default_factory=list)
     seq_id: int = field(default_factory=lambda: next(_ids))
     # engine-side state
     row: int | None = None
@@ -301,7 +304,9 @@ class Scheduler:
         for seq in group:
             seq.computed = len(seq.prompt)
             self._publish(seq)
-        for seq, token in zip(group, self._sample(group, logits)):
+        picked = self._sample(group, logits)
+        self._keep_logprobs(group, logits, picked)
+        for seq, token in zip(group, picked):
             self._accept(seq, token)
         return width * len(group)
 
@@ -321,7 +326,9 @@ class Scheduler:
         seq.computed += n
         self._publish(seq)
         if seq.computed == len(seq.prompt):
-            self._accept(seq, self._sample([seq], logits)[0])
+            picked = self._sample([seq], logits)
+            self._keep_logprobs([seq], logits, picked)
+            self._accept(seq, picked[0])
         return padded
 
     def _segments(self, lengths: list[int], slots: list[int], *, width: int):
@@ -352,6 +359,8 @@ class Scheduler:
         else:
             rows = torch.tensor([s.row for s in active], device=logits.device)
             picked = self._sample(active, logits[rows])
+        if any(s.top_logprobs is not None for s in active):
+            self._keep_logprobs(active, logits[torch.tensor([s.row for s in active], device=logits.device)], picked)
         for seq, token in zip(active, picked):
             self._accept(seq, token)
 
@@ -359,6 +368,23 @@ class Scheduler:
         return sample(logits, temperatures=[s.temperature for s in seqs], top_ps=[s.top_p for s in seqs],
                       generators=[s.generator for s in seqs], penalties=[s.repetition_penalty for s in seqs],
                       generated=[s.generated for s in seqs])
+
+    def _keep_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, picked: list[int]) -> None:
+        """For rows that asked, the log-probability of each picked token and the most likely ones, from
+        ``logits`` (len(seqs), vocab) after the repetition penalty, before temperature and top-p (as the
+        transformers generator reports them). Runs before ``_accept`` adds the token to ``generated``."""
+        wanted = [i for i, s in enumerate(seqs) if s.top_logprobs is not None]
+        if not wanted:
+            return
+        index = torch.tensor(wanted, device=logits.device)
+        penalised = penalise_repeats(logits[index].float(), [seqs[i].repetition_penalty for i in wanted],
+                                     [seqs[i].generated for i in wanted])
+        logprobs = torch.log_softmax(penalised, dim=-1)  # (len(wanted), vocab)
+        for row, i in enumerate(wanted):
+            seq, token = seqs[i], picked[i]
+            values, ids = (logprobs[row].topk(seq.top_logprobs) if seq.top_logprobs
+                           else (logprobs.new_empty(0), logprobs.new_empty(0, dtype=torch.long)))
+            seq.logprobs.append((token, float(logprobs[row, token]), ids.tolist(), values.tolist()))
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)

@@ -3,6 +3,7 @@ and the adapter registry's AdapterHost (its slots are the resident adapters)."""
 
 import asyncio
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -13,7 +14,7 @@ from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.model import check_supported
 from server.engine.rope import UnsupportedModel
 from server.engine.scheduler import Sequence
-from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
+from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta, TokenLogprob
 from core.prompt import build_prompt, require_chat_template
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class EngineGenerator:
     """
 
     kind = "generative"
+    logprobs = True  # reports token log-probabilities when a request asks
 
     def __init__(self, engine: Engine, tokenizer, *, name: str, stop_token_ids: frozenset[int] = frozenset(),
                  model_name: str | None = None, fingerprint: str | None = None):
@@ -133,7 +135,8 @@ class EngineGenerator:
         context = self.engine.cache.max_len
         sampling.check(context_tokens=context, model=self.name)
         prompt = build_prompt(request.messages, request.passages, tokenizer=self.tokenizer,
-                              max_prompt_tokens=context - sampling.max_tokens)
+                              max_prompt_tokens=sampling.prompt_budget(context))
+        sampling = replace(sampling, max_tokens=sampling.answer_tokens(context, len(prompt.token_ids)))
         slot = self.engine.adapters.acquire(request.adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -144,7 +147,8 @@ class EngineGenerator:
         seq = Sequence(prompt=list(prompt.token_ids), max_tokens=sampling.max_tokens, emit=emit, adapter_slot=slot,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                        repetition_penalty=sampling.repetition_penalty,
-                       stop_token_ids=self.stop_token_ids)
+                       stop_token_ids=self.stop_token_ids,
+                       top_logprobs=sampling.top_logprobs if sampling.logprobs else None)
         try:
             self.engine.scheduler.submit(seq)
         except BaseException:
@@ -157,12 +161,18 @@ class EngineGenerator:
 
     async def _deltas(self, seq: Sequence, queue: asyncio.Queue, text: IncrementalText):
         done = False
+        reported = 0  # entries of seq.logprobs already delivered
         try:
             while True:
                 tokens, finish, error = await queue.get()
                 while finish is None and not queue.empty():  # coalesce what piled up while we were away
                     more, finish, error = queue.get_nowait()
                     tokens = tokens + more
+                if seq.top_logprobs is not None:  # appended before each emit: these tokens' entries are there
+                    entries, reported = seq.logprobs[reported:reported + len(tokens)], reported + len(tokens)
+                    logprobs = self._token_logprobs(entries)
+                else:
+                    logprobs = ()
                 if error is not None:
                     done = True
                     raise EngineError(f"generation of request {seq.seq_id} failed in the engine: {error}") from error
@@ -170,14 +180,14 @@ class EngineGenerator:
                 if stopped:
                     self.engine.scheduler.cancel(seq.seq_id)
                     done = True
-                    yield TextDelta(piece, tokens=len(tokens), finish_reason="stop")
+                    yield TextDelta(piece, tokens=len(tokens), finish_reason="stop", logprobs=logprobs)
                     return
                 if finish is not None:
                     done = True
-                    yield TextDelta(piece + text.flush(), tokens=len(tokens), finish_reason=finish)
+                    yield TextDelta(piece + text.flush(), tokens=len(tokens), finish_reason=finish, logprobs=logprobs)
                     return
                 if piece or tokens:
-                    yield TextDelta(piece, tokens=len(tokens))
+                    yield TextDelta(piece, tokens=len(tokens), logprobs=logprobs)
         finally:
             if not done:  # the consumer went away: free the row and the adapter slot
                 self.engine.scheduler.cancel(seq.seq_id)
@@ -189,6 +199,17 @@ class EngineGenerator:
         used, cached = pool.used, pool.cached
         return {"kv_blocks_used": used, "kv_blocks_cached": cached, "kv_blocks_free": pool.capacity - used - cached,
                 "prefix_hit_rate": pool.stats.hit_rate}
+
+    def _token_logprobs(self, entries) -> tuple[TokenLogprob, ...]:
+        """The engine's (token, logprob, top ids, top logprobs) as TokenLogprob; end-of-turn tokens are left out,
+        as their text is."""
+        def decode(token_id: int) -> str:
+            return self.tokenizer.decode([token_id])
+
+        return tuple(
+            TokenLogprob(decode(token), logprob, tuple(zip(map(decode, top_ids), top_values)))
+            for token, logprob, top_ids, top_values in entries if token not in self.stop_token_ids
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)

@@ -8,6 +8,7 @@ documents do not contain the answer instead of quoting near misses.
 import asyncio
 import math
 import re
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -113,7 +114,8 @@ class ExtractiveGenerator:
             pieces = self.answer_pieces(question, passages)
             # What it reads is its prompt: the question and the passages' text.
             read = self.count_tokens(question) + sum(self.count_tokens(p.chunk.text) for p in passages)
-            return read, _within_budget(pieces, self.count_tokens, request.sampling.max_tokens)
+            limit = request.sampling.max_tokens
+            return read, _within_budget(pieces, self.count_tokens, sys.maxsize if limit is None else limit)
 
         prompt_tokens, deltas = await asyncio.to_thread(answer)
         info = PromptInfo(prompt_tokens=prompt_tokens, passages_used=passages, dropped_passages=0)
@@ -168,7 +170,9 @@ class ExtractiveGenerator:
         return [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
 
     def _quotes(self, passages: Sequence[Passage], candidates: list[tuple[str, int]], chosen: list[int]) -> list[str]:
-        sources = [passages[candidates[i][1] - 1].chunk.source for i in chosen]
+        # the stored name when there is one (relative to what was ingested), else the path: only its tail is shown
+        chunks = [passages[candidates[i][1] - 1].chunk for i in chosen]
+        sources = [chunk.name or chunk.source for chunk in chunks]
         names = _document_names(sources) if len(set(sources)) > 1 else {}
         quotes = []
         for i, source in zip(chosen, sources):

@@ -11,12 +11,14 @@ import logging
 import threading
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from core.errors import LoragError, NotFound
 from core.records import Passage
-from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta
+from server.generation.protocol import (
+    GenerationRequest, GenerationStream, PromptInfo, SamplingParams, TextDelta, TokenLogprob,
+)
 from server.generation.text import IncrementalText, eos_token_ids
 from core.prompt import Prompt, build_prompt, require_chat_template
 
@@ -41,6 +43,8 @@ class _Row:
     generated: int = 0  # tokens generated so far
     unreported_tokens: int = 0
     done: bool = False
+    step_logprobs: object = None  # (vocab,) log-softmax of the distribution the newest token was drawn from
+    unreported_logprobs: list = field(default_factory=list)  # TokenLogprob of tokens not yet delivered
 
     def batch_key(self, adapter_group) -> tuple:
         """Rows batch together only when one generate call can serve them all (``adapter_group``: see
@@ -66,6 +70,7 @@ class TransformersGenerator:
     """A :class:`server.generation.protocol.Generator` over a transformers model and its tokenizer."""
 
     kind: Literal["generative"] = "generative"
+    logprobs = True  # reports token log-probabilities when a request asks
 
     def __init__(self, model, tokenizer, *, name: str, max_batch_size: int = 8, max_context_tokens: int | None = None):
         """Serve ``model`` (a causal LM, or a PEFT model whose loaded adapters requests may name).
@@ -151,8 +156,9 @@ class TransformersGenerator:
         sampling = request.sampling
         sampling.check(context_tokens=self.max_context_tokens, model=self.name)
         self._check_adapter(request.adapter)
-        budget = self.max_context_tokens - sampling.max_tokens
+        budget = sampling.prompt_budget(self.max_context_tokens)
         prompt = await asyncio.to_thread(self._build_prompt, request.messages, request.passages, budget)
+        sampling = replace(sampling, max_tokens=sampling.answer_tokens(self.max_context_tokens, len(prompt.token_ids)))
         row = _Row(
             token_ids=prompt.token_ids,
             sampling=sampling,
@@ -366,6 +372,10 @@ class TransformersGenerator:
         if sampling.repetition_penalty != 1.0:  # the batch key makes it equal across rows
             # Generated tokens only: the stock penalty also counts the prompt, and would punish quoting the documents.
             processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=width))
+        if any(row.sampling.logprobs for row in rows):
+            # Last of ours, and generate() adds temperature and top_p after its caller's processors: this sees the
+            # model's distribution after the repetition penalty, before sampling reshapes it.
+            processors.append(_KeepLogprobs(rows))
         generate, adapter_kwargs = self._adapter_call(rows)
         with torch.inference_mode():
             generate(
@@ -391,6 +401,8 @@ class TransformersGenerator:
             self._finish(row, "stop")
             return
         row.generated += 1
+        if row.sampling.logprobs and row.step_logprobs is not None:
+            row.unreported_logprobs.append(self._token_logprob(row, token))
         piece, stopped = row.text.add([token])
         if stopped:
             self._finish(row, "stop", last=piece)
@@ -400,8 +412,22 @@ class TransformersGenerator:
             self._emit(row, piece)
 
     def _emit(self, row: _Row, text: str, finish_reason: FinishReason | None = None) -> None:
-        _deliver(row, TextDelta(text=text, tokens=row.unreported_tokens, finish_reason=finish_reason))
+        logprobs, row.unreported_logprobs = tuple(row.unreported_logprobs), []
+        _deliver(row, TextDelta(text=text, tokens=row.unreported_tokens, finish_reason=finish_reason,
+                                logprobs=logprobs))
         row.unreported_tokens = 0
+
+    def _token_logprob(self, row: _Row, token: int) -> TokenLogprob:
+        distribution = row.step_logprobs  # (vocab,)
+        top = ()
+        if row.sampling.top_logprobs:
+            values, ids = distribution.topk(row.sampling.top_logprobs)
+            top = tuple(zip(self._token_texts(ids.tolist()), values.tolist()))
+        return TokenLogprob(self._token_texts([token])[0], float(distribution[token]), top)
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([token_id]) for token_id in ids]
 
     def _finish(self, row: _Row, reason: FinishReason, *, last: str | None = None) -> None:
         """Close ``row`` with ``reason``; its last delta is ``last``, or all the text still held back."""
@@ -410,6 +436,23 @@ class TransformersGenerator:
         row.done = True
         self.stats.finish_reasons[reason] += 1
         self._emit(row, row.text.flush() if last is None else last, reason)
+
+
+class _KeepLogprobs:
+    """A logits processor that keeps, for each row asking for logprobs, the log-softmax it is about to sample from."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        wanted = [i for i, row in enumerate(self.rows) if row.sampling.logprobs and not row.done]
+        if wanted:
+            chosen = torch.log_softmax(scores[wanted].float(), dim=-1).cpu()  # (len(wanted), vocab)
+            for position, index in enumerate(wanted):
+                self.rows[index].step_logprobs = chosen[position]
+        return scores
 
 
 class _RowStops:

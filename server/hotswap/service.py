@@ -6,6 +6,7 @@ the old key is unloaded when its last request finishes.
 """
 
 import asyncio
+import dataclasses
 import re
 import logging
 import threading
@@ -24,15 +25,17 @@ from adapters.host import AdapterHost, HostAdapter
 from adapters.registry import AdapterDir, AdapterRegistry
 from server.hotswap.residency import Residency
 from adapters.validation import (
-    CheckedAdapter, check_adapter_dir, check_finite_weights, check_weights_header, read_host_adapter,
+    CheckedAdapter, check_adapter_dir, check_finite_weights, check_weights_header, public_model_name, read_host_adapter,
 )
 from adapters.registry import InvalidAdapter, validate_adapter_name
-from server.errors import ServerBusy
+from adapters.peft_files import is_pickle
+from server.errors import InvalidRequest, ServerBusy
 from server.quotas import check_adapter_quota, tree_bytes
 
 log = logging.getLogger(__name__)
 
 LOSS_PLOT = "loss.png"
+RUNTIME_FILE = "lorag_runtime.json"  # marks an adapter added by vLLM's load_lora_adapter
 _RESIDENCY_LEVEL = {"disk": 0, "unloaded": 0, "host": 1, "gpu": 2}
 
 
@@ -144,6 +147,9 @@ class AdapterService:
         self._register_lock = threading.Lock()
         self.host = host
         self.served = host.served_model() if host is not None else None
+        if self.served is not None:
+            aliases = [settings.server.served_model_name, *self.settings.base_model_aliases]
+            self.served = dataclasses.replace(self.served, aliases=tuple(a for a in aliases if a))
         self.metrics = AdapterMetrics(metrics.registry) if metrics is not None else None
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._versions: dict[str, _Version] = {}  # current versions and retired ones not yet discarded
@@ -406,7 +412,8 @@ class AdapterService:
         stats = entry.stats
         return {
             "id": name, "object": "adapter", "name": name, "tenant": tenant, "version": checked.version,
-            "base_model": manifest.base_model if manifest else checked.peft_config.get("base_model_name_or_path"),
+            "base_model": _base_model_name(manifest.base_model if manifest
+                                           else checked.peft_config.get("base_model_name_or_path")),
             "method": checked.method, "rank": checked.rank, "metrics": metrics,
             "residency": residency, "device": self.served.device if self.served and tier == "device" else None,
             "pinned": f"{tenant}/{name}" in self.settings.pinned, "default": name == default,
@@ -484,10 +491,12 @@ class AdapterService:
         if self.served is None:
             raise Conflict("this server's generator cannot serve adapters, so none can be registered")
 
-    def register(self, tenant: str, name: str, source: Path, *, overwrite: bool = False) -> dict:
+    def register(self, tenant: str, name: str, source: Path, *, overwrite: bool = False, runtime: bool = False) -> dict:
         """Blocking: validate the adapter dir ``source`` and copy it into the tenant's registry.
 
         A plain peft dir gets a ``lorag_adapter.json`` written from its config (after it passed the checks).
+        Files lorag never loads are not copied if they are pickles (an HF Trainer's ``training_args.bin``).
+        ``runtime``: added by vLLM's load_lora_adapter, which its unload_lora_adapter may remove again.
 
         Raises:
             InvalidAdapter/Conflict: it failed validation (nothing changes), or ``name`` exists and not ``overwrite``.
@@ -506,13 +515,50 @@ class AdapterService:
             self._event("reject")
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)
             raise
+        if runtime:
+            extra[RUNTIME_FILE] = b'{"added_by": "POST /v1/load_lora_adapter"}\n'
         with self._register_lock:  # two uploads at once must not both fit into the last free quota
             if self.quotas is not None:
                 new_bytes = tree_bytes(source) + sum(map(len, extra.values()))
                 check_adapter_quota(self.quotas, self.data_dir, tenant, name, new_bytes=new_bytes)
-            self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra)
+            self.registry.write(tenant, name, source, overwrite=overwrite, extra=extra, leave_out=is_pickle)
         self.refresh()
         return self.view(tenant, name)
+
+    # ---- vLLM's runtime LoRA API -----------------------------------------------------------------
+    def load_lora_adapter(self, tenant: str, name: str, source: Path, *, load_inplace: bool = False) -> None:
+        """Blocking: vLLM's POST /v1/load_lora_adapter: add ``source`` as ``name`` and load it.
+
+        The copy lives in the tenant's registry, so unlike vLLM's it is still there after a restart.
+
+        Raises:
+            InvalidRequest: ``name`` is already loaded and not ``load_inplace`` (vLLM's 400).
+            InvalidAdapter/Conflict: the dir failed validation (nothing changes).
+        """
+        if name in self.names(tenant) and not load_inplace:
+            raise InvalidRequest(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.", param="lora_name")
+        self.register(tenant, name, source, overwrite=load_inplace, runtime=True)
+        self.load(tenant, name)
+
+    def unload_lora_adapter(self, tenant: str, name: str) -> None:
+        """Blocking: vLLM's POST /v1/unload_lora_adapter: the adapter stops being listed and served (its
+        registry copy is removed; the dir it was loaded from is never touched). Running requests finish on it.
+
+        Raises:
+            NotFound: no such adapter (vLLM's 404).  Conflict: it was trained or uploaded, not runtime-loaded.
+        """
+        with self._lock:
+            entry = self._entries.get((tenant, name))
+        if entry is None:
+            raise NotFound(f"The lora adapter '{name}' cannot be found.")
+        if not (entry.dir.path / RUNTIME_FILE).is_file():
+            raise Conflict(
+                f"adapter {name!r} was trained or uploaded, not added with /v1/load_lora_adapter, so "
+                "unload_lora_adapter leaves it alone",
+                hint=f"POST /v1/adapters/{name}/unload frees its memory; DELETE /v1/adapters/{name} removes it")
+        self.delete(tenant, name)
 
     # ---- observability -------------------------------------------------------------------------
     def _event(self, event: str) -> None:
@@ -547,6 +593,11 @@ def _manifest_for_plain(checked: CheckedAdapter, served) -> AdapterManifest:
 def _short(error: BaseException) -> str:
     text = str(error)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _base_model_name(base) -> str | None:
+    # Tenants see the base by its id or last path part: a server path stays on the server.
+    return public_model_name(base) if isinstance(base, str) and base else None
 
 
 def _iso(timestamp: float | None) -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Path as PathParam, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -32,6 +32,7 @@ class LoadLoraAdapter(BaseModel):
 
     lora_name: str = Field(min_length=1, max_length=63)
     lora_path: str = Field(min_length=1)
+    load_inplace: bool = Field(False, description="replace an adapter of the same name instead of refusing")
 
 
 class UnloadLoraAdapter(BaseModel):
@@ -112,22 +113,21 @@ async def unload_adapter(name: AdapterName, tenant: CurrentTenant, services: Rea
     return adapters.view(tenant.id, name, default=tenant.default_adapter)
 
 
-@router.post("/v1/load_lora_adapter", responses=_ERRORS)
-async def vllm_load_lora_adapter(body: LoadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> dict:
-    """vLLM's call: register the server-side dir ``lora_path`` as ``lora_name`` and load it."""
-    adapters = _adapters(services)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def vllm_load_lora_adapter(body: LoadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> str:
+    """vLLM's call: add the server-side dir ``lora_path`` as ``lora_name`` and load it. A name already loaded is
+    a 400 unless ``load_inplace``. The copy is kept in the tenant's registry: it survives a restart."""
     source = _allowed_path(services.settings, body.lora_path)
-    await run_in_threadpool(adapters.register, tenant.id, body.lora_name, source)
-    await run_in_threadpool(adapters.load, tenant.id, body.lora_name)
-    return adapters.view(tenant.id, body.lora_name, default=tenant.default_adapter)
+    await run_in_threadpool(_adapters(services).load_lora_adapter, tenant.id, body.lora_name, source,
+                            load_inplace=body.load_inplace)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", responses=_ERRORS)
-async def vllm_unload_lora_adapter(body: UnloadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> dict:
-    """vLLM's call: take ``lora_name`` out of memory (its files stay; DELETE /v1/adapters/{name} removes them)."""
-    adapters = _adapters(services)
-    await run_in_threadpool(adapters.unload, tenant.id, body.lora_name)
-    return adapters.view(tenant.id, body.lora_name, default=tenant.default_adapter)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def vllm_unload_lora_adapter(body: UnloadLoraAdapter, tenant: CurrentTenant, services: ReadyServices) -> str:
+    """vLLM's call: ``lora_name`` (added by load_lora_adapter) stops being listed and served; 404 when unknown."""
+    await run_in_threadpool(_adapters(services).unload_lora_adapter, tenant.id, body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
 
 def _allowed_path(settings, path: str) -> Path:

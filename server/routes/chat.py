@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: OpenAI-compatible chat answered from the tenant's passages, with citations."""
+"""POST /v1/chat/completions and /v1/completions: OpenAI-compatible chat (and the legacy text completion,
+answered as one user turn) from the tenant's passages, with citations."""
 
 import asyncio
 import contextlib
@@ -9,7 +10,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server.deps import CurrentTenant, ReadyServices
-from server.schemas import ChatRequest, ChatResponse, ErrorResponse
+from server.schemas import ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ErrorResponse
+from server.text_completions import as_chat_request
 
 router = APIRouter(tags=["chat"])
 
@@ -34,11 +36,27 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentT
     """OpenAI's chat completion, plus ``citations`` (passages cited as [n]), ``context`` (retrieved,
     uncited) and ``generator``. With ``stream=true`` the answer arrives as SSE chunks and the final
     chunk carries citations, context, generator and usage, followed by ``data: [DONE]``."""
+    return await _answer(body, request, tenant, services, kind="chat")
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=_ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+    summary="Text completion with cited passages (the prompt is answered as one user turn)",
+)
+async def completions(body: CompletionRequest, request: Request, tenant: CurrentTenant, services: ReadyServices):
+    """OpenAI's legacy completion for clients that call it (LlamaIndex's OpenAILike without is_chat_model):
+    ``prompt`` is answered like a chat's user message, with the same retrieval, ``citations`` and ``context``."""
+    return await _answer(as_chat_request(body), request, tenant, services, kind="text")
+
+
+async def _answer(body: ChatRequest, request: Request, tenant, services, *, kind: str):
     chat = services.chat
     slot = AsyncExitStack()
     await slot.enter_async_context(services.queue.slot())  # 503 here when saturated
     try:
-        prepared = await chat.prepare(body, tenant)
+        prepared = await chat.prepare(body, tenant, kind=kind)
         if not body.stream:
             return await _unless_disconnected(request, chat.complete(prepared))
         stream = await chat.start(prepared)

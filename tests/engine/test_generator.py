@@ -107,3 +107,17 @@ def _wait_idle(generator, timeout=30.0):
     assert not any(generator.engine.scheduler.rows)
 
 
+
+
+def test_logprobs_follow_the_tokens_generated(generator, reference):
+    _, ids, text = _expected(generator, reference, None, 12)
+    request = GenerationRequest(MESSAGES, PASSAGES, SamplingParams(max_tokens=12, logprobs=True, top_logprobs=2))
+    _, deltas = _collect(generator, request)
+    assert "".join(d.text for d in deltas) == text  # asking for logprobs changes nothing else
+    entries = [entry for delta in deltas for entry in delta.logprobs]
+    eos = generator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(entries) == len([t for t in ids if t != eos])
+    for entry in entries:  # greedy: the chosen token is the most likely of the distribution reported
+        assert entry.logprob <= 0 and len(entry.top) == 2 and (entry.token, entry.logprob) == entry.top[0]
+    plain = _collect(generator, GenerationRequest(MESSAGES, PASSAGES, SamplingParams(max_tokens=12)))[1]
+    assert all(not d.logprobs for d in plain)

@@ -90,7 +90,7 @@ def test_missing_files_and_pickled_weights_are_refused(slots, arch_setup, tmp_pa
     copy = tmp_path / "copy"
     shutil.copytree(dirs["alpha"], copy)
     (copy / "adapter_model.safetensors").rename(copy / "adapter_model.bin")  # a pickle-format name is never read
-    with pytest.raises(LoragError, match="no adapter_model.safetensors"):
+    with pytest.raises(LoragError, match="only in 'adapter_model.bin', a pickle"):
         slots.load("copy", copy)
     with pytest.raises(LoragError, match="no adapter_config.json"):
         slots.load("empty", tmp_path)

@@ -240,12 +240,13 @@ def test_no_response_or_prompt_carries_a_server_path(client, corpus):
     for response in (body, retrieved, documents):
         assert str(SAMPLE_DOCS.resolve()) not in response.text and str(corpus.data_dir) not in response.text
     sources = {c["source"] for c in body.json()["citations"] + body.json()["context"]}
-    assert "kestrel-tide-datasheet.pdf" in sources  # the document's name
+    assert "specs/kestrel-tide-datasheet.pdf" in sources  # the document's path relative to the folder ingested
     passages = corpus.retrieval.retrieve("acme", QUESTION)
     prompt = build_prompt([{"role": "user", "content": QUESTION}], passages)
     assert str(SAMPLE_DOCS.resolve()) not in prompt.messages[-1]["content"]
-    assert 'source="kestrel-tide-datasheet.pdf"' in prompt.messages[-1]["content"]
-    # a client filters by the name it was shown
-    only = client.post("/v1/retrieve", json={"query": QUESTION, "sources": ["returns-and-warranty.txt"]},
-                       headers=auth(corpus.acme_key)).json()["data"]
-    assert only and {p["source"] for p in only} == {"returns-and-warranty.txt"}
+    assert 'source="specs/kestrel-tide-datasheet.pdf"' in prompt.messages[-1]["content"]
+    # a client filters by the name it was shown (or the bare file name)
+    for name in ("policies/returns-and-warranty.txt", "returns-and-warranty.txt"):
+        only = client.post("/v1/retrieve", json={"query": QUESTION, "sources": [name]},
+                           headers=auth(corpus.acme_key)).json()["data"]
+        assert only and {p["source"] for p in only} == {"policies/returns-and-warranty.txt"}
