@@ -12,6 +12,7 @@ PACKAGES = ("core", "adapters", "models", "ingest", "retrieval", "training", "ev
 # Imported only behind a guard, for an optional path; each says why it is not a dependency.
 OPTIONAL = {
     "triton": "the engine's GPU LoRA kernels; CUDA builds of torch ship it, CPU serving never needs it",
+    "langchain_openai": "only lorag/langchain_chat.py, the LangChain client class: the 'langchain' extra",
 }
 
 

@@ -72,7 +72,9 @@ class RemoteGenerator:
         sampling = request.sampling
         context = self.context_tokens
         sampling.check(context_tokens=context, model=self.name)
-        prompt = await asyncio.to_thread(self._build_prompt, request, context - sampling.max_tokens)
+        prompt = await asyncio.to_thread(self._build_prompt, request, sampling.prompt_budget(context))
+        # Without max_tokens (OpenAI's rule: until the answer ends or the context is full) vLLM is told the room left.
+        max_tokens = sampling.answer_tokens(context, len(prompt.token_ids or ()))
         model = self.base_model
         if request.adapter is not None:
             if request.adapter not in self.pool.adapters:
@@ -80,7 +82,7 @@ class RemoteGenerator:
             model = request.adapter
         body = {
             "model": model, "messages": prompt.messages, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "max_tokens": max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "repetition_penalty": sampling.repetition_penalty,  # vLLM's sampling extension
         }
         if sampling.stop:

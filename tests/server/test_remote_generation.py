@@ -88,6 +88,10 @@ def pool(app):
     return app.state.services.generator.pool
 
 
+def app_context_tokens(app) -> int:
+    return app.state.services.generator.context_tokens
+
+
 def adapter_key(app, tenant: str, name: str = "support") -> str:
     return app.state.services.adapters._entry(tenant, name).version.key
 
@@ -108,6 +112,13 @@ def test_answer_with_citations_streaming_and_usage(remote_data, tiny_llama_path,
         words = len("The Heron launch code is 7741 and the launch is set for March [1].".split())
         assert completion.usage.completion_tokens == words  # as the remote counted them
         assert completion.usage.prompt_tokens == sum(len(m["content"].split()) for m in sent["messages"])
+
+        # Without max_tokens the answer may use the rest of the context, and vLLM is told how much that is.
+        openai_client(base_url, keys["acme"]).chat.completions.create(
+            model="base", messages=[{"role": "user", "content": QUESTION}])
+        sent = fake.state.requests[-1]
+        context = app_context_tokens(_app)
+        assert 0 < sent["max_tokens"] < context and sent["max_tokens"] >= context // 4
 
         chunks = list(ask(base_url, keys["acme"], stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
