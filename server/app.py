@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.error_handlers import install_error_handlers
-from server.limits import BodyLimitMiddleware, ChatQueue
+from server.admission import Admission
+from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
-from server.services import build_services, close_services, new_services
+from server.services import build_services, close_services, new_admission, new_services
 from server.settings import ServerSettings
 
 DESCRIPTION = """\
@@ -37,9 +38,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Built here, not in create_app: an asyncio primitive belongs to the loop that serves the app.
-        services.queue = ChatQueue(
-            slots=settings.server.max_concurrent_requests, queue=settings.server.max_queued_requests, metrics=metrics
-        )
+        services.queue = new_admission(settings, metrics)
         await run_in_threadpool(
             partial(build_services, settings, retrieval=retrieval, generator=generator, announce=True, into=services)
         )

@@ -82,6 +82,7 @@ class ChatService:
         metrics: Metrics,
         adapters=None,
         attributor: Attributor | None = None,
+        admission=None,
     ):
         self.settings = settings
         self.retrieval = retrieval
@@ -90,6 +91,7 @@ class ChatService:
         self.metrics = metrics
         self.adapters = adapters  # server.hotswap.service.AdapterService: loads the request's adapter version
         self.attributor = attributor  # None: citations come from the model's own [n] markers only
+        self.admission = admission  # server.admission.Admission: counts tokens against tokens per minute
 
     # -- before generation -----------------------------------------------------------------------
     async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
@@ -290,6 +292,8 @@ class ChatService:
         generator = self.generator.name
         self.metrics.tokens.labels(prepared.tenant, generator).inc(tokens)
         self.metrics.prompt_tokens.labels(prepared.tenant, generator).inc(stream.prompt.prompt_tokens)
+        if self.admission is not None:
+            self.admission.charge_tokens(prepared.tenant, stream.prompt.prompt_tokens + tokens)
         return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
                            attribution)
 

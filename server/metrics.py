@@ -41,6 +41,10 @@ class Metrics:
             "lorag_chat_rejected", "Chat requests refused with 503 because the queue was full",
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "lorag_chat_rate_limited", "Chat requests refused with 429: a tenant over its per-minute budget or share",
+            ["reason"], registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,9 @@ _ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "unknown model (code model_not_found)"},
     413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "all generation slots and the queue are full"},
+    429: {"model": ErrorResponse, "description": "the tenant is over its requests or tokens per minute, or holds its "
+          "whole share of slots and queue; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "all generation slots and the queue are full; see Retry-After"},
     504: {"model": ErrorResponse, "description": "generation ran past server.request_timeout_s"},
 }
 _DISCONNECT_POLL_S = 0.2
@@ -36,7 +38,7 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentT
     chunk carries citations, context, generator and usage, followed by ``data: [DONE]``."""
     chat = services.chat
     slot = AsyncExitStack()
-    await slot.enter_async_context(services.queue.slot())  # 503 here when saturated
+    await slot.enter_async_context(services.queue.slot(tenant.id))  # 429 over the tenant's share, 503 when full
     try:
         prepared = await chat.prepare(body, tenant)
         if not body.stream:
