@@ -58,6 +58,7 @@ class PreparedChat:
     answerability: float | None = None  # how well the best passage matches the query
     abstained: bool = False  # no passage answers the query: the answer says so without generating
     evidence: dict = field(default_factory=dict)  # chunk id -> the attributor's PassageEvidence, embedded once
+    deadline: float | None = None  # loop time past which the request is cut off (504); None: request_timeout_s from now
 
 
 @dataclass
@@ -94,8 +95,10 @@ class ChatService:
         self.admission = admission  # server.admission.Admission: counts tokens against tokens per minute
 
     # -- before generation -----------------------------------------------------------------------
-    async def prepare(self, body: ChatRequest, tenant: Tenant) -> PreparedChat:
-        """Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
+    async def prepare(self, body: ChatRequest, tenant: Tenant, *, deadline: float | None = None) -> PreparedChat:
+        """``deadline``: loop time the whole request must end by (the route counts from arrival, queue included).
+
+        Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
         started = time.perf_counter()
         sampling = self._sampling(body)
         choice = self.catalog.resolve(body.model, tenant)
@@ -137,6 +140,7 @@ class ChatService:
             request_id, int(time.time()), body.model, tenant.id, request, list(passages), started, retrieval_s,
             query=query, attribute=attribute, answerability=answerability, evidence=evidence,
             abstained=answerability is not None and answerability < self.settings.attribution.abstain_below,
+            deadline=deadline,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -170,7 +174,7 @@ class ChatService:
     # -- generation ------------------------------------------------------------------------------
     async def complete(self, prepared: PreparedChat) -> ChatResponse:
         """Generate the whole answer. Raises: RequestTimeout (504) past server.request_timeout_s."""
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         stream = await self._start(prepared, deadline)
         parts: list[str] = []
         tokens = 0
@@ -194,7 +198,7 @@ class ChatService:
 
         A client that goes away cancels this iterator, which closes the generator's stream.
         """
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         base = {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
                 "model": prepared.model}
         parts: list[str] = []
@@ -232,7 +236,7 @@ class ChatService:
         yield "data: [DONE]\n\n"
 
     async def start(self, prepared: PreparedChat) -> GenerationStream:
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         return await self._start(prepared, deadline)
 
     async def _start(self, prepared: PreparedChat, deadline: float) -> GenerationStream:
@@ -258,6 +262,11 @@ class ChatService:
         if lease is not None:
             stream.deltas = lease.hold(stream.deltas)
         return stream
+
+    def _deadline(self, prepared: PreparedChat) -> float:
+        if prepared.deadline is not None:
+            return prepared.deadline
+        return asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
 
     def _first_token(self, prepared: PreparedChat) -> None:
         self.metrics.time_to_first_token.labels(prepared.tenant).observe(time.perf_counter() - prepared.started)

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server.deps import CurrentTenant, ReadyServices
+from server.errors import RequestTimeout
 from server.schemas import ChatRequest, ChatResponse, ErrorResponse
 
 router = APIRouter(tags=["chat"])
@@ -37,16 +38,33 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentT
     uncited) and ``generator``. With ``stream=true`` the answer arrives as SSE chunks and the final
     chunk carries citations, context, generator and usage, followed by ``data: [DONE]``."""
     chat = services.chat
+    # request_timeout_s counts from arrival: a request that waited its whole time in the queue gets its 504
+    # without being run for a client that has most likely given up.
+    deadline = asyncio.get_running_loop().time() + services.settings.server.request_timeout_s
     slot = AsyncExitStack()
-    await slot.enter_async_context(services.queue.slot(tenant.id))  # 429 over the tenant's share, 503 when full
-    try:
-        prepared = await chat.prepare(body, tenant)
+
+    async def admit_and_run():
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slot.enter_async_context(services.queue.slot(tenant.id))  # 429 over the tenant's share, 503 full
+        except TimeoutError:
+            raise RequestTimeout("chat request waited for a free slot past server.request_timeout_s") from None
+        prepared = await chat.prepare(body, tenant, deadline=deadline)
         if not body.stream:
-            return await _unless_disconnected(request, chat.complete(prepared))
-        stream = await chat.start(prepared)
+            return prepared, await chat.complete(prepared)
+        return prepared, await chat.start(prepared)
+
+    # Watched from arrival on: a client that leaves while its request is queued or retrieving frees its place
+    # at once, instead of being retrieved for and generated when its turn comes.
+    try:
+        ran = await _unless_disconnected(request, admit_and_run())
     except BaseException:
         await slot.aclose()
         raise
+    if isinstance(ran, Response) or not body.stream:
+        await slot.aclose()
+        return ran if isinstance(ran, Response) else ran[1]
+    prepared, stream = ran
 
     async def events():
         try:
@@ -64,7 +82,7 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentT
 
 
 async def _unless_disconnected(request: Request, work):
-    """Await ``work``, cancelling it (and so generation) if the client disconnects first."""
+    """Await ``work``, cancelling it (and so generation, or the wait for a slot) if the client disconnects first."""
     task = asyncio.ensure_future(work)
 
     async def watch():
