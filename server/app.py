@@ -15,6 +15,7 @@ from server.error_handlers import install_error_handlers
 from server.admission import Admission
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
+from server.openapi import install_openapi
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
 from server.services import build_services, close_services, new_admission, new_services
 from server.settings import ServerSettings
@@ -64,8 +65,10 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web):
-        app.include_router(module.router)
+    routers = [module.router for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web)]
+    for router in routers:
+        app.include_router(router)
+    install_openapi(app, routers, max_k=settings.server.max_k)
     # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, max_json_bytes=settings.server.max_json_bytes
