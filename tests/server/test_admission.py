@@ -140,7 +140,8 @@ def test_http_429_and_503_carry_retry_after(corpus, extractive_generator):
 
     from server.app import create_app
 
-    settings = server_settings(corpus, requests_per_minute=1, tenant_limits={"beta": {"requests_per_minute": 100}})
+    settings = server_settings(corpus, requests_per_minute=1, tenant_limits={
+        "beta": {"requests_per_minute": 100, "tokens_per_minute": 100_000}})
     payload = {"model": "lorag", "messages": [{"role": "user", "content": "What is the beta launch code?"}]}
     with TestClient(create_app(settings, retrieval=corpus.retrieval, generator=extractive_generator)) as client:
         assert client.post("/v1/chat/completions", json=payload, headers=auth(corpus.acme_key)).status_code == 200
@@ -152,6 +153,13 @@ def test_http_429_and_503_carry_retry_after(corpus, extractive_generator):
             assert client.post("/v1/chat/completions", json=payload, headers=auth(corpus.beta_key)).status_code == 200
         metrics = client.get("/metrics", headers=auth(corpus.admin_key)).text
         assert 'lorag_chat_rate_limited_total{reason="requests_per_minute"} 1.0' in metrics
+        # The answers' prompt + completion tokens were counted against beta's budget: overdraw it, then 429.
+        used = client.app.state.services.queue._tenants["beta"].tokens
+        assert used.capacity - used.level > 3 * 10  # three answers, each well over ten tokens
+        client.app.state.services.queue.charge_tokens("beta", 200_000)  # a minute in debt
+        refused = client.post("/v1/chat/completions", json=payload, headers=auth(corpus.beta_key))
+        assert assert_error(refused, 429)["code"] == "tokens_per_minute"
+        assert int(refused.headers["Retry-After"]) >= 1
 
     starting = create_app(server_settings(corpus), retrieval=corpus.retrieval, generator=extractive_generator)
     with TestClient(starting) as client:
