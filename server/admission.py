@@ -172,7 +172,7 @@ class Admission:
                 "(server.tenant_concurrency_share, server.tenant_queue_share)",
                 retry_after=self._estimate(state.admitted - self.tenant_slots + 1, self.tenant_slots),
                 code="tenant_share")
-        if self._admitted >= self.capacity:
+        if self._admitted >= self.capacity and not self._push_out(tenant, state):
             if self._metrics:
                 self._metrics.rejected.inc()
             raise ServerBusy(
@@ -182,6 +182,29 @@ class Admission:
                 retry_after=self._estimate(self._admitted - self.slots + 1, self.slots))
         if state.requests is not None:
             state.requests.charge(now, 1)
+
+    def _push_out(self, tenant: str, state: _TenantState) -> bool:
+        """Make room in a full queue for ``tenant`` when another tenant holds more than one request more than it:
+        that tenant's newest waiter leaves with 429. Without this, whoever filled the queue first keeps it
+        full (each answer is followed by its client's next request) and a late tenant only ever sees 503."""
+        hogs = [s for s in self._tenants.values() if s.waiting and s is not state]
+        if not hogs:
+            return False
+        hog = max(hogs, key=lambda s: (s.admitted, -s.waiting[-1][0]))
+        if hog.admitted <= state.admitted + 1:
+            return False
+        granted = hog.waiting.pop()[1]
+        while granted.done() and hog.waiting:  # a waiter cancelled but not yet woken up to leave
+            granted = hog.waiting.pop()[1]
+        if granted.done():
+            return False
+        name = next(name for name, s in self._tenants.items() if s is hog)
+        self._refuse_rate("tenant_share")
+        granted.set_exception(TenantOverLimit(
+            f"tenant {name!r} has {hog.admitted} chat requests running or queued on a full server, more than its "
+            f"share while tenant {tenant!r} waits (server.max_queued_requests)",
+            retry_after=self._estimate(hog.admitted - self.tenant_slots, self.tenant_slots), code="tenant_share"))
+        return True
 
     def _estimate(self, ahead: int, slots: int) -> float:
         """Seconds until ``ahead`` requests in front have drained through ``slots`` slots."""
@@ -202,7 +225,8 @@ class Admission:
         try:
             await granted
         except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():  # the slot came just as the waiter was cancelled
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                # the slot came just as the waiter was cancelled
                 self._release(state)
             elif entry in state.waiting:
                 state.waiting.remove(entry)

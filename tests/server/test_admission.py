@@ -168,3 +168,30 @@ def test_http_429_and_503_carry_retry_after(corpus, extractive_generator):
         starting.state.services.chat = chat
         assert_error(busy, 503)
         assert busy.headers["Retry-After"] == "1"
+
+
+def test_a_full_queue_makes_room_for_a_tenant_holding_less_by_refusing_the_hogs_newest_waiter():
+    async def scenario():
+        admission = Admission(slots=1, queue=3)
+        release = asyncio.Event()
+        hog = [asyncio.create_task(_hold(admission, "hog", release)) for _ in range(4)]  # 1 running, 3 queued
+        await _settle()
+        started = []
+        late = asyncio.create_task(_hold(admission, "late", release, started))  # full: the hog's newest leaves
+        await _settle()
+        assert hog[-1].done() and not hog[0].done()
+        with pytest.raises(TenantOverLimit) as refused:
+            hog[-1].result()
+        assert refused.value.code == "tenant_share" and "'late' waits" in str(refused.value)
+        other = asyncio.create_task(_hold(admission, "other", release, started))  # hog 3 > other 0 + 1: again
+        await _settle()
+        assert hog[-2].done() and not hog[1].done()
+        with pytest.raises(ServerBusy):  # hog 2, late 1, other 1: everyone near an equal share, so 503
+            async with admission.slot("late"):
+                pass
+        release.set()
+        await asyncio.gather(late, other, *hog[:-2])
+        assert started == ["late", "other"]
+        assert admission._running == 0 and admission._admitted == 0
+
+    asyncio.run(scenario())
