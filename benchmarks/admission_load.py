@@ -213,9 +213,10 @@ def report(phases: list[Phase], args) -> int:
     for phase in phases:
         for tenant, result in phase.tenants.items():
             others = {k: v for k, v in result.statuses.items() if k != 200}
+            missing = f" (Retry-After missing: {result.retry_after_missing})" if result.retry_after_missing else ""
             print(f"{phase.name:<9}{tenant:<10}{phase.clients[tenant]:>8}{result.statuses[200]:>6}"
                   f"{result.statuses[200] / phase.seconds:>7.1f}{result.pct(.5):>7.2f}s{result.pct(.99):>7.2f}s  "
-                  f"{others or '-'}{' (Retry-After missing: %d)' % result.retry_after_missing if result.retry_after_missing else ''}")
+                  f"{others or '-'}{missing}")
         print(f"{'':<9}deepest queue {phase.max_queued:.0f}, most in flight {phase.max_in_flight:.0f}, "
               f"RSS {phase.rss_mb[0]:.0f} -> {phase.rss_mb[-1]:.0f} MB (max {max(phase.rss_mb):.0f})")
     by = {phase.name: phase for phase in phases}
@@ -230,8 +231,9 @@ def report(phases: list[Phase], args) -> int:
     limited_errors = {t: dict(r.statuses - Counter({200: r.statuses[200]})) for t, r in limited.items()}
     others_ok = all(not errors for t, errors in limited_errors.items() if t != TENANTS[-1])
     only_429 = set(limited_errors[TENANTS[-1]]) <= {429} and limited[TENANTS[-1]].retry_after_missing == 0
-    print(f"  limited: {TENANTS[-1]} answered {limited_errors[TENANTS[-1]]} at {args.rpm} rpm (only 429 + Retry-After: "
-          f"{only_429}); other tenants' non-200 answers: {sum(sum(e.values()) for t, e in limited_errors.items() if t != TENANTS[-1])}")
+    others_errors = sum(sum(e.values()) for t, e in limited_errors.items() if t != TENANTS[-1])
+    print(f"  limited: {TENANTS[-1]} answered {limited_errors[TENANTS[-1]]} at {args.rpm} rpm (only 429 + "
+          f"Retry-After: {only_429}); other tenants' non-200 answers: {others_errors}")
     failures += [not others_ok, not only_429]
     busy = by["busy"].tenants
     quiet = max(busy[t].pct(.99) for t in TENANTS[1:])

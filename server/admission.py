@@ -8,7 +8,6 @@ asyncio.Semaphore wakes waiters in arrival order only, hence the hand-written qu
 """
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable

@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.error_handlers import install_error_handlers
-from server.admission import Admission
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
 from server.openapi import install_openapi
