@@ -11,7 +11,8 @@ from pathlib import Path
 from core.errors import LoragError
 
 # Tenant names become directory names: allow only what is safe everywhere (no dots, no slashes).
-_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # also the API document's pattern for tenant ids
+_TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
 
 
 def validate_tenant_name(name: str) -> str:

@@ -12,12 +12,13 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.error_handlers import install_error_handlers
-from server.limits import BodyLimitMiddleware, ChatQueue
+from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
+from server.openapi import install_openapi
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
 from server.routes.docs import install_docs
-from server.services import build_services, close_services, new_services
+from server.services import build_services, close_services, new_admission, new_services
 from server.settings import ServerSettings
 
 DESCRIPTION = """\
@@ -39,9 +40,7 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Built here, not in create_app: an asyncio primitive belongs to the loop that serves the app.
-        services.queue = ChatQueue(
-            slots=settings.server.max_concurrent_requests, queue=settings.server.max_queued_requests, metrics=metrics
-        )
+        services.queue = new_admission(settings, metrics)
         await run_in_threadpool(
             partial(build_services, settings, retrieval=retrieval, generator=generator, announce=True, into=services)
         )
@@ -69,8 +68,10 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web):
-        app.include_router(module.router)
+    routers = [module.router for module in (chat, retrieve, passages, uploads, models, adapters, admin, health, web)]
+    for router in routers:
+        app.include_router(router)
+    install_openapi(app, routers, max_k=settings.server.max_k)
     install_docs(app)
     # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(

@@ -70,6 +70,7 @@ class PreparedChat:
     sources_in_content: bool = False  # append the cited sources to the text as Markdown
     logprobs: bool = False
     kind: str = "chat"  # "text": answered through /v1/completions, shaped as a text completion
+    deadline: float | None = None  # loop time past which the request is cut off (504); None: request_timeout_s from now
 
 
 @dataclass
@@ -101,6 +102,7 @@ class ChatService:
         adapters=None,
         attributor: Attributor | None = None,
         quoter: ExtractiveGenerator | None = None,
+        admission=None,
     ):
         self.settings = settings
         self.retrieval = retrieval
@@ -111,10 +113,13 @@ class ChatService:
         self.attributor = attributor  # None: citations come from the model's own [n] markers only
         # quotes the passages when nothing a model wrote is supported (attribution.unsupported = "quote")
         self.quoter = quoter
+        self.admission = admission  # server.admission.Admission: counts tokens against tokens per minute
 
     # -- before generation -----------------------------------------------------------------------
-    async def prepare(self, body: ChatRequest, tenant: Tenant, *, kind: str = "chat") -> PreparedChat:
-        """``kind`` "text": a /v1/completions prompt, already turned into one user turn.
+    async def prepare(self, body: ChatRequest, tenant: Tenant, *, kind: str = "chat",
+                      deadline: float | None = None) -> PreparedChat:
+        """``kind`` "text": a /v1/completions prompt, already turned into one user turn. ``deadline``: loop time
+        the whole request must end by (the route counts from arrival, queue included).
 
         Raises: InvalidRequest (400) over a limit, ModelNotFound (404), LoragError from retrieval."""
         started = time.perf_counter()
@@ -165,6 +170,7 @@ class ChatService:
             sources_in_content=(body.sources_in_content if body.sources_in_content is not None
                                 else self.settings.server.sources_in_content),
             logprobs=bool(body.logprobs), kind=kind,
+            deadline=deadline,
         )
 
     def _sampling(self, body: ChatRequest) -> SamplingParams:
@@ -200,7 +206,7 @@ class ChatService:
     # -- generation ------------------------------------------------------------------------------
     async def complete(self, prepared: PreparedChat) -> ChatResponse:
         """Generate the whole answer. Raises: RequestTimeout (504) past server.request_timeout_s."""
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         stream = await self._start(prepared, deadline)
         parts: list[str] = []
         logprobs: list[dict] = []
@@ -228,7 +234,7 @@ class ChatService:
 
         A client that goes away cancels this iterator, which closes the generator's stream.
         """
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         text_completion = prepared.kind == "text"
         choice = _text_choice if text_completion else _choice
         base = {"id": prepared.id, "object": "text_completion" if text_completion else "chat.completion.chunk",
@@ -274,7 +280,7 @@ class ChatService:
         yield "data: [DONE]\n\n"
 
     async def start(self, prepared: PreparedChat) -> GenerationStream:
-        deadline = asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
+        deadline = self._deadline(prepared)
         return await self._start(prepared, deadline)
 
     async def _start(self, prepared: PreparedChat, deadline: float) -> GenerationStream:
@@ -300,6 +306,11 @@ class ChatService:
         if lease is not None:
             stream.deltas = lease.hold(stream.deltas)
         return stream
+
+    def _deadline(self, prepared: PreparedChat) -> float:
+        if prepared.deadline is not None:
+            return prepared.deadline
+        return asyncio.get_running_loop().time() + self.settings.server.request_timeout_s
 
     def _first_token(self, prepared: PreparedChat) -> None:
         self.metrics.time_to_first_token.labels(prepared.tenant).observe(time.perf_counter() - prepared.started)
@@ -349,6 +360,8 @@ class ChatService:
         self.metrics.tokens.labels(prepared.tenant, generator).inc(tokens)
         self.metrics.prompt_tokens.labels(prepared.tenant, generator).inc(stream.prompt.prompt_tokens)
         sources = sources_markdown(cited, base_url=self.settings.server.public_url) if prepared.sources_in_content else ""
+        if self.admission is not None:
+            self.admission.charge_tokens(prepared.tenant, stream.prompt.prompt_tokens + tokens)
         return ChatOutcome(text, finish_reason or "stop", stream.prompt.prompt_tokens, tokens, cited, context,
                            attribution, sources=sources)
 

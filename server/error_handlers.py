@@ -5,6 +5,7 @@ unexpected errors (500, no internals) all answer with :func:`server.errors.error
 """
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +25,11 @@ def error_response(status: int, message: str, **fields) -> JSONResponse:
 
 async def _lorag_error(request: Request, error: LoragError) -> JSONResponse:
     status, body = lorag_error_body(error)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:  # whole seconds, rounded up: a client retrying sooner would be refused again
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -52,8 +52,25 @@ class BodyTooLarge(LoragError):
 
 
 class ServerBusy(LoragError):
+    """Every slot and the whole queue are taken (or the server is starting); ``retry_after`` in seconds."""
+
     http_status = 503
     code = "server_busy"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: float = 1.0):
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class TenantOverLimit(LoragError):
+    """One tenant is over its own limit (per-minute budget or share of the queue); others are still served."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float, code: str):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.code = code
 
 
 class RequestTimeout(LoragError):

@@ -1,56 +1,10 @@
-"""Request limits that protect the process: body size (413) and the bounded chat queue (503)."""
+"""Request body size limits that protect the process (413); chat admission is server.admission."""
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import BodyTooLarge, ServerBusy, error_body
-from server.metrics import Metrics
-
-
-class ChatQueue:
-    """At most ``slots`` chat requests generate at once and ``queue`` more wait; the rest get 503.
-
-    Failing fast beats an unbounded backlog: a client can retry elsewhere, a queued one just times out.
-    """
-
-    def __init__(self, *, slots: int, queue: int, metrics: Metrics | None = None):
-        self._semaphore = asyncio.Semaphore(slots)
-        self._capacity = slots + queue
-        self._admitted = 0  # generating + waiting
-        self._metrics = metrics
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one generation slot for the block. Raises: ServerBusy when slots and queue are full."""
-        if self._admitted >= self._capacity:
-            if self._metrics:
-                self._metrics.rejected.inc()
-            raise ServerBusy(
-                f"server busy: {self._capacity} chat requests already running or queued", hint="Retry shortly"
-            )
-        self._admitted += 1
-        waiting = True
-        if self._metrics:
-            self._metrics.queued.inc()
-        try:
-            async with self._semaphore:
-                waiting = False
-                if self._metrics:
-                    self._metrics.queued.dec()
-                    self._metrics.in_flight.inc()
-                try:
-                    yield
-                finally:
-                    if self._metrics:
-                        self._metrics.in_flight.dec()
-        finally:
-            self._admitted -= 1
-            if waiting and self._metrics:  # cancelled while queued
-                self._metrics.queued.dec()
+from server.errors import BodyTooLarge, error_body
 
 
 class BodyLimitMiddleware:

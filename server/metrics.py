@@ -55,6 +55,10 @@ class Metrics:
             "lorag_engine_prefix_cache_hit_rate", "Share of prompt tokens found in the engine's prefix cache",
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "lorag_chat_rate_limited", "Chat requests refused with 429: a tenant over its per-minute budget or share",
+            ["reason"], registry=self.registry,
+        )
 
     def watch_engine(self, stats) -> None:
         """Report the engine's KV cache from ``stats()`` (a dict with kv_blocks_used/cached/free and

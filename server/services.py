@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from server.chat_service import ChatService
     from server.generation.protocol import Generator
     from server.hotswap.service import AdapterService
-    from server.limits import ChatQueue
+    from server.admission import Admission
     from server.metrics import Metrics
     from server.settings import ServerSettings
     from server.tenants import TenantRegistry
@@ -42,7 +42,7 @@ class Services:
     settings: ServerSettings
     registry: TenantRegistry
     metrics: Metrics
-    queue: ChatQueue | None = None  # built by the app's lifespan, in the serving event loop; never here
+    queue: Admission | None = None  # built by the app's lifespan, in the serving event loop; never here
     retrieval: RetrievalService | None = None
     generator: Generator | None = None
     adapters: AdapterService | None = None
@@ -59,6 +59,26 @@ def new_services(settings: ServerSettings, *, metrics: Metrics | None = None) ->
     from server.tenants import TenantRegistry
 
     return Services(settings=settings, registry=TenantRegistry(settings.data_dir), metrics=metrics or Metrics())
+
+
+def new_admission(settings: ServerSettings, metrics: Metrics | None = None) -> Admission:
+    """The chat admission ``settings.server`` describes. Call it in the event loop that serves the app."""
+    import math
+
+    from server.admission import Admission, RateLimits
+
+    limits = settings.server
+
+    def rate_limits(tenant: str) -> RateLimits:
+        requests, tokens = limits.rate_limits(tenant)
+        return RateLimits(requests_per_minute=requests, tokens_per_minute=tokens)
+
+    return Admission(
+        slots=limits.max_concurrent_requests, queue=limits.max_queued_requests,
+        tenant_slots=max(1, math.ceil(limits.max_concurrent_requests * limits.tenant_concurrency_share)),
+        tenant_queue=math.floor(limits.max_queued_requests * limits.tenant_queue_share),
+        limits=rate_limits, metrics=metrics,
+    )
 
 
 def build_services(
@@ -78,7 +98,7 @@ def build_services(
     ``announce`` logs which generator now serves, loudly when a configured model fell back to extractive
     answers (``lorag serve`` does). ``into``: fill in this Services (the app's, which its routes already hold)
     instead of a new one; its registry and metrics are kept and ``metrics`` is ignored.
-    The ChatQueue is never built here: an asyncio primitive belongs to the loop that serves the app.
+    The Admission is never built here: an asyncio primitive belongs to the loop that serves the app.
 
     Raises:
         LoragError: the model cannot be loaded and ``generation.fallback`` is "error".
@@ -109,7 +129,7 @@ def build_services(
     )
     services.chat = ChatService(
         settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,
-        metrics=services.metrics, adapters=services.adapters,
+        metrics=services.metrics, adapters=services.adapters, admission=services.queue,
         # answer sentences are compared with passage windows in the space the index was built in
         attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
         # word overlap, as the extractive fallback: its quotes and abstention are measured (benchmarks/RESULTS.md)

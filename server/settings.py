@@ -32,6 +32,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class TenantLimits(BaseModel):
+    """One tenant's per-minute budgets; an unset field falls back to the server-wide one."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
 class HTTPSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -58,7 +65,23 @@ class HTTPSettings(BaseModel):
     max_message_chars: int = Field(32_000, ge=1)
     max_k: int = Field(50, ge=1, description="largest retrieval.k a request may ask for")
     max_concurrent_requests: int = Field(8, ge=1, description="chat requests generating at once")
-    max_queued_requests: int = Field(32, ge=0, description="chat requests waiting beyond that; more get 503")
+    max_queued_requests: int = Field(
+        120, ge=0, description="chat requests waiting beyond that, all tenants together; more get 503 + Retry-After "
+        "(128 in all holds 64 streaming clients with room to spare: benchmarks/RESULTS.md)")
+    tenant_concurrency_share: float = Field(
+        0.75, gt=0, le=1, description="share of max_concurrent_requests one tenant may hold (at least 1 slot): "
+        "the rest stays free for other tenants' next requests")
+    tenant_queue_share: float = Field(
+        0.5, ge=0, le=1, description="share of max_queued_requests one tenant may fill; past it that tenant gets "
+        "429 + Retry-After while others are still queued")
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="chat requests per minute per tenant; past it 429 + Retry-After; None = unlimited")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt + answer tokens per minute per tenant; past it 429 + Retry-After; None = "
+        "unlimited")
+    tenant_limits: dict[str, TenantLimits] = Field(
+        default_factory=dict, description="per-tenant requests_per_minute / tokens_per_minute overriding the above, "
+        "e.g. {\"acme\": {\"tokens_per_minute\": 20000}}")
     request_timeout_s: float = Field(120.0, gt=0, description="a chat request running longer is cut off")
     log_format: Literal["text", "json"] = Field(
         "text", description="'json': one JSON object per log line (request lines carry request_id, tenant, route, "
@@ -81,6 +104,11 @@ class HTTPSettings(BaseModel):
         if self.admin_key_hash is not None and len(self.admin_key_hash) != 64:
             raise ValueError(f"server.admin_key_hash {self.admin_key_hash!r} is not a sha256 hex digest")
         return self
+
+    def rate_limits(self, tenant: str) -> tuple[int | None, int | None]:
+        """(requests_per_minute, tokens_per_minute) for ``tenant``: its own entry, else the server-wide values."""
+        own = self.tenant_limits.get(tenant) or TenantLimits()
+        return (own.requests_per_minute or self.requests_per_minute, own.tokens_per_minute or self.tokens_per_minute)
 
     def admin_hash(self) -> str | None:
         """sha256 hex of the admin key, whichever way it was configured; None disables admin access."""

@@ -261,7 +261,11 @@ class TransformersGenerator:
         if isinstance(self.model, PeftModel):
             self.model.add_adapter(key, config)
         else:
-            self.model = get_peft_model(self.model, config, adapter_name=key).eval()
+            self.model = get_peft_model(self.model, config, adapter_name=key)
+        # New modules start in training mode, and peft's add_adapter leaves them so: the adapter's lora_dropout
+        # (training's default is 0.05) would then drop activations at random, and one request's answer would
+        # change from run to run and with whatever else shares its batch.
+        self.model.eval()
         result = set_peft_model_state_dict(self.model, adapter.tensors, adapter_name=key)
         missing = [name for name in result.missing_keys if "lora_" in name and f".{key}." in name]
         if result.unexpected_keys or missing:

@@ -17,7 +17,9 @@ from server.errors import Forbidden, InvalidRequest
 from server.schemas import ErrorResponse
 
 router = APIRouter(tags=["models"])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422)}
+# Beyond what server.openapi derives from the dependencies (400, 401, 403, 404, 413, 503): a change may
+# clash with the adapter's state (409) or find the adapter invalid (422).
+_ERRORS = {code: {"model": ErrorResponse} for code in (409, 422)}
 AdapterName = Annotated[str, PathParam(min_length=1, max_length=63)]
 
 
@@ -43,23 +45,38 @@ def _adapters(services) -> AdapterService:
     return services.adapters
 
 
-@router.get("/v1/adapters", responses=_ERRORS)
+@router.get("/v1/adapters")
 def list_adapters(tenant: CurrentTenant, services: ReadyServices) -> dict:
     """The tenant's adapters with residency ("gpu" = on the model's device), pinning, training metrics and usage."""
     return {"object": "list", "data": _adapters(services).views(tenant.id, default=tenant.default_adapter)}
 
 
-@router.get("/v1/adapters/{name}", responses=_ERRORS)
+@router.get("/v1/adapters/{name}")
 def get_adapter(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> dict:
     return _adapters(services).view(tenant.id, name, default=tenant.default_adapter)
 
 
-@router.get("/v1/adapters/{name}/loss.png", response_class=FileResponse, responses=_ERRORS)
+@router.get("/v1/adapters/{name}/loss.png", response_class=FileResponse)
 def adapter_loss_plot(name: AdapterName, tenant: CurrentTenant, services: ReadyServices) -> FileResponse:
     return FileResponse(_adapters(services).loss_plot(tenant.id, name), media_type="image/png")
 
 
-@router.post("/v1/adapters", status_code=201, responses=_ERRORS)
+@router.post("/v1/adapters", status_code=201, responses=_ERRORS, openapi_extra={"requestBody": {
+    "required": True,
+    "content": {
+        # read by hand (not a FastAPI body), so described here for clients and fuzzers
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["name", "file"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 63},
+                "file": {"type": "string", "format": "binary",
+                         "description": "the adapter dir as a .tar.gz, .tgz, .tar or .zip archive"},
+                "overwrite": {"type": "boolean", "default": False},
+            },
+        }},
+        "application/json": {"schema": AdapterRegister.model_json_schema()},
+    },
+}})
 async def add_adapter(request: Request, tenant: CurrentTenant, services: ReadyServices) -> dict:
     """Add (or with ``overwrite`` replace) an adapter, validated before anything changes.
 

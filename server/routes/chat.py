@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server.deps import CurrentTenant, ReadyServices
+from server.errors import RequestTimeout
 from server.schemas import ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ErrorResponse
 from server.text_completions import as_chat_request
 
@@ -20,7 +21,9 @@ _ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "unknown model (code model_not_found)"},
     413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "all generation slots and the queue are full"},
+    429: {"model": ErrorResponse, "description": "the tenant is over its requests or tokens per minute, or holds its "
+          "whole share of slots and queue; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "all generation slots and the queue are full; see Retry-After"},
     504: {"model": ErrorResponse, "description": "generation ran past server.request_timeout_s"},
 }
 _DISCONNECT_POLL_S = 0.2
@@ -53,16 +56,33 @@ async def completions(body: CompletionRequest, request: Request, tenant: Current
 
 async def _answer(body: ChatRequest, request: Request, tenant, services, *, kind: str):
     chat = services.chat
+    # request_timeout_s counts from arrival: a request that waited its whole time in the queue gets its 504
+    # without being run for a client that has most likely given up.
+    deadline = asyncio.get_running_loop().time() + services.settings.server.request_timeout_s
     slot = AsyncExitStack()
-    await slot.enter_async_context(services.queue.slot())  # 503 here when saturated
-    try:
-        prepared = await chat.prepare(body, tenant, kind=kind)
+
+    async def admit_and_run():
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slot.enter_async_context(services.queue.slot(tenant.id))  # 429 over the tenant's share, 503 full
+        except TimeoutError:
+            raise RequestTimeout("chat request waited for a free slot past server.request_timeout_s") from None
+        prepared = await chat.prepare(body, tenant, kind=kind, deadline=deadline)
         if not body.stream:
-            return await _unless_disconnected(request, chat.complete(prepared))
-        stream = await chat.start(prepared)
+            return prepared, await chat.complete(prepared)
+        return prepared, await chat.start(prepared)
+
+    # Watched from arrival on: a client that leaves while its request is queued or retrieving frees its place
+    # at once, instead of being retrieved for and generated when its turn comes.
+    try:
+        ran = await _unless_disconnected(request, admit_and_run())
     except BaseException:
         await slot.aclose()
         raise
+    if isinstance(ran, Response) or not body.stream:
+        await slot.aclose()
+        return ran if isinstance(ran, Response) else ran[1]
+    prepared, stream = ran
 
     async def events():
         try:
@@ -80,7 +100,7 @@ async def _answer(body: ChatRequest, request: Request, tenant, services, *, kind
 
 
 async def _unless_disconnected(request: Request, work):
-    """Await ``work``, cancelling it (and so generation) if the client disconnects first."""
+    """Await ``work``, cancelling it (and so generation, or the wait for a slot) if the client disconnects first."""
     task = asyncio.ensure_future(work)
 
     async def watch():

@@ -88,3 +88,20 @@ def assert_error(response, status: int, *, error_type: str | None = None, param:
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+@pytest.fixture(scope="session")
+def endless_llama_path(tiny_llama_path, tmp_path_factory):
+    """The tiny Llama with its end-of-turn row of lm_head zeroed: that logit is exactly 0 while the other 511
+    are random, so greedy decoding never ends a turn and the disconnect tests always outlast the client."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 0.0
+    path = tmp_path_factory.mktemp("endless-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,13 +1,10 @@
 """POST /v1/chat/completions with the extractive generator: citations resolve to real passages,
 SSE streaming in OpenAI's chunk format, model selection, limits and error shapes."""
 
-import asyncio
 import json
 
 import pytest
 
-from server.errors import ServerBusy
-from server.limits import ChatQueue
 from tests.server.conftest import assert_error, auth
 
 QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
@@ -148,33 +145,6 @@ def test_lone_surrogate_in_a_message_is_400_not_500(client, corpus):
                            headers=auth(corpus.acme_key, **{"Content-Type": "application/json"}))
     error = assert_error(response, 400, error_type="invalid_request_error")
     assert error["param"] == "messages.0.content" and "lone surrogate" in error["message"]
-
-
-def test_queue_refuses_past_capacity_and_frees_slots():
-    async def scenario():
-        queue = ChatQueue(slots=1, queue=1)
-        holding = asyncio.Event()
-        release = asyncio.Event()
-
-        async def hold():
-            async with queue.slot():
-                holding.set()
-                await release.wait()
-
-        first = asyncio.create_task(hold())
-        await holding.wait()
-        second = asyncio.create_task(hold())  # waits in the queue
-        await asyncio.sleep(0)
-        with pytest.raises(ServerBusy) as refused:
-            async with queue.slot():
-                pass
-        assert refused.value.http_status == 503
-        release.set()
-        await asyncio.gather(first, second)
-        async with queue.slot():  # everything released
-            pass
-
-    asyncio.run(scenario())
 
 
 def test_lorag_errors_from_services_keep_their_status(client, corpus):

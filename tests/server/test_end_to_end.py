@@ -14,23 +14,6 @@ PDF_QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
 
 
 @pytest.fixture(scope="module")
-def endless_llama_path(tiny_llama_path, tmp_path_factory):
-    """The tiny Llama with its end-of-turn row of lm_head zeroed: that logit is exactly 0 while the other 511
-    are random, so greedy decoding never ends a turn and the disconnect tests always outlast the client."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 0.0
-    path = tmp_path_factory.mktemp("endless-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_server(corpus, endless_llama_path):
     from server.app import create_app
     from server.background import serving
@@ -199,11 +182,12 @@ def test_saturated_server_answers_503_in_openai_shape(corpus, tiny_llama_path):
         with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=payload, headers=headers) as held:
             lines = held.iter_lines()  # kept: a dropped iterator closes the connection, which frees the slot
             next(lines)  # this request holds the only slot while it streams
-            with pytest.raises(openai.InternalServerError) as refused:
-                _openai(base_url, corpus.acme_key).chat.completions.create(
+            with pytest.raises(openai.InternalServerError) as refused:  # another tenant: the whole is full
+                _openai(base_url, corpus.beta_key).chat.completions.create(
                     model="lorag", messages=[{"role": "user", "content": "hi"}], max_tokens=4
                 )
             assert refused.value.status_code == 503 and refused.value.code == "server_busy"
+            assert int(refused.value.response.headers["Retry-After"]) >= 1
             assert _metric(base_url, "lorag_chat_rejected_total") == 1
         # The held stream is gone: the slot frees and the next request is served.
         for _ in range(600):
