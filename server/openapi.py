@@ -101,6 +101,12 @@ def describe(document: dict, routes, *, max_k: int) -> dict:
                 description = own.get(status) or _DESCRIPTIONS[status]
                 declared = responses.setdefault(str(status), {"description": description})
                 declared.setdefault("content", {"application/json": {"schema": _ERROR}})
+            for status, declared in responses.items():
+                # A plain-text route (vLLM's adapter API answers success as text) still answers errors as JSON
+                # error objects; FastAPI files them under the route's own media type.
+                content = declared.get("content", {})
+                if not status.startswith("2") and content.get("text/plain", {}).get("schema") == _ERROR:
+                    declared["content"] = {"application/json": content.pop("text/plain")}
             _bound_adapter_names(route.path_format, operation)
             for status in ("429", "503"):  # the errors, not /readyz's 503 status body
                 if responses.get(status, {}).get("content", {}).get("application/json", {}).get("schema") == _ERROR:

@@ -5,7 +5,6 @@ documented setting, and the -no-rag aliases and task prompts answer without docu
 import pytest
 
 from tests.server.conftest import assert_error, auth, server_settings
-from tests.server.test_end_to_end import endless_llama_path  # noqa: F401  (a fixture)
 
 QUESTION = "What is the accuracy of the dissolved oxygen sensor?"
 TITLE_PROMPT = (  # the shape of Open WebUI's default title-generation prompt
@@ -96,7 +95,7 @@ def test_temperature_defaults_to_the_documented_setting(corpus, extractive_gener
 
 
 @pytest.fixture(scope="module")
-def endless_client(corpus, endless_llama_path):  # noqa: F811
+def endless_client(corpus, endless_llama_path):
     """The tiny Llama that never ends a turn, in a 600-token context: only the context stops its answers."""
     from fastapi.testclient import TestClient
 
@@ -118,7 +117,7 @@ def test_without_max_tokens_the_answer_runs_to_the_context_limit(endless_client,
     assert usage["completion_tokens"] > 256  # the old silent default
 
 
-def test_a_server_cap_applies_to_requests_without_max_tokens(corpus, endless_llama_path):  # noqa: F811
+def test_a_server_cap_applies_to_requests_without_max_tokens(corpus, endless_llama_path):
     from fastapi.testclient import TestClient
 
     from server.app import create_app
