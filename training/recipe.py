@@ -167,7 +167,10 @@ class LoraFinetuneRecipe:
         # Model: base (frozen) + fresh adapter, seeded so every run starts from the same weights.
         torch.manual_seed(cfg.seed)
         self.sharded = sharding.fsdp_requested()
-        base = load_base_model(self.base_path, cfg, device_index=self.accelerator.local_process_index, sharded=self.sharded)
+        base = load_base_model(
+            self.base_path, cfg, device_index=self.accelerator.local_process_index, sharded=self.sharded,
+            weights=not (self.sharded and sharding.load_on_main_only() and not self.accelerator.is_main_process),
+        )
         self.fingerprint = model_fingerprint(base.config)
         self.peft_model = attach_adapter(base, cfg)
         if cfg.method != "qlora" and not self.sharded:  # FSDP moves each process's shard, never the whole model
@@ -383,15 +386,16 @@ class LoraFinetuneRecipe:
         # Gathering sharded tensors is a collective: every process takes part, the main one writes.
         adapter = sharding.gather_adapter(self.peft_model)
         optimizer_state = sharding.optimizer_state(self.model, self.optimizer)
-        if not self.accelerator.is_main_process:
-            return None
-        state = {
-            "step": self.step, "position": list(self.position), "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds, "base_val_loss": self.base_val_loss, "best": self.best.to_dict(),
-        }
-        path = checkpoints.save(self.run_dir, step=self.step, adapter=adapter, optimizer_state=optimizer_state,
-                                scheduler=self.scheduler, state=state)
-        log.info("checkpoint saved: %s", path)
+        path = None
+        if self.accelerator.is_main_process:
+            state = {
+                "step": self.step, "position": list(self.position), "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds, "base_val_loss": self.base_val_loss, "best": self.best.to_dict(),
+            }
+            path = checkpoints.save(self.run_dir, step=self.step, adapter=adapter, optimizer_state=optimizer_state,
+                                    scheduler=self.scheduler, state=state)
+            log.info("checkpoint saved: %s", path)
+        self.accelerator.wait_for_everyone()  # no process goes on (or exits) before the checkpoint is complete
         return path
 
     def _restore(self, latest) -> None:

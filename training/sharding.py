@@ -12,9 +12,12 @@ adapter (collectives: every process calls these functions, only the main process
 checkpoint is cut back into each process's shard on ``--resume``.
 """
 
+import logging
 import os
 
 from core.errors import LoragError
+
+log = logging.getLogger(__name__)
 
 FSDP_VERSION = "2"
 
@@ -41,6 +44,11 @@ def reshard_after_forward() -> bool:
     return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no")
 
 
+def load_on_main_only() -> bool:
+    """``fsdp_cpu_ram_efficient_loading`` (accelerate's default): only the main process reads the base weights."""
+    return os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "true").lower() not in ("false", "0", "no")
+
+
 def shard(loss_module, *, device, bf16: bool) -> None:
     """Apply FSDP2 in place: each decoder layer is one unit, the loss module (embeddings, norm, lm_head) the root.
 
@@ -52,9 +60,9 @@ def shard(loss_module, *, device, bf16: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():
         raise LoragError("FSDP needs a process group", hint="Start with `accelerate launch` or `torchrun`")
+    world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     # bf16: the frozen base is bf16 and the adapter fp32; gathering both as bf16 matches the autocast compute,
     # and gradients are reduced in fp32 so the adapter update is not rounded across processes.
@@ -65,9 +73,45 @@ def shard(loss_module, *, device, bf16: bool) -> None:
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise LoragError(f"FSDP: {type(decoder).__name__} has no .layers to shard")
+
+    # fsdp_cpu_ram_efficient_loading: only the main process read the weights; the others built the model on the
+    # meta device and get their shards from it after sharding, so host memory holds one copy of the base, not
+    # one per process (8 x 140 GB for a 70B in bf16 would not fit a host).
+    meta_here = any(param.is_meta for param in loss_module.parameters())
+    flag = torch.tensor([float(meta_here)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    from_main = bool(flag.item())
+    if from_main and meta_here and dist.get_rank() == 0:
+        raise LoragError("FSDP: the main process has no weights to share (its model is on the meta device)")
+    full_state = loss_module.state_dict() if from_main and dist.get_rank() == 0 else {}
+    buffers = _non_persistent_buffers(loss_module) if from_main else {}
+    kept_buffers = {name: buffer.detach().clone() for name, buffer in buffers.items()} if dist.get_rank() == 0 else {}
+
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(loss_module, **{**options, "reshard_after_forward": False})  # the root is needed again at once
+
+    if from_main:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        loss_module.to_empty(device=device)
+        set_model_state_dict(loss_module, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Buffers outside the state dict (rotary inverse frequencies) are not part of that broadcast.
+        for name, buffer in _non_persistent_buffers(loss_module).items():
+            if dist.get_rank() == 0:
+                buffer.copy_(kept_buffers[name])
+            dist.broadcast(buffer, src=0)
+    log.info("FSDP2: %d decoder layers and the root sharded across %d processes%s", len(layers), world,
+             " (weights sent from the main process)" if from_main else "")
+
+
+def _non_persistent_buffers(module) -> dict:
+    return {
+        f"{prefix}.{name}" if prefix else name: sub._buffers[name]
+        for prefix, sub in module.named_modules()
+        for name in sub._non_persistent_buffers_set
+        if sub._buffers.get(name) is not None
+    }
 
 
 def is_sharded(module) -> bool:
