@@ -77,15 +77,16 @@ def shard(loss_module, *, device, bf16: bool) -> None:
     # fsdp_cpu_ram_efficient_loading: only the main process read the weights; the others built the model on the
     # meta device and get their shards from it after sharding, so host memory holds one copy of the base, not
     # one per process (8 x 140 GB for a 70B in bf16 would not fit a host).
+    # A model that is on the meta device everywhere (a benchmark's random-weight model) stays there for the
+    # caller to initialise shard by shard.
     meta_here = any(param.is_meta for param in loss_module.parameters())
-    flag = torch.tensor([float(meta_here)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    from_main = bool(flag.item())
-    if from_main and meta_here and dist.get_rank() == 0:
-        raise LoragError("FSDP: the main process has no weights to share (its model is on the meta device)")
-    full_state = loss_module.state_dict() if from_main and dist.get_rank() == 0 else {}
-    buffers = _non_persistent_buffers(loss_module) if from_main else {}
-    kept_buffers = {name: buffer.detach().clone() for name, buffer in buffers.items()} if dist.get_rank() == 0 else {}
+    main = dist.get_rank() == 0
+    flags = torch.tensor([float(meta_here), float(meta_here and main)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    from_main = bool(flags[0].item()) and not bool(flags[1].item())
+    full_state = loss_module.state_dict() if from_main and main else {}
+    buffers = _non_persistent_buffers(loss_module) if from_main and main else {}
+    kept_buffers = {name: buffer.detach().clone() for name, buffer in buffers.items()}
 
     for layer in layers:
         fully_shard(layer, **options)
@@ -98,7 +99,7 @@ def shard(loss_module, *, device, bf16: bool) -> None:
         set_model_state_dict(loss_module, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         # Buffers outside the state dict (rotary inverse frequencies) are not part of that broadcast.
         for name, buffer in _non_persistent_buffers(loss_module).items():
-            if dist.get_rank() == 0:
+            if main:
                 buffer.copy_(kept_buffers[name])
             dist.broadcast(buffer, src=0)
     log.info("FSDP2: %d decoder layers and the root sharded across %d processes%s", len(layers), world,
