@@ -5,8 +5,7 @@ never user data) uses ``torch.save``, and it is read back with ``weights_only=Tr
 Each checkpoint directory appears by rename, complete, or not at all.
 
 Checkpoints hold full (gathered) tensors whether or not the model is sharded: the main process writes
-what :mod:`training.sharding` gathered, and a resumed run cuts it back into shards, so a run can even be
-resumed with another number of processes' sharding of the same model.
+what :mod:`training.sharding` gathered, and a resumed run cuts it back into each process's shard.
 """
 
 import json
