@@ -47,7 +47,9 @@ def _assert_same_tensors(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert got[key].shape == want[key].shape, key
-        torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-4, msg=key)
+        # Adam divides by sqrt(v): where a gradient is near zero, summation-order rounding moves an update by a
+        # visible fraction; 5e-4 is 5% of one step at lr 1e-2, while a lost optimizer state moves weights by steps.
+        torch.testing.assert_close(got[key], want[key], atol=5e-4, rtol=1e-3, msg=lambda detail: f"{key}: {detail}")
 
 
 def _logged_losses(adapter_dir: Path) -> list[float]:
@@ -101,21 +103,37 @@ def test_fsdp_two_processes_train_the_adapter_one_process_trains(tmp_path, tiny_
     assert read_host_adapter(checked).tensors.keys() == sharded.keys()
 
 
+@pytest.fixture(scope="module")
+def tied_qwen2_path(tmp_path_factory) -> Path:
+    """A tiny Qwen2 whose lm_head is its input embedding (as Qwen2.5-0.5B and SmolLM2 are): one shared
+    parameter that FSDP must keep in one unit and the main process must send once."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.model_factory import build_model
+
+    path = build_model(tmp_path_factory.mktemp("tied-qwen2"), architecture="qwen2")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
-def test_fsdp_checkpoint_and_resume_give_the_uninterrupted_adapter(tmp_path, tiny_llama_path):
+def test_fsdp_checkpoint_and_resume_give_the_uninterrupted_adapter(tmp_path, tied_qwen2_path):
     import torch
     from safetensors.torch import load_file
 
     from training.recipe import train_adapter
 
     data = write_openai_jsonl(tmp_path / "train.jsonl", MEMORISE * 2)
-    reference = train_adapter(resume_settings(tmp_path / "one", tiny_llama_path, batch_size=2),
+    reference = train_adapter(resume_settings(tmp_path / "one", tied_qwen2_path, batch_size=2),
                               tenant="acme", data_file=data, name="one")
     assert reference.step == SETTINGS["max_steps"]
 
     out = tmp_path / "out"
     _accelerate_launch(str(REPO_ROOT / "tests" / "training" / "fsdp_resume_run.py"),
-                       str(tmp_path / "two"), str(tiny_llama_path), str(data), "resumed", str(out), runs=2)
+                       str(tmp_path / "two"), str(tied_qwen2_path), str(data), "resumed", str(out), runs=2)
 
     # The checkpoint holds full tensors (gathered from both shards), optimizer state included.
     checkpoint = out / "checkpoint"
