@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}")
     if min(args.batch, args.seq, args.rank) < 1:
         parser.error("--batch, --seq and --rank must be positive")
+    if args.method == "qlora" and args.shape == "llama3-70b":
+        # The random 4-bit model is quantized from a whole bf16 model on each GPU: 140 GB for 70B.
+        parser.error("--method qlora is measured on the 8B shape; the 70B step is --method lora (FSDP)")
     return args
 
 
@@ -164,10 +167,11 @@ def _quantized_model(config, device):
                     child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
                     quant_type="nf4", quant_storage=torch.bfloat16, device="meta",
                 )
+                # module=: the layer keeps the quantization state, which FSDP's parameter swap would lose.
                 quantized.weight = bnb.nn.Params4bit(
-                    child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16,
-                    compress_statistics=True,
-                ).to(device)  # the move to CUDA quantizes
+                    child.weight.data, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16,
+                    compress_statistics=True, module=quantized,
+                ).to(device)  # quantizes (the data is already on the GPU)
                 setattr(parent, child_name, quantized)
         torch.cuda.empty_cache()
     model.is_loaded_in_4bit = True

@@ -26,6 +26,9 @@ def test_arguments_take_the_shape_defaults_and_refuse_nonsense(capsys):
     assert "--warmup 2 leaves no timed step of --steps 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fsdp_train.parse_args(["--rank", "0"])
+    with pytest.raises(SystemExit):
+        fsdp_train.parse_args(["--shape", "llama3-70b", "--method", "qlora"])
+    assert "the 70B step is --method lora" in capsys.readouterr().err
 
 
 def test_report_gives_scaling_efficiency_against_one_gpu(tmp_path):
