@@ -401,7 +401,7 @@ class LoraFinetuneRecipe:
     def _restore(self, latest) -> None:
         identity = checkpoints.read_json(self.run_dir / "run.json")
         now = self._run_identity()
-        changed = sorted(key for key in now if identity.get(key) != now[key])
+        changed = sorted(key for key in now.keys() | identity.keys() if identity.get(key) != now.get(key))
         if changed:
             raise LoragError(
                 f"--resume: run {self.tenant}/{self.name} was started with different {', '.join(changed)}",
@@ -425,7 +425,13 @@ class LoraFinetuneRecipe:
     def _run_identity(self) -> dict:
         """What must not change between a run and its resumption."""
         hyper = self.cfg.model_dump(exclude={"save_steps", "logging_steps", "eval_steps", "patience", "strict"})
-        return {"hyperparameters": hyper, "data_sha256": self.data.sha256, "rows": len(self.train_rows)}
+        identity = {"hyperparameters": hyper, "data_sha256": self.data.sha256, "rows": len(self.train_rows)}
+        # Recorded only when not the default, so runs of one process without FSDP keep their identity.
+        if self.accelerator.num_processes > 1:
+            identity["processes"] = self.accelerator.num_processes  # the data order is split by it
+        if self.sharded:
+            identity["sharding"] = "fsdp2"  # its optimizer state is saved by parameter name, not position
+        return identity
 
     def _log(self, record: dict) -> None:
         self.history.append(record)

@@ -192,3 +192,34 @@ def test_fsdp_configs_launch_lorag_with_fsdp2():
         assert configs[name]["distributed_type"] == "FSDP" and configs[name]["fsdp_config"]["fsdp_version"] == 2
     assert configs["fsdp"]["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True
     assert "--method qlora" in FSDP_CONFIG.with_name("fsdp_qlora.yaml").read_text()
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone: FSDP with a world size of 1, in-process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_run_resumes_only_as_it_was_sharded(monkeypatch, tmp_path, tiny_llama_path, memorise_file, one_process_group):
+    import signal
+
+    from training.recipe import train_adapter
+
+    def interrupt(step, record):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    settings = train_settings(tmp_path / "data", tiny_llama_path, max_steps=3, dropout=0.0, batch_size=1)
+    first = train_adapter(settings, tenant="acme", data_file=memorise_file, name="r", on_step=interrupt)
+    assert first.interrupted and first.step == 1
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    with pytest.raises(LoragError, match="run acme/r was started with different sharding"):
+        train_adapter(settings, tenant="acme", data_file=memorise_file, name="r", resume=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    second = train_adapter(settings, tenant="acme", data_file=memorise_file, name="r", resume=True)
+    assert not second.interrupted and second.step == 3
