@@ -3,6 +3,9 @@
 Tensors go to safetensors, counters and schedules to JSON; only the optimizer state (our own file,
 never user data) uses ``torch.save``, and it is read back with ``weights_only=True``.
 Each checkpoint directory appears by rename, complete, or not at all.
+
+Checkpoints hold full (gathered) tensors whether or not the model is sharded: the main process writes
+what :mod:`training.sharding` gathered, and a resumed run cuts it back into each process's shard.
 """
 
 import json
@@ -58,8 +61,11 @@ def latest(run_dir: Path) -> Checkpoint | None:
     return max(found, key=lambda c: c.step, default=None)
 
 
-def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write adapter weights, optimizer, scheduler, RNG states and ``state`` as ``checkpoints/step-N``."""
+def save(run_dir: Path, *, step: int, adapter: dict, optimizer_state: dict, scheduler, state: dict) -> Path:
+    """Write adapter tensors, optimizer state, scheduler, RNG states and ``state`` as ``checkpoints/step-N``.
+
+    ``adapter`` and ``optimizer_state`` are full (gathered) state dicts: see :mod:`training.sharding`.
+    """
     import torch
 
     parent = Path(run_dir) / "checkpoints"
@@ -67,8 +73,8 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) 
     target = parent / f"step-{step:07d}"
     tmp = make_private_dir(parent / f".tmp-{uuid.uuid4().hex[:8]}")
     try:
-        save_adapter_weights(model, tmp, atomic=False)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_adapter_weights(adapter, tmp, atomic=False)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         write_json(tmp / "scheduler.json", scheduler.state_dict())
         _save_rng(tmp)
         write_json(tmp / "state.json", state)
@@ -91,13 +97,20 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict) 
     return target
 
 
-def load(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by :func:`save` into the live objects; returns its ``state``."""
+def load(path: Path, *, model, optimizer, scheduler, root=None) -> dict:
+    """Restore a checkpoint written by :func:`save` into the live objects; returns its ``state``.
+
+    ``model`` is the peft model; ``root`` the module the optimizer's sharding belongs to when it is sharded.
+    Every process calls this (a sharded model takes its own shard of each tensor).
+    """
     import torch
+
+    from training.sharding import load_optimizer_state
 
     load_adapter_weights(model, path)
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        load_optimizer_state(root if root is not None else model, optimizer,
+                             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     except Exception as error:  # torch raises several types for a corrupt or foreign file
         raise LoragError(f"checkpoint {str(path)!r}: cannot read optimizer.pt: {error}") from error
     scheduler.load_state_dict(read_json(path / "scheduler.json"))
@@ -105,14 +118,12 @@ def load(path: Path, *, model, optimizer, scheduler) -> dict:
     return read_json(path / "state.json")
 
 
-def save_adapter_weights(model, directory: Path, *, atomic: bool = True) -> None:
-    """The adapter's trainable tensors as ``adapter_weights.safetensors`` in ``directory``."""
-    from peft import get_peft_model_state_dict
+def save_adapter_weights(tensors: dict, directory: Path, *, atomic: bool = True) -> None:
+    """Full adapter tensors (:func:`training.sharding.gather_adapter`) as ``adapter_weights.safetensors`` in ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in get_peft_model_state_dict(model).items()}
     target = directory / "adapter_weights.safetensors"
     tmp = directory / f".tmp-{uuid.uuid4().hex[:8]}.safetensors" if atomic else target
     try:
@@ -127,16 +138,15 @@ def save_adapter_weights(model, directory: Path, *, atomic: bool = True) -> None
 
 
 def load_adapter_weights(model, directory: Path) -> None:
-    from peft import set_peft_model_state_dict
+    """Put ``adapter_weights.safetensors`` from ``directory`` into the (plain or sharded) peft ``model``."""
     from safetensors.torch import load_file
+
+    from training.sharding import load_adapter
 
     path = Path(directory) / "adapter_weights.safetensors"
     if not path.is_file():
         raise LoragError(f"adapter weights {str(path)!r} are missing")
-    result = set_peft_model_state_dict(model, load_file(str(path)))
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise LoragError(f"adapter weights {str(path)!r} do not fit the model: unexpected {unexpected[:3]}")
+    load_adapter(model, load_file(str(path)), source=str(path))
 
 
 def remove_run(run_dir: Path) -> None:

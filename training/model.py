@@ -58,8 +58,14 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
-def load_base_model(base_model: str, settings: TrainingSettings, *, device_index: int | None = None):
+def load_base_model(base_model: str, settings: TrainingSettings, *, device_index: int | None = None, sharded: bool = False,
+                    weights: bool = True):
     """The frozen base model, in bf16 where supported (fp32 otherwise) or 4-bit NF4 for QLoRA.
+
+    ``sharded``: the model will be split by FSDP. QLoRA then stores its packed 4-bit weights in bf16 tensors,
+    which FSDP can shard (bitsandbytes' default uint8 storage cannot be sharded).
+    ``weights=False``: the architecture only, on the meta device (no memory); FSDP fills in this process's
+    shards from the main process (:func:`training.sharding.shard`). Not for QLoRA, which quantizes real weights.
 
     Raises:
         LoragError: QLoRA without CUDA, or the model cannot be loaded.
@@ -77,11 +83,18 @@ def load_base_model(base_model: str, settings: TrainingSettings, *, device_index
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16 if sharded else torch.uint8,
         )
         kwargs["dtype"] = torch.bfloat16
         kwargs["device_map"] = {"": device_index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        if weights or settings.method == "qlora":
+            model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        else:
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model), **kwargs)
     except (OSError, ValueError) as error:
         raise LoragError(f"cannot load base model {base_model!r}: {error}") from error
     model.config.use_cache = False
@@ -146,12 +159,16 @@ def attach_adapter(model, settings: TrainingSettings):
     return peft_model
 
 
-def build_optimizer(parameters, settings: TrainingSettings):
-    """AdamW; for QLoRA the paged 8-bit AdamW of bitsandbytes (optimizer state pages out under pressure)."""
+def build_optimizer(parameters, settings: TrainingSettings, *, sharded: bool = False):
+    """AdamW; for QLoRA the paged 8-bit AdamW of bitsandbytes (optimizer state pages out under pressure).
+
+    Sharded (FSDP) parameters are DTensors, which bitsandbytes' optimizers do not handle: QLoRA under FSDP
+    uses torch's AdamW, whose state is sharded along with the adapter anyway.
+    """
     import torch
 
     parameters = [p for p in parameters if p.requires_grad]
-    if settings.method == "qlora":
+    if settings.method == "qlora" and not sharded:
         import bitsandbytes
 
         return bitsandbytes.optim.PagedAdamW8bit(parameters, lr=settings.lr, weight_decay=settings.weight_decay)

@@ -1,7 +1,8 @@
 """The fine-tuning recipe, top to bottom: setup -> train (-> evaluate, checkpoint) -> save adapter + manifest.
 
 A plain PyTorch loop: accelerate only places the model and wraps it for data parallelism, so the same code
-runs on one CPU process and under ``accelerate launch`` / ``torchrun``. Resuming restores adapter weights,
+runs on one CPU process and under ``accelerate launch`` / ``torchrun``; with an FSDP accelerate config the
+model is sharded instead (:mod:`training.sharding`). Resuming restores adapter weights,
 optimizer, scheduler, RNG states and the position in the data order, so the loss sequence continues exactly.
 """
 
@@ -30,7 +31,7 @@ from adapters.manifest import (
     write_adapter_dir,
     write_manifest,
 )
-from training import checkpoints
+from training import checkpoints, sharding
 from training.batches import collate, micro_batches, pack_rows, single_rows
 from training.data import Encoded, encode_chat, load_examples, prompt_messages, split_train_val
 from training.settings import TrainSettings
@@ -169,18 +170,28 @@ class LoraFinetuneRecipe:
 
         # Model: base (frozen) + fresh adapter, seeded so every run starts from the same weights.
         torch.manual_seed(cfg.seed)
-        base = load_base_model(self.base_path, cfg, device_index=self.accelerator.local_process_index)
+        self.sharded = sharding.fsdp_requested()
+        base = load_base_model(
+            self.base_path, cfg, device_index=self.accelerator.local_process_index, sharded=self.sharded,
+            weights=not (self.sharded and sharding.load_on_main_only() and not self.accelerator.is_main_process),
+        )
         self.fingerprint = model_fingerprint(base.config)
         self.peft_model = attach_adapter(base, cfg)
-        if cfg.method != "qlora":
+        if cfg.method != "qlora" and not self.sharded:  # FSDP moves each process's shard, never the whole model
             self.peft_model.to(self.accelerator.device)
         if cfg.compile:
             compile_layers(self.peft_model)
-        self.model = self.accelerator.prepare_model(
-            CausalLMLoss(self.peft_model, chunk_tokens=cfg.loss_chunk_tokens),
-            device_placement=cfg.method != "qlora",  # 4-bit weights were placed by device_map and cannot move
-        )
-        self.optimizer = build_optimizer(self.peft_model.parameters(), cfg)
+        loss_module = CausalLMLoss(self.peft_model, chunk_tokens=cfg.loss_chunk_tokens)
+        if self.sharded:
+            sharding.shard(loss_module, device=self.accelerator.device, bf16=self.bf16)
+            self.model = loss_module
+        else:
+            self.model = self.accelerator.prepare_model(
+                loss_module,
+                device_placement=cfg.method != "qlora",  # 4-bit weights were placed by device_map and cannot move
+            )
+        # After sharding: the optimizer then holds (and keeps state for) this process's shards only.
+        self.optimizer = build_optimizer(self.peft_model.parameters(), cfg, sharded=self.sharded)
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -369,34 +380,41 @@ class LoraFinetuneRecipe:
         """Evaluate, keep the best adapter weights; True when patience has run out."""
         val_loss = self.evaluate()
         improved = self.best.update(self.step, val_loss)
-        if improved and self.accelerator.is_main_process:
-            checkpoints.save_adapter_weights(self.peft_model, self.run_dir / "best")
+        if improved:
+            tensors = sharding.gather_adapter(self.peft_model)  # every process: a collective when sharded
+            if self.accelerator.is_main_process:
+                checkpoints.save_adapter_weights(tensors, self.run_dir / "best")
         self._log({"step": self.step, "val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)})
         return self.cfg.patience is not None and self.best.evals_since_best >= self.cfg.patience
 
     # -------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
-        state = {
-            "step": self.step, "position": list(self.position), "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds, "base_val_loss": self.base_val_loss, "best": self.best.to_dict(),
-        }
-        path = checkpoints.save(self.run_dir, step=self.step, model=self.peft_model, optimizer=self.optimizer,
-                                scheduler=self.scheduler, state=state)
-        log.info("checkpoint saved: %s", path)
+        # Gathering sharded tensors is a collective: every process takes part, the main one writes.
+        adapter = sharding.gather_adapter(self.peft_model)
+        optimizer_state = sharding.optimizer_state(self.model, self.optimizer)
+        path = None
+        if self.accelerator.is_main_process:
+            state = {
+                "step": self.step, "position": list(self.position), "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds, "base_val_loss": self.base_val_loss, "best": self.best.to_dict(),
+            }
+            path = checkpoints.save(self.run_dir, step=self.step, adapter=adapter, optimizer_state=optimizer_state,
+                                    scheduler=self.scheduler, state=state)
+            log.info("checkpoint saved: %s", path)
+        self.accelerator.wait_for_everyone()  # no process goes on (or exits) before the checkpoint is complete
         return path
 
     def _restore(self, latest) -> None:
         identity = checkpoints.read_json(self.run_dir / "run.json")
         now = self._run_identity()
-        changed = sorted(key for key in now if identity.get(key) != now[key])
+        changed = sorted(key for key in now.keys() | identity.keys() if identity.get(key) != now.get(key))
         if changed:
             raise LoragError(
                 f"--resume: run {self.tenant}/{self.name} was started with different {', '.join(changed)}",
                 hint="Resume with the same flags and data, or start a new run with another --name",
             )
-        state = checkpoints.load(latest.path, model=self.peft_model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = checkpoints.load(latest.path, model=self.peft_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 root=self.model if self.sharded else None)
         self.step = state["step"]
         self.position = tuple(state["position"])
         self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
@@ -413,7 +431,13 @@ class LoraFinetuneRecipe:
     def _run_identity(self) -> dict:
         """What must not change between a run and its resumption."""
         hyper = self.cfg.model_dump(exclude={"save_steps", "logging_steps", "eval_steps", "patience", "strict"})
-        return {"hyperparameters": hyper, "data_sha256": self.data.sha256, "rows": len(self.train_rows)}
+        identity = {"hyperparameters": hyper, "data_sha256": self.data.sha256, "rows": len(self.train_rows)}
+        # Recorded only when not the default, so runs of one process without FSDP keep their identity.
+        if self.accelerator.num_processes > 1:
+            identity["processes"] = self.accelerator.num_processes  # the data order is split by it
+        if self.sharded:
+            identity["sharding"] = "fsdp2"  # its optimizer state is saved by parameter name, not position
+        return identity
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -430,6 +454,10 @@ class LoraFinetuneRecipe:
         if self.best.step is not None and self.best.step != self.step:
             checkpoints.load_adapter_weights(self.peft_model, self.run_dir / "best")
         val_loss = self.evaluate() if self.val_rows else None
+        # Full adapter tensors under the model's own parameter names, for save_pretrained (a collective when sharded).
+        adapter_state = {
+            name: sharding.full_tensor(param) for name, param in self.peft_model.named_parameters() if param.requires_grad
+        }
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return None
@@ -468,7 +496,7 @@ class LoraFinetuneRecipe:
         def fill(directory: Path) -> None:
             from training.plot import plot_losses
 
-            self.peft_model.save_pretrained(directory)
+            self.peft_model.save_pretrained(directory, state_dict=adapter_state)
             (directory / "README.md").unlink(missing_ok=True)
             (directory / LOG_FILE).write_text((self.run_dir / LOG_FILE).read_text())
             plot_losses(self.history, directory / PLOT_FILE, title=f"{self.tenant}/{self.name}")
@@ -490,7 +518,13 @@ def optimizer_step(model, micro_batches: list[dict], *, optimizer, scheduler, ac
     """
     import torch
 
-    step_targets = max(sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches), 1)
+    step_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches)
+    world = accelerator.num_processes
+    if world > 1:
+        # Gradients are averaged over processes; dividing by the mean target count of all of them makes the
+        # step the token mean of the global batch, as one process with the whole batch would compute it.
+        step_targets = float(accelerator.reduce(torch.tensor(float(step_targets), device=accelerator.device), reduction="sum")) / world
+    step_targets = max(step_targets, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     model.train()
     for index, batch in enumerate(micro_batches):
@@ -555,6 +589,9 @@ class _InterruptFlag:
 def _maybe_no_sync(accelerator, model, sync: bool):
     import contextlib
 
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
 
