@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from retrieval.embedder import Embedder
 from core.errors import NotFound
 from retrieval.index import TenantIndex
+from retrieval.tenant_indexes import index_exists, open_index
 from retrieval.reranker import load_reranker
 from retrieval.retriever import HybridRetriever
 from core.settings import Settings
@@ -37,7 +38,7 @@ class RetrievalService:
                 self._reranker = (load_reranker(self.settings.retrieval, device=self.settings.embedding.device),)
             return self._reranker[0]
 
-    def index(self, tenant: str) -> TenantIndex | None:
+    def index(self, tenant: str) -> TenantIndex | None:  # or a PgTenantIndex: the same interface
         """The tenant's index, reloaded if another process committed since; None when it has none.
 
         Raises:
@@ -47,14 +48,13 @@ class RetrievalService:
         with self._lock:
             index = self._indexes.get(tenant)
             if index is None:
-                if not TenantIndex.exists(self.settings.data_dir, tenant):
+                if not index_exists(self.settings, tenant):
                     return None
-                index = TenantIndex.open(
-                    self.settings.data_dir,
+                index = open_index(
+                    self.settings,
                     tenant,
                     embedder_name=self.embedder.name,
                     dimension=self.embedder.dimension,
-                    index_type=self.settings.retrieval.index_type,
                     create=False,
                 )
                 self._indexes[tenant] = index
