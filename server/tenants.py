@@ -183,6 +183,18 @@ class TenantRegistry:
             tenants[tenant_id] = replace(tenants[tenant_id], default_adapter=adapter)
             return tenants[tenant_id]
 
+    def import_tenant(self, tenant: Tenant) -> None:
+        """Store ``tenant`` with its key hashes as they are (the copy tool moves registries this way).
+
+        Raises:
+            Conflict: a tenant of that id exists already.
+        """
+        validate_tenant_name(tenant.id)
+        with self._editing() as tenants:
+            if tenant.id in tenants:
+                raise Conflict(f"tenant {tenant.id!r} already exists in {str(self.path)!r}")
+            tenants[tenant.id] = tenant
+
     @contextmanager
     def _editing(self) -> Iterator[dict[str, Tenant]]:
         """Lock, read fresh, let the caller edit, write atomically (nothing is written if it raises)."""
