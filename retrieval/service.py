@@ -58,7 +58,13 @@ class RetrievalService:
                     create=False,
                 )
                 self._indexes[tenant] = index
-        index.refresh()
+        try:
+            index.refresh()
+        except NotFound:  # removed by another process since it was opened here (a shared PostgreSQL store)
+            with self._lock:
+                if self._indexes.get(tenant) is index:
+                    del self._indexes[tenant]
+            return self.index(tenant) if index_exists(self.settings, tenant) else None
         return index
 
     def retrieve(

@@ -70,3 +70,29 @@ def test_a_database_without_the_schema_is_refused_with_what_to_run(postgres_serv
     with pytest.raises(LoragError, match="has no lorag schema") as error:
         RetrievalService(settings, embedder=embedder).documents("acme")
     assert "lorag db migrate" in str(error.value)
+
+
+def test_an_index_dropped_and_recreated_by_another_process_is_reopened(data_dir, embedder, postgres_dsn):
+    from retrieval.pg.database import Database
+    from retrieval.pg.index import PgTenantIndex
+    from tests.retrieval.conftest import CORPUS, make_document
+
+    settings = Settings(data_dir=data_dir, retrieval={"store": postgres_dsn})
+    service = RetrievalService(settings, embedder=embedder)
+    other = Database(postgres_dsn)  # another replica's pool
+
+    def write(source):
+        index = PgTenantIndex.open(other, "acme", embedder_name=embedder.name, dimension=embedder.dimension)
+        with index.update() as update:
+            update.put_document(*make_document("acme", source, *CORPUS[source]),
+                                embedder.embed_documents(CORPUS[source][1]))
+            update.commit()
+        return index
+
+    write("recipes/bread.txt")
+    assert [d.source for d in service.documents("acme")] == ["recipes/bread.txt"]
+    write("recipes/bread.txt").drop()
+    assert service.documents("acme") == [] and service.index("acme") is None
+    write("travel/norway.txt")
+    assert [d.source for d in service.documents("acme")] == ["travel/norway.txt"]
+    other.close()
