@@ -141,3 +141,20 @@ def test_drop_removes_every_row_of_the_tenant_only(build_pg_index, postgres_dsn,
             assert connection.execute(f"SELECT count(*) FROM {table} WHERE index_id = %s",
                                       (acme.index_id,)).fetchone()[0] == 0, table
     assert globex.search_dense(corpus_vectors["recipes/bread.txt"][0], 1)[0][0].source == "recipes/bread.txt"
+
+
+def test_no_pickle_anywhere_in_the_store(postgres_dsn):
+    """Rows are text, numbers, jsonb and pgvector vectors: no column can hold a pickled object."""
+    from pathlib import Path
+
+    import retrieval.pg
+
+    with shared_database(postgres_dsn).connection() as connection:
+        types = {row[0] for row in connection.execute(
+            "SELECT DISTINCT coalesce(udt_name, data_type) FROM information_schema.columns "
+            "WHERE table_schema = 'lorag'").fetchall()}
+    assert types <= {"int4", "int8", "text", "jsonb", "vector"}, types
+    modules = [*Path(retrieval.pg.__file__).parent.glob("*.py")]
+    modules += [Path(retrieval.pg.__file__).parents[1] / name for name in ("copy_tenant.py", "tenant_indexes.py")]
+    modules += [Path(retrieval.pg.__file__).parents[2] / "server" / "pg_tenants.py"]
+    assert all("pickle" not in path.read_text() for path in modules)

@@ -57,13 +57,14 @@ def test_two_replicas_agree_on_tenants_without_restart(tmp_path, postgres_dsn, e
     from server.app import create_app
     from server.settings import ServerSettings
 
-    clients = []
+    clients, pools = [], []
     for name in ("one", "two"):
         settings = ServerSettings(data_dir=tmp_path / name, retrieval={"store": postgres_dsn},
                                   server={"admin_key": ADMIN_KEY})
         # Each replica its own pool, as two processes would have.
         app = create_app(settings, retrieval=RetrievalService(settings), generator=extractive_generator)
-        app.state.services.registry = PgTenantRegistry(Database(postgres_dsn))
+        pools.append(Database(postgres_dsn))
+        app.state.services.registry = PgTenantRegistry(pools[-1])
         clients.append(TestClient(app))
     one, two = clients
     with one, two:
@@ -77,3 +78,5 @@ def test_two_replicas_agree_on_tenants_without_restart(tmp_path, postgres_dsn, e
         assert [t["id"] for t in one.get("/v1/admin/tenants", headers=auth(ADMIN_KEY)).json()["data"]] == ["acme"]
         assert two.delete("/v1/admin/tenants/acme", headers=auth(ADMIN_KEY)).status_code == 200
         assert one.get("/v1/documents", headers=auth(rotated)).status_code == 401
+    for pool in pools:
+        pool.close()
