@@ -1,7 +1,7 @@
 """The PostgreSQL store (pgvector HNSW + BM25 postings) against the FAISS + SQLite files, in one run.
 
 1. Scale (synthetic): --chunks chunks of --words random Zipf-distributed pseudo-words, one random unit vector
-   each (dimension 384, as all-MiniLM-L6-v2), written through each store's real update interface in documents of
+   each (dimension 384, as all-MiniLM-L6-v2; uniform, or --clusters centres plus noise), written through each store's real update interface in documents of
    1000 chunks, committed every 20k chunks (ingest.commit_every_chunks); then --queries dense queries (a stored
    vector plus noise, renormalised) and keyword queries (three words of a stored chunk), k=100 as the retriever
    asks. Reports ingest chunks/s, p50/p99 latency, and recall@10 of pgvector's HNSW against exact search.
@@ -10,6 +10,7 @@
    method return: the BM25 table this store uses, and PostgreSQL full-text search (ts_rank_cd, OR of the terms).
 
     nice python benchmarks/pg_store.py --chunks 100000
+    nice python benchmarks/pg_store.py --chunks 20000 --clusters 1000 --skip-keyword
 """
 
 import argparse
@@ -43,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--words", type=int, default=60, help="words per synthetic chunk")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--noise", type=float, default=0.03, help="per-dimension sigma added to a stored vector")
+    p.add_argument("--clusters", type=int, default=0,
+                   help="0: uniform random unit vectors; N: each vector a random one of N centres plus noise "
+                        "(--cluster-noise), renormalised, which gives neighbours structure as real embeddings have")
+    p.add_argument("--cluster-noise", type=float, default=0.05)
     p.add_argument("--keyword-words", type=int, default=150, help="words per COVID-QA chunk")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--skip-keyword", action="store_true")
@@ -65,8 +70,10 @@ def start_postgres(root: Path) -> tuple[object, str]:
     return server, dsn
 
 
-def synthetic_documents(n: int, words: int, rng: np.random.Generator):
+def synthetic_documents(n: int, words: int, rng: np.random.Generator, *, clusters: int = 0, noise: float = 0.05):
     """Documents of PER_DOCUMENT chunks: (record, chunks, vectors (n, 384) unit rows)."""
+    centres = rng.normal(size=(max(clusters, 1), DIMENSION)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     vocabulary = np.array([f"w{number}" for number in range(20_000)])
     ranks = np.arange(1, len(vocabulary) + 1)
     zipf = (1 / ranks) / (1 / ranks).sum()
@@ -79,7 +86,11 @@ def synthetic_documents(n: int, words: int, rng: np.random.Generator):
             chunks.append(Chunk(f"c{start + number}", "bench", source, source, 1 + number // 10, offset,
                                 offset + len(text), text))
             offset += len(text) + 1
-        vectors = rng.normal(size=(count, DIMENSION)).astype(np.float32)
+        if clusters:
+            vectors = centres[rng.integers(clusters, size=count)] + rng.normal(
+                scale=noise, size=(count, DIMENSION)).astype(np.float32)
+        else:
+            vectors = rng.normal(size=(count, DIMENSION)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         yield DocumentRecord(source, "bench", source, 1 + count // 10, count, offset, "2026-01-01T00:00:00+00:00"), \
             chunks, vectors
@@ -114,10 +125,11 @@ def latencies(search, queries) -> tuple[list, dict]:
 
 def scale(args, dsn: str, root: Path) -> dict:
     rng = np.random.default_rng(args.seed)
-    documents = list(synthetic_documents(args.chunks, args.words, rng))
+    documents = list(synthetic_documents(args.chunks, args.words, rng, clusters=args.clusters,
+                                         noise=args.cluster_noise))
     files = TenantIndex.open(root / "files", "bench", embedder_name="synthetic", dimension=DIMENSION)
     pg = PgTenantIndex.open(Database(dsn), "bench", embedder_name="synthetic", dimension=DIMENSION)
-    report = {"chunks": args.chunks}
+    report = {"chunks": args.chunks, "clusters": args.clusters}
     for name, index in (("files", files), ("postgresql", pg)):
         seconds, vectors, texts = ingest(index, documents)
         report[name] = {"ingest_s": seconds, "ingest_chunks_per_s": args.chunks / seconds}
