@@ -10,7 +10,6 @@ whatever happens to the writing process, PostgreSQL shows either the old or the 
 in memory beyond the manifest, so other processes' commits are visible at once.
 """
 
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -21,8 +20,7 @@ from core.errors import LoragError, NotFound
 from core.records import Chunk, DocumentRecord
 from retrieval.manifest import FORMAT_VERSION, IndexManifest
 from retrieval.pg.database import Database
-from retrieval.pg.keyword import BM25_SQL, keyword_text, query_terms, term_counts
-from retrieval.store import WINDOW_SLOTS, vector_count
+from retrieval.pg.keyword import BM25_SQL, query_terms
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ EF_SEARCH_MIN, EF_SEARCH_MAX = 200, 1000  # pgvector refuses ef_search above 100
 WINDOWS_FETCHED_PER_CHUNK = 4  # as retrieval.index: windows of one chunk often rank together
 
 _CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows, context'
-_DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
+DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
 _MANIFEST_COLUMNS = "id, embedder_name, dimension, index_type, created_at, format_version"
 
 
@@ -124,18 +122,18 @@ class PgTenantIndex:
         return changed
 
     def documents(self) -> list[DocumentRecord]:
-        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s ORDER BY source",
+        rows = self._rows(f"SELECT {DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s ORDER BY source",
                           (self.index_id,))
         return [self._document(row) for row in rows]
 
     def document(self, document_id: str) -> DocumentRecord | None:
         rows = self._rows(
-            f"SELECT {_DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND document_id = %s "
+            f"SELECT {DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND document_id = %s "
             "ORDER BY source LIMIT 1", (self.index_id, document_id))
         return self._document(rows[0]) if rows else None
 
     def document_by_source(self, source: str) -> DocumentRecord | None:
-        rows = self._rows(f"SELECT {_DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND source = %s",
+        rows = self._rows(f"SELECT {DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND source = %s",
                           (self.index_id, source))
         return self._document(rows[0]) if rows else None
 
@@ -237,11 +235,11 @@ class PgTenantIndex:
 
     def export_document(self, source: str) -> tuple[DocumentRecord, list[Chunk], np.ndarray] | None:
         """The document stored under ``source`` with its chunks (reading order) and their window vectors
-        ``(n, dimension)``, as :meth:`PgIndexUpdate.put_document` takes them; None when there is none."""
+        ``(n, dimension)``, as ``PgIndexUpdate.put_document`` takes them; None when there is none."""
         with self.database.connection() as connection:  # one transaction: rows and vectors of one commit
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             documents = connection.execute(
-                f"SELECT {_DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND source = %s",
+                f"SELECT {DOCUMENT_COLUMNS} FROM lorag.documents WHERE index_id = %s AND source = %s",
                 (self.index_id, source)).fetchall()
             if not documents:
                 return None
@@ -274,8 +272,11 @@ class PgTenantIndex:
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def update(self) -> "PgIndexUpdate":
-        """Start an update: blocks while another process or thread is updating this tenant's index."""
+    def update(self):
+        """Start an update (a ``retrieval.pg.update.PgIndexUpdate``): blocks while another process or thread is
+        updating this tenant's index."""
+        from retrieval.pg.update import PgIndexUpdate
+
         return PgIndexUpdate(self)
 
     def drop(self) -> None:
@@ -287,165 +288,6 @@ class PgTenantIndex:
             from psycopg import sql
 
             connection.execute(sql.SQL("DROP TABLE IF EXISTS {table}").format(table=vectors_table(self.index_id)))
-
-
-class PgIndexUpdate:
-    """Changes to one tenant's index inside one PostgreSQL transaction; invisible to readers until
-    :meth:`commit`. Use as a context manager; leaving the block without ``commit()`` discards them."""
-
-    def __init__(self, index: PgTenantIndex):
-        from contextlib import ExitStack
-
-        self.index = index
-        self._stack = ExitStack()
-        self._connection = self._stack.enter_context(index.database.connection())
-        try:
-            # The tenant's row lock: one writer at a time; readers keep reading the last commit meanwhile.
-            locked = self._connection.execute(
-                "SELECT generation FROM lorag.indexes WHERE id = %s FOR UPDATE", (index.index_id,)).fetchone()
-            if locked is None:
-                raise NotFound(f"tenant {index.tenant!r} has no index in the PostgreSQL store (it was removed)")
-        except BaseException:
-            self._connection.rollback()
-            self._stack.close()
-            raise
-        self._changed = False
-        self._open = True
-
-    def __enter__(self) -> "PgIndexUpdate":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.discard()
-
-    def put_document(self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
-        """Store ``record`` with its ``chunks`` (reading order) and their ``vectors`` ``(n, dimension)`` (one
-        per ``embedded_texts()`` entry, chunk after chunk), replacing the document stored under the same source.
-
-        Raises:
-            LoragError: the shapes disagree, or a chunk belongs to another source or tenant.
-        """
-        self._check_open()
-        index = self.index
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        dimension = index.manifest.dimension
-        expected = sum(vector_count(chunk) for chunk in chunks)
-        if vectors.shape != (expected, dimension):
-            raise LoragError(
-                f"document {record.source!r}: {len(chunks)} chunks with {expected} embedded texts need vectors of "
-                f"shape ({expected}, {dimension}), got {vectors.shape}"
-            )
-        if record.tenant != index.tenant:
-            raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {index.tenant!r}")
-        for chunk in chunks:
-            if chunk.source != record.source or chunk.tenant != index.tenant:
-                raise LoragError(
-                    f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
-                    f"not to document {record.source!r} of tenant {index.tenant!r}"
-                )
-            if len(chunk.windows) > WINDOW_SLOTS:  # the file store's limit, kept so both stores take the same data
-                raise LoragError(f"chunk {chunk.id!r} of {record.source!r} has {len(chunk.windows)} windows, at most "
-                                 f"{WINDOW_SLOTS} fit", hint="Raise chunking.window_tokens")
-        self.remove_source(record.source)
-        connection, index_id = self._connection, index.index_id
-        connection.execute(
-            f"INSERT INTO lorag.documents (index_id, {_DOCUMENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (index_id, record.document_id, record.source, record.pages, len(chunks), record.size_bytes,
-             record.ingested_at))
-        self._changed = True
-        if not chunks:
-            return
-        rowids = [row[0] for row in connection.execute(
-            "SELECT nextval('lorag.chunks_rowid_seq') FROM generate_series(1, %s)", (len(chunks),)).fetchall()]
-        terms = term_counts([keyword_text(chunk.text, chunk.context) for chunk in chunks])
-        with connection.cursor().copy(
-            'COPY lorag.chunks (rowid, index_id, chunk_id, source, document_id, ordinal, page, start, "end", text, '
-            "heading_path, windows, context, term_count) FROM STDIN"
-        ) as copy:
-            for ordinal, (rowid, chunk, counts) in enumerate(zip(rowids, chunks, terms)):
-                copy.write_row((rowid, index_id, chunk.id, chunk.source, chunk.document_id, ordinal, chunk.page,
-                                chunk.start, chunk.end, chunk.text, json.dumps(list(chunk.heading_path)),
-                                json.dumps([list(window) for window in chunk.windows]), chunk.context,
-                                sum(counts.values())))
-        with connection.cursor().copy(
-            "COPY lorag.chunk_terms (index_id, term, chunk_rowid, tf, doc_length) FROM STDIN"
-        ) as copy:
-            for rowid, counts in zip(rowids, terms):
-                length = sum(counts.values())
-                for term, tf in counts.items():
-                    copy.write_row((index_id, term, rowid, tf, length))
-        from psycopg import sql
-
-        with connection.cursor().copy(
-            sql.SQL("COPY {table} (index_id, chunk_rowid, ordinal, embedding) FROM STDIN WITH (FORMAT BINARY)")
-            .format(table=vectors_table(index_id))
-        ) as copy:
-            copy.set_types(["int8", "int8", "int4", "vector"])
-            offset = 0
-            for rowid, chunk in zip(rowids, chunks):
-                for ordinal in range(vector_count(chunk)):
-                    copy.write_row((index_id, rowid, ordinal, vectors[offset]))
-                    offset += 1
-
-    def remove_source(self, source: str) -> bool:
-        """Remove the document stored under ``source``; returns whether there was one."""
-        from psycopg import sql
-
-        self._check_open()
-        connection, index_id = self._connection, self.index.index_id
-        rowids = [row[0] for row in connection.execute(
-            "SELECT rowid FROM lorag.chunks WHERE index_id = %s AND source = %s", (index_id, source)).fetchall()]
-        if rowids:
-            connection.execute(
-                sql.SQL("DELETE FROM {table} WHERE index_id = %s AND chunk_rowid = ANY(%s)")
-                .format(table=vectors_table(index_id)), (index_id, rowids))
-            connection.execute("DELETE FROM lorag.chunk_terms WHERE index_id = %s AND chunk_rowid = ANY(%s)",
-                               (index_id, rowids))
-            connection.execute("DELETE FROM lorag.chunks WHERE index_id = %s AND source = %s", (index_id, source))
-        removed = connection.execute("DELETE FROM lorag.documents WHERE index_id = %s AND source = %s RETURNING 1",
-                                     (index_id, source)).fetchall()
-        self._changed = self._changed or bool(removed)
-        return bool(removed)
-
-    def commit(self) -> None:
-        """Make every change visible at once: the new counts and generation commit with the rows.
-
-        Raises:
-            LoragError: the update was already committed or discarded.
-        """
-        self._check_open()
-        if not self._changed:
-            self.discard()
-            return
-        index, connection = self.index, self._connection
-        try:
-            generation, chunk_count = connection.execute(
-                "UPDATE lorag.indexes SET generation = generation + 1, "
-                "chunk_count = (SELECT count(*) FROM lorag.chunks WHERE index_id = %(index)s), "
-                "term_total = (SELECT coalesce(sum(term_count), 0) FROM lorag.chunks WHERE index_id = %(index)s) "
-                "WHERE id = %(index)s RETURNING generation, chunk_count", {"index": index.index_id}).fetchone()
-            connection.commit()  # the commit point
-        except BaseException:
-            self.discard()
-            raise
-        self._open = False
-        self._stack.close()
-        index._generation = int(generation)
-        log.info("tenant %s: committed generation %d (%d chunks) to PostgreSQL", index.tenant, generation, chunk_count)
-
-    def discard(self) -> None:
-        """Roll the transaction back and release the tenant's lock (what leaving the block does)."""
-        if not self._open:
-            return
-        self._open = False
-        try:
-            self._connection.rollback()
-        finally:
-            self._stack.close()
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise LoragError(f"index update of tenant {self.index.tenant!r} was already committed or discarded")
 
 
 def read_manifest(database: Database, tenant: str) -> tuple[int, IndexManifest] | None:

@@ -8,7 +8,8 @@ test until it is listed here with its calls.
 import inspect
 
 from retrieval.pg.database import shared_database
-from retrieval.pg.index import PgIndexUpdate, PgTenantIndex
+from retrieval.pg.index import PgTenantIndex
+from retrieval.pg.update import PgIndexUpdate
 from tests.retrieval.conftest import CORPUS, make_document
 
 # Methods that return no tenant data, or write (writes are checked through the reads after them).
