@@ -86,6 +86,18 @@ class RetrievalSettings(BaseModel):
     candidates: int = Field(100, ge=1, description="hits each retriever contributes before fusion")
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     reranker: str | None = Field(None, description="cross-encoder name or path; None disables reranking")
+    store: str = Field(
+        "files",
+        description="where tenant indexes live: \"files\" (FAISS + SQLite under data_dir) or a PostgreSQL DSN "
+        "(postgresql://...) with pgvector, which also holds the tenants and their API keys",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "files" and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError('retrieval.store must be "files" or a DSN starting with postgresql://')
+        return value
 
 
 class Settings(BaseSettings):
@@ -175,7 +187,8 @@ def _describe(problem: dict) -> str:
     field = ".".join(str(part) for part in problem["loc"])
     message = problem["msg"].removeprefix("Value error, ")  # our own validators' messages name their fields
     value = problem.get("input")
-    if not field or isinstance(value, (dict, list)) or "key" in field.lower():
+    # A DSN (retrieval.store) may carry a password: never echo it.
+    if not field or isinstance(value, (dict, list)) or "key" in field.lower() or field.endswith("store"):
         return f"{field}: {message}" if field else message
     return f"{field}: {message} (got {value!r})"
 

@@ -25,7 +25,6 @@ from ingest.progress import IngestProgress
 from ingest.report import FileOutcome, IngestReport
 from ingest.settings import IngestSettings, ingest_settings_of
 from core.errors import LoragError, NotFound
-from retrieval.manifest import read_manifest
 from retrieval.store import vector_count
 from core.settings import Settings
 from core.datadir import index_dir, validate_tenant_name
@@ -68,7 +67,7 @@ def ingest_paths(
             embedding model cannot be loaded. Problems with single files never raise.
     """
     from retrieval.embedder import Embedder
-    from retrieval.index import TenantIndex
+    from retrieval.tenant_indexes import open_index, stored_manifest
 
     started = time.perf_counter()
     validate_tenant_name(tenant)
@@ -90,13 +89,12 @@ def ingest_paths(
 
     embedder = embedder or Embedder(settings.embedding)
     # The model loads on first use: a run where every file is unchanged never loads it.
-    manifest = read_manifest(index_dir(settings.data_dir, tenant))
-    index = TenantIndex.open(
-        settings.data_dir,
+    manifest = stored_manifest(settings, tenant)
+    index = open_index(
+        settings,
         tenant,
         embedder_name=embedder.name,
         dimension=manifest.dimension if manifest and manifest.embedder_name == embedder.name else embedder.dimension,
-        index_type=settings.retrieval.index_type,
     )
     chunker = cache(lambda: Chunker(embedder.tokenizer, settings.chunking))  # called from one thread only
     context_weight = settings.chunking.context_weight
@@ -372,17 +370,18 @@ def _is_under(source: str, root: str) -> bool:
 
 def _open_existing(tenant: str, settings: Settings):
     """Open without loading the embedder: removing and listing need only what the manifest says."""
-    from retrieval.index import TenantIndex
+    from retrieval.tenant_indexes import open_index, stored_manifest
 
-    directory = index_dir(settings.data_dir, tenant)
-    manifest = read_manifest(directory)
+    manifest = stored_manifest(settings, tenant)
     if manifest is None:
+        files = settings.retrieval.store == "files"
+        where = repr(str(index_dir(settings.data_dir, tenant))) if files else "the PostgreSQL store"
         raise NotFound(
-            f"tenant {tenant!r} has no index in {str(directory)!r}",
+            f"tenant {tenant!r} has no index in {where}",
             hint=f"Ingest documents first: lorag ingest PATH --tenant {tenant}",
         )
-    return TenantIndex.open(
-        settings.data_dir,
+    return open_index(
+        settings,
         tenant,
         embedder_name=manifest.embedder_name,
         dimension=manifest.dimension,

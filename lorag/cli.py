@@ -13,7 +13,7 @@ import sys
 
 from core.errors import LoragError
 
-COMMAND_MODULES = ("ingest.cli", "retrieval.cli", "server.serve_cli", "training.cli", "evaluation.cli")
+COMMAND_MODULES = ("ingest.cli", "retrieval.cli", "server.serve_cli", "training.cli", "evaluation.cli", "lorag.db_cli")
 
 EPILOG = """examples:
   lorag ingest data/ --tenant acme            parse, chunk, embed and index a folder

@@ -29,7 +29,7 @@ from core.errors import LoragError, NotFound
 from retrieval.keyword import KeywordIndex
 from core.atomic import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
-from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count
+from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count, vector_ids_of
 from core.datadir import PRIVATE_FILE_MODE, index_dir, make_private_dir, make_private_file
 from core.records import Chunk, DocumentRecord
 from retrieval.vector_store import FaissVectorStore
@@ -227,6 +227,26 @@ class TenantIndex:
                 rowids, texts = self.store.texts()
                 self._keyword = (generation, KeywordIndex(rowids, texts))
             return self._keyword[1]
+
+    def export_document(self, source: str) -> tuple[DocumentRecord, list[Chunk], np.ndarray] | None:
+        """The document stored under ``source`` with its chunks (reading order) and their window vectors
+        ``(n, dimension)`` read back from the vector file, as :meth:`IndexUpdate.put_document` takes them (the
+        copy tool moves tenants between stores with this, without embedding again); None when there is none."""
+        import faiss
+
+        record = self.store.document_by_source(source)
+        if record is None:
+            return None
+        rowids, counts = self.store.rowids_and_vector_counts_of_source(source)
+        chunks = self.store.chunks_by_rowid(rowids.tolist())
+        ids = vector_ids_of(rowids, counts)
+        store = self._vectors
+        if store.index_type == "ivf" and store.index is not None:  # IVF lists need an id map to read back
+            store = store.copy()
+            store.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        vectors = np.stack([store.index.reconstruct(int(i)) for i in ids]) if len(ids) else \
+            np.zeros((0, self.manifest.dimension), dtype=np.float32)
+        return record, [chunks[int(rowid)] for rowid in rowids], vectors.astype(np.float32)
 
     def _join(self, hits: list[tuple[int, float]]) -> list[tuple[Chunk, float]]:
         chunks = self.store.chunks_by_rowid(rowid for rowid, _ in hits)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from retrieval.embedder import Embedder
 from core.errors import NotFound
 from retrieval.index import TenantIndex
+from retrieval.tenant_indexes import index_exists, open_index
 from retrieval.reranker import load_reranker
 from retrieval.retriever import HybridRetriever
 from core.settings import Settings
@@ -50,7 +51,7 @@ class RetrievalService:
                 self._reranker = (load_reranker(self.settings.retrieval, device=self.settings.embedding.device),)
             return self._reranker[0]
 
-    def index(self, tenant: str) -> TenantIndex | None:
+    def index(self, tenant: str) -> TenantIndex | None:  # or a PgTenantIndex: the same interface
         """The tenant's index, reloaded if another process committed since; None when it has none.
 
         Raises:
@@ -64,18 +65,23 @@ class RetrievalService:
                 del self._indexes[tenant]
                 index = None
             if index is None:
-                if not TenantIndex.exists(self.settings.data_dir, tenant):
+                if not index_exists(self.settings, tenant):
                     return None
-                index = TenantIndex.open(
-                    self.settings.data_dir,
+                index = open_index(
+                    self.settings,
                     tenant,
                     embedder_name=self.embedder.name,
                     dimension=self.embedder.dimension,
-                    index_type=self.settings.retrieval.index_type,
                     create=False,
                 )
                 self._indexes[tenant] = index
-        index.refresh()
+        try:
+            index.refresh()
+        except NotFound:  # removed by another process since it was opened here (a shared PostgreSQL store)
+            with self._lock:
+                if self._indexes.get(tenant) is index:
+                    del self._indexes[tenant]
+            return self.index(tenant) if index_exists(self.settings, tenant) else None
         return index
 
     def retrieve(

@@ -227,6 +227,12 @@ class ChunkStore:
         counts = [max(1, len(json.loads(windows))) for _, windows in rows]
         return vector_ids_of(np.asarray([row[0] for row in rows], dtype=np.int64), np.asarray(counts))
 
+    def rowids_and_vector_counts_of_source(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """The rowids of the chunks of ``source`` in reading order, with each one's number of vectors."""
+        rows = self._rows("SELECT rowid, windows FROM chunks WHERE source = ? ORDER BY ordinal", (source,))
+        counts = [max(1, len(json.loads(windows))) for _, windows in rows]
+        return np.asarray([row[0] for row in rows], dtype=np.int64), np.asarray(counts, dtype=np.int64)
+
     def vector_total(self) -> int:
         """How many vectors the stored chunks have (equals the vector file's size when both are committed)."""
         rows = self._rows("SELECT windows FROM chunks")

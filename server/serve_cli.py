@@ -113,9 +113,9 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def _registry(args: argparse.Namespace):
-    from server.tenants import TenantRegistry
+    from server.tenants import open_tenant_registry
 
-    return TenantRegistry(_settings(args).data_dir)
+    return open_tenant_registry(_settings(args))
 
 
 def run_tenant_add(args: argparse.Namespace) -> int:

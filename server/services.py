@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from server.admission import Admission
     from server.metrics import Metrics
     from server.settings import ServerSettings
-    from server.tenants import TenantRegistry
+    from server.tenants import TenantStore
     from server.uploads import DocumentUploads
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Services:
     """
 
     settings: ServerSettings
-    registry: TenantRegistry
+    registry: TenantStore
     metrics: Metrics
     queue: Admission | None = None  # built by the app's lifespan, in the serving event loop; never here
     retrieval: RetrievalService | None = None
@@ -56,9 +56,9 @@ def new_services(settings: ServerSettings, *, metrics: Metrics | None = None) ->
     """A Services with its settings, tenant registry and metrics only (nothing loaded, not ready): the app holds
     it from the start and its lifespan fills it in with ``build_services(..., into=services)``."""
     from server.metrics import Metrics
-    from server.tenants import TenantRegistry
+    from server.tenants import open_tenant_registry
 
-    return Services(settings=settings, registry=TenantRegistry(settings.data_dir), metrics=metrics or Metrics())
+    return Services(settings=settings, registry=open_tenant_registry(settings), metrics=metrics or Metrics())
 
 
 def new_admission(settings: ServerSettings, metrics: Metrics | None = None) -> Admission:

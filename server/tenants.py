@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 from core.atomic import write_atomically
 from core.errors import Conflict, LoragError, NotFound
@@ -182,6 +183,18 @@ class TenantRegistry:
             tenants[tenant_id] = replace(tenants[tenant_id], default_adapter=adapter)
             return tenants[tenant_id]
 
+    def import_tenant(self, tenant: Tenant) -> None:
+        """Store ``tenant`` with its key hashes as they are (the copy tool moves registries this way).
+
+        Raises:
+            Conflict: a tenant of that id exists already.
+        """
+        validate_tenant_name(tenant.id)
+        with self._editing() as tenants:
+            if tenant.id in tenants:
+                raise Conflict(f"tenant {tenant.id!r} already exists in {str(self.path)!r}")
+            tenants[tenant.id] = tenant
+
     @contextmanager
     def _editing(self) -> Iterator[dict[str, Tenant]]:
         """Lock, read fresh, let the caller edit, write atomically (nothing is written if it raises)."""
@@ -206,7 +219,34 @@ class TenantRegistry:
         write_atomically(self.path, payload, mode=0o600)  # hashes only, but nobody else needs to read them
 
 
-def _check_adapter_name(name: str | None) -> None:
+def check_adapter_name(name: str | None) -> None:
     """Raises: InvalidAdapter (422) for a default adapter name that no adapter could ever have."""
     if name is not None:
         validate_adapter_name(name)  # the adapter registry's own naming rule
+
+
+_check_adapter_name = check_adapter_name
+
+
+class TenantStore(Protocol):
+    """What the server and the CLI need of a tenant registry: ``TenantRegistry`` (tenants.json, the default) or
+    ``server.pg_tenants.PgTenantRegistry`` (PostgreSQL, shared by replicas)."""
+
+    def tenants(self) -> list[Tenant]: ...
+    def get(self, tenant_id: str) -> Tenant: ...
+    def authenticate(self, key: str) -> Tenant | None: ...
+    def add(self, tenant_id: str, *, default_adapter: str | None = None) -> tuple[Tenant, str]: ...
+    def remove(self, tenant_id: str) -> Tenant: ...
+    def rotate_key(self, tenant_id: str) -> str: ...
+    def set_default_adapter(self, tenant_id: str, adapter: str | None) -> Tenant: ...
+
+
+def open_tenant_registry(settings) -> TenantStore:
+    """The registry ``settings`` choose: in PostgreSQL when ``retrieval.store`` is a DSN, else tenants.json."""
+    from retrieval.pg.database import is_postgres, shared_database
+
+    if is_postgres(settings.retrieval.store):
+        from server.pg_tenants import PgTenantRegistry
+
+        return PgTenantRegistry(shared_database(settings.retrieval.store))
+    return TenantRegistry(settings.data_dir)

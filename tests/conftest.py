@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_dsn, postgres_server  # noqa: F401 - fixtures for every test directory
+
 # Never touch the user's home: every lorag process started by the tests sees this data dir
 # unless a test passes its own. Set before any test module imports lorag code.
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="lorag-tests-"))

@@ -1,0 +1,1 @@
+"""Tenant indexes in PostgreSQL with pgvector: the shared store several server replicas read and write."""

@@ -1,0 +1,115 @@
+"""Two `lorag serve` replicas on one PostgreSQL and one shared data dir, as behind a load balancer: a tenant
+created through one authenticates on the other, a document uploaded through one is answered with citations
+through the other, and an adapter uploaded through one is served by the other, neither restarted."""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+
+from tests.adapters.conftest import make_adapter
+from tests.adapters.test_serving import tar_of, wait_until
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = secrets.token_urlsafe(32)
+MEMO = "The Heron relay station is serviced every 45 days by the coastal crew; its logbook stays in locker B7."
+QUESTION = "How often is the Heron relay station serviced?"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def replica(data_dir, dsn, model, log):
+    """One `lorag serve` process on a loopback port, ready to answer; stopped on exit."""
+    port = _free_port()
+    env = os.environ | {
+        "LORAG_RETRIEVAL__STORE": dsn, "LORAG_SERVER__ADMIN_KEY": ADMIN_KEY, "LORAG_GENERATION__MODEL": str(model),
+        "LORAG_GENERATION__ENGINE": "transformers", "LORAG_GENERATION__FALLBACK": "error",
+        "LORAG_ADAPTERS__POLL_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorag.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, f"replica on port {port} exited; see {log.name}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"replica on port {port} not ready; see {log.name}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _as(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_two_replicas_share_tenants_documents_and_adapters(postgres_dsn, tiny_llama_path, tmp_path):
+    from openai import OpenAI
+
+    data_dir = tmp_path / "shared-data"  # what NFS or a shared volume would be
+    with ExitStack() as stack:
+        logs = [stack.enter_context(open(tmp_path / f"replica-{n}.log", "w")) for n in (1, 2)]
+        first = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, logs[0]))
+        second = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, logs[1]))
+
+        # A tenant created through the first replica authenticates on the second.
+        created = httpx.post(f"{first}/v1/admin/tenants", json={"id": "acme"}, headers=_as(ADMIN_KEY), timeout=30)
+        assert created.status_code == 201, created.text
+        key = created.json()["api_key"]
+        assert httpx.get(f"{second}/v1/models", headers=_as(key), timeout=30).status_code == 200
+        assert httpx.get(f"{second}/v1/models", headers=_as("not-a-key"), timeout=30).status_code == 401
+
+        # A document uploaded through the first is retrieved and cited through the second.
+        uploaded = httpx.post(f"{first}/v1/documents", headers=_as(key), timeout=120,
+                              files={"files": ("heron-memo.txt", MEMO.encode(), "text/plain")})
+        assert uploaded.status_code in (200, 201), uploaded.text
+        client = OpenAI(base_url=f"{second}/v1", api_key=key, max_retries=0, timeout=120)
+        completion = client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+            extra_body={"retrieval": {"attribution": False}})
+        extra = completion.model_extra
+        found = extra["citations"] + extra["context"]
+        assert any(p["source"] == "heron-memo.txt" and "45 days" in p["text"] for p in found), found
+
+        # An adapter uploaded through the first is listed and served by the second without a restart.
+        adapter = make_adapter(tiny_llama_path, tmp_path / "support", seed=5)
+        added = httpx.post(f"{first}/v1/adapters", headers=_as(key), data={"name": "support"}, timeout=120,
+                           files={"file": ("support.tar.gz", tar_of(adapter), "application/gzip")})
+        assert added.status_code == 201, added.text
+        wait_until(lambda: any(card["id"] == "support" for card in
+                               httpx.get(f"{second}/v1/models", headers=_as(key), timeout=30).json()["data"]))
+        answered = client.chat.completions.create(
+            model="support", messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
+        assert answered.model == "support" and answered.model_extra["generator"].startswith("transformers:")
+
+        # Removing the tenant through the second stops its key on the first too.
+        removed = httpx.delete(f"{second}/v1/admin/tenants/acme", params={"purge": "true"}, headers=_as(ADMIN_KEY),
+                               timeout=30)
+        assert removed.status_code == 200, removed.text
+        wait_until(lambda: httpx.get(f"{first}/v1/models", headers=_as(key), timeout=30).status_code == 401)
