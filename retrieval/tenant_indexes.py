@@ -63,3 +63,26 @@ def open_index(settings: Settings, tenant: str, *, embedder_name: str, dimension
 
     return PgTenantIndex.open(database, tenant, embedder_name=embedder_name, dimension=dimension,
                               index_type=index_type, create=create)
+
+
+def retire_index(settings: Settings, tenant: str, *, purge: bool, stamp: str) -> str | None:
+    """Take a removed tenant's index out of service so that a tenant created later under its name starts empty.
+
+    The embedded files live in the tenant's folder, which the caller moves or deletes (None here). In PostgreSQL
+    the index is deleted (``purge``) or renamed ``<tenant>#<stamp>``, a name no tenant can have ("#" is not
+    allowed in tenant names), where an operator can still copy it out; returns that name, or "purged".
+    """
+    database = _database(settings)
+    if database is None:
+        return None
+    from retrieval.pg.index import PgTenantIndex, read_manifest
+
+    found = read_manifest(database, tenant)
+    if found is None:
+        return None
+    index_id, manifest = found
+    index = PgTenantIndex(database, index_id=index_id, tenant=tenant, manifest=manifest)
+    if purge:
+        index.drop()
+        return "purged"
+    return index.rename(f"{tenant}#{stamp}")

@@ -139,9 +139,10 @@ def run_tenant_remove(args: argparse.Namespace) -> int:
     from server.tenant_lifecycle import remove_tenant
 
     settings = _settings(args)
-    removed = remove_tenant(_registry(args), settings.data_dir, args.name, purge=args.purge)
+    removed = remove_tenant(_registry(args), settings.data_dir, args.name, purge=args.purge, settings=settings)
     data = {"purged": "its data was deleted", "none": "it had no data",
-            "quarantined": f"its data was moved to {removed.quarantined_to}"}[removed.data]
+            "quarantined": f"its data was moved to {removed.quarantined_to}" if removed.quarantined_to else
+            "its PostgreSQL index was kept under a quarantine name"}[removed.data]
     print(f"tenant {removed.id} removed; its keys no longer work and {data}")
     return 0
 

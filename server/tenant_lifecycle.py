@@ -37,11 +37,14 @@ def quarantine_dir(data_dir: Path) -> Path:
     return Path(data_dir) / QUARANTINE_DIR
 
 
-def remove_tenant(registry, data_dir: Path, tenant_id: str, *, purge: bool = False) -> RemovedTenant:
+def remove_tenant(registry, data_dir: Path, tenant_id: str, *, purge: bool = False, settings=None) -> RemovedTenant:
     """Remove ``tenant_id`` from ``registry`` and quarantine (or with ``purge`` delete) its data directory.
 
     With ``purge``, a tenant no longer in the registry whose data is still on disk (left by an older lorag, or
     ingested without ever being registered) has its data deleted too.
+
+    ``settings`` (the process's): with ``retrieval.store`` in PostgreSQL, the tenant's index there is deleted or
+    renamed to a quarantine name as well (``retrieval.tenant_indexes.retire_index``).
 
     Raises:
         NotFound: the tenant is neither registered nor has data (or, without ``purge``, is not registered).
@@ -55,13 +58,21 @@ def remove_tenant(registry, data_dir: Path, tenant_id: str, *, purge: bool = Fal
         if not (purge and source.exists()):
             raise
         removed = None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    retired = None
+    if settings is not None:
+        from retrieval.tenant_indexes import retire_index
+
+        retired = retire_index(settings, tenant_id, purge=purge, stamp=stamp)
+        if retired is not None:
+            log.warning("tenant %s removed; its PostgreSQL index was %s", tenant_id,
+                        "deleted" if retired == "purged" else f"renamed {retired!r}")
     if not source.exists():
-        return RemovedTenant(tenant_id, removed, "none")
+        return RemovedTenant(tenant_id, removed, "none" if retired is None else "purged" if purge else "quarantined")
     if purge:
         _purge(data_dir, source)
         log.warning("tenant %s removed; its data was deleted", tenant_id)
         return RemovedTenant(tenant_id, removed, "purged")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     target = make_private_dir(quarantine_dir(data_dir)) / f"{tenant_id}-{stamp}"
     os.rename(source, target)  # one step: readers see the tenant's data whole or not at all
     fsync_path(source.parent)

@@ -226,7 +226,7 @@ class LoraFinetuneRecipe:
             shuffled, base_path=self.base_path, tokenizer=self.tokenizer, max_new_tokens=cfg.replay_max_tokens,
             run_dir=self.run_dir, write_cache=self.accelerator.is_main_process, device=device,
         )
-        return self._encoded(conversations)
+        return self._encoded([(conversation, None) for conversation in conversations])  # every answer is trained
 
     def _encode(self, examples, retrieval) -> list[Encoded]:
         cfg = self.cfg
@@ -254,8 +254,9 @@ class LoraFinetuneRecipe:
             ]
         return self._encoded(conversations)
 
-    def _encoded(self, conversations: list[list[dict]]) -> list[Encoded]:
-        """Chat-templated, label-masked token ids; examples with no answer token left within max_seq_len are dropped."""
+    def _encoded(self, conversations: list[tuple[list[dict], object]]) -> list[Encoded]:
+        """(conversation, trained_turns) as chat-templated, label-masked token ids (``trained_turns`` as
+        ``training.data.Example``'s); examples with no answer token left within max_seq_len are dropped."""
         cfg = self.cfg
         encoded, truncated = [], 0
         for conversation, trained_turns in conversations:

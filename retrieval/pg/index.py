@@ -98,7 +98,9 @@ class PgTenantIndex:
             return connection.execute(query, parameters).fetchall()
 
     def _read_generation(self) -> int:
-        rows = self._rows("SELECT generation FROM lorag.indexes WHERE id = %s", (self.index_id,))
+        # By id AND tenant: an index renamed away from its tenant (removed, quarantined) is gone for this one too.
+        rows = self._rows("SELECT generation FROM lorag.indexes WHERE id = %s AND tenant = %s",
+                          (self.index_id, self.tenant))
         if not rows:
             raise NotFound(f"tenant {self.tenant!r} has no index in the PostgreSQL store (it was removed)")
         return int(rows[0][0])
@@ -278,6 +280,17 @@ class PgTenantIndex:
         from retrieval.pg.update import PgIndexUpdate
 
         return PgIndexUpdate(self)
+
+    def moved(self) -> bool:
+        """Always False: a PostgreSQL index has no folder to move. An index dropped or renamed away by another
+        process is noticed by :meth:`refresh`, which raises NotFound."""
+        return False
+
+    def rename(self, name: str) -> str:
+        """Give the index to ``name`` (a removed tenant's quarantine name); its rows keep their index id."""
+        with self.database.connection() as connection:
+            connection.execute("UPDATE lorag.indexes SET tenant = %s WHERE id = %s", (name, self.index_id))
+        return name
 
     def drop(self) -> None:
         """Delete the tenant's whole index (documents, chunks, postings, vectors) in one transaction."""

@@ -158,3 +158,23 @@ def test_no_pickle_anywhere_in_the_store(postgres_dsn):
     modules += [Path(retrieval.pg.__file__).parents[1] / name for name in ("copy_tenant.py", "tenant_indexes.py")]
     modules += [Path(retrieval.pg.__file__).parents[2] / "server" / "pg_tenants.py"]
     assert all("pickle" not in path.read_text() for path in modules)
+
+
+def test_a_removed_tenants_index_is_renamed_away_or_deleted(build_pg_index, postgres_dsn, tmp_path):
+    from core.settings import Settings
+    from retrieval.pg.index import read_manifest
+    from retrieval.tenant_indexes import index_exists, retire_index
+
+    settings = Settings(data_dir=tmp_path, retrieval={"store": postgres_dsn})
+    database = shared_database(postgres_dsn)
+    kept = build_pg_index(tenant="gamma")
+    assert retire_index(settings, "gamma", purge=False, stamp="20261204T000000Z") == "gamma#20261204T000000Z"
+    assert not index_exists(settings, "gamma")  # a tenant created again as gamma finds nothing
+    assert read_manifest(database, "gamma#20261204T000000Z")[0] == kept.index_id  # kept for an operator
+    with pytest.raises(NotFound):
+        kept.refresh()  # an instance another process still holds stops serving it
+
+    build_pg_index(tenant="delta")
+    assert retire_index(settings, "delta", purge=True, stamp="x") == "purged"
+    assert not index_exists(settings, "delta") and read_manifest(database, "delta#x") is None
+    assert retire_index(settings, "nobody", purge=True, stamp="x") is None

@@ -13,7 +13,7 @@ from retrieval.pg.update import PgIndexUpdate
 from tests.retrieval.conftest import CORPUS, make_document
 
 # Methods that return no tenant data, or write (writes are checked through the reads after them).
-NOT_QUERIES = {"open", "exists", "close", "refresh", "update", "drop"}
+NOT_QUERIES = {"open", "exists", "close", "refresh", "update", "drop", "rename", "moved"}  # they return no rows
 
 
 def test_no_query_method_returns_another_tenants_rows(postgres_dsn, embedder, corpus_vectors):

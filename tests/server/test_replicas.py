@@ -113,3 +113,11 @@ def test_two_replicas_share_tenants_documents_and_adapters(postgres_dsn, tiny_ll
                                timeout=30)
         assert removed.status_code == 200, removed.text
         wait_until(lambda: httpx.get(f"{first}/v1/models", headers=_as(key), timeout=30).status_code == 401)
+
+        # A tenant created again under that id starts empty on every replica: the old index went with it.
+        again = httpx.post(f"{first}/v1/admin/tenants", json={"id": "acme"}, headers=_as(ADMIN_KEY), timeout=30)
+        assert again.status_code == 201, again.text
+        new_key = again.json()["api_key"]
+        for url in (first, second):
+            empty = httpx.post(f"{url}/v1/retrieve", json={"query": QUESTION}, headers=_as(new_key), timeout=60)
+            assert empty.status_code == 404 and empty.json()["error"]["code"] == "no_index", empty.text
