@@ -2,7 +2,9 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer
 
 from core.records import Chunk, DocumentRecord, Passage
 
@@ -94,15 +96,31 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# -- OpenAI fields lorag parses only to refuse them ------------------------------------------------
+# They are parsed loosely so that server.openai_fields can refuse each by name with a message that says what to do
+# (400, param). The OpenAPI document shows what is accepted, so that the document and the server agree.
+_NULL = {"type": "null"}
+Unsupported = Annotated[dict | None, WithJsonSchema(_NULL)]  # any value is refused
+NoTools = Annotated[list[dict] | None, WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, _NULL]})]
+NoToolChoice = Annotated[str | dict | None, WithJsonSchema({"anyOf": [{"enum": ["none", "auto"]}, _NULL]})]
+NoBias = Annotated[dict[str, float] | None, WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]})]
+NoPenalty = Annotated[float | None, Field(ge=-2.0, le=2.0), WithJsonSchema({"anyOf": [{"const": 0}, _NULL]})]
+OneChoice = Annotated[int | None, Field(ge=1), WithJsonSchema({"anyOf": [{"const": 1}, _NULL]})]
+TextFormat = Annotated[dict | None, WithJsonSchema({"anyOf": [
+    {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]}, _NULL]})]
+TextOnly = Annotated[list[str] | None, WithJsonSchema({"anyOf": [{"type": "array", "items": {"const": "text"}}, _NULL]})]
+
+
 # -- chat ----------------------------------------------------------------------------------------
 class ChatMessageIn(BaseModel):
     # "developer" is OpenAI's newer name for a system turn; "tool"/"function" turns are parsed so that
     # server.openai_fields can refuse them by name instead of failing on their null content.
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool", "function"],
+                    WithJsonSchema({"enum": ["system", "developer", "user", "assistant"], "type": "string"})]
     content: str | None = Field(None, description="text, or OpenAI's list of {type: 'text', text} parts (joined)")
     name: str | None = None
-    tool_calls: list[dict] | None = None
-    function_call: dict | None = None
+    tool_calls: NoTools = None
+    function_call: Unsupported = None
     tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
@@ -173,27 +191,27 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
     user: str | None = None
     seed: int | None = None
-    n: int | None = Field(None, ge=1, description="only 1 is supported")
+    n: OneChoice = Field(None, description="only 1 is supported")
     retrieval: RetrievalOptions = RetrievalOptions()
     sources_in_content: bool | None = Field(None, description="lorag extension: append the cited sources to the "
                                             "answer as a Markdown list; default server.sources_in_content")
     # OpenAI fields lorag does not implement (or not with every generator): parsed so server.openai_fields can
     # refuse them by name (400, param).
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: NoTools = None
+    tool_choice: NoToolChoice = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-    response_format: dict | None = None
+    functions: NoTools = None
+    function_call: NoToolChoice = None
+    response_format: TextFormat = None
     logprobs: bool | None = Field(None, description="the generated tokens' log-probabilities (generative "
                                   "generators; the extractive one refuses)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    modalities: list[str] | None = None
-    audio: dict | None = None
-    prediction: dict | None = None
+    logit_bias: NoBias = None
+    presence_penalty: NoPenalty = None
+    frequency_penalty: NoPenalty = None
+    modalities: TextOnly = None
+    audio: Unsupported = None
+    prediction: Unsupported = None
 
 
 class ChatUsage(BaseModel):
@@ -238,7 +256,9 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"model": "lorag", "prompt": "How long is the warranty?"}]})
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, or a list of one text")
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]})] = Field(
+        description="text, or a list of one text (token ids and several prompts are refused by name)")
     max_tokens: int | None = Field(None, ge=1, description="as in chat: default until the answer ends or the context "
                                    "is full")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -249,17 +269,17 @@ class CompletionRequest(BaseModel):
     stream_options: dict | None = None
     seed: int | None = None
     user: str | None = None
-    n: int | None = Field(None, ge=1)
+    n: OneChoice = None
     retrieval: RetrievalOptions = RetrievalOptions()
     sources_in_content: bool | None = None
     # fields lorag does not implement, refused by name
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: Annotated[int | None, Field(ge=0, le=5), WithJsonSchema(_NULL)] = None
+    echo: Annotated[bool | None, WithJsonSchema({"anyOf": [{"const": False}, _NULL]})] = None
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"const": ""}, _NULL]})] = None
+    best_of: OneChoice = None
+    logit_bias: NoBias = None
+    presence_penalty: NoPenalty = None
+    frequency_penalty: NoPenalty = None
 
 
 class CompletionChoice(BaseModel):

@@ -13,6 +13,9 @@ PACKAGES = ("core", "adapters", "models", "ingest", "retrieval", "training", "ev
 OPTIONAL = {
     "triton": "the engine's GPU LoRA kernels; CUDA builds of torch ship it, CPU serving never needs it",
     "langchain_openai": "only lorag/langchain_chat.py, the LangChain client class: the 'langchain' extra",
+    "psycopg": "only retrieval/pg/, the PostgreSQL store (retrieval.store = postgresql://...): the 'postgres' extra",
+    "psycopg_pool": "the PostgreSQL store's connection pool: the 'postgres' extra",
+    "pgvector": "the PostgreSQL store's vector type adapter: the 'postgres' extra",
 }
 
 

@@ -33,7 +33,7 @@ EF_SEARCH_MIN, EF_SEARCH_MAX = 200, 1000  # pgvector refuses ef_search above 100
 WINDOWS_FETCHED_PER_CHUNK = 4  # as retrieval.index: windows of one chunk often rank together
 
 _CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows, context'
-DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at"
+DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at, name"
 _MANIFEST_COLUMNS = "id, embedder_name, dimension, index_type, created_at, format_version"
 
 
@@ -265,12 +265,21 @@ class PgTenantIndex:
         return Chunk(
             id=chunk_id, tenant=self.tenant, document_id=document_id, source=source, page=page, start=start,
             end=end, text=text, heading_path=tuple(heading_path),
-            windows=tuple(tuple(window) for window in windows), context=context,
+            windows=tuple(tuple(window) for window in windows), context=context, name=self._name_of(source),
         )
 
+    def _name_of(self, source: str) -> str:
+        """The name of the document ``source`` (what clients see), from a map read once per committed generation:
+        names change only when a document is ingested again."""
+        generation = self._read_generation()
+        if getattr(self, "_names_generation", None) != generation:
+            rows = self._rows("SELECT source, name FROM lorag.documents WHERE index_id = %s", (self.index_id,))
+            self._names, self._names_generation = dict(rows), generation
+        return self._names.get(source, "")
+
     def _document(self, row: tuple) -> DocumentRecord:
-        document_id, source, pages, chunk_count, size_bytes, ingested_at = row
-        return DocumentRecord(document_id, self.tenant, source, pages, chunk_count, size_bytes, ingested_at)
+        document_id, source, pages, chunk_count, size_bytes, ingested_at, name = row
+        return DocumentRecord(document_id, self.tenant, source, pages, chunk_count, size_bytes, ingested_at, name)
 
     # ---- writing -------------------------------------------------------------------------------
 

@@ -88,6 +88,10 @@ MIGRATIONS: tuple[str, ...] = (
         tenant_id text NOT NULL REFERENCES lorag.tenants ON DELETE CASCADE
     );
     """,
+    # 2: documents carry the name clients are shown (DocumentRecord.name: the path relative to what was ingested)
+    """
+    ALTER TABLE lorag.documents ADD COLUMN name text NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

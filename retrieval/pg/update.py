@@ -75,9 +75,9 @@ class PgIndexUpdate:
         self.remove_source(record.source)
         connection, index_id = self._connection, index.index_id
         connection.execute(
-            f"INSERT INTO lorag.documents (index_id, {DOCUMENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            f"INSERT INTO lorag.documents (index_id, {DOCUMENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (index_id, record.document_id, record.source, record.pages, len(chunks), record.size_bytes,
-             record.ingested_at))
+             record.ingested_at, record.name))
         self._changed = True
         if not chunks:
             return

@@ -7,12 +7,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.deps import AdminPrincipal, AppServices
 from server.schemas import ErrorResponse, TenantCreate, TenantKey, TenantList, TenantOut, TenantRemoved
+from core.datadir import TENANT_NAME_PATTERN
 from server.tenant_lifecycle import remove_tenant as remove_tenant_and_data
 from server.tenants import Tenant
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 _ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
-TenantId = Annotated[str, Path(min_length=1, max_length=63)]
+TenantId = Annotated[str, Path(min_length=1, max_length=63, pattern=TENANT_NAME_PATTERN)]
 
 
 def tenant_out(tenant: Tenant) -> TenantOut:

@@ -32,7 +32,7 @@ def test_migrate_creates_the_schema_and_versions_are_checked(postgres_server, ca
     with Database(dsn).connection() as connection:
         assert connection.execute("SELECT count(*) FROM lorag.indexes").fetchone()[0] == 0
 
-    for stored, expected in ((SCHEMA_VERSION - 1, "needs 1.*lorag db migrate"), (SCHEMA_VERSION + 1, "newer than")):
+    for stored, expected in ((SCHEMA_VERSION - 1, f"needs {SCHEMA_VERSION}.*lorag db migrate"), (SCHEMA_VERSION + 1, "newer than")):
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute("UPDATE lorag.schema_version SET version = %s", (stored,))
         with pytest.raises(LoragError, match=expected):
