@@ -33,10 +33,27 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(log_format: str, *, level: int = logging.INFO) -> None:
     """Send every logger (uvicorn's included, when it is started with ``log_config=None``) through one
     stderr handler in ``log_format`` ("text" or "json")."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is when a record is emitted, as logging's own last
+    resort does: a stream replaced after configuration (a test's capture, a daemon's redirect) is never written
+    to once closed."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
