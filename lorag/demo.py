@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> None:
 def training_base(ready: dict, generation) -> str | None:
     """The base model to train the demo adapter on: the generative model the server runs, as settings name it
     (``packaged`` when the packaged model stands in for the configured one); None for extractive answers."""
-    from models.packaged import PACKAGED, packaged_model_dir
+    from models.packaged import MODEL_NAME, PACKAGED
 
     if ready["generator_kind"] != "generative":
         return None
-    if str(packaged_model_dir(generation.models_dir)) in (ready["generator"] or ""):
+    if (ready["generator"] or "").endswith(f"/{MODEL_NAME}"):  # the packaged model's dir, shown by its name only
         return PACKAGED
     return generation.model
 
@@ -146,10 +146,10 @@ def _wait_until_listed(base_url: str, key: str, adapter: str, timeout_s: float =
 def describe_generator(ready: dict, generation) -> str:
     """A note on what answers the question: the configured model, the packaged model standing in for it, or
     extractive quoting. ``ready`` is the /readyz body, ``generation`` the GenerationSettings the server runs."""
-    from models.packaged import INSTALL, MODEL_NAME, is_packaged, packaged_model_dir
+    from models.packaged import INSTALL, MODEL_NAME, is_packaged
 
     model = generation.model
-    serves_packaged = str(packaged_model_dir(generation.models_dir)) in (ready["generator"] or "")
+    serves_packaged = (ready["generator"] or "").endswith(f"/{MODEL_NAME}")  # server paths are shown by their name
     if ready["generator_kind"] == "extractive":
         if not model:
             return "\nNOTE: no model configured: answers are extractive (quoted passages).\n"

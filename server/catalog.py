@@ -80,3 +80,14 @@ def _not_found(name: str) -> ModelNotFound:
         f"The model {name!r} does not exist or you do not have access to it",
         hint="GET /v1/models lists the names this key may use",
     )
+
+
+def public_generator_name(name: str | None) -> str | None:
+    """A generator's name as clients see it (responses' ``generator``, /healthz, /readyz): the model part of
+    "transformers:/srv/models/X" shown by its last path part only, so no server path leaves the server."""
+    from adapters.validation import public_model_name
+
+    if name is None:
+        return None
+    kind, separator, model = name.partition(":")
+    return f"{kind}{separator}{public_model_name(model)}" if separator else name

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.errors import LoragError
 from core.records import Passage
-from server.catalog import ModelCatalog
+from server.catalog import ModelCatalog, public_generator_name
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
 from core.prompt import ABSTENTION_ANSWER
 from retrieval.conversation import search_query
@@ -264,7 +264,7 @@ class ChatService:
                 "usage": _usage(outcome).model_dump(),
                 "citations": [c.model_dump() for c in outcome.citations],
                 "context": [p.model_dump() for p in outcome.context],
-                "generator": self.generator.name,
+                "generator": public_generator_name(self.generator.name),
                 # the streamed text with its markers fixed: clients render this once the stream ends
                 "attribution": outcome.attribution.model_dump() if outcome.attribution else None,
             }
@@ -371,7 +371,7 @@ class ChatService:
                 id=prepared.id, created=prepared.created, model=prepared.model,
                 choices=[CompletionChoice(text=outcome.content, finish_reason=outcome.finish_reason)],
                 usage=_usage(outcome), citations=outcome.citations, context=outcome.context,
-                generator=self.generator.name, attribution=outcome.attribution,
+                generator=public_generator_name(self.generator.name), attribution=outcome.attribution,
             )
         return ChatResponse(
             id=prepared.id,
@@ -382,7 +382,7 @@ class ChatService:
             usage=_usage(outcome),
             citations=outcome.citations,
             context=outcome.context,
-            generator=self.generator.name,
+            generator=public_generator_name(self.generator.name),
             attribution=outcome.attribution,
         )
 

@@ -3,6 +3,7 @@ without one, only on a loopback host)."""
 
 from fastapi import APIRouter, Depends, Response
 
+from server.catalog import public_generator_name
 from server.deps import AppServices, require_metrics_access
 from server.metrics import CONTENT_TYPE
 from server.schemas import HealthStatus, RemoteServerStatus
@@ -17,7 +18,7 @@ def healthz(services: AppServices) -> HealthStatus:
     generator = services.generator
     return HealthStatus(
         status="ok",
-        generator=getattr(generator, "name", None),
+        generator=public_generator_name(getattr(generator, "name", None)),
         generator_kind=getattr(generator, "kind", None),
         retrieval=services.retrieval is not None,
         remote=_remote(services),
@@ -36,7 +37,7 @@ def readyz(services: AppServices, response: Response) -> HealthStatus:
         response.status_code = 503
     return HealthStatus(
         status="unavailable" if unavailable else "ok" if ready else "starting",
-        generator=getattr(generator, "name", None),
+        generator=public_generator_name(getattr(generator, "name", None)),
         generator_kind=getattr(generator, "kind", None),
         retrieval=services.retrieval is not None,
         remote=remote,

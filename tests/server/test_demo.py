@@ -52,7 +52,7 @@ def test_demo_offline_generates_with_the_packaged_model(data_dir, packaged_model
     out = _demo(data_dir, "--adapter-steps", "1", LORAG_GENERATION__MODEL="Qwen/Qwen2.5-0.5B-Instruct",
                 LORAG_GENERATION__MODELS_DIR=str(packaged_model_path.parent))
     assert "FELL BACK TO THE PACKAGED MODEL" in out and "EXTRACTIVE" not in out
-    assert f"generator: transformers:{packaged_model_path}" in out
+    assert f"generator: transformers:.../{packaged_model_path.name}" in out and str(packaged_model_path) not in out
     answers = [line for line in out.splitlines() if line.startswith("A: ")]
     assert len(answers) == 2 and all(len(answer) > len("A: ") + 5 for answer in answers)  # RAG alone, RAG + adapter
     assert "model: base" in out and "model: demo-raft" in out

@@ -47,7 +47,12 @@ def test_tiny_model_non_streaming_and_streaming(tiny_server, corpus):
         model="lorag", messages=[{"role": "user", "content": PDF_QUESTION}], max_tokens=8, seed=0
     )
     extra = completion.model_extra
-    assert extra["generator"].startswith("transformers:")
+    # the model's server path stays on the server: clients see its folder name
+    assert extra["generator"].startswith("transformers:.../") and "/tmp" not in extra["generator"]
+    import httpx
+
+    for probe in ("/readyz", "/healthz"):
+        assert "/tmp" not in httpx.get(f"{tiny_server}{probe}").text
     assert isinstance(completion.choices[0].message.content, str)
     assert 0 < completion.usage.completion_tokens <= 8
     assert completion.usage.prompt_tokens > 0
@@ -60,7 +65,7 @@ def test_tiny_model_non_streaming_and_streaming(tiny_server, corpus):
     assert chunks[0].choices[0].delta.role == "assistant"
     final = chunks[-1]
     assert final.choices[0].finish_reason in ("stop", "length")
-    assert final.model_extra["generator"].startswith("transformers:")
+    assert final.model_extra["generator"].startswith("transformers:.../")
     assert "citations" in final.model_extra and final.model_extra["context"]
 
 
