@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-steps", type=int, help="optimizer steps for the demo adapter (default: 2 epochs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)  # libraries' FutureWarnings become "py.warnings" records, quieted below
     quiet_library_loggers()
     try:
         run(args)
