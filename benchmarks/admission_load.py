@@ -32,7 +32,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.serve_load import QUESTIONS, free_port  # noqa: E402
+from benchmarks.serve_load import QUESTIONS, free_port, wait_until_ready  # noqa: E402
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c", "tenant-d")
 ADMIN_KEY = "admission-bench-" + "k" * 24
@@ -140,18 +140,8 @@ def start_server(data_dir: Path, env_extra: dict[str, str]):
                "--generator", "extractive"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return process, base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("server did not become ready")
+    wait_until_ready(process, base_url)
+    return process, base_url
 
 
 def prepare(data_dir: Path) -> dict[str, str]:

@@ -133,13 +133,19 @@ def start_server(data_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, st
     command = [sys.executable, "-m", "lorag.cli", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_until_ready(process, base_url)
+    return process, base_url
+
+
+def wait_until_ready(process: subprocess.Popen, base_url: str, *, timeout_s: float = 300) -> None:
+    """Poll /readyz of the server ``process`` started; exit with its stderr if it dies or never gets ready."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited: {process.stderr.read().decode()[-2000:]}")
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return process, base_url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
