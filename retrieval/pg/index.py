@@ -53,6 +53,8 @@ class PgTenantIndex:
         self.tenant = tenant
         self.manifest = manifest
         self._generation = self._read_generation()
+        self._names: dict[str, str] = {}
+        self._names_generation: int | None = None  # the generation self._names was read at
 
     @classmethod
     def open(
@@ -269,12 +271,12 @@ class PgTenantIndex:
         )
 
     def _name_of(self, source: str) -> str:
-        """The name of the document ``source`` (what clients see), from a map read once per committed generation:
-        names change only when a document is ingested again."""
-        generation = self._read_generation()
-        if getattr(self, "_names_generation", None) != generation:
+        """The name of the document ``source`` (what clients see), from a map read once per generation this
+        instance has seen (``refresh``, called once per request, moves it on): names change only when a
+        document is ingested again, and a search building many chunks costs no query per chunk."""
+        if self._names_generation != self._generation:
             rows = self._rows("SELECT source, name FROM lorag.documents WHERE index_id = %s", (self.index_id,))
-            self._names, self._names_generation = dict(rows), generation
+            self._names, self._names_generation = dict(rows), self._generation
         return self._names.get(source, "")
 
     def _document(self, row: tuple) -> DocumentRecord:
