@@ -32,9 +32,12 @@ class ModelChoice:
 
 
 class ModelCatalog:
-    def __init__(self, data_dir: Path, *, base_name: str, adapters=None):
+    def __init__(self, data_dir: Path, *, base_name: str, adapters=None, base_aliases: tuple[str, ...] = ()):
+        """``base_name`` is what /v1/models shows for the base model; ``base_aliases`` are other names a request
+        may use for it without their being listed (the configured model, when it is a server path)."""
         self.registry = AdapterRegistry(data_dir)
         self.base_name = base_name
+        self.base_names = {base_name, BASE_ALIAS, *base_aliases}
         self.adapter_service = adapters  # server.hotswap.service.AdapterService or None
 
     def adapters(self, tenant: str) -> list[str]:
@@ -61,7 +64,7 @@ class ModelCatalog:
             except ModelNotFound:
                 raise _not_found(name) from None
             return ModelChoice(name, model.adapter, retrieval=False)
-        if name in (self.base_name, BASE_ALIAS):
+        if name in self.base_names:
             return ModelChoice(name, None)
         adapters = self.adapters(tenant.id)
         if name == DEFAULT_ALIAS:

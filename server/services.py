@@ -109,6 +109,7 @@ def build_services(
     if not generate:
         return services
     from server.attribution.attributor import Attributor
+    from adapters.validation import public_model_name
     from server.catalog import ModelCatalog
     from server.chat_service import ChatService
     from server.generation.extractive import ExtractiveGenerator
@@ -124,8 +125,10 @@ def build_services(
     if hasattr(services.generator, "kv_cache_stats"):  # the multi-adapter engine
         services.metrics.watch_engine(services.generator.kv_cache_stats)
     services.adapters = _start_adapters(settings, services.generator, services.metrics)
+    served = served_model_name(settings, services.generator)
     services.catalog = ModelCatalog(
-        settings.data_dir, base_name=served_model_name(settings, services.generator), adapters=services.adapters
+        # /v1/models shows a model folder by its name: tenants never see server paths; requests may still name it
+        settings.data_dir, base_name=public_model_name(served), base_aliases=(served,), adapters=services.adapters,
     )
     services.chat = ChatService(
         settings, retrieval=services.retrieval, generator=services.generator, catalog=services.catalog,

@@ -53,6 +53,8 @@ def test_tiny_model_non_streaming_and_streaming(tiny_server, corpus):
 
     for probe in ("/readyz", "/healthz"):
         assert "/tmp" not in httpx.get(f"{tiny_server}{probe}").text
+    listed = [card.id for card in client.models.list().data]
+    assert not any("/tmp" in name for name in listed) and any(name.startswith(".../") for name in listed)
     assert isinstance(completion.choices[0].message.content, str)
     assert 0 < completion.usage.completion_tokens <= 8
     assert completion.usage.prompt_tokens > 0
