@@ -150,20 +150,14 @@ class Admission:
 
     def _admit(self, tenant: str, state: _TenantState) -> None:
         now = self._clock()
-        if state.requests is not None:
-            wait = state.requests.wait_s(now)
+        for bucket, what, code in ((state.requests, "chat requests", "requests_per_minute"),
+                                   (state.tokens, "tokens", "tokens_per_minute")):
+            wait = bucket.wait_s(now) if bucket is not None else 0.0
             if wait > 0:
-                self._refuse_rate("requests_per_minute")
+                self._refuse_rate(code)
                 raise TenantOverLimit(
-                    f"tenant {tenant!r} is over its limit of {int(state.requests.capacity)} chat requests per minute "
-                    "(server.requests_per_minute)", retry_after=wait, code="requests_per_minute")
-        if state.tokens is not None:
-            wait = state.tokens.wait_s(now)
-            if wait > 0:
-                self._refuse_rate("tokens_per_minute")
-                raise TenantOverLimit(
-                    f"tenant {tenant!r} is over its limit of {int(state.tokens.capacity)} tokens per minute "
-                    "(server.tokens_per_minute)", retry_after=wait, code="tokens_per_minute")
+                    f"tenant {tenant!r} is over its limit of {int(bucket.capacity)} {what} per minute "
+                    f"(server.{code})", retry_after=wait, code=code)
         if state.admitted >= self.tenant_capacity:
             self._refuse_rate("tenant_share")
             raise TenantOverLimit(
