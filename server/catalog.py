@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.registry import AdapterRegistry
+from adapters.validation import public_model_name
 from server.errors import ModelNotFound
 from server.schemas import ModelCard
 from server.tenants import Tenant
@@ -88,8 +89,6 @@ def _not_found(name: str) -> ModelNotFound:
 def public_generator_name(name: str | None) -> str | None:
     """A generator's name as clients see it (responses' ``generator``, /healthz, /readyz): the model part of
     "transformers:/srv/models/X" shown by its last path part only, so no server path leaves the server."""
-    from adapters.validation import public_model_name
-
     if name is None:
         return None
     kind, separator, model = name.partition(":")

@@ -6,7 +6,6 @@ vLLM lives in its own venv (``make vllm-venv``), never in lorag's: set LORAG_VLL
 """
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from tests.adapters.conftest import install, make_adapter
 from tests.server.conftest import ADMIN_KEY, auth
+from tests.server.processes import free_port, serving_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -39,17 +39,11 @@ def _vllm_python() -> str:
     return python
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(packaged_model_path, tmp_path_factory):
     """A real vLLM OpenAI-compatible server with runtime LoRA loading; yields its URL."""
     python = _vllm_python()
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = os.environ | {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # /v1/load_lora_adapter exists only with this
@@ -61,30 +55,11 @@ def vllm_server(packaged_model_path, tmp_path_factory):
                "--served-model-name", SERVED_NAME, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
                "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
     started = time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            if time.perf_counter() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(f"vLLM did not answer within {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
+    with serving_process(command, ready_url=f"{url}/v1/models", log_path=log_path, env=env,
+                         timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=60):
         print(f"\nvLLM started in {time.perf_counter() - started:.1f} s")
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,7 @@ through the other, and an adapter uploaded through one is served by the other, n
 
 import os
 import secrets
-import socket
-import subprocess
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 
 import httpx
@@ -16,6 +13,7 @@ import pytest
 from tests.adapters.conftest import make_adapter
 from tests.adapters.test_serving import tar_of, wait_until
 from tests.conftest import REPO_ROOT
+from tests.server.processes import free_port, serving_process
 
 pytestmark = pytest.mark.slow
 
@@ -24,45 +22,21 @@ MEMO = "The Heron relay station is serviced every 45 days by the coastal crew; i
 QUESTION = "How often is the Heron relay station serviced?"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
-def replica(data_dir, dsn, model, log):
+def replica(data_dir, dsn, model, log_path):
     """One `lorag serve` process on a loopback port, ready to answer; stopped on exit."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "LORAG_RETRIEVAL__STORE": dsn, "LORAG_SERVER__ADMIN_KEY": ADMIN_KEY, "LORAG_GENERATION__MODEL": str(model),
         "LORAG_GENERATION__ENGINE": "transformers", "LORAG_GENERATION__FALLBACK": "error",
         "LORAG_ADAPTERS__POLL_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO_ROOT),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lorag.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "lorag.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, f"replica on port {port} exited; see {log.name}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"replica on port {port} not ready; see {log.name}"
-            time.sleep(0.5)
+    with serving_process(command, ready_url=f"{url}/readyz", log_path=log_path, env=env, timeout_s=240,
+                         cwd=REPO_ROOT):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _as(key: str) -> dict:
@@ -74,9 +48,8 @@ def test_two_replicas_share_tenants_documents_and_adapters(postgres_dsn, tiny_ll
 
     data_dir = tmp_path / "shared-data"  # what NFS or a shared volume would be
     with ExitStack() as stack:
-        logs = [stack.enter_context(open(tmp_path / f"replica-{n}.log", "w")) for n in (1, 2)]
-        first = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, logs[0]))
-        second = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, logs[1]))
+        first = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, tmp_path / "replica-1.log"))
+        second = stack.enter_context(replica(data_dir, postgres_dsn, tiny_llama_path, tmp_path / "replica-2.log"))
 
         # A tenant created through the first replica authenticates on the second.
         created = httpx.post(f"{first}/v1/admin/tenants", json={"id": "acme"}, headers=_as(ADMIN_KEY), timeout=30)
