@@ -224,7 +224,7 @@ class LoraFinetuneRecipe:
         device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
         conversations = replay_conversations(
             shuffled, base_path=self.base_path, tokenizer=self.tokenizer, max_new_tokens=cfg.replay_max_tokens,
-            run_dir=self.run_dir, write_cache=self.accelerator.is_main_process, device=device,
+            run_dir=self.run_dir, write_cache=self.accelerator.is_main_process, device=device, reuse_cache=self.resume,
         )
         return self._encoded([(conversation, None) for conversation in conversations])  # every answer is trained
 

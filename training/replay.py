@@ -13,6 +13,8 @@ import json
 import logging
 from pathlib import Path
 
+from core.atomic import write_atomically
+from core.datadir import PRIVATE_FILE_MODE, make_private_dir
 from core.errors import LoragError
 from core.prompt import ChatMessage
 from training.data import Example, prompt_messages, read_json_records
@@ -47,14 +49,16 @@ def load_prompts(path: str | Path) -> list[str]:
 
 
 def replay_conversations(prompts: list[str], *, base_path: str, tokenizer, max_new_tokens: int, run_dir: Path,
-                         write_cache: bool, device: str, batch_size: int = 16) -> list[list[dict]]:
+                         write_cache: bool, device: str, reuse_cache: bool = True,
+                         batch_size: int = 16) -> list[list[dict]]:
     """``prompts`` answered greedily by the base model as the server would prompt it, as training conversations.
 
     Answers that reach ``max_new_tokens`` without ending are left out: a loop learnt is worse than none. The
-    answers are cached in ``run_dir`` (by the main process when ``write_cache``) and read back on resume.
+    answers are cached in ``run_dir`` (by the main process when ``write_cache``) and read back when
+    ``reuse_cache`` (a resumed run); a new run generates them again, since its prompts may differ.
     """
     cache = run_dir / CACHE_FILE
-    if cache.is_file():
+    if reuse_cache and cache.is_file():
         return [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
     messages = [prompt_messages(Example((ChatMessage("user", p), ChatMessage("assistant", "")), 0)).messages
                 for p in prompts]
@@ -64,9 +68,9 @@ def replay_conversations(prompts: list[str], *, base_path: str, tokenizer, max_n
                      for m, answer in zip(messages, answers) if answer is not None]
     log.info("replay: %d of %d base-model answers kept (the rest ran to %d tokens without ending)",
              len(conversations), len(prompts), max_new_tokens)
-    if write_cache:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text("".join(json.dumps(c) + "\n" for c in conversations), encoding="utf-8")
+    if write_cache:  # whole or not at all: a run killed here regenerates on resume instead of reading half a file
+        make_private_dir(run_dir)
+        write_atomically(cache, "".join(json.dumps(c) + "\n" for c in conversations), mode=PRIVATE_FILE_MODE)
     return conversations
 
 

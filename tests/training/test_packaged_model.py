@@ -68,3 +68,8 @@ def test_replay_mixes_the_base_models_own_answers_into_training(packaged_model_p
     cache.write_text(json.dumps(cached) + "\n")
     assert replay_conversations(questions, base_path="unused: read from the cache", tokenizer=None, max_new_tokens=48,
                                 run_dir=recipe.run_dir, write_cache=False, device="cpu") == [cached]
+    # a new run (not resumed) answers its own prompts again rather than trusting another run's cache
+    fresh = replay_conversations(questions[:1], base_path=str(packaged_model_path), tokenizer=recipe.tokenizer,
+                                 max_new_tokens=48, run_dir=recipe.run_dir, write_cache=False, device="cpu",
+                                 reuse_cache=False)
+    assert all(c[-1]["content"] != "a cached answer" and c[-2]["content"] == questions[0] for c in fresh)
