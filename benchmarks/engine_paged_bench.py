@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.engine_workload import run_engine  # noqa: E402
+from benchmarks.engine_workload import percentile, run_engine  # noqa: E402
 from server.engine.engine import Engine, EngineConfig  # noqa: E402
 from server.engine.model import EngineModel  # noqa: E402
 
@@ -54,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--poisson-requests", type=int, default=64)
     p.add_argument("--no-poisson", action="store_true")
     p.add_argument("--prefill-budget", type=int, default=16384)
+    p.add_argument("--poisson-chunk", type=int, default=512,
+                   help="prompt tokens per step in the chunked Poisson run (prompts split into chunks this long)")
+    p.add_argument("--mix-compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the main load and the Poisson load with decode steps after prompts (mixing off)")
+    p.add_argument("--inductor", nargs="+", default=["default"], choices=["default", "coordinate", "max-autotune"],
+                   help="inductor settings to compile the single-request engine with, one engine each")
     p.add_argument("--compiled-single", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a single request on a 1-row engine with compiled decode graphs (default: CUDA)")
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds after which optional parts are skipped")
@@ -184,6 +190,11 @@ def main(argv=None) -> int:
     base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
     mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
     print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
+    if args.mix_compare:
+        engine.scheduler.mix_decode = False
+        record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",
+               run_engine(engine, main_load, adapter_names=names), main_load)
+        engine.scheduler.mix_decode = True
 
     for c in concurrency:
         if c == args.requests:
@@ -204,10 +215,22 @@ def main(argv=None) -> int:
 
     if not args.no_poisson:
         load = workload(rng, args.poisson_requests, prompt_range, new_range, vocab)
-        for prompt, _ in load[:3]:  # warm-up: kernel choices for one prompt at a time (no run above had those)
-            run_engine(engine, [(prompt, 4)], adapter_names=names[:1])
-        record(f"Poisson {args.poisson_rate:g}/s, {args.poisson_requests} requests, {args.adapters} adapters",
-               run_engine(engine, load, adapter_names=names, poisson_rate=args.poisson_rate, seed=args.seed))
+        sched = engine.scheduler
+        variants = [("mixed", True, config.prefill_chunk, config.prefill_budget),
+                    (f"mixed, {args.poisson_chunk}-token chunks", True, args.poisson_chunk, args.poisson_chunk)]
+        if args.mix_compare:
+            variants.append(("decode after prompts", False, config.prefill_chunk, config.prefill_budget))
+        for label, mix, chunk, budget in variants:
+            sched.mix_decode, sched.prefill_chunk, sched.prefill_budget = mix, chunk, budget
+            for prompt, _ in load[:3]:  # warm-up: kernel choices for one prompt at a time (no run above had those)
+                run_engine(engine, [(prompt, 4)], adapter_names=names[:1])
+            with StepTrace(sched, device) as trace:
+                metrics = run_engine(engine, load, adapter_names=names, poisson_rate=args.poisson_rate, seed=args.seed)
+            metrics["steps"] = trace.summary()
+            record(f"Poisson {args.poisson_rate:g}/s, {args.poisson_requests} requests, {args.adapters} adapters, "
+                   f"{label}", metrics)
+            print(trace.report(), flush=True)
+        sched.mix_decode, sched.prefill_chunk, sched.prefill_budget = True, config.prefill_chunk, config.prefill_budget
 
     single = (main_load[0][0][:128], 16 if tiny else 256)
     for label, adapters in (("single request, eager graphs", []), ("single request + adapter, eager graphs", ["a0"])):
@@ -226,28 +249,125 @@ def main(argv=None) -> int:
     free_memory(device)
 
     compiled_single = args.compiled_single if args.compiled_single is not None else device.type == "cuda"
-    if compiled_single and time.perf_counter() - started < args.time_limit - 120:
+    for variant in args.inductor if compiled_single else []:
+        if time.perf_counter() - started > args.time_limit - 120:
+            print(f"compiled single-request run ({variant}) skipped: time limit", flush=True)
+            continue
+        inductor_settings(variant)
         one = Engine.from_model(model, config=EngineConfig(max_rows=1, max_len=max_len, adapter_slots=1,
                                                             max_rank=args.rank, compile=True))
         one.adapters.load_weights("a0", {"r": args.rank, "lora_alpha": 2 * args.rank},
                                   random_adapter(model, args.rank, args.seed), source="random adapter 0")
+        suffix = "" if variant == "default" else f", inductor {variant}"
         for label, adapters in (("single request, compiled graphs", []),
                                 ("single request + adapter, compiled graphs", ["a0"])):
             run_engine(one, [single], adapter_names=adapters)
             metrics = run_engine(one, [single], adapter_names=adapters)
-            results[label] = 1000 / metrics["tpot_p50_ms"]
-            print(f"{label}: {results[label]:.0f} tok/s", flush=True)
-        ttft = min(run_engine(one, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
-        results["ttft_lone_prompt_compiled_ms"] = ttft
-        print(f"TTFT of a lone {len(long_prompt)}-token prompt, compiled engine: {ttft:.1f} ms", flush=True)
+            results[label + suffix] = 1000 / metrics["tpot_p50_ms"]
+            print(f"{label}{suffix}: {results[label + suffix]:.0f} tok/s", flush=True)
+        if device.type == "cuda":
+            results["single step" + suffix] = single_step_profile(one, device, at=len(single[0]) + single[1] // 2,
+                                                                  tpot_ms=1000 / results["single request, compiled graphs" + suffix])
+        if variant == args.inductor[0]:
+            ttft = min(run_engine(one, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
+            results["ttft_lone_prompt_compiled_ms"] = ttft
+            print(f"TTFT of a lone {len(long_prompt)}-token prompt, compiled engine: {ttft:.1f} ms", flush=True)
         one.close()
-    elif compiled_single:
-        print("compiled single-request run skipped: time limit", flush=True)
+        del one
+        free_memory(device)
     print(f"total {time.perf_counter() - started:.0f}s", flush=True)
     out = os.environ.get("OUT")
     if out:
         Path(out, f"engine_paged_bench_{args.shape}.json").write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+class StepTrace:
+    """Times every scheduler step of a run (wall clock; a step ends when its tokens are on the host) with
+    what it did: prompt tokens prefilled and requests that got a token. Explains TTFT/TPOT tails."""
+
+    def __init__(self, scheduler, device):
+        self.scheduler, self.device, self.steps = scheduler, device, []
+
+    def __enter__(self):
+        sched, inner = self.scheduler, self.scheduler.step
+
+        def timed_step():
+            running = [s for s in sched.rows if s is not None]
+            before = {s.seq_id: (s.computed, len(s.generated)) for s in running}
+            t0 = time.perf_counter()
+            inner()
+            ms = (time.perf_counter() - t0) * 1000
+            admitted = [s for s in sched.rows if s is not None and s.seq_id not in before]
+            prompt = sum(s.computed - before[s.seq_id][0] for s in running) + sum(s.computed - s.cached
+                                                                                   for s in admitted)
+            decoded = sum(1 for s in running if len(s.generated) > before[s.seq_id][1] > 0)
+            self.steps.append((ms, prompt, decoded))
+
+        sched.step = timed_step
+        return self
+
+    def __exit__(self, *exc):
+        del self.scheduler.step
+
+    def summary(self) -> dict:
+        times = [ms for ms, _, _ in self.steps]
+        with_prompt = [ms for ms, prompt, _ in self.steps if prompt]
+        decode_only = [ms for ms, prompt, decoded in self.steps if not prompt and decoded]
+        return {"steps": len(times), "step_p50_ms": percentile(times, 50), "step_p99_ms": percentile(times, 99),
+                "step_max_ms": max(times, default=float("nan")),
+                "prompt_steps": len(with_prompt), "prompt_step_p50_ms": percentile(with_prompt, 50),
+                "decode_only_step_p50_ms": percentile(decode_only, 50)}
+
+    def report(self) -> str:
+        s = self.summary()
+        slowest = sorted(self.steps, reverse=True)[:5]
+        return (f"  steps {s['steps']}: p50 {s['step_p50_ms']:.1f} ms, p99 {s['step_p99_ms']:.1f} ms, max "
+                f"{s['step_max_ms']:.1f} ms; {s['prompt_steps']} with prompt tokens (p50 {s['prompt_step_p50_ms']:.1f}"
+                f" ms), decode-only p50 {s['decode_only_step_p50_ms']:.1f} ms; slowest (ms, prompt tokens, decoded): "
+                + ", ".join(f"({ms:.0f}, {p}, {d})" for ms, p, d in slowest))
+
+
+def inductor_settings(variant: str) -> None:
+    """Inductor options for the next compile (dynamo's caches are reset so the layer compiles again)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    inductor.coordinate_descent_tuning = variant in ("coordinate", "max-autotune")
+    inductor.max_autotune_gemm = variant == "max-autotune"
+
+
+def single_step_profile(engine, device, *, at: int, tpot_ms: float) -> dict:
+    """One-row decode: GPU time of the captured step replayed back to back (the GPU's share) against the
+    measured time per token (the rest is the host's scheduling between steps), and the kernels of one step."""
+    decode = engine.scheduler.decode
+    table = (torch.arange(engine.cache.max_blocks) % (engine.cache.num_blocks - 1) + 1).to(torch.int32)[None]
+    for lora in (False, True):
+        step = ([5], [at], [1 if lora else 0], table)
+        decode(*step).argmax(-1).tolist()
+        graph, _ = decode.graphs[(decode.buckets[0], lora)]
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        sync(device)
+        gpu_ms = start.elapsed_time(end) / 50
+        if not lora:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                sync(device)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+            host_ms = tpot_ms - gpu_ms
+            print(f"single-row decode step at {at} tokens: {gpu_ms:.2f} ms of GPU time replayed back to back, "
+                  f"{tpot_ms:.2f} ms per token measured: {host_ms:.2f} ms ({host_ms / tpot_ms:.0%}) between steps",
+                  flush=True)
+            result = {"gpu_ms": gpu_ms, "tpot_ms": tpot_ms}
+        else:
+            result["gpu_ms_adapter"] = gpu_ms
+    return result
 
 
 def profile(engine, names, device, *, at: int, rows: int):

@@ -36,6 +36,9 @@ class EngineConfig:
     kv_blocks: int | None = None
     kv_headroom_gib: float = 8.0  # GPU memory left for activations, captured graphs and compiled kernels
     prefix_cache: bool = True  # share the KV blocks of prompts' common leading tokens, evicted LRU
+    # Decoding requests ride along prompt forwards (chunked prefill mixed into decode steps), so a running
+    # batch keeps decoding while new prompts prefill; off: prompts first, then a decode step of their own.
+    mix_decode: bool = True
 
 
 class Engine:
@@ -84,7 +87,7 @@ class Engine:
         else:
             decode = EagerDecode(model, cache, adapters, compiled=compiled)
         scheduler = Scheduler(model, cache, adapters, decode=decode, prefill_chunk=config.prefill_chunk,
-                              prefill_budget=config.prefill_budget,
+                              prefill_budget=config.prefill_budget, mix_decode=config.mix_decode,
                               prefill_pad=config.prefill_pad or (64 if device.type == "cuda" else 1))
         if start:
             scheduler.start()

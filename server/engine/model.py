@@ -13,7 +13,7 @@ from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_ops import expand_, expand_add, kernels_available, shrink, silu_mul_lora
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.lora_triton import lora_shrink_expand_, silu_mul
-from server.engine.paged_attention import CacheAccess, attend_cache, cache_access
+from server.engine.paged_attention import CacheAccess, attend_cache, cache_access, mixed_access
 from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
 from server.engine.segments import Segments
 
@@ -48,6 +48,17 @@ class ModelShape:
             "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
             "down_proj": (self.intermediate, self.hidden),
         }
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """Decode rows that ride along a prompt forward (chunked prefill mixed into decoding): one new token per
+    row, after the prompts' tokens. Their GEMMs share the prompts' (nearly free: a prompt forward is
+    compute-bound, a decode step reads every weight for a few rows); only attention is their own."""
+
+    tokens: torch.Tensor  # (rows,) long
+    positions: torch.Tensor  # (rows,) long
+    block_tables: torch.Tensor  # (rows, max_blocks) int32
 
 
 @dataclass
@@ -177,6 +188,7 @@ class EngineModel:
         logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
         compiled: bool = False,
+        decode: DecodeRows | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq; -1 = padding) of the sequences
         whose cache blocks are ``block_tables`` (batch, max_blocks) int32.
@@ -188,14 +200,31 @@ class EngineModel:
         ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
         int, or a (batch,) tensor with one index per row), or (batch, seq, vocab) when it is None.
+
+        ``decode`` adds decode rows to the forward: the prompts and their tokens then run as one flat row
+        (``segments`` laid out that way, see segments.segment_mixed), and the logits are the prompts' rows
+        followed by one row per decode row: (batch + rows, vocab).
         """
         s = self.shape
+        kernel = kernels_available(self.embed)
+        common = dict(block_size=cache.block_size, kernel=kernel, group=s.heads // s.kv_heads, dtype=self.dtype)
+        if decode is None:
+            access = cache_access(positions, block_tables, fresh=fresh, **common)
+        else:
+            if logits_at is None:
+                raise ValueError("forward(decode=...) returns logits at chosen tokens only: give logits_at")
+            access = mixed_access(positions, block_tables, decode.positions, decode.block_tables, fresh=fresh,
+                                  **common)
+            prompts, width = tokens.shape
+            row_starts = torch.arange(prompts, device=tokens.device) * width
+            logits_at = torch.cat([row_starts + (logits_at % width),
+                                   prompts * width + torch.arange(len(decode.tokens), device=tokens.device)])
+            tokens = torch.cat([tokens.reshape(-1), decode.tokens])[None]
+            positions = torch.cat([positions.reshape(-1), decode.positions])[None]
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.embed)  # (batch, seq, hidden)
         at = positions.clamp(min=0)
         cos, sin = self.cos[at].unsqueeze(2), self.sin[at].unsqueeze(2)  # (batch, seq, 1, head_dim)
-        access = cache_access(positions, block_tables, block_size=cache.block_size, fresh=fresh,
-                              kernel=kernels_available(x), group=s.heads // s.kv_heads, dtype=x.dtype)
         layer = decoder_layer
         if compiled:
             if self._compiled_layer is None:

@@ -6,6 +6,8 @@ Three ways in, chosen per forward (see :func:`cache_access`):
   (one program per (row, kv head); the query heads sharing a kv head read its keys once);
 - everything else (prompt chunks after cached tokens, CPU decode): the torch reference, which gathers
   the rows' blocks into contiguous keys and runs SDPA with a mask. It is also the kernel's test oracle.
+A forward that carries prompts and decode rows together (see :func:`mixed_access`) attends each part its
+own way: the tokens share every GEMM of the layer, only attention is per part.
 
 benchmarks/paged_attention_bench.py times the kernel against the gathering reference and against what the
 contiguous cache did (SDPA over every row's whole allocation). PyTorch's FlexAttention and varlen SDPA, the
@@ -108,8 +110,10 @@ class CacheAccess:
 
     ``write_block``/``write_offset`` (batch, seq): the cache position of each new token (padding and idle
     rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "kernel" (decode kernel over
-    ``block_tables``/``lengths``) or "gather" (reference: keys at ``read_slots`` (batch, length) under the
-    additive ``mask`` (batch, 1, group * seq, length)).
+    ``block_tables``/``lengths``), "gather" (reference: keys at ``read_slots`` (batch, length) under the
+    additive ``mask`` (batch, 1, group * seq, length)) or "mixed" (one flat row of tokens: first the
+    prompts, read as ``parts[0]`` says with the (batch, seq) layout ``prompt_shape``, then one token per
+    decode row, read as ``parts[1]`` says).
     """
 
     mode: str
@@ -119,6 +123,8 @@ class CacheAccess:
     lengths: torch.Tensor | None = None
     read_slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    parts: tuple["CacheAccess", "CacheAccess"] | None = None
+    prompt_shape: tuple[int, int] | None = None
 
 
 def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
@@ -146,6 +152,21 @@ def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_s
     return CacheAccess("gather", write_block, write_offset, read_slots=read_slots, mask=mask)
 
 
+def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, decode_positions: torch.Tensor,
+                 decode_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool, group: int,
+                 dtype) -> CacheAccess:
+    """The :class:`CacheAccess` of one flat row of tokens: prompts at ``prompt_positions`` (batch, seq; -1 =
+    padding) with their ``prompt_tables``, then one new token per decode row at ``decode_positions`` (rows,)
+    with ``decode_tables`` (rows, max_blocks). Each part reads the cache as it would in a forward of its own."""
+    common = dict(block_size=block_size, kernel=kernel, group=group, dtype=dtype)
+    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, **common)
+    decode = cache_access(decode_positions[:, None], decode_tables, fresh=False, **common)
+    write_block = torch.cat([prompts.write_block.reshape(1, -1), decode.write_block.reshape(1, -1)], dim=1)
+    write_offset = torch.cat([prompts.write_offset.reshape(1, -1), decode.write_offset.reshape(1, -1)], dim=1)
+    return CacheAccess("mixed", write_block, write_offset, parts=(prompts, decode),
+                       prompt_shape=tuple(prompt_positions.shape))
+
+
 def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                  access: CacheAccess) -> torch.Tensor:
     """Write the new k/v (batch, seq, kv_heads, head_dim) into the cache, then attend q (batch, seq, heads,
@@ -153,6 +174,27 @@ def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: tor
     # Index the whole cache tensor (not a view of it): a compiled graph then scatters in place.
     cache_k[access.write_block, access.write_offset] = k
     cache_v[access.write_block, access.write_offset] = v
+    return _read(q, k, v, cache_k, cache_v, access)
+
+
+def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+          access: CacheAccess) -> torch.Tensor:
+    """Attention of q over what ``access`` says it sees (the new k/v are in the cache already)."""
+    if access.mode == "mixed":
+        batch, seq = access.prompt_shape
+        split, heads, head_dim = batch * seq, q.shape[2], q.shape[3]
+        prompts, decode = access.parts
+
+        def prompt_part(t):
+            return t[0, :split].reshape(batch, seq, t.shape[2], head_dim)
+
+        def decode_part(t):
+            return t[0, split:, None]  # (rows, 1, heads, head_dim)
+
+        out_prompts = _read(prompt_part(q), prompt_part(k), prompt_part(v), cache_k, cache_v, prompts)
+        out_decode = _read(decode_part(q), decode_part(k), decode_part(v), cache_k, cache_v, decode)
+        return torch.cat([out_prompts.reshape(1, split, heads, head_dim),
+                          out_decode.reshape(1, -1, heads, head_dim)], dim=1)
     if access.mode == "fresh":
         return F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True

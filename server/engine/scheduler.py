@@ -2,7 +2,9 @@
 
 Every step first retires cancelled requests, admits waiting ones (a free decode row and the cache
 blocks the request can ever need, see block_pool), prefills up to a token budget of pending prompts in
-chunks, then runs one decode step for every request that has its prompt in the cache. A prompt whose
+chunks, and gives every request that has its prompt in the cache its next token. Those decode rows ride
+along the step's first prompt forward (chunked prefill mixed into decoding: a running batch keeps its pace
+while new prompts prefill); a step without prompt work runs a decode step of its own. A prompt whose
 first blocks are in the prefix cache starts after them. The same logic runs on CPU (eager) and GPU
 (captured decode graphs).
 """
@@ -20,8 +22,9 @@ from core.errors import LoragError
 from server.engine.block_pool import block_keys
 from server.engine.kv_cache import PagedKVCache
 from server.engine.lora_slots import AdapterSlots
+from server.engine.model import DecodeRows
 from server.engine.sampling import penalise_repeats, row_generator, sample
-from server.engine.segments import segment_prompts, to_segments
+from server.engine.segments import segment_mixed, segment_prompts, to_segments
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -79,9 +82,11 @@ class Scheduler:
         prefill_budget: int = 2048,
         prefill_pad: int = 1,
         max_group: int = 16,
+        mix_decode: bool = True,
     ):
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
+        self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
         self.max_group = max_group  # prompts prefilled in one forward
         self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
@@ -158,11 +163,14 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling round: retire, admit, prefill within budget, one decode step."""
+        """One scheduling round: retire, admit, prefill within budget, one token for every decoding request
+        (in the first prompt forward when ``mix_decode``, else in a decode step after the prompts)."""
         self._retire_cancelled()
         self._admit()
-        self._prefill()
-        self._decode_step()
+        riders = [s for s in self.rows if s is not None and s.decoding] if self.mix_decode else []
+        prefilled = self._prefill(riders)
+        if not (self.mix_decode and prefilled):
+            self._decode_step()
 
     def _retire_cancelled(self) -> None:
         with self._wake:
@@ -228,8 +236,9 @@ class Scheduler:
             self.pool.register(seq.blocks[i], seq.keys[i])
         seq.published = max(seq.published, full)
 
-    def _prefill(self) -> None:
-        """Prefill pending prompts within the step's token budget.
+    def _prefill(self, riders: list[Sequence]) -> bool:
+        """Prefill pending prompts within the step's token budget; ``riders`` (decoding requests) get their
+        next token in the first forward. Returns whether one ran (a step without prompt work decodes alone).
 
         Whole prompts that fit one chunk are prefilled together in one forward (padded to the
         longest; causal attention keeps the padding after every real token), one such group per
@@ -238,24 +247,31 @@ class Scheduler:
         next step's rather than paying for a forward of its own. The rest of a prompt after its cached
         prefix is grouped the same way when it fits one chunk (with other such rests: their attention
         reads the cache). Longer prompts go one chunk at a time, attending to what the cache already
-        holds; the group runs before them when its oldest prompt is older.
+        holds; the group runs before them when its oldest prompt is older. The riders' tokens do not count
+        against the budget: in a compute-bound prompt forward a few hundred extra rows cost little.
         """
         budget = self.prefill_budget
         pending = sorted((s for s in self.rows if s is not None and s.computed < len(s.prompt)), key=lambda s: s.seq_id)
+        if not pending:
+            return False
         # Whole rests: a prompt from its start, or from the end of its cached prefix, that fits one chunk.
         whole = [s for s in pending if s.computed == s.cached and len(s.prompt) - s.computed <= self.prefill_chunk]
         partial = [s for s in pending if s not in whole]
         group, width = self._choose_group(whole, budget)
         group_first = bool(group) and (not partial or group[0].seq_id < partial[0].seq_id)
         if group_first:
-            budget -= self._prefill_group(group, width)
+            budget -= self._prefill_group(group, width, riders)
+            riders = []
         for seq in partial:
             while budget > 0 and seq.computed < len(seq.prompt):
-                budget -= self._prefill_chunk(seq, min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed))
+                budget -= self._prefill_chunk(seq, min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed),
+                                              riders)
+                riders = []
             if budget <= 0:
                 break
         if group and not group_first and budget > 0:
-            self._prefill_group(group, width)
+            self._prefill_group(group, width, riders)
+        return True
 
     def _choose_group(self, whole: list[Sequence], budget: int) -> tuple[list[Sequence], int]:
         """This step's group and its padded width: the oldest prompt, then those closest to it in length
@@ -284,8 +300,9 @@ class Scheduler:
         # pad tokens (position -1) write to the scratch block, after every real one, so nothing attends to them.
         return -(-n // self.prefill_pad) * self.prefill_pad
 
-    def _prefill_group(self, group: list[Sequence], width: int) -> int:
-        """The rest of every prompt of ``group`` in one forward, (len(group), width) padded; returns tokens spent."""
+    def _prefill_group(self, group: list[Sequence], width: int, riders: list[Sequence]) -> int:
+        """The rest of every prompt of ``group`` in one forward, (len(group), width) padded, with the riders'
+        next tokens; returns prompt tokens spent."""
         device = self.model.device
         for seq in group:
             self._grow(seq, len(seq.prompt))
@@ -293,25 +310,27 @@ class Scheduler:
         tokens = [s.prompt[a:] + [0] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
         positions = [list(range(a, len(s.prompt))) + [-1] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
         segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
-                                  width=width)
+                                  width=width, riders=riders)
         tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
             block_tables=tables.to(device), adapters=self.adapters, segments=segments,
             logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
-            fresh=not any(starts),
+            fresh=not any(starts), decode=self._decode_rows(riders),
         )
         for seq in group:
             seq.computed = len(seq.prompt)
             self._publish(seq)
-        picked = self._sample(group, logits)
-        self._keep_logprobs(group, logits, picked)
+        prompt_logits = logits[: len(group)]
+        picked = self._sample(group, prompt_logits)
+        self._keep_logprobs(group, prompt_logits, picked)
         for seq, token in zip(group, picked):
             self._accept(seq, token)
+        self._take_next(riders, logits[len(group) :])
         return width * len(group)
 
-    def _prefill_chunk(self, seq: Sequence, n: int) -> int:
-        """The next ``n`` prompt tokens of ``seq``; returns tokens spent."""
+    def _prefill_chunk(self, seq: Sequence, n: int, riders: list[Sequence]) -> int:
+        """The next ``n`` prompt tokens of ``seq``, with the riders' next tokens; returns prompt tokens spent."""
         start = seq.computed
         padded = self._padded(n)
         self._grow(seq, start + n)
@@ -321,21 +340,42 @@ class Scheduler:
         logits = self.model.forward(
             torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
-            segments=self._segments([n], [seq.adapter_slot], width=padded), logits_at=n - 1, fresh=start == 0,
+            segments=self._segments([n], [seq.adapter_slot], width=padded, riders=riders), logits_at=n - 1,
+            fresh=start == 0, decode=self._decode_rows(riders),
         )
         seq.computed += n
         self._publish(seq)
         if seq.computed == len(seq.prompt):
-            picked = self._sample([seq], logits)
-            self._keep_logprobs([seq], logits, picked)
+            picked = self._sample([seq], logits[:1])
+            self._keep_logprobs([seq], logits[:1], picked)
             self._accept(seq, picked[0])
+        self._take_next(riders, logits[1:])
         return padded
 
-    def _segments(self, lengths: list[int], slots: list[int], *, width: int):
-        """Adapter segments of prompts laid out ``width`` tokens apart; None when none has an adapter."""
-        if self.adapters is None or not any(slots):
+    def _segments(self, lengths: list[int], slots: list[int], *, width: int, riders: list[Sequence]):
+        """Adapter segments of prompts laid out ``width`` tokens apart, then the riders' tokens; None when
+        none of them has an adapter."""
+        rider_slots = [s.adapter_slot for s in riders]
+        if self.adapters is None or not any(slots + rider_slots):
             return None
-        return to_segments(segment_prompts(lengths, slots, width=width), device=self.model.device)
+        plan = (segment_mixed(lengths, slots, width=width, decode_slots=rider_slots) if riders
+                else segment_prompts(lengths, slots, width=width))
+        return to_segments(plan, device=self.model.device)
+
+    def _next_position(self, seq: Sequence) -> int:
+        """The cache position of ``seq``'s newest token (the decode input), its block taken if new."""
+        position = len(seq.prompt) + len(seq.generated) - 1
+        self._grow(seq, position + 1)
+        return position
+
+    def _decode_rows(self, riders: list[Sequence]) -> DecodeRows | None:
+        if not riders:
+            return None
+        device = self.model.device
+        positions = [self._next_position(s) for s in riders]
+        return DecodeRows(tokens=torch.tensor([s.generated[-1] for s in riders], device=device),
+                          positions=torch.tensor(positions, device=device),
+                          block_tables=self.tables[[s.row for s in riders]].to(device))
 
     def _decode_step(self) -> None:
         active = [s for s in self.rows if s is not None and s.decoding]
@@ -348,20 +388,25 @@ class Scheduler:
         tables = torch.zeros(n, self.cache.max_blocks, dtype=torch.int32)
         for seq in active:
             tokens[seq.row] = seq.generated[-1]
-            positions[seq.row] = len(seq.prompt) + len(seq.generated) - 1
+            positions[seq.row] = self._next_position(seq)
             slots[seq.row] = seq.adapter_slot
-            self._grow(seq, positions[seq.row] + 1)
             tables[seq.row] = self.tables[seq.row]
         logits = self.decode(tokens, positions, slots, tables)  # (>= n, vocab)
-        if all(s.temperature == 0 and s.repetition_penalty == 1.0 for s in active):  # plain greedy: no gather
-            chosen = logits.argmax(dim=-1).tolist()
-            picked = [chosen[s.row] for s in active]
+        rows = [s.row for s in active]
+        if rows != list(range(len(active))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        self._take_next(active, logits[: len(active)])
+
+    def _take_next(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Pick and deliver each decoding request's next token from its row of ``logits`` (len(seqs), vocab)."""
+        if not seqs:
+            return
+        if all(s.temperature == 0 and s.repetition_penalty == 1.0 for s in seqs):  # plain greedy
+            picked = logits.argmax(dim=-1).tolist()
         else:
-            rows = torch.tensor([s.row for s in active], device=logits.device)
-            picked = self._sample(active, logits[rows])
-        if any(s.top_logprobs is not None for s in active):
-            self._keep_logprobs(active, logits[torch.tensor([s.row for s in active], device=logits.device)], picked)
-        for seq, token in zip(active, picked):
+            picked = self._sample(seqs, logits)
+        self._keep_logprobs(seqs, logits, picked)
+        for seq, token in zip(seqs, picked):
             self._accept(seq, token)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:

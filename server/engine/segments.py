@@ -104,6 +104,16 @@ def segment_prompts(lengths: list[int], slots: list[int], *, width: int, block_m
     return plan_blocks(groups, block_m=block_m)
 
 
+def segment_mixed(lengths: list[int], slots: list[int], *, width: int, decode_slots: list[int]) -> SegmentPlan:
+    """Plan for a forward carrying prompts and decode rows (model.DecodeRows): the prompts laid out as in
+    :func:`segment_prompts`, then one token per decode row, grouped by slot as in :func:`segment_rows`."""
+    block_m = prompt_block(width * len(lengths) + len(decode_slots))
+    prompts = segment_prompts(lengths, slots, width=width, block_m=block_m)
+    rows = segment_rows(decode_slots, block_m=block_m)
+    shifted = torch.where(rows.rows >= 0, rows.rows + width * len(lengths), rows.rows)
+    return SegmentPlan(prompts.slot + rows.slot, torch.cat([prompts.rows, shifted]), block_m)
+
+
 def decode_capacity(rows: int, num_slots: int, *, block_m: int = DECODE_BLOCK) -> int:
     """Most blocks a decode step of ``rows`` rows can need: each slot in use (and slot 0) adds at most
     one partial block."""

@@ -184,3 +184,65 @@ def test_group_takes_the_oldest_prompt_and_those_closest_to_it_in_length(engine)
     assert [seq.computed for seq, _ in requests] == [10, 30, 11, 29]
     run_until_done(scheduler, [collector for _, collector in requests])
     assert [collector.tokens for _, collector in requests] == expected
+
+
+def test_decoding_requests_ride_along_prompt_forwards(engine):
+    """Chunked prefill mixed into decoding: while a long prompt is prefilled chunk by chunk, a running
+    request gets one token per step inside those forwards (no decode step of its own), and both requests
+    get exactly the tokens they get alone."""
+    running_prompt, long_prompt = prompt_of(30, 14), prompt_of(31, 70)
+    expected_running = _alone(engine, running_prompt, "alpha")
+    expected_long = _alone(engine, long_prompt, "gamma")
+    engine.cache.pool.clear_prefixes()
+    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+    decode_steps = []
+
+    def counting_decode(*args):
+        decode_steps.append(len(args[0]))
+        return decode(*args)
+
+    scheduler = Scheduler(engine.model, engine.cache, engine.adapters, decode=counting_decode, prefill_chunk=9,
+                          prefill_budget=9)
+    running, running_out = make_sequence(engine, running_prompt, adapter="alpha", max_tokens=12)
+    scheduler.submit(running)
+    scheduler.step()  # its prompt (14 tokens: two chunks)
+    scheduler.step()
+    assert running.decoding and len(running_out.tokens) == 1
+    long, long_out = make_sequence(engine, long_prompt, adapter="gamma", max_tokens=12)
+    scheduler.submit(long)
+    for chunk in range(1, 5):
+        scheduler.step()
+        assert long.computed == 9 * chunk  # one chunk of the long prompt per step ...
+        assert len(running_out.tokens) == 1 + chunk  # ... and one token for the running request in it
+    assert decode_steps == []  # every token so far came out of a prompt forward
+    run_until_done(scheduler, [running_out, long_out])
+    assert decode_steps  # once no prompt is pending, decode steps run on their own
+    assert running_out.tokens == expected_running
+    assert long_out.tokens == expected_long
+
+
+def test_decode_after_prompts_when_mixing_is_off(engine):
+    """mix_decode=False keeps the older order (prompts, then a decode step), with the same tokens."""
+    prompts = [prompt_of(40, 20), prompt_of(41, 45)]
+    expected = [_alone(engine, prompts[0], "beta", n=10), _alone(engine, prompts[1], None, n=10)]
+    engine.cache.pool.clear_prefixes()
+    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+    decode_steps = []
+
+    def counting_decode(*args):
+        decode_steps.append(len(args[0]))
+        return decode(*args)
+
+    scheduler = Scheduler(engine.model, engine.cache, engine.adapters, decode=counting_decode, prefill_chunk=16,
+                          prefill_budget=16, mix_decode=False)
+    first, first_out = make_sequence(engine, prompts[0], adapter="beta", max_tokens=10)
+    scheduler.submit(first)
+    scheduler.step()
+    scheduler.step()  # the rest of the first prompt, then its decode step
+    assert decode_steps == [1]
+    second, second_out = make_sequence(engine, prompts[1], max_tokens=10)
+    scheduler.submit(second)
+    scheduler.step()  # a chunk of the second prompt, then a decode step for the first
+    assert decode_steps == [1, 1] and 0 < second.computed < len(prompts[1])
+    run_until_done(scheduler, [first_out, second_out])
+    assert [first_out.tokens, second_out.tokens] == expected
