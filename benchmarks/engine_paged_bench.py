@@ -57,8 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--poisson-chunk", type=int, default=512,
                    help="prompt tokens per step in the chunked Poisson run (prompts split into chunks this long)")
     p.add_argument("--mix-compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the main load and the Poisson load with decode steps after prompts (mixing off)")
-    p.add_argument("--inductor", nargs="+", default=["default"], choices=["default", "coordinate", "max-autotune"],
+                   help="also run the main load with decode steps after prompts (mixing off)")
+    p.add_argument("--poisson-variants", nargs="+", default=["mixed", "chunked", "after"],
+                   choices=["mixed", "chunked", "after", "server"],
+                   help="Poisson runs: mixing with this script's budget, mixing with --poisson-chunk chunks, decode "
+                        "after prompts, mixing with the engine's default chunk and budget (what lorag serve uses)")
+    p.add_argument("--no-throughput", action="store_true", help="skip the all-at-once and concurrency runs")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--inductor", nargs="+", default=["default"], choices=["default", "untuned", "max-autotune"],
                    help="inductor settings to compile the single-request engine with, one engine each")
     p.add_argument("--compiled-single", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a single request on a 1-row engine with compiled decode graphs (default: CUDA)")
@@ -184,23 +190,25 @@ def main(argv=None) -> int:
               f"  prefix hits {metrics['prefix_hit_rate']:.2f}", flush=True)
 
     main_load = workload(rng, args.requests, prompt_range, new_range, vocab)
-    run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
-    for label, adapters in (("no adapters", []), (f"{args.adapters} adapters", names)):
-        record(f"{args.requests} at once, {label}", run_engine(engine, main_load, adapter_names=adapters), main_load)
-    base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
-    mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
-    print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
-    if args.mix_compare:
-        engine.scheduler.mix_decode = False
-        record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",
-               run_engine(engine, main_load, adapter_names=names), main_load)
-        engine.scheduler.mix_decode = True
+    if not args.no_throughput:
+        run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
+        for label, adapters in (("no adapters", []), (f"{args.adapters} adapters", names)):
+            record(f"{args.requests} at once, {label}", run_engine(engine, main_load, adapter_names=adapters),
+                   main_load)
+        base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
+        mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
+        print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
+        if args.mix_compare:
+            engine.scheduler.mix_decode = False
+            record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",
+                   run_engine(engine, main_load, adapter_names=names), main_load)
+            engine.scheduler.mix_decode = True
 
-    for c in concurrency:
-        if c == args.requests:
-            continue
-        load = workload(rng, c, prompt_range, new_range, vocab)
-        record(f"{c} at once, {args.adapters} adapters", run_engine(engine, load, adapter_names=names), load)
+        for c in concurrency:
+            if c == args.requests:
+                continue
+            load = workload(rng, c, prompt_range, new_range, vocab)
+            record(f"{c} at once, {args.adapters} adapters", run_engine(engine, load, adapter_names=names), load)
 
     if not args.no_prefix:
         shared = [rng.randrange(3, vocab) for _ in range(shared_prefix)]
@@ -216,11 +224,15 @@ def main(argv=None) -> int:
     if not args.no_poisson:
         load = workload(rng, args.poisson_requests, prompt_range, new_range, vocab)
         sched = engine.scheduler
-        variants = [("mixed", True, config.prefill_chunk, config.prefill_budget),
-                    (f"mixed, {args.poisson_chunk}-token chunks", True, args.poisson_chunk, args.poisson_chunk)]
-        if args.mix_compare:
-            variants.append(("decode after prompts", False, config.prefill_chunk, config.prefill_budget))
-        for label, mix, chunk, budget in variants:
+        defaults = EngineConfig()
+        variants = {
+            "mixed": ("mixed", True, config.prefill_chunk, config.prefill_budget),
+            "chunked": (f"mixed, {args.poisson_chunk}-token chunks", True, args.poisson_chunk, args.poisson_chunk),
+            "after": ("decode after prompts", False, config.prefill_chunk, config.prefill_budget),
+            "server": (f"mixed, engine defaults (chunk {defaults.prefill_chunk}, budget {defaults.prefill_budget})",
+                       True, defaults.prefill_chunk, defaults.prefill_budget),
+        }
+        for label, mix, chunk, budget in (variants[v] for v in args.poisson_variants):
             sched.mix_decode, sched.prefill_chunk, sched.prefill_budget = mix, chunk, budget
             for prompt, _ in load[:3]:  # warm-up: kernel choices for one prompt at a time (no run above had those)
                 run_engine(engine, [(prompt, 4)], adapter_names=names[:1])
@@ -242,7 +254,7 @@ def main(argv=None) -> int:
     results["ttft_lone_prompt_ms"] = ttft
     print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0): {ttft:.1f} ms", flush=True)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_profile:
         profile(engine, names, device, at=1500, rows=min(128, rows))
     engine.close()
     del engine
@@ -329,12 +341,17 @@ class StepTrace:
 
 
 def inductor_settings(variant: str) -> None:
-    """Inductor options for the next compile (dynamo's caches are reset so the layer compiles again)."""
+    """Compile settings for the next single-request engine (dynamo's caches are reset so the layer compiles
+    again): "default" as the engine compiles (tuned layer for steps of a few rows), "untuned" (the plain
+    compiled layer for every step, as before the tuned one), "max-autotune" (default plus inductor's GEMM
+    autotuning)."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
+    import server.engine.model as engine_model
+
     torch._dynamo.reset()
-    inductor.coordinate_descent_tuning = variant in ("coordinate", "max-autotune")
+    engine_model.FEW_ROWS = 0 if variant == "untuned" else 8
     inductor.max_autotune_gemm = variant == "max-autotune"
 
 

@@ -25,13 +25,18 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, out_ptr, stride_qb, stride_qh, stride_kb,
-                             stride_kt, stride_kh, stride_tb, stride_ob, stride_oh, scale,
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, stride_qb,
+                             stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh, scale,
                              GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         length = tl.load(len_ptr + row)
+        # This program's share of the row: whole tiles, so only the row's last tile is partial.
+        share = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+        first = split * share
+        last = tl.minimum(first + share, length)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         g_mask = g < GROUP
@@ -41,9 +46,9 @@ if triton is not None:
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, D], dtype=tl.float32)
         qk_scale = scale * 1.4426950408889634  # exp2 below
-        for start in range(0, length, BLOCK_N):
+        for start in range(first, last, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
-            t_mask = t < length
+            t_mask = t < last
             block = tl.load(table_ptr + row * stride_tb + t // BS, mask=t_mask, other=0).to(tl.int64)
             offset = block * stride_kb + (t % BS) * stride_kt + kv_head * stride_kh
             k = tl.load(k_ptr + offset[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
@@ -62,34 +67,80 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None])
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            # Partial result (normalised over this share) and its log2-sum-exp2; an empty share (past the
+            # row's length) writes zeros and -inf, which the combine weighs zero.
+            empty = l_i == 0
+            out = acc / tl.where(empty, 1.0, l_i)[:, None]
+            lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+            at = (row * GROUP * tl.num_programs(1) + heads) * SPLITS + split  # (rows, heads, SPLITS) layout
+            tl.store(part_ptr + at[:, None] * D + d[None, :], out, mask=g_mask[:, None])
+            tl.store(lse_ptr + at, lse, mask=g_mask)
+
+    @triton.jit
+    def _combine_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, HEADS: tl.constexpr,
+                               D: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        j = tl.arange(0, S_PAD)
+        j_mask = j < SPLITS
+        d = tl.arange(0, D)
+        at = (row * HEADS + head) * SPLITS
+        lse = tl.load(lse_ptr + at + j, mask=j_mask, other=float("-inf"))
+        weight = tl.math.exp2(lse - tl.max(lse, 0))
+        parts = tl.load(part_ptr + (at + j)[:, None] * D + d[None, :], mask=j_mask[:, None], other=0.0)
+        out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_splits(rows: int, kv_heads: int) -> int:
+    """How many programs share each (row, kv head): enough that a small batch still gives the GPU about 256
+    programs (one per (row, kv head) leaves a lone row's step on 8 of an H200's 132 multiprocessors), one
+    from 32 (row, kv head) pairs up, where the batch fills the GPU by itself."""
+    pairs = rows * kv_heads
+    if pairs >= 32 * 8:
+        return 1
+    return min(16, triton.next_power_of_2(max(1, 256 // pairs)))
 
 
 def paged_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
-                 lengths: torch.Tensor, *, block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                 lengths: torch.Tensor, *, block_n: int | None = None, num_warps: int | None = None,
+                 splits: int | None = None) -> torch.Tensor:
     """One query token per row: q (rows, heads, head_dim) against the first ``lengths[row]`` cached tokens of
     the row's blocks; cache (num_blocks, block_size, kv_heads, head_dim). Returns (rows, heads, head_dim).
 
-    ``block_n`` tokens per tile and ``num_warps`` default to what benchmarks/paged_attention_bench.py
-    measured fastest at the 8B shape: 128 and 8 for a lone row (a handful of programs: wider tiles keep each
-    busier; 35 us against 49 us), 64 and 4 from 64 rows up (4.2-4.3 TB/s).
+    ``splits`` programs share each (row, kv head), each over a contiguous share of the row's tokens, and a
+    second kernel weighs their partial results by their softmax sums (flash-decoding); default
+    :func:`decode_splits`. ``block_n`` tokens per tile and ``num_warps`` default to what
+    benchmarks/paged_attention_bench.py measured fastest at the 8B shape: 64 and 4 from 64 rows up (4.2-4.3
+    TB/s); split rows take 32-token tiles so that short rows still spread over their programs.
     """
     rows, heads, head_dim = q.shape
-    few = rows <= 8
-    block_n = block_n or (128 if few else 64)
-    num_warps = num_warps or (8 if few else 4)
     _, block_size, kv_heads, _ = cache_k.shape
+    splits = splits or decode_splits(rows, kv_heads)
+    block_n = block_n or (32 if splits > 1 else 64)
+    num_warps = num_warps or 4
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
-    _paged_decode_kernel[(rows, kv_heads)](
-        q, cache_k, cache_v, block_tables, lengths, out, q.stride(0), q.stride(1), cache_k.stride(0),
+    if splits > 1:
+        part = torch.empty(rows, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused by the single-split kernel
+    _paged_decode_kernel[(rows, kv_heads, splits)](
+        q, cache_k, cache_v, block_tables, lengths, out, part, lse, q.stride(0), q.stride(1), cache_k.stride(0),
         cache_k.stride(1), cache_k.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), head_dim**-0.5,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BS=block_size, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
+    if splits > 1:
+        _combine_splits_kernel[(rows, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=head_dim,
+                                              SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 

@@ -385,12 +385,14 @@ class Scheduler:
         # Rows not decoding (free, or still prefilling) write to and read the scratch block: position 0 of an
         # all-scratch table.
         tokens, positions, slots = [0] * n, [0] * n, [0] * n
-        tables = torch.zeros(n, self.cache.max_blocks, dtype=torch.int32)
         for seq in active:
             tokens[seq.row] = seq.generated[-1]
             positions[seq.row] = self._next_position(seq)
             slots[seq.row] = seq.adapter_slot
-            tables[seq.row] = self.tables[seq.row]
+        tables = self.tables[:n].clone()
+        if len(active) < n:  # free rows' tables are all scratch already; a row still prefilling must not be written
+            for row in {s.row for s in self.rows if s is not None and not s.decoding and s.row < n}:
+                tables[row] = 0
         logits = self.decode(tokens, positions, slots, tables)  # (>= n, vocab)
         rows = [s.row for s in active]
         if rows != list(range(len(active))):

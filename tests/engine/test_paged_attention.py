@@ -14,7 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                          ids=["group2", "group7", "no-group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
 @pytest.mark.parametrize("block_n", [32, None], ids=["tile32", "default-tile"])
-def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dtype, block_n):
+@pytest.mark.parametrize("splits", [1, 3, None], ids=["one-program-a-row", "3-way-split", "default-split"])
+def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dtype, block_n, splits):
     gen = torch.Generator().manual_seed(heads + head_dim)
     block_size, num_blocks, max_blocks = 4, 40, 12
     cache_k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
@@ -38,7 +39,8 @@ def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dt
         if kernel:  # the kernel path is the one decode steps on CUDA take; here it is forced on any device
             ck[access.write_block, access.write_offset] = k_new
             cv[access.write_block, access.write_offset] = v_new
-            return paged_decode(q[:, 0], ck, cv, access.block_tables, access.lengths, block_n=block_n)[:, None], ck
+            return paged_decode(q[:, 0], ck, cv, access.block_tables, access.lengths, block_n=block_n,
+                                splits=splits)[:, None], ck
         return attend_cache(q, k_new, v_new, ck, cv, access), ck
 
     got, got_cache = run(kernel=True)
