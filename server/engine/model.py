@@ -14,7 +14,7 @@ from server.engine.lora_ops import expand_, expand_add, kernels_available, shrin
 from server.engine.lora_slots import GROUPS, AdapterSlots
 from server.engine.lora_triton import lora_shrink_expand_, silu_mul
 from server.engine.paged_attention import CacheAccess, attend_cache, cache_access, mixed_access
-from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_tables
+from server.engine.rope import UnsupportedModel, apply_rope, inverse_frequencies, rope_kernel, rope_tables
 from server.engine.segments import Segments
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -362,7 +362,8 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, s
     batch, seq = x.shape[0], x.shape[1]
     h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
     qkv = _project("qkv", h, w, lora).view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
-    qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
+    rope = rope_kernel if kernels_available(x) and not torch.compiler.is_compiling() else apply_rope
+    qk = rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
     q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
     attn = attend_cache(q, k, v, cache_k, cache_v, access).reshape(batch * seq, s.q_dim)
     x = _project_add("o", attn, x.view(batch * seq, s.hidden), w, lora).view(batch, seq, s.hidden)

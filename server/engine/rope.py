@@ -1,10 +1,12 @@
-"""Rotary position tables from a HF config's rope settings (default and llama3 scaling only)."""
+"""Rotary position tables from a HF config's rope settings (default and llama3 scaling only), and the rotation
+itself: torch ops (CPU, compiled steps, reference) or one Triton kernel (CUDA)."""
 
 import math
 
 import torch
 
 from core.errors import LoragError
+from server.engine.lora_triton import triton
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -64,7 +66,53 @@ def rope_tables(inv_freq: torch.Tensor, length: int, *, dtype, device) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (batch, seq, heads, head_dim) with cos/sin (batch, seq, 1, head_dim), rotate-half layout."""
+    """Rotate ``x`` (batch, seq, heads, head_dim) with cos/sin (batch, seq, 1, head_dim), rotate-half layout.
+
+    As transformers computes it; also the CPU path, the compiled decode step's (which fuses it) and the
+    kernel's test oracle."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ct, stride_ot, stride_oh,
+                     HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.arange(0, H_PAD)
+        d = tl.arange(0, HALF)
+        mask = (h < HEADS)[:, None]
+        at = t * stride_xt + h[:, None] * stride_xh + d[None, :]
+        x1 = tl.load(x_ptr + at, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0)
+        c1 = tl.load(cos_ptr + t * stride_ct + d)[None, :].to(tl.float32)
+        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)[None, :].to(tl.float32)
+        s1 = tl.load(sin_ptr + t * stride_ct + d)[None, :].to(tl.float32)
+        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)[None, :].to(tl.float32)
+        dtype = x1.dtype
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        # Rounded as apply_rope rounds: each product to x's dtype, then their sum (bit-equal to it).
+        out1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        to = t * stride_ot + h[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + to, out1, mask=mask)
+        tl.store(out_ptr + to + HALF, out2, mask=mask)
+
+
+def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in one pass (a program per token, every head): the torch version's negation,
+    concatenation, two broadcast products and sum are five passes over q and k, about 9% of a prompt
+    forward at the 8B shape (benchmarks/RESULTS.md). ``x`` may be a view across heads (q and k out of the
+    fused q/k/v output); returns a new contiguous (batch, seq, heads, head_dim) tensor."""
+    batch, seq, heads, head_dim = x.shape
+    tokens = batch * seq
+    if x.stride(3) != 1 or x.stride(0) != seq * x.stride(1):  # tokens must be evenly spaced, head_dim dense
+        x = x.contiguous()
+    cos, sin = cos.reshape(tokens, head_dim).contiguous(), sin.reshape(tokens, head_dim).contiguous()
+    out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
+    _rope_kernel[(tokens,)](x, cos, sin, out, x.stride(1), x.stride(2), cos.stride(0), heads * head_dim, head_dim,
+                            HEADS=heads, H_PAD=triton.next_power_of_2(heads), HALF=head_dim // 2, num_warps=4)
+    return out
