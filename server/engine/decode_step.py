@@ -118,8 +118,8 @@ class GraphedDecode:
         host[1, :n] = positions
         self._host_tables_np[n:bucket] = 0
         self._host_tables_np[:n] = tables.numpy()
-        self.tokens[:bucket, 0].copy_(host[0, :bucket], non_blocking=True)
-        self.positions[:bucket, 0].copy_(host[1, :bucket], non_blocking=True)
+        self.tokens[:bucket, 0].copy_(self._host[0, :bucket], non_blocking=True)
+        self.positions[:bucket, 0].copy_(self._host[1, :bucket], non_blocking=True)
         self.tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
         if lora and self._planned != (bucket, slots):  # most steps keep the previous step's batch
             self._plan(bucket, slots + [0] * (bucket - n))  # idle rows too
