@@ -362,10 +362,15 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, lora: LayerLoRA | None, *, s
     batch, seq = x.shape[0], x.shape[1]
     h = _rms_norm(x, w.input_norm, s.rms_eps).view(batch * seq, s.hidden)
     qkv = _project("qkv", h, w, lora).view(batch, seq, s.heads + 2 * s.kv_heads, s.head_dim)
-    rope = rope_kernel if kernels_available(x) and not torch.compiler.is_compiling() else apply_rope
-    qk = rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
-    q, k, v = qk[:, :, : s.heads], qk[:, :, s.heads :], qkv[:, :, s.heads + s.kv_heads :]
-    attn = attend_cache(q, k, v, cache_k, cache_v, access).reshape(batch * seq, s.q_dim)
+    v = qkv[:, :, s.heads + s.kv_heads :]
+    stored = kernels_available(x) and not torch.compiler.is_compiling()
+    if stored:  # one kernel rotates q and k and writes k and v into the cache
+        qk = rope_kernel(qkv[:, :, : s.heads + s.kv_heads], cos, sin, kv_heads=s.kv_heads,
+                         store=(v, cache_k, cache_v, access.write_block, access.write_offset))
+    else:
+        qk = apply_rope(qkv[:, :, : s.heads + s.kv_heads], cos, sin)  # q and k heads in one pass
+    q, k = qk[:, :, : s.heads], qk[:, :, s.heads :]
+    attn = attend_cache(q, k, v, cache_k, cache_v, access, stored=stored).reshape(batch * seq, s.q_dim)
     x = _project_add("o", attn, x.view(batch * seq, s.hidden), w, lora).view(batch, seq, s.hidden)
     h = _rms_norm(x, w.post_norm, s.rms_eps).view(batch * seq, s.hidden)
     act = _mlp_activation(h, w, lora, intermediate=s.intermediate)

@@ -219,12 +219,14 @@ def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, de
 
 
 def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                 access: CacheAccess) -> torch.Tensor:
-    """Write the new k/v (batch, seq, kv_heads, head_dim) into the cache, then attend q (batch, seq, heads,
-    head_dim) as ``access`` says. Returns (batch, seq, heads, head_dim)."""
-    # Index the whole cache tensor (not a view of it): a compiled graph then scatters in place.
-    cache_k[access.write_block, access.write_offset] = k
-    cache_v[access.write_block, access.write_offset] = v
+                 access: CacheAccess, *, stored: bool = False) -> torch.Tensor:
+    """Write the new k/v (batch, seq, kv_heads, head_dim) into the cache (unless ``stored``: the rotary kernel
+    wrote them), then attend q (batch, seq, heads, head_dim) as ``access`` says. Returns (batch, seq, heads,
+    head_dim)."""
+    if not stored:
+        # Index the whole cache tensor (not a view of it): a compiled graph then scatters in place.
+        cache_k[access.write_block, access.write_offset] = k
+        cache_v[access.write_block, access.write_offset] = v
     return _read(q, k, v, cache_k, cache_v, access)
 
 

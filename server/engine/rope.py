@@ -79,8 +79,10 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ct, stride_ot, stride_oh,
-                     HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_ptr, offset_ptr,
+                     stride_xt, stride_xh, stride_ct, stride_ot, stride_oh, stride_vt, stride_vh, stride_cb,
+                     stride_cs, stride_ch, HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr,
+                     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr, STORE: tl.constexpr):
         t = tl.program_id(0)
         h = tl.arange(0, H_PAD)
         d = tl.arange(0, HALF)
@@ -100,19 +102,51 @@ if triton is not None:
         to = t * stride_ot + h[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + to, out1, mask=mask)
         tl.store(out_ptr + to + HALF, out2, mask=mask)
+        if STORE:  # the token's rotated k heads and its v heads into its cache slot (padding: the scratch block)
+            slot = tl.load(block_ptr + t).to(tl.int64) * stride_cb + tl.load(offset_ptr + t).to(tl.int64) * stride_cs
+            k_mask = mask & (h >= Q_HEADS)[:, None]
+            k_at = slot + (h - Q_HEADS)[:, None] * stride_ch + d[None, :]
+            tl.store(k_cache_ptr + k_at, out1, mask=k_mask)
+            tl.store(k_cache_ptr + k_at + HALF, out2, mask=k_mask)
+            j = tl.arange(0, KV_PAD)
+            e = tl.arange(0, 2 * HALF)
+            v_mask = (j < KV_HEADS)[:, None]
+            v = tl.load(v_ptr + t * stride_vt + j[:, None] * stride_vh + e[None, :], mask=v_mask, other=0.0)
+            tl.store(v_cache_ptr + slot + j[:, None] * stride_ch + e[None, :], v, mask=v_mask)
 
 
-def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, kv_heads: int = 0,
+                store: tuple | None = None) -> torch.Tensor:
     """:func:`apply_rope` in one pass (a program per token, every head): the torch version's negation,
     concatenation, two broadcast products and sum are five passes over q and k, about 9% of a prompt
     forward at the 8B shape (benchmarks/RESULTS.md). ``x`` may be a view across heads (q and k out of the
-    fused q/k/v output); returns a new contiguous (batch, seq, heads, head_dim) tensor."""
+    fused q/k/v output); returns a new contiguous (batch, seq, heads, head_dim) tensor.
+
+    ``store`` = (v, cache_k, cache_v, write_block, write_offset): the same pass also writes each token's
+    rotated k heads (the last ``kv_heads`` of x) and its v heads (v: (batch, seq, kv_heads, head_dim)) into
+    the paged cache at (write_block, write_offset) (batch, seq), as attend_cache would write them.
+    """
     batch, seq, heads, head_dim = x.shape
     tokens = batch * seq
     if x.stride(3) != 1 or x.stride(0) != seq * x.stride(1):  # tokens must be evenly spaced, head_dim dense
         x = x.contiguous()
     cos, sin = cos.reshape(tokens, head_dim).contiguous(), sin.reshape(tokens, head_dim).contiguous()
     out = torch.empty(batch, seq, heads, head_dim, dtype=x.dtype, device=x.device)
-    _rope_kernel[(tokens,)](x, cos, sin, out, x.stride(1), x.stride(2), cos.stride(0), heads * head_dim, head_dim,
-                            HEADS=heads, H_PAD=triton.next_power_of_2(heads), HALF=head_dim // 2, num_warps=4)
+    if store is not None:
+        if not 0 < kv_heads < heads:
+            raise ValueError(f"rope_kernel(store=...): kv_heads {kv_heads} must be among x's {heads} heads")
+        v, cache_k, cache_v, write_block, write_offset = store
+        if v.stride(3) != 1 or v.stride(0) != seq * v.stride(1):
+            v = v.contiguous()
+        write_block, write_offset = write_block.reshape(-1).contiguous(), write_offset.reshape(-1).contiguous()
+        cache_strides = (cache_k.stride(0), cache_k.stride(1), cache_k.stride(2))
+        v_strides = (v.stride(1), v.stride(2))
+    else:
+        v = cache_k = cache_v = write_block = write_offset = out  # unused pointers
+        cache_strides, v_strides, kv_heads = (0, 0, 0), (0, 0), max(kv_heads, 1)
+    _rope_kernel[(tokens,)](x, cos, sin, out, v, cache_k, cache_v, write_block, write_offset, x.stride(1),
+                            x.stride(2), cos.stride(0), heads * head_dim, head_dim, *v_strides, *cache_strides,
+                            HEADS=heads, H_PAD=triton.next_power_of_2(heads), HALF=head_dim // 2,
+                            Q_HEADS=heads - kv_heads, KV_HEADS=kv_heads, KV_PAD=triton.next_power_of_2(kv_heads),
+                            STORE=store is not None, num_warps=4)
     return out
