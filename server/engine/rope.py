@@ -96,7 +96,7 @@ if triton is not None:
         s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)[None, :].to(tl.float32)
         dtype = x1.dtype
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        # Rounded as apply_rope rounds: each product to x's dtype, then their sum (bit-equal to it).
+        # Rounded as apply_rope rounds: each product to x's dtype, then their sum (within one bf16 step of it).
         out1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
         out2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
         to = t * stride_ot + h[:, None] * stride_oh + d[None, :]
