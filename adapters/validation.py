@@ -9,6 +9,8 @@ tensor's shape; a plain peft directory (no ``lorag_adapter.json``) must name the
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,7 +219,7 @@ def _check_targets(name: str, config: dict, served: ServedModel) -> None:
     if targets is None or targets == "all-linear":
         return
     if isinstance(targets, str):  # peft treats a string as a regex over full module names
-        if not any(re.fullmatch(targets, module) for module in served.linear):
+        if not _pattern_matches_a_module(name, targets, served.linear):
             raise InvalidAdapter(f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' {targets!r} matches no module")
         return
     suffixes = {module.rsplit(".", 1)[-1] for module in served.linear}
@@ -227,6 +229,38 @@ def _check_targets(name: str, config: dict, served: ServedModel) -> None:
             f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' names {missing}, which the served model "
             f"{served.name!r} does not have (it has {sorted(suffixes)})"
         )
+
+
+# Seconds a target_modules pattern may take over all the served model's module names. A pattern with nested
+# repetition ("(.*)*x") backtracks exponentially in a name's length, and peft matches it with the standard
+# library's re, whose matching cannot be interrupted in-process: so it runs in a child process with a time limit.
+PATTERN_SECONDS = 2.0
+_MATCH_IN_CHILD = (
+    "import json, re, sys\n"
+    "pattern, names = json.load(sys.stdin)\n"
+    "print(json.dumps(any(re.fullmatch(pattern, n) for n in names)))\n"
+)
+
+
+def _pattern_matches_a_module(name: str, pattern: str, modules) -> bool:
+    """Whether ``pattern`` fully matches one of ``modules`` with re.fullmatch, as peft matches it.
+
+    Raises:
+        InvalidAdapter: the pattern is not a regular expression, or matching it takes too long.
+    """
+    field = f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' {pattern[:80]!r}"
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise InvalidAdapter(f"{field} is not a valid regular expression: {error}") from None
+    try:
+        # -I -S: no site packages, environment or user paths: the child needs the standard library only.
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_IN_CHILD], capture_output=True, text=True,
+                              input=json.dumps([pattern, list(modules)]), timeout=PATTERN_SECONDS, check=True)
+    except subprocess.TimeoutExpired:
+        raise InvalidAdapter(f"{field} takes over {PATTERN_SECONDS:g} s to match the model's module names "
+                             f"(nested repetition?)", hint="name the modules as a list, or simplify the pattern") from None
+    return json.loads(done.stdout)
 
 
 def _check_tensors(name: str, weights_path: Path, served: ServedModel | None, max_rank: int) -> None:
