@@ -192,26 +192,28 @@ def test_weights_rewritten_after_validation_are_refused_at_load(adapter_sources,
     assert read_host_adapter(check(path, served)).tensors.keys() == tensors.keys()  # re-validated: fine
 
 
+def _with_targets(adapter_sources, tmp_path, targets):
+    """A copy of an adapter dir whose adapter_config.json names ``targets`` as target_modules."""
+    path = copy(adapter_sources, tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": targets}))
+    return path
+
+
 def test_target_modules_pattern_that_backtracks_forever_is_refused_in_time(adapter_sources, served, tmp_path):
     """peft matches a string target_modules with re.fullmatch; "(.*)*x" backtracks exponentially over a module
     name (minutes for one name), so validation stops it at its time limit and refuses the adapter."""
-    path = copy(adapter_sources, tmp_path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": "(.*)*x|.*q_proj"}))
+    path = _with_targets(adapter_sources, tmp_path, "(.*)*x|.*q_proj")
     with pytest.raises(InvalidAdapter, match=r"target_modules.*takes over 2 s to match"):
         check(path, served)
 
 
 def test_target_modules_pattern_that_is_no_regex_is_refused(adapter_sources, served, tmp_path):
-    path = copy(adapter_sources, tmp_path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": "(q_proj"}))
+    path = _with_targets(adapter_sources, tmp_path, "(q_proj")
     with pytest.raises(InvalidAdapter, match=r"target_modules.*is not a valid regular expression"):
         check(path, served)
 
 
 def test_target_modules_pattern_matching_the_model_is_accepted(adapter_sources, served, tmp_path):
-    path = copy(adapter_sources, tmp_path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": r".*\.(q_proj|v_proj)"}))
+    path = _with_targets(adapter_sources, tmp_path, r".*\.(q_proj|v_proj)")
     check(path, served)

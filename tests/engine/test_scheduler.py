@@ -186,6 +186,18 @@ def test_group_takes_the_oldest_prompt_and_those_closest_to_it_in_length(engine)
     assert [collector.tokens for _, collector in requests] == expected
 
 
+def _counting_decode(engine):
+    """An eager decode step that records the batch size of every call, and that record."""
+    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+    steps = []
+
+    def counting_decode(*args):
+        steps.append(len(args[0]))
+        return decode(*args)
+
+    return counting_decode, steps
+
+
 def test_decoding_requests_ride_along_prompt_forwards(engine):
     """Chunked prefill mixed into decoding: while a long prompt is prefilled chunk by chunk, a running
     request gets one token per step inside those forwards (no decode step of its own), and both requests
@@ -194,13 +206,7 @@ def test_decoding_requests_ride_along_prompt_forwards(engine):
     expected_running = _alone(engine, running_prompt, "alpha")
     expected_long = _alone(engine, long_prompt, "gamma")
     engine.cache.pool.clear_prefixes()
-    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
-    decode_steps = []
-
-    def counting_decode(*args):
-        decode_steps.append(len(args[0]))
-        return decode(*args)
-
+    counting_decode, decode_steps = _counting_decode(engine)
     scheduler = Scheduler(engine.model, engine.cache, engine.adapters, decode=counting_decode, prefill_chunk=9,
                           prefill_budget=9)
     running, running_out = make_sequence(engine, running_prompt, adapter="alpha", max_tokens=12)
@@ -226,13 +232,7 @@ def test_decode_after_prompts_when_mixing_is_off(engine):
     prompts = [prompt_of(40, 20), prompt_of(41, 45)]
     expected = [_alone(engine, prompts[0], "beta", n=10), _alone(engine, prompts[1], None, n=10)]
     engine.cache.pool.clear_prefixes()
-    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
-    decode_steps = []
-
-    def counting_decode(*args):
-        decode_steps.append(len(args[0]))
-        return decode(*args)
-
+    counting_decode, decode_steps = _counting_decode(engine)
     scheduler = Scheduler(engine.model, engine.cache, engine.adapters, decode=counting_decode, prefill_chunk=16,
                           prefill_budget=16, mix_decode=False)
     first, first_out = make_sequence(engine, prompts[0], adapter="beta", max_tokens=10)
