@@ -136,7 +136,7 @@ def build_services(
         # answer sentences are compared with passage windows in the space the index was built in
         attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
         # word overlap, as the extractive fallback: its quotes and abstention are measured (benchmarks/RESULTS.md)
-        quoter=ExtractiveGenerator(),
+        quoter=ExtractiveGenerator(min_support=settings.attribution.quote_min_support),
     )
     return services
 

@@ -223,6 +223,9 @@ class AttributionSettings(BaseModel):
         "passages' sentences that best match the question, cited, or declines when none matches well enough; "
         "'decline' answers that the documents do not say; either way the draft stays in attribution.draft; "
         "'flag' returns it with its sentences flagged")
+    quote_min_support: float = Field(0.64, ge=0, le=1, description="'quote' quotes the passages only when their best "
+                                     "sentence supports the question this well (word coverage, as the extractive "
+                                     "fallback's own bar), else declines")
 
 
 class QuotaSettings(BaseModel):

@@ -21,14 +21,14 @@ def babbling_generator(tiny_llama_path):
     return generator
 
 
-def _ask(corpus, generator, mode: str, question: str = QUESTION) -> dict:
+def _ask(corpus, generator, mode: str, question: str = QUESTION, **attribution) -> dict:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
     from server.settings import ServerSettings
 
     settings = ServerSettings(data_dir=corpus.data_dir, server={"admin_key": corpus.admin_key},
-                              attribution={"unsupported": mode})
+                              attribution={"unsupported": mode, **attribution})
     app = create_app(settings, retrieval=corpus.retrieval, generator=generator)
     payload = {"model": "lorag", "messages": [{"role": "user", "content": question}], "max_tokens": 24,
                "temperature": 0}
@@ -75,3 +75,12 @@ def test_quote_mode_still_declines_when_no_sentence_matches_the_question(corpus,
     proof = body["attribution"]
     assert body["choices"][0]["message"]["content"] == ABSTENTION_ANSWER
     assert proof["abstained"] and proof["draft"] and not proof["quoted"] and body["citations"] == []
+
+
+def test_the_quote_bar_is_the_quote_min_support_setting(corpus, babbling_generator):
+    # The question above, declined at the shipped bar, is quoted when the bar is lowered to 0.
+    body = _ask(corpus, babbling_generator, "quote", "What is the shipping weight of the dissolved oxygen sensor in kilograms?",
+                quote_min_support=0.0)
+    proof = body["attribution"]
+    assert proof["quoted"] and not proof["abstained"] and body["citations"]
+    assert body["choices"][0]["message"]["content"].startswith(QUOTE_HEADER)
