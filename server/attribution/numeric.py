@@ -54,10 +54,12 @@ _UNITS_BEFORE = {"eur", "usd", "gbp"}  # "EUR 120", "$ 5"
 _LOOKAHEAD = 3  # words after a passage's number in which its unit may stand ("five full years")
 
 _FILE_NAME = re.compile(r"\S+\.(?:txt|md|pdf|docx?|html?|csv|json)\b|(?<!\S)/\S+", re.IGNORECASE)
+# A number joined to letters by a hyphen is part of a name: SARS-CoV-2, COVID -19, 2019-nCoV, HAdV-55.
+_NAME_BEFORE = re.compile(r"[A-Za-z]\s?-$")
+_NAME_AFTER = re.compile(r"-([A-Za-z]+)")
 _ENUMERATOR = re.compile(r"^\s*(?:[-*\u2022]\s*)?\d+[.)]\s+")
 _TOKEN = re.compile(
-    r"(?P<number>(?<![A-Za-z0-9.,])(?<![A-Za-z]-)\d+(?:,\d{3})+(?:\.\d+)?(?![\d,])"
-    r"|(?<![A-Za-z0-9.,])(?<![A-Za-z]-)\d+(?:[.,]\d+)?)"
+    r"(?P<number>(?<![A-Za-z0-9.,])\d+(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![A-Za-z0-9.,])\d+(?:[.,]\d+)?)"
     r"|(?P<symbol>[%€$£])|(?P<word>[A-Za-zµμ°][A-Za-z/µμ°]*)|(?P<stop>[.;:!?()\[\]\n])"
 )
 
@@ -139,6 +141,8 @@ def _tokens(text: str, *, passage: bool) -> list[tuple[str, str]]:
     tokens: list[tuple[str, str]] = []
     for match in _TOKEN.finditer(text):
         if match.group("number"):
+            if not passage and _in_name(text, match.start(), match.end()):
+                continue  # names are checked as names (support.entities_of); a passage's still count as mentions
             tokens.append(("number", _normalised(match.group("number"))))
         elif match.group("symbol"):
             tokens.append(("unit", _UNITS[match.group("symbol")]))
@@ -163,6 +167,12 @@ def _tokens(text: str, *, passage: bool) -> list[tuple[str, str]]:
 
 
 _TENS_VALUES = frozenset(str(_WORDS[word]) for word in _TENS)
+
+
+def _in_name(text: str, start: int, end: int) -> bool:
+    after = _NAME_AFTER.match(text, end)
+    return bool(_NAME_BEFORE.search(text, max(0, start - 3), start)
+                or after and after.group(1).lower() not in _UNITS and after.group(1).lower() not in _WORDS)
 
 
 def _normalised(raw: str) -> str:
