@@ -409,10 +409,11 @@ def prove(attributor: Attributor, quoter: ExtractiveGenerator | None, unsupporte
     proof = attributor.attribute(text, used, question=question, evidence=evidence)
     attribution = _attribution_out(proof, answerability)
     claims = [s for s in proof.sentences if s.claim]
-    if not claims or any(s.supported for s in claims) or unsupported == "flag":
+    if any(s.supported for s in claims) or unsupported == "flag":
         return attribution, proof.text, proof.cited
-    # Nothing the model said stands on a passage. Quote the passages' best sentences when one supports the
-    # question ("quote"), else say the documents do not; the draft is kept either way.
+    # Nothing the model said stands on a passage, or it said nothing checkable (a bare "No." carries no proof).
+    # Quote the passages' best sentences when one supports the question ("quote"), else say the documents do
+    # not; the draft is kept either way.
     draft = proof.text
     quoted = quoter.quote(question, used) if unsupported == "quote" and quoter is not None else None
     if quoted:

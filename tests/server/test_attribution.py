@@ -80,3 +80,22 @@ def test_a_question_no_passage_answers_is_declined_and_an_answerable_one_is_not(
     decline, low = attributor.should_abstain("Who won the 1998 football world cup final?", PASSAGES)
     answer, high = attributor.should_abstain("How often should the pH probe be calibrated?", PASSAGES)
     assert decline and not answer and low < high
+
+
+def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
+    # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
+    from core.prompt import ABSTENTION_ANSWER
+    from server.chat_service import QUOTE_HEADER, prove
+    from server.generation.extractive import ExtractiveGenerator
+
+    question = "Can unused products be returned for a full refund?"
+    proof, text, cited = prove(attributor, ExtractiveGenerator(), "quote", "The answer is: No.", PASSAGES,
+                               question=question, evidence=None, answerability=None)
+    assert proof.quoted and proof.draft == "The answer is: No." and text.startswith(QUOTE_HEADER)
+    assert cited == [1] and "30 days" in text
+    declined, text, cited = prove(attributor, ExtractiveGenerator(), "decline", "Yes.", PASSAGES,
+                                  question=question, evidence=None, answerability=None)
+    assert declined.abstained and text == ABSTENTION_ANSWER and cited == []
+    flagged, text, _ = prove(attributor, ExtractiveGenerator(), "flag", "Yes.", PASSAGES, question=question,
+                             evidence=None, answerability=None)
+    assert not flagged.quoted and not flagged.abstained and text == "Yes."
