@@ -8,6 +8,8 @@ shipped support thresholds and the numeric check), and then each pair of bars de
 - ``quote_min_support`` (attribution.quote_min_support): a draft none of whose claims a passage supports is
   replaced by quotes of the passages when their best sentence supports the question this well, else declined.
 
+Choosing: the bars that meet both targets (cited >= 95% of answerable, declined >= 80% of unanswerable) on the
+choosing half of every set; when none does, the bars with the least total shortfall from the targets there.
 Per set and half (a fixed half of each set chooses, the other reports; see answer_proof.split_of): answerable
 questions cited, citations whose passage holds the answer, citations on the gold document, unanswerable
 questions declined, answerable ones declined. A row with ``--check`` compares a replay at the shipped settings
@@ -27,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.answer_proof import split_of  # noqa: E402
 
-ABSTAIN_BARS = (0.0, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
-QUOTE_BARS = (0.0, 0.4, 0.5, 0.55, 0.6, 0.64, 0.7, 0.8, 1.01)  # 1.01: never quote, decline instead
+ABSTAIN_BARS = (0.0, 0.4, 0.45, 0.48, 0.5, 0.52, 0.54, 0.55, 0.56, 0.58, 0.6)
+QUOTE_BARS = (0.0, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.64, 0.7, 0.8, 1.01)  # 1.01: never quote, decline instead
 CITED_TARGET, DECLINED_TARGET = 0.95, 0.80
 
 
@@ -56,6 +58,8 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", help="NAME=answers.jsonl from answer_proof.py --out")
     parser.add_argument("--check", action="store_true", help="compare a replay at the shipped settings with the "
                         "file's own 'after' answers")
+    parser.add_argument("--show", action="append", default=[], metavar="ABSTAIN,QUOTE",
+                        help="also print full figures for these bars (repeatable)")
     args = parser.parse_args()
 
     from core.settings import load_settings
@@ -77,7 +81,7 @@ def main() -> int:
         if args.check:
             _check(name, rows, attributor, settings)
     shipped = (settings.attribution.abstain_below, settings.attribution.quote_min_support)
-    _print_sweep(replayed, shipped)
+    _print_sweep(replayed, shipped, [tuple(float(x) for x in bars.split(",")) for bars in args.show])
     return 0
 
 
@@ -145,7 +149,7 @@ def _scores(items: list[Replayed], abstain_below: float, quote_bar: float) -> di
             "false_declined": _mean(false_declined), "n": (len(cited), len(declined))}
 
 
-def _print_sweep(items: list[Replayed], shipped: tuple[float, float]) -> None:
+def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: list[tuple[float, ...]]) -> None:
     sets = sorted({item.set for item in items})
     groups = {(s, h): [i for i in items if i.set == s and (h == "all" or i.half == h)]
               for s in sets for h in ("tune", "report", "all")}
@@ -155,22 +159,31 @@ def _print_sweep(items: list[Replayed], shipped: tuple[float, float]) -> None:
     print(f"\nchoosing half: cited (answerable with a citation) / declined (unanswerable) per set; "
           f"* = both targets (cited >= {CITED_TARGET:.0%}, declined >= {DECLINED_TARGET:.0%}) met on every set")
     header = "abstain  quote  " + "  ".join(f"{s + ' cited/decl':>22}" for s in sets)
-    print(header)
-    meeting = []
+    print(header + "  shortfall")
+    meeting, shortfalls = [], {}
     for abstain_below in ABSTAIN_BARS:
         for quote_bar in QUOTE_BARS:
             scores = [_scores(groups[(s, "tune")], abstain_below, quote_bar) for s in sets]
             ok = all(x["cited"] >= CITED_TARGET and x["declined"] >= DECLINED_TARGET for x in scores)
             if ok:
                 meeting.append((abstain_below, quote_bar))
-            mark = "*" if ok else (" <" if (abstain_below, quote_bar) == shipped else "")
+            shortfall = sum(max(0.0, CITED_TARGET - x["cited"]) + max(0.0, DECLINED_TARGET - x["declined"])
+                            for x in scores)
+            shortfalls[(abstain_below, quote_bar)] = shortfall
+            mark = "*" if ok else ""
+            mark += " <- shipped" if (abstain_below, quote_bar) == shipped else ""
             print(f"{abstain_below:>7.2f} {quote_bar:>6.2f}  "
-                  + "  ".join(f"{_pct(x['cited']):>14}/{_pct(x['declined']):>7}" for x in scores) + f" {mark}")
+                  + "  ".join(f"{_pct(x['cited']):>14}/{_pct(x['declined']):>7}" for x in scores)
+                  + f"  {shortfall:>9.2f} {mark}")
     print(f"\nsettings meeting both targets on the choosing half of every set: {meeting or 'none'}")
+    least = sorted(shortfalls, key=lambda bars: (shortfalls[bars], -bars[0], -bars[1]))[:5]
+    if not meeting:
+        print("least total shortfall (cited and declined below target, summed over sets): "
+              + ", ".join(f"{bars} {shortfalls[bars]:.2f}" for bars in least))
     print("\nfull figures (shipped settings first):")
     print(f"{'abstain':>7} {'quote':>6} {'set':<10} {'half':<7} {'cited':>6} {'holds':>6} {'doc ok':>7} "
           f"{'declined':>9} {'false decl':>10}")
-    for bars in [shipped] + [b for b in meeting if b != shipped][:4]:
+    for bars in [shipped] + [b for b in (meeting or least) if b != shipped][:4] + shown:
         for (s, h), group in groups.items():
             x = _scores(group, *bars)
             print(f"{bars[0]:>7.2f} {bars[1]:>6.2f} {s:<10} {h:<7} {_pct(x['cited']):>6} {_pct(x['holds']):>6} "
