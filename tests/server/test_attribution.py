@@ -99,3 +99,14 @@ def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_uns
     flagged, text, _ = prove(attributor, ExtractiveGenerator(), "flag", "Yes.", PASSAGES, question=question,
                              evidence=None, answerability=None)
     assert not flagged.quoted and not flagged.abstained and text == "Yes."
+
+
+def test_a_quote_is_judged_without_the_document_name_that_introduces_it(attributor):
+    # The name's words and digits are not in the passage's text; they must not count against the sentence.
+    quote = ("According to kestrel-warranty-terms-2024-rev3.txt: Every Kestrel Tide buoy comes with a three-year "
+             "limited warranty covering defects in materials and workmanship [2].")
+    proof = attributor.attribute(quote, PASSAGES, question="How long is the warranty?")
+    [sentence] = proof.sentences
+    assert sentence.supported and sentence.citations == (2,) and proof.text == quote
+    lead_in = attributor.attribute("According to the documents:", PASSAGES).sentences[0]
+    assert not lead_in.claim  # a lead-in with nothing after it still claims nothing
