@@ -26,7 +26,7 @@ _UNITS = {
     "day": "day", "days": "day", "week": "week", "weeks": "week", "month": "month", "months": "month",
     "year": "year", "years": "year", "yr": "year", "yrs": "year", "decade": "decade", "decades": "decade",
     # share
-    "%": "%", "percent": "%", "per cent": "%", "pct": "%",
+    "%": "%", "percent": "%", "pct": "%",  # "per cent" is joined in _tokens
     # money
     "eur": "eur", "euro": "eur", "euros": "eur", "€": "eur", "usd": "usd", "dollar": "usd", "dollars": "usd",
     "$": "usd", "gbp": "gbp", "pound": "gbp", "pounds": "gbp", "£": "gbp",
@@ -50,6 +50,8 @@ _WORDS = {
 }
 _PASSAGE_ONLY = {"one": 1}  # a sentence's "one of" is rarely a value; a passage's "one year" is one
 _TENS = {"twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"}
+_UNIT_NAMES = frozenset(_UNITS.values())
+_TENS_VALUES = frozenset(str(_WORDS[word]) for word in _TENS)
 _UNITS_BEFORE = {"eur", "usd", "gbp"}  # "EUR 120", "$ 5"
 _LOOKAHEAD = 3  # words after a passage's number in which its unit may stand ("five full years")
 
@@ -113,8 +115,6 @@ def _stated(value: Value, mentions) -> bool:
     return False
 
 
-_UNIT_NAMES = frozenset(_UNITS.values())
-
 
 def _cleaned(text: str) -> str:
     return _FILE_NAME.sub(" ", CITATION_MARKER.sub(" ", text))
@@ -165,8 +165,6 @@ def _tokens(text: str, *, passage: bool) -> list[tuple[str, str]]:
                 tokens.append(("word", word))
     return tokens
 
-
-_TENS_VALUES = frozenset(str(_WORDS[word]) for word in _TENS)
 
 
 def _in_name(text: str, start: int, end: int) -> bool:
