@@ -322,29 +322,9 @@ class ChatService:
             attribution = AttributionOut(text=text, sentences=[], supported=0, unsupported=0, abstained=True,
                                          answerability=prepared.answerability)
         elif prepared.attribute and used and text.strip():
-            proof = await run_in_threadpool(self.attributor.attribute, text, used, question=prepared.query,
-                                            evidence=prepared.evidence)
-            attribution = _attribution_out(proof, prepared.answerability)
-            text, numbers = proof.text, proof.cited
-            claims = [s for s in proof.sentences if s.claim]
-            if claims and not any(s.supported for s in claims) and self.settings.attribution.unsupported != "flag":
-                # Nothing the model said stands on a passage. Quote the passages' best sentences when one
-                # supports the question ("quote"), else say the documents do not; the draft is kept either way.
-                draft = text
-                quoted = None
-                if self.settings.attribution.unsupported == "quote" and self.quoter is not None:
-                    quoted = await run_in_threadpool(self.quoter.quote, prepared.query, used)
-                if quoted:
-                    quote = QUOTE_HEADER + "".join(quoted)
-                    proof = await run_in_threadpool(self.attributor.attribute, quote, used, question=prepared.query,
-                                                    evidence=prepared.evidence)
-                    attribution = _attribution_out(proof, prepared.answerability).model_copy(
-                        update={"draft": draft, "quoted": True})
-                    text, numbers = proof.text, proof.cited
-                else:
-                    attribution = attribution.model_copy(
-                        update={"abstained": True, "draft": draft, "text": ABSTENTION_ANSWER})
-                    text, numbers = ABSTENTION_ANSWER, []
+            attribution, text, numbers = await run_in_threadpool(
+                prove, self.attributor, self.quoter, self.settings.attribution.unsupported, text, used,
+                question=prepared.query, evidence=prepared.evidence, answerability=prepared.answerability)
         if attribution is None or prepared.abstained:
             from server.citations import extract_citations
 
@@ -419,6 +399,29 @@ def _abstention(prepared: PreparedChat) -> GenerationStream:
 
     return GenerationStream(prompt=PromptInfo(prompt_tokens=0, passages_used=tuple(prepared.retrieved)),
                             deltas=deltas())
+
+
+def prove(attributor: Attributor, quoter: ExtractiveGenerator | None, unsupported: str, text: str,
+          used: list[Passage], *, question: str, evidence: dict, answerability: float | None,
+          ) -> tuple[AttributionOut, str, list[int]]:
+    """The answer's proof after generation: (attribution, final text, cited passage numbers). A plain function
+    so that benchmarks/answer_proof_sweep.py replays saved drafts through exactly what the server does."""
+    proof = attributor.attribute(text, used, question=question, evidence=evidence)
+    attribution = _attribution_out(proof, answerability)
+    claims = [s for s in proof.sentences if s.claim]
+    if any(s.supported for s in claims) or unsupported == "flag":
+        return attribution, proof.text, proof.cited
+    # Nothing the model said stands on a passage, or it said nothing checkable (a bare "No." carries no proof).
+    # Quote the passages' best sentences when one supports the question ("quote"), else say the documents do
+    # not; the draft is kept either way.
+    draft = proof.text
+    quoted = quoter.quote(question, used) if unsupported == "quote" and quoter is not None else None
+    if quoted:
+        proof = attributor.attribute(QUOTE_HEADER + "".join(quoted), used, question=question, evidence=evidence)
+        attribution = _attribution_out(proof, answerability).model_copy(update={"draft": draft, "quoted": True})
+        return attribution, proof.text, proof.cited
+    attribution = attribution.model_copy(update={"abstained": True, "draft": draft, "text": ABSTENTION_ANSWER})
+    return attribution, ABSTENTION_ANSWER, []
 
 
 def _attribution_out(proof: Attribution, answerability: float | None) -> AttributionOut:

@@ -135,8 +135,9 @@ def build_services(
         metrics=services.metrics, adapters=services.adapters, admission=services.queue,
         # answer sentences are compared with passage windows in the space the index was built in
         attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
-        # word overlap, as the extractive fallback: its quotes and abstention are measured (benchmarks/RESULTS.md)
-        quoter=ExtractiveGenerator(),
+        # word overlap, as the extractive fallback; its bar, attribution.quote_min_support, is measured with
+        # benchmarks/answer_proof_sweep.py (benchmarks/RESULTS.md)
+        quoter=ExtractiveGenerator(min_support=settings.attribution.quote_min_support),
     )
     return services
 

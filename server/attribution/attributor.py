@@ -24,6 +24,9 @@ _RELATIVE = 0.8
 # A sentence with fewer content words ("Yes.", "I hope this helps.") carries no claim to check.
 _MIN_CLAIM_STEMS = 2
 _CLOSING = re.compile(r"[.!?]+[\"'\u201d\u2019)]*$")
+# "According to covid-2668.txt: <sentence>" (how quotes name their document): the source is no part of the claim,
+# and its words and digits, absent from the passage's text, would count against the sentence.
+_SOURCE_LEAD_IN = re.compile(r"^According to [^:,\n]{1,120}[:,]\s+(?=\S)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Attributor:
         """Match each sentence of ``answer`` to ``passages`` (numbered [1]..[n] in this order, as in the prompt).
         ``evidence`` (from :meth:`evidence`) saves embedding the passages again."""
         spans = split_sentences(answer)
-        claims_text = [_plain(answer[start:end]) for start, end in spans]
+        claims_text = [_claim_text(_plain(answer[start:end])) for start, end in spans]
         missing = [p for p in passages if evidence is None or p.chunk.id not in evidence]
         known = (evidence or {}) | (self.evidence(missing) if missing else {})
         ordered = [known[passage.chunk.id] for passage in passages]
@@ -146,6 +149,11 @@ def _windows(passage: Passage, *, max_words: int = 30) -> list[str]:
 def _plain(sentence: str) -> str:
     """The sentence without markers, spaces before punctuation closed up."""
     return re.sub(r"\s+([.!?,;:])", r"\1", " ".join(CITATION_MARKER.sub(" ", sentence).split()))
+
+
+def _claim_text(sentence: str) -> str:
+    """What a sentence claims: without a leading "According to <source>:"."""
+    return _SOURCE_LEAD_IN.sub("", sentence, count=1)
 
 
 def _written_numbers(sentence: str, passage_count: int) -> list[int]:

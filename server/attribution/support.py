@@ -9,7 +9,10 @@ chunks, swapped numbers and names as negatives), measured on held-out articles (
 - ``num_ok``: every number of the sentence appears in the passage;
 - ``ent_ok``: every acronym or capitalised name of the sentence appears in the passage.
 Embedding similarity alone is weak here (AUC 0.83, and near chance against a swapped value): the words and
-the exact checks on numbers and names do most of the work.
+the exact checks on numbers and names do most of the work. On top of the model, a passage that does not state
+each of the sentence's values (a number with its unit: server/attribution/numeric.py) supports it with
+probability 0: similarity must not vouch for a value, and ``num_ok`` alone left a marker the model wrote on
+such a passage (its probability could still clear ``keep_threshold``).
 """
 
 import math
@@ -20,6 +23,7 @@ import numpy as np
 import Stemmer
 
 from core.prompt import CITATION_MARKER
+from server.attribution.numeric import Mention, Value, passage_mentions, sentence_values, states_values
 
 WEIGHTS = {"bias": -18.048, "cos_best": 1.833, "recall_q": 10.637, "num_ok": 4.820, "ent_ok": 3.721}
 
@@ -83,11 +87,12 @@ class PassageEvidence:
     stems: set[str]
     numbers: set[str]
     lower: str
+    mentions: dict[str, list[Mention]]  # the numbers it states, with their units (numeric.py)
 
     @classmethod
     def of(cls, text: str, windows: list[str], window_vectors: np.ndarray) -> "PassageEvidence":
         return cls(text, windows, window_vectors, set(content_stems(text)), numbers_of(text, number_words=True),
-                   text.lower())
+                   text.lower(), passage_mentions(text))
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,19 @@ class Claim:
     stems: frozenset[str]
     numbers: frozenset[str]
     entities: tuple[str, ...]
+    values: frozenset[Value]  # numbers with their units, each of which a supporting passage must state
 
     @classmethod
     def of(cls, text: str, vector: np.ndarray) -> "Claim":
-        return cls(text, vector, frozenset(content_stems(text)), frozenset(numbers_of(text)), tuple(entities_of(text)))
+        return cls(text, vector, frozenset(content_stems(text)), frozenset(numbers_of(text)), tuple(entities_of(text)),
+                   sentence_values(text))
 
 
 def support_probability(claim: Claim, passage: PassageEvidence, question_stems: frozenset[str]) -> float:
-    """The probability (0..1) that ``passage`` supports ``claim``; see the module docstring for the features."""
+    """The probability (0..1) that ``passage`` supports ``claim``; see the module docstring for the features.
+    0 when the passage does not state one of the claim's values."""
+    if not states_values(claim.values, passage.mentions):
+        return 0.0
     free = (claim.stems & question_stems) - passage.stems  # question words the passage lacks
     counted = claim.stems - free if claim.stems - free else claim.stems
     features = {

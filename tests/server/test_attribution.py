@@ -80,3 +80,33 @@ def test_a_question_no_passage_answers_is_declined_and_an_answerable_one_is_not(
     decline, low = attributor.should_abstain("Who won the 1998 football world cup final?", PASSAGES)
     answer, high = attributor.should_abstain("How often should the pH probe be calibrated?", PASSAGES)
     assert decline and not answer and low < high
+
+
+def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
+    # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
+    from core.prompt import ABSTENTION_ANSWER
+    from server.chat_service import QUOTE_HEADER, prove
+    from server.generation.extractive import ExtractiveGenerator
+
+    question = "Can unused products be returned for a full refund?"
+    proof, text, cited = prove(attributor, ExtractiveGenerator(), "quote", "The answer is: No.", PASSAGES,
+                               question=question, evidence=None, answerability=None)
+    assert proof.quoted and proof.draft == "The answer is: No." and text.startswith(QUOTE_HEADER)
+    assert cited == [1] and "30 days" in text
+    declined, text, cited = prove(attributor, ExtractiveGenerator(), "decline", "Yes.", PASSAGES,
+                                  question=question, evidence=None, answerability=None)
+    assert declined.abstained and text == ABSTENTION_ANSWER and cited == []
+    flagged, text, _ = prove(attributor, ExtractiveGenerator(), "flag", "Yes.", PASSAGES, question=question,
+                             evidence=None, answerability=None)
+    assert not flagged.quoted and not flagged.abstained and text == "Yes."
+
+
+def test_a_quote_is_judged_without_the_document_name_that_introduces_it(attributor):
+    # The name's words and digits are not in the passage's text; they must not count against the sentence.
+    quote = ("According to kestrel-warranty-terms-2024-rev3.txt: Every Kestrel Tide buoy comes with a three-year "
+             "limited warranty covering defects in materials and workmanship [2].")
+    proof = attributor.attribute(quote, PASSAGES, question="How long is the warranty?")
+    [sentence] = proof.sentences
+    assert sentence.supported and sentence.citations == (2,) and proof.text == quote
+    lead_in = attributor.attribute("According to the documents:", PASSAGES).sentences[0]
+    assert not lead_in.claim  # a lead-in with nothing after it still claims nothing
