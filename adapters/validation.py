@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import Conflict
+from core.errors import Conflict, LoragError
 from adapters.manifest import MANIFEST_FILE, AdapterManifest, model_fingerprint, read_manifest
 from adapters.host import HostAdapter, ServedModel
 from adapters.peft_files import CONFIG_FILE, WEIGHTS_FILE, check_files, read_config
@@ -242,13 +242,25 @@ _MATCH_IN_CHILD = (
 )
 
 
+PATTERN_MAX_CHARS = 4096  # compiled in-process, where nothing limits its time
+
+
+class CheckUnavailable(LoragError):
+    """Validation could not run (the checking process failed): not the adapter's fault, so try again."""
+
+    http_status = 503
+
+
 def _pattern_matches_a_module(name: str, pattern: str, modules) -> bool:
     """Whether ``pattern`` fully matches one of ``modules`` with re.fullmatch, as peft matches it.
 
     Raises:
-        InvalidAdapter: the pattern is not a regular expression, or matching it takes too long.
+        InvalidAdapter: the pattern is too long, not a regular expression, or takes too long to match.
+        CheckUnavailable: the child process that matches it could not run.
     """
     field = f"adapter {name!r}: {CONFIG_FILE} field 'target_modules' {pattern[:80]!r}"
+    if len(pattern) > PATTERN_MAX_CHARS:
+        raise InvalidAdapter(f"{field} is {len(pattern)} characters long, over {PATTERN_MAX_CHARS}")
     try:
         re.compile(pattern)
     except re.error as error:
@@ -257,10 +269,15 @@ def _pattern_matches_a_module(name: str, pattern: str, modules) -> bool:
         # -I -S: no site packages, environment or user paths: the child needs the standard library only.
         done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_IN_CHILD], capture_output=True, text=True,
                               input=json.dumps([pattern, list(modules)]), timeout=PATTERN_SECONDS, check=True)
+        return bool(json.loads(done.stdout))
     except subprocess.TimeoutExpired:
         raise InvalidAdapter(f"{field} takes over {PATTERN_SECONDS:g} s to match the model's module names "
                              f"(nested repetition?)", hint="name the modules as a list, or simplify the pattern") from None
-    return json.loads(done.stdout)
+    except subprocess.CalledProcessError as error:
+        raise CheckUnavailable(f"{field}: the process matching it failed ({(error.stderr or '').strip()[-200:]})",
+                               hint="try again") from None
+    except (OSError, ValueError) as error:
+        raise CheckUnavailable(f"{field}: the process matching it could not run ({error})", hint="try again") from None
 
 
 def _check_tensors(name: str, weights_path: Path, served: ServedModel | None, max_rank: int) -> None:

@@ -115,6 +115,9 @@ class EngineModel:
             intermediate=config.intermediate_size, rms_eps=config.rms_norm_eps,
             max_positions=config.max_position_embeddings,
         )
+        if torch.device(device).type == "cuda" and head_dim & (head_dim - 1):
+            raise UnsupportedModel(f"{config.name_or_path}: head_dim {head_dim} is not a power of two, which the "
+                                   f"engine's CUDA kernels (rotary, paged attention) need")
         inv_freq = inverse_frequencies(config, head_dim)
 
         def take(t):

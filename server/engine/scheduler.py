@@ -167,9 +167,10 @@ class Scheduler:
         (in the first prompt forward when ``mix_decode``, else in a decode step after the prompts)."""
         self._retire_cancelled()
         self._admit()
-        riders = [s for s in self.rows if s is not None and s.decoding] if self.mix_decode else []
+        mix = self.mix_decode  # once: a benchmark may flip it between steps from another thread
+        riders = [s for s in self.rows if s is not None and s.decoding] if mix else []
         prefilled = self._prefill(riders)
-        if not (self.mix_decode and prefilled):
+        if not (mix and prefilled):
             self._decode_step()
 
     def _retire_cancelled(self) -> None:

@@ -25,7 +25,8 @@ from adapters.host import AdapterHost, HostAdapter
 from adapters.registry import AdapterDir, AdapterRegistry
 from server.hotswap.residency import Residency
 from adapters.validation import (
-    CheckedAdapter, check_adapter_dir, check_finite_weights, check_weights_header, public_model_name, read_host_adapter,
+    CheckedAdapter, CheckUnavailable, check_adapter_dir, check_finite_weights, check_weights_header, public_model_name,
+    read_host_adapter,
 )
 from adapters.registry import InvalidAdapter, validate_adapter_name
 from adapters.peft_files import is_pickle
@@ -201,6 +202,9 @@ class AdapterService:
                     continue
                 try:
                     checked = self._check(adapter_dir.path, tenant=adapter_dir.tenant, name=adapter_dir.name)
+                except CheckUnavailable as error:  # not the folder's fault: the next scan tries it again
+                    log.warning("adapter %s/%s not checked: %s", *ident, error)
+                    continue
                 except Exception as error:  # noqa: BLE001 - one malformed folder must not stop discovery of the rest
                     self._rejected[ident] = adapter_dir.stamp
                     self._event("reject")

@@ -217,3 +217,24 @@ def test_target_modules_pattern_that_is_no_regex_is_refused(adapter_sources, ser
 def test_target_modules_pattern_matching_the_model_is_accepted(adapter_sources, served, tmp_path):
     path = _with_targets(adapter_sources, tmp_path, r".*\.(q_proj|v_proj)")
     check(path, served)
+
+
+def test_target_modules_check_that_cannot_run_is_no_verdict_on_the_adapter(adapter_sources, served, tmp_path,
+                                                                            monkeypatch):
+    """When the matching process fails (here: the interpreter cannot start) the adapter is not called invalid:
+    a 503-style CheckUnavailable says to try again."""
+    import adapters.validation as validation
+
+    path = _with_targets(adapter_sources, tmp_path, r".*\.q_proj")
+    monkeypatch.setattr(validation.sys, "executable", "/bin/false")
+    with pytest.raises(validation.CheckUnavailable, match="the process matching it failed"):
+        check(path, served)
+    monkeypatch.setattr(validation.sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(validation.CheckUnavailable, match="could not run"):
+        check(path, served)
+
+
+def test_target_modules_pattern_too_long_is_refused(adapter_sources, served, tmp_path):
+    path = _with_targets(adapter_sources, tmp_path, "q_proj|" * 1000)
+    with pytest.raises(InvalidAdapter, match="over 4096"):
+        check(path, served)

@@ -66,3 +66,18 @@ def test_other_architecture_is_refused_and_factory_falls_back(tmp_path, caplog):
         assert load_engine_generator(settings.generation) is None
     assert "architecture 'gpt2' is not supported" in caplog.text
     assert "falling back to transformers + peft" in caplog.text
+
+
+def test_head_dim_the_cuda_kernels_cannot_take_is_refused_on_cuda():
+    """The rotary and paged-attention kernels tile head_dim as a power of two: a model with head_dim 24 is refused
+    for CUDA before any weight moves (the server then serves it with transformers), and accepted on CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.engine.model import EngineModel
+
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    hf = LlamaForCausalLM(config)
+    with pytest.raises(UnsupportedModel, match="head_dim 24 is not a power of two"):
+        EngineModel.from_hf(hf, cache_len=64, dtype=torch.float32, device="cuda")
+    assert EngineModel.from_hf(hf, cache_len=64, dtype=torch.float32, device="cpu").shape.head_dim == 24

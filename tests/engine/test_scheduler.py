@@ -246,3 +246,28 @@ def test_decode_after_prompts_when_mixing_is_off(engine):
     assert decode_steps == [1, 1] and 0 < second.computed < len(prompts[1])
     run_until_done(scheduler, [first_out, second_out])
     assert [first_out.tokens, second_out.tokens] == expected
+
+
+def test_decode_step_never_writes_into_a_row_still_prefilling(engine):
+    """With mixing off, a decode step covers rows 0..n-1; a row below a decoding one whose prompt is still being
+    prefilled must read and write the scratch block, not its own first block (which holds its prompt's start)."""
+    short, long_prompt = prompt_of(50, 10), prompt_of(51, 45)
+    expected_short, expected_long = _alone(engine, short, "alpha"), _alone(engine, long_prompt, "gamma")
+    engine.cache.pool.clear_prefixes()
+    scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
+                          decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=16,
+                          prefill_budget=32, mix_decode=False)
+    placeholder, _ = make_sequence(engine, prompt_of(52, 10), max_tokens=12)
+    decoding, decoding_out = make_sequence(engine, short, adapter="alpha", max_tokens=12)
+    scheduler.submit(placeholder)
+    scheduler.submit(decoding)
+    scheduler.step()  # both prefilled as one group, rows 0 and 1
+    scheduler.cancel(placeholder.seq_id)
+    scheduler.step()  # row 0 free again
+    prefilling, prefilling_out = make_sequence(engine, long_prompt, adapter="gamma", max_tokens=12)
+    scheduler.submit(prefilling)
+    scheduler.step()
+    assert prefilling.row == 0 < decoding.row and 0 < prefilling.computed < len(long_prompt)
+    run_until_done(scheduler, [decoding_out, prefilling_out])
+    assert decoding_out.tokens == expected_short
+    assert prefilling_out.tokens == expected_long
