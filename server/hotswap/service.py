@@ -538,13 +538,21 @@ class AdapterService:
         Raises:
             InvalidRequest: ``name`` is already loaded and not ``load_inplace`` (vLLM's 400).
             InvalidAdapter/Conflict: the dir failed validation (nothing changes).
+            Whatever ``load`` raises (busy, a remote server refusing it): a new name is removed again, so the
+            adapter is not listed and a retry is not told it "has already been loaded".
         """
-        if name in self.names(tenant) and not load_inplace:
+        existed = name in self.names(tenant)
+        if existed and not load_inplace:
             raise InvalidRequest(
                 f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
                 "set 'load_inplace' to True.", param="lora_name")
         self.register(tenant, name, source, overwrite=load_inplace, runtime=True)
-        self.load(tenant, name)
+        try:
+            self.load(tenant, name)
+        except BaseException:
+            if not existed:
+                self.delete(tenant, name)
+            raise
 
     def unload_lora_adapter(self, tenant: str, name: str) -> None:
         """Blocking: vLLM's POST /v1/unload_lora_adapter: the adapter stops being listed and served (its

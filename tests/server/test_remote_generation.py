@@ -55,7 +55,7 @@ def fakes():
 
 
 @contextmanager
-def lorag(remote_data, tiny_llama_path, urls, **generation):
+def lorag(remote_data, tiny_llama_path, urls, *, adapters=None, **generation):
     """lorag's real app on uvicorn, generating remotely on ``urls``; yields (base URL, app)."""
     from server.app import create_app
     from server.background import serving
@@ -66,7 +66,7 @@ def lorag(remote_data, tiny_llama_path, urls, **generation):
         data_dir=data_dir, server={"admin_key": ADMIN_KEY},
         generation={"engine": "remote", "remote_url": urls, "model": str(tiny_llama_path), "fallback": "error",
                     "remote_health_interval_s": 0, **generation},
-        adapters={"poll_interval_s": 0},
+        adapters={"poll_interval_s": 0, **(adapters or {})},
     )
     app = create_app(settings, retrieval=retrieval)
     with serving(app) as base_url:
@@ -351,3 +351,25 @@ def test_the_servers_max_model_len_bounds_the_prompt(remote_data, tiny_llama_pat
             assert fake.state.requests == []  # refused before it reached vLLM
     finally:
         fake.stop()
+
+
+def test_a_runtime_adapter_the_servers_refuse_is_not_left_listed(remote_data, tiny_llama_path, fakes, tmp_path):
+    """vLLM refusing the push (rank over --max-lora-rank) fails POST /v1/load_lora_adapter and leaves no copy
+    behind: the name is not listed, and once vLLM takes it the same request succeeds."""
+    import shutil
+
+    fake = fakes[0]
+    data_dir, _, keys, sources = remote_data
+    allowed = tmp_path / "allowed"
+    shutil.copytree(sources["acme"], allowed / "rt")
+    body = {"lora_name": "runtime", "lora_path": str(allowed / "rt")}
+    with lorag(remote_data, tiny_llama_path, [fake.url], adapters={"allowed_paths": [str(allowed)]}) as (base_url, _):
+        fake.state.max_lora_rank = 2
+        refused = httpx.post(f"{base_url}/v1/load_lora_adapter", json=body, headers=auth(keys["acme"]))
+        assert refused.status_code == 409, refused.text
+        models = httpx.get(f"{base_url}/v1/models", headers=auth(keys["acme"])).json()["data"]
+        assert "runtime" not in {card["id"] for card in models}
+        fake.state.max_lora_rank = 64
+        loaded = httpx.post(f"{base_url}/v1/load_lora_adapter", json=body, headers=auth(keys["acme"]))
+        assert loaded.status_code == 200, loaded.text
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "runtime"}, headers=auth(keys["acme"]))
