@@ -20,7 +20,7 @@ from core.errors import Conflict, LoragError, NotFound
 from core.prompt import Prompt, build_prompt, require_chat_template
 from server.errors import InvalidRequest, RemoteFailed, RemoteUnavailable
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
-from server.generation.remote_pool import RemotePool, ServerDown, VllmServer, error_message
+from server.generation.remote_pool import RemotePool, ServerDown, VllmServer, error_message, error_reason
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class RemoteGenerator:
             try:
                 response = await client.send(client.build_request("POST", server.url + CHAT, json=body), stream=True)
             except httpx.HTTPError as error:
-                self.pool.mark_down(server, f"POST {CHAT}: {_reason(error)}")
-                raise ServerDown(_reason(error)) from error
+                self.pool.mark_down(server, f"POST {CHAT}: {error_reason(error)}")
+                raise ServerDown(error_reason(error)) from error
             if response.status_code == 200:
                 events = _events(response)
                 try:
@@ -155,7 +155,7 @@ class RemoteGenerator:
                 except (httpx.HTTPError, _StreamError) as error:
                     await response.aclose()
                     self.pool.count_failure(server, "stream")
-                    raise _ServerFailed(f"the stream broke before the first token: {_reason(error)}") from error
+                    raise _ServerFailed(f"the stream broke before the first token: {error_reason(error)}") from error
                 self.pool.mark_up(server)
                 return server, response, events, first
             await response.aread()
@@ -191,7 +191,7 @@ class RemoteGenerator:
                         break
                     except (httpx.HTTPError, _StreamError) as error:
                         self.pool.count_failure(server, "stream")
-                        log.error("vLLM server %s stopped mid-answer: %s", server.label, _reason(error))
+                        log.error("vLLM server %s stopped mid-answer: %s", server.label, error_reason(error))
                         raise RemoteFailed("the generation server stopped mid-answer",
                                            hint="retry; the lorag server log has the details") from error
                 usage = event.get("usage") or usage
@@ -281,11 +281,6 @@ async def _first_token(events) -> list[dict]:
             if (choice.get("delta") or {}).get("content") or choice.get("finish_reason"):
                 return seen
     return seen
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_remote_generator(settings, *, data_dir: Path, model_path: str) -> RemoteGenerator:

@@ -85,7 +85,7 @@ class RemotePool:
             response.raise_for_status()
             cards = response.json()["data"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
-            self.mark_down(server, f"GET {MODELS}: {_reason(error)}")
+            self.mark_down(server, f"GET {MODELS}: {error_reason(error)}")
             return
         names = {card["id"] for card in cards if card.get("parent")}
         base = next((card for card in cards if not card.get("parent")), None)
@@ -206,8 +206,8 @@ class RemotePool:
         try:
             response = self._client.post(server.url + LOAD, json={"lora_name": name, "lora_path": path})
         except httpx.HTTPError as error:
-            self.mark_down(server, f"POST {LOAD}: {_reason(error)}")
-            raise ServerDown(_reason(error)) from error
+            self.mark_down(server, f"POST {LOAD}: {error_reason(error)}")
+            raise ServerDown(error_reason(error)) from error
         message = error_message(response)
         if response.status_code == 200 or (response.status_code == 400 and "has already been loaded" in message):
             with self._lock:
@@ -258,7 +258,7 @@ class RemotePool:
             try:
                 response = self._client.post(server.url + UNLOAD, json={"lora_name": name})
             except httpx.HTTPError as error:
-                self.mark_down(server, f"POST {UNLOAD}: {_reason(error)}")
+                self.mark_down(server, f"POST {UNLOAD}: {error_reason(error)}")
                 continue
             if response.status_code not in (200, 404):
                 log.warning("vLLM server %s did not unload adapter %s (%d: %s)", server.label, name,
@@ -298,6 +298,7 @@ def _public(name: str) -> str:
     return repr(tenant_adapter.partition(":")[2] or tenant_adapter)
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
+    """An exception as one log/message line: its type, and its text when it has one."""
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
