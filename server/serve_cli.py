@@ -4,6 +4,7 @@ import argparse
 
 from core.errors import LoragError
 from core.settings import load_settings
+from server.settings import ENGINES
 
 TENANT_EPILOG = """examples:
   lorag tenant add acme            create tenant 'acme' and print its API key (shown once)
@@ -34,7 +35,7 @@ def add_commands(subparsers, common: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--device", help="torch device for the model, e.g. cuda or cpu")
     serve.add_argument(
-        "--engine", choices=["auto", "engine", "transformers", "remote"],
+        "--engine", choices=ENGINES,
         help="generation path (generation.engine): auto = the multi-adapter engine for Llama/Qwen2 on CUDA; "
         "remote = the vLLM servers in generation.remote_url (env LORAG_GENERATION__REMOTE_URL)",
     )

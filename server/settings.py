@@ -8,7 +8,7 @@ import hashlib
 import json
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -117,6 +117,11 @@ class HTTPSettings(BaseModel):
         return self.admin_key_hash.lower() if self.admin_key_hash else None
 
 
+# Which generator serves: one list for the settings, `lorag serve --engine` and the generator factory.
+EngineChoice = Literal["auto", "engine", "transformers", "remote"]
+ENGINES = get_args(EngineChoice)
+
+
 class GenerationSettings(BaseModel):
     model: str | None = Field(
         PACKAGED,
@@ -133,7 +138,7 @@ class GenerationSettings(BaseModel):
         "too), 'extractive' quotes passages without a model, 'error' refuses to start",
     )
     models_dir: Path | None = Field(None, description="where converted models are kept; None = <data_dir>/models")
-    engine: Literal["auto", "engine", "transformers", "remote"] = Field(
+    engine: EngineChoice = Field(
         "auto", description="auto: the multi-adapter engine for Llama/Qwen2 on CUDA, else transformers + peft; "
         "remote: OpenAI-compatible vLLM servers (remote_url) generate, lorag keeps retrieval, prompts and citations",
     )
