@@ -80,7 +80,7 @@ def build_model(args, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from training.loss import CausalLMLoss
-    from training.model import attach_adapter
+    from training.model import attach_adapter, freeze_base
     from training.sharding import shard
     from training.settings import TrainingSettings
 
@@ -102,12 +102,7 @@ def build_model(args, device):
         # Parameters on meta, buffers (rotary frequencies) real: nothing of the weights is allocated yet.
         with init_empty_weights(include_buffers=False):
             base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    base.config.use_cache = False
-    for param in base.parameters():
-        param.requires_grad_(False)
-    if args.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+    freeze_base(base, gradient_checkpointing=args.gradient_checkpointing)
     peft_model = attach_adapter(base, cfg)
     if args.method == "lora":
         # peft made the adapter on meta with the base; train it in fp32 as lorag does.

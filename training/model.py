@@ -97,14 +97,20 @@ def load_base_model(base_model: str, settings: TrainingSettings, *, device_index
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model), **kwargs)
     except (OSError, ValueError) as error:
         raise LoragError(f"cannot load base model {base_model!r}: {error}") from error
+    freeze_base(model, gradient_checkpointing=settings.gradient_checkpointing)
+    return model
+
+
+def freeze_base(model, *, gradient_checkpointing: bool) -> None:
+    """Ready a base model for adapter training: no KV cache, every base weight frozen, and optionally
+    gradient checkpointing (its inputs made to require grad, which frozen embeddings would not)."""
     model.config.use_cache = False
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if settings.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give checkpointed blocks no input that requires grad; adapters still need one.
         model.enable_input_require_grads()
-    return model
 
 
 def compile_layers(model) -> int:
