@@ -48,7 +48,7 @@ class Replayed:
     answerability: float
     draft_text: str  # the draft with its markers fixed (what the client gets when the draft stands)
     draft_cited: list[int]
-    draft_stands: bool  # a claim of it is supported, or it makes no claim: neither quoted nor declined
+    draft_stands: bool  # a claim of it is supported: neither quoted nor declined (a claimless draft is either)
     quote_support: float  # the quoter's support for the question
     quote_text: str | None  # the quote answer, when the quoter finds sentences to quote
     quote_cited: list[int]
