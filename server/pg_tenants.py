@@ -113,6 +113,8 @@ class PgTenantRegistry:
         Raises:
             Conflict: a tenant of that id exists already.
         """
+        validate_tenant_name(tenant.id)  # what the file registry checks too: the same input is good for both
+        check_adapter_name(tenant.default_adapter)
         with self.database.connection() as connection:
             if connection.execute(
                 "INSERT INTO lorag.tenants (id, default_adapter, created_at) VALUES (%s, %s, %s) "

@@ -141,7 +141,7 @@ class TenantRegistry:
             LoragError: invalid name. Conflict: the tenant already exists.
         """
         validate_tenant_name(tenant_id)
-        _check_adapter_name(default_adapter)
+        check_adapter_name(default_adapter)
         key = new_key()
         with self._editing() as tenants:
             if tenant_id in tenants:
@@ -176,7 +176,7 @@ class TenantRegistry:
         return key
 
     def set_default_adapter(self, tenant_id: str, adapter: str | None) -> Tenant:
-        _check_adapter_name(adapter)
+        check_adapter_name(adapter)
         with self._editing() as tenants:
             if tenant_id not in tenants:
                 raise NotFound(f"tenant {tenant_id!r} does not exist")
@@ -190,6 +190,7 @@ class TenantRegistry:
             Conflict: a tenant of that id exists already.
         """
         validate_tenant_name(tenant.id)
+        check_adapter_name(tenant.default_adapter)
         with self._editing() as tenants:
             if tenant.id in tenants:
                 raise Conflict(f"tenant {tenant.id!r} already exists in {str(self.path)!r}")
@@ -225,7 +226,6 @@ def check_adapter_name(name: str | None) -> None:
         validate_adapter_name(name)  # the adapter registry's own naming rule
 
 
-_check_adapter_name = check_adapter_name
 
 
 class TenantStore(Protocol):

@@ -80,3 +80,14 @@ def test_two_replicas_agree_on_tenants_without_restart(tmp_path, postgres_dsn, e
         assert one.get("/v1/documents", headers=auth(rotated)).status_code == 401
     for pool in pools:
         pool.close()
+
+
+def test_both_registries_refuse_the_same_bad_import(registry):
+    """import_tenant (lorag db copy-tenant) checks the tenant id and default adapter as add does, in either store."""
+    from server.tenants import Tenant
+
+    with pytest.raises(LoragError, match="tenant"):
+        registry.import_tenant(Tenant("../escape", (hash_key("k"),), None, "2026-12-04T00:00:00+00:00"))
+    with pytest.raises(LoragError):
+        registry.import_tenant(Tenant("acme", (hash_key("k"),), "bad name/..", "2026-12-04T00:00:00+00:00"))
+    assert registry.tenants() == []
