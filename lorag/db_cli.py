@@ -2,7 +2,7 @@
 
 import argparse
 
-from core.errors import LoragError
+from core.errors import Conflict, LoragError, NotFound
 
 DB_EPILOG = """examples:
   lorag db migrate --dsn postgresql://lorag@db.internal/lorag      create or upgrade the schema
@@ -61,20 +61,21 @@ def run_copy_tenant(args: argparse.Namespace) -> int:
 
     settings, dsn = _settings_and_dsn(args)
     validate_tenant_name(args.tenant)
-    report = copy_tenant_index(settings, args.tenant, to=args.to, dsn=dsn)
-    print(f"tenant {args.tenant}: copied {report.documents} documents ({report.chunks} chunks, {report.vectors} "
-          f"vectors) from {report.source} to {report.destination}")
-    # The tenant's registry entry (key hashes, default adapter) goes along, so its API keys keep working.
+    # The tenant's registry entry (key hashes, default adapter) goes first, so its API keys keep working; a run
+    # stopped after it (or after a failed index copy) is finished by running it again.
     files, postgres = TenantRegistry(settings.data_dir), PgTenantRegistry(shared_database(dsn))
     source, destination = (files, postgres) if args.to == "postgresql" else (postgres, files)
     try:
         entry = source.get(args.tenant)
-    except LoragError:
+    except NotFound:
         print(f"tenant {args.tenant}: not in the source's tenant registry; create it with `lorag tenant add`")
-        return 0
-    if any(tenant.id == args.tenant for tenant in destination.tenants()):
-        print(f"tenant {args.tenant}: already in the destination's tenant registry, keys left as they are there")
     else:
-        destination.import_tenant(entry)
-        print(f"tenant {args.tenant}: registry entry copied ({len(entry.key_hashes)} key(s) keep working)")
+        try:
+            destination.import_tenant(entry)
+            print(f"tenant {args.tenant}: registry entry copied ({len(entry.key_hashes)} key(s) keep working)")
+        except Conflict:
+            print(f"tenant {args.tenant}: already in the destination's tenant registry, keys left as they are there")
+    report = copy_tenant_index(settings, args.tenant, to=args.to, dsn=dsn)
+    print(f"tenant {args.tenant}: copied {report.documents} documents ({report.chunks} chunks, {report.vectors} "
+          f"vectors) from {report.source} to {report.destination}")
     return 0
