@@ -59,6 +59,7 @@ class TenantIndex:
         self._chunk_count = 0  # chunks of the loaded generation (vectors are per window, so not len(vectors))
         self._vectors = FaissVectorStore.empty(manifest.dimension, index_type=manifest.index_type)
         self._keyword: tuple[int, KeywordIndex] | None = None
+        self._readable: tuple[object, object] | None = None  # (loaded vectors, their id-mapped copy), see export
         self._identity = _dir_identity(self.directory)
         _clean_unreferenced_generations(self.directory, self.store)
         self._load()
@@ -241,9 +242,14 @@ class TenantIndex:
         chunks = self.store.chunks_by_rowid(rowids.tolist())
         ids = vector_ids_of(rowids, counts)
         store = self._vectors
-        if store.index_type == "ivf" and store.index is not None:  # IVF lists need an id map to read back
-            store = store.copy()
-            store.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        if store.index_type == "ivf" and store.index is not None:
+            # IVF lists need an id map to read vectors back; made once per loaded vector file, not per
+            # document (a copy of the whole index each time made a tenant's copy quadratic).
+            if self._readable is None or self._readable[0] is not store:
+                mapped = store.copy()
+                mapped.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+                self._readable = (store, mapped)
+            store = self._readable[1]
         vectors = np.stack([store.index.reconstruct(int(i)) for i in ids]) if len(ids) else \
             np.zeros((0, self.manifest.dimension), dtype=np.float32)
         return record, [chunks[int(rowid)] for rowid in rowids], vectors.astype(np.float32)

@@ -320,3 +320,19 @@ def test_an_index_from_before_chunk_contexts_keeps_working_and_takes_new_ones(bu
     assert all(c.context == "" for c in old.chunks_of(old.document_by_source("handbook/warranty.md").document_id))
     # The keyword index reads the context line too: "Lab Handbook" is in no chunk text.
     assert {c.source for c, _ in old.search_keyword("lab handbook", 10)} == {"handbook/calibration.md"}
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_export_reads_back_every_documents_vectors(build_index, corpus_vectors, index_type):
+    """export_document (what `lorag db copy-tenant` moves) gives each document's vectors as stored, for every index
+    type: IVF lists are read through one id-mapped copy of the loaded index, made once, not per document."""
+    index = build_index(index_type=index_type)
+    mapped = []
+    for source, vectors in corpus_vectors.items():
+        record, chunks, exported = index.export_document(source)
+        assert record.source == source and [c.source for c in chunks] == [source] * len(chunks)
+        np.testing.assert_allclose(exported, vectors, atol=1e-5)
+        mapped.append(index._readable)
+    if index_type == "ivf":
+        assert mapped[0] is not None and all(m is mapped[0] for m in mapped)  # one copy for the whole export
+    assert index.export_document("no/such.md") is None
