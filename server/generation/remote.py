@@ -293,6 +293,8 @@ def load_remote_generator(settings, *, data_dir: Path, model_path: str) -> Remot
     """
     from transformers import AutoTokenizer
 
+    from server.generation.transformers_generator import declared_context
+
     api_key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
     pool = RemotePool(settings.remote_url, api_key=api_key, timeout_s=settings.remote_timeout_s)
     pool.probe_all()
@@ -308,12 +310,13 @@ def load_remote_generator(settings, *, data_dir: Path, model_path: str) -> Remot
             )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        served = _served_model(model_path)
+        served, config = _served_model(model_path)
     except (OSError, ValueError) as error:
         pool.close()
         raise LoragError(f"cannot read the tokenizer and config of generation.model {model_path!r}: {error}",
                          hint="generation.model must name the base model the vLLM servers serve") from error
-    context = settings.max_context_tokens or served_context(model_path)
+    # Not capped as a local model is: the servers' own max_model_len bounds it (RemoteGenerator.context_tokens).
+    context = settings.max_context_tokens or declared_context(config, tokenizer)
     generator = RemoteGenerator(pool, tokenizer, base_model=base_model, served=served, context_tokens=context,
                                 data_dir=data_dir, remote_data_dir=settings.remote_adapter_dir)
     pool.start_polling(settings.remote_health_interval_s)
@@ -324,7 +327,8 @@ def load_remote_generator(settings, *, data_dir: Path, model_path: str) -> Remot
 
 
 def _served_model(model_path: str):
-    """The base model's adapters.host.ServedModel, read from its config on the meta device (no weights)."""
+    """The base model's adapters.host.ServedModel, read from its config on the meta device (no weights), and
+    that config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -334,11 +338,4 @@ def _served_model(model_path: str):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     # vLLM serves plain LoRA; DoRA adapters are refused before they reach it.
-    return replace(ServedModel.of_module(model, name=model_path), device="remote", dora=False)
-
-
-def served_context(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
+    return replace(ServedModel.of_module(model, name=model_path), device="remote", dora=False), config

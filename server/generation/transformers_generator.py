@@ -498,13 +498,19 @@ def _deliver(row: _Row, item: TextDelta | BaseException) -> None:
 
 
 def _context_length(model, tokenizer) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # Capped: a model declaring 128k positions would otherwise let one request claim memory for all of them here.
+    return min(declared_context(model.config, tokenizer), MAX_DEFAULT_CONTEXT)
+
+
+def declared_context(config, tokenizer) -> int:
+    """The context length a model's config (its text part) or else its tokenizer declares; 2048 if neither does."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attribute, None)
         if isinstance(value, int) and value > 0:
-            return min(value, MAX_DEFAULT_CONTEXT)
+            return value
     value = getattr(tokenizer, "model_max_length", None)
-    return min(value, MAX_DEFAULT_CONTEXT) if isinstance(value, int) and 0 < value < 10**7 else 2048
+    return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 
 
 def _torch_dtype(dtype: str, device: str):
