@@ -26,13 +26,15 @@ _ERRORS = {
     503: {"model": ErrorResponse, "description": "all generation slots and the queue are full; see Retry-After"},
     504: {"model": ErrorResponse, "description": "generation ran past server.request_timeout_s"},
 }
+# Both endpoints answer JSON, or SSE chunks when stream=true, and fail alike.
+_RESPONSES = _ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}
 _DISCONNECT_POLL_S = 0.2
 
 
 @router.post(
     "/v1/chat/completions",
     response_model=ChatResponse,
-    responses=_ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+    responses=_RESPONSES,
     summary="Chat completion with cited passages",
 )
 async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentTenant, services: ReadyServices):
@@ -45,7 +47,7 @@ async def chat_completions(body: ChatRequest, request: Request, tenant: CurrentT
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses=_ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+    responses=_RESPONSES,
     summary="Text completion with cited passages (the prompt is answered as one user turn)",
 )
 async def completions(body: CompletionRequest, request: Request, tenant: CurrentTenant, services: ReadyServices):
