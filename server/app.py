@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from server.error_handlers import install_error_handlers
 from server.limits import BodyLimitMiddleware
-from server.metrics import MetricsMiddleware
 from server.openapi import install_openapi
 from server.request_log import RequestLogMiddleware
 from server.routes import adapters, admin, chat, health, models, passages, retrieve, uploads, web
@@ -73,11 +72,10 @@ def create_app(settings: ServerSettings, *, retrieval=None, generator=None) -> F
         app.include_router(router)
     install_openapi(app, routers, max_k=settings.server.max_k)
     install_docs(app)
-    # Outermost first at request time: metrics see every response, including 413s.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes, max_json_bytes=settings.server.max_json_bytes
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RequestLogMiddleware)  # outermost: its X-Request-ID is on every response, 413s included
+    # Outermost: its X-Request-ID, log line and metrics cover every response, 413s included.
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)
     return app
 

@@ -23,10 +23,15 @@ _MAX_CAPTURED_BYTES = 64 * 1024  # enough for a chat body's "model" or an error 
 
 
 class RequestLogMiddleware:
-    """Pure ASGI (streaming responses are timed to their last byte, bodies are not buffered for the app)."""
+    """Pure ASGI (streaming responses are timed to their last byte, bodies are not buffered for the app).
 
-    def __init__(self, app: ASGIApp):
+    With ``metrics`` (server.metrics.Metrics) it also counts every response and its latency by route template
+    (not raw path) and tenant, from the same status and timing as the log line.
+    """
+
+    def __init__(self, app: ASGIApp, metrics=None):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,6 +78,10 @@ class RequestLogMiddleware:
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                 "error": _error_reason(bytes(response["body"])) if status >= 400 else None,
             }
+            if self.metrics is not None:
+                tenant = fields["tenant"] or "-"
+                self.metrics.requests.labels(route, fields["method"], str(status), tenant).inc()
+                self.metrics.latency.labels(route, tenant).observe(time.perf_counter() - started)
             log.log(
                 logging.WARNING if status >= 500 else logging.INFO,
                 "%s %s %s status=%s tenant=%s model=%s latency_ms=%s%s",
