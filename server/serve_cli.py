@@ -140,7 +140,7 @@ def run_tenant_remove(args: argparse.Namespace) -> int:
     from server.tenant_lifecycle import remove_tenant
 
     settings = _settings(args)
-    removed = remove_tenant(_registry(args), settings.data_dir, args.name, purge=args.purge, settings=settings)
+    removed = remove_tenant(_registry(args), settings, args.name, purge=args.purge)
     data = {"purged": "its data was deleted", "none": "it had no data",
             "quarantined": f"its data was moved to {removed.quarantined_to}" if removed.quarantined_to else
             "its PostgreSQL index was kept under a quarantine name"}[removed.data]

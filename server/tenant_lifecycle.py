@@ -37,36 +37,36 @@ def quarantine_dir(data_dir: Path) -> Path:
     return Path(data_dir) / QUARANTINE_DIR
 
 
-def remove_tenant(registry, data_dir: Path, tenant_id: str, *, purge: bool = False, settings=None) -> RemovedTenant:
-    """Remove ``tenant_id`` from ``registry`` and quarantine (or with ``purge`` delete) its data directory.
+def remove_tenant(registry, settings, tenant_id: str, *, purge: bool = False) -> RemovedTenant:
+    """Remove ``tenant_id`` from ``registry`` and quarantine (or with ``purge`` delete) its data directory under
+    ``settings.data_dir`` (the process's settings).
 
-    With ``purge``, a tenant no longer in the registry whose data is still on disk (left by an older lorag, or
-    ingested without ever being registered) has its data deleted too.
+    With ``purge``, a tenant no longer in the registry whose data is still there (left by an older lorag,
+    ingested without ever being registered, or an index left in PostgreSQL) has that data deleted too.
 
-    ``settings`` (the process's): with ``retrieval.store`` in PostgreSQL, the tenant's index there is deleted or
-    renamed to a quarantine name as well (``retrieval.tenant_indexes.retire_index``).
+    With ``retrieval.store`` in PostgreSQL, the tenant's index there is deleted or renamed to a quarantine name
+    as well (``retrieval.tenant_indexes.retire_index``): a tenant created later under the id starts empty.
 
     Raises:
         NotFound: the tenant is neither registered nor has data (or, without ``purge``, is not registered).
         LoragError: an invalid tenant name.
     """
+    from retrieval.tenant_indexes import index_exists, retire_index
+
     validate_tenant_name(tenant_id)
+    data_dir = settings.data_dir
     source = tenant_dir(data_dir, tenant_id)
     try:
         removed = registry.remove(tenant_id)
     except NotFound:
-        if not (purge and source.exists()):
+        if not (purge and (source.exists() or index_exists(settings, tenant_id))):
             raise
         removed = None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    retired = None
-    if settings is not None:
-        from retrieval.tenant_indexes import retire_index
-
-        retired = retire_index(settings, tenant_id, purge=purge, stamp=stamp)
-        if retired is not None:
-            log.warning("tenant %s removed; its PostgreSQL index was %s", tenant_id,
-                        "deleted" if retired == "purged" else f"renamed {retired!r}")
+    retired = retire_index(settings, tenant_id, purge=purge, stamp=stamp)
+    if retired is not None:
+        log.warning("tenant %s removed; its PostgreSQL index was %s", tenant_id,
+                    "deleted" if retired == "purged" else f"renamed {retired!r}")
     if not source.exists():
         return RemovedTenant(tenant_id, removed, "none" if retired is None else "purged" if purge else "quarantined")
     if purge:

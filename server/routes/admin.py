@@ -52,9 +52,7 @@ async def remove_tenant(
     ``<data_dir>/quarantine``, or with ``purge=true`` is deleted. A tenant created later under the same id starts
     empty. ``purge=true`` also deletes data left on disk by a tenant no longer registered."""
     removed = await run_in_threadpool(
-        remove_tenant_and_data, services.registry, services.settings.data_dir, tenant_id, purge=purge,
-        settings=services.settings,
-    )
+        remove_tenant_and_data, services.registry, services.settings, tenant_id, purge=purge)
     if services.adapters is not None:
         await run_in_threadpool(services.adapters.refresh)  # retire its adapters now, not at the next poll
     out = tenant_out(removed.tenant) if removed.tenant is not None else TenantOut(

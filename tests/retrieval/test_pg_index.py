@@ -178,3 +178,21 @@ def test_a_removed_tenants_index_is_renamed_away_or_deleted(build_pg_index, post
     assert retire_index(settings, "delta", purge=True, stamp="x") == "purged"
     assert not index_exists(settings, "delta") and read_manifest(database, "delta#x") is None
     assert retire_index(settings, "nobody", purge=True, stamp="x") is None
+
+
+def test_purge_deletes_an_index_left_in_postgresql_by_an_unregistered_tenant(build_pg_index, postgres_dsn, tmp_path):
+    """A PostgreSQL index whose tenant is in no registry (and has no data folder) is found and deleted by purge;
+    without purge, removing an unknown tenant is still NotFound."""
+    from core.settings import Settings
+    from retrieval.tenant_indexes import index_exists
+    from server.tenant_lifecycle import remove_tenant
+    from server.tenants import TenantRegistry
+
+    settings = Settings(data_dir=tmp_path, retrieval={"store": postgres_dsn})
+    build_pg_index(tenant="orphan")
+    registry = TenantRegistry(tmp_path)
+    with pytest.raises(NotFound):
+        remove_tenant(registry, settings, "orphan")
+    removed = remove_tenant(registry, settings, "orphan", purge=True)
+    assert removed.tenant is None and removed.data == "purged"
+    assert not index_exists(settings, "orphan")
