@@ -133,6 +133,19 @@ def test_sharegpt_top_level_system_is_the_system_prompt(tmp_path):
 
 
 def test_openai_weight_zero_turns_are_context_not_targets(tmp_path, tokenizer):
+    _assert_weight_zero_turns_are_context(tmp_path, tokenizer)
+
+
+@pytest.mark.slow
+def test_openai_weight_zero_turns_with_the_packaged_models_tokenizer(tmp_path, packaged_model_path):
+    """The same with the real model's tokenizer and chat template (SmolLM2, ChatML): only the learned turn is
+    labelled."""
+    from transformers import AutoTokenizer
+
+    _assert_weight_zero_turns_are_context(tmp_path, AutoTokenizer.from_pretrained(packaged_model_path))
+
+
+def _assert_weight_zero_turns_are_context(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "openai.jsonl", [{"messages": [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Bad old answer.", "weight": 0},
