@@ -29,7 +29,9 @@ from core.errors import LoragError, NotFound
 from retrieval.keyword import KeywordIndex
 from core.atomic import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
-from retrieval.store import ChunkStore, ChunkWriter, chunk_rowids_of, create_schema, vector_count, vector_ids_of
+from retrieval.store import (
+    ChunkStore, ChunkWriter, check_document, chunk_rowids_of, create_schema, vector_ids_of,
+)
 from core.datadir import PRIVATE_FILE_MODE, index_dir, make_private_dir, make_private_file
 from core.records import Chunk, DocumentRecord
 from retrieval.vector_store import FaissVectorStore
@@ -301,16 +303,8 @@ class IndexUpdate:
             LoragError: the shapes disagree, or a chunk belongs to another source or tenant.
         """
         self._check_open()
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        dimension = self.index.manifest.dimension
-        expected = sum(vector_count(chunk) for chunk in chunks)
-        if vectors.shape != (expected, dimension):
-            raise LoragError(
-                f"document {record.source!r}: {len(chunks)} chunks with {expected} embedded texts need vectors of "
-                f"shape ({expected}, {dimension}), got {vectors.shape}"
-            )
-        if record.tenant != self.index.tenant:
-            raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {self.index.tenant!r}")
+        vectors = check_document(record, chunks, vectors, tenant=self.index.tenant,
+                                 dimension=self.index.manifest.dimension)
         self._removed.append(self._writer.remove_source(record.source))
         self._added_ids.append(self._writer.insert_document(record, chunks))
         self._added_vectors.append(vectors)

@@ -85,6 +85,37 @@ def vector_count(chunk: Chunk) -> int:
     return max(1, len(chunk.windows))
 
 
+def check_document(record: DocumentRecord, chunks: Sequence[Chunk], vectors, *, tenant: str,
+                   dimension: int) -> np.ndarray:
+    """What every store checks before it stores a document: the vectors' shape (one per embedded text of each
+    chunk, ``dimension`` wide), that the record and every chunk are ``tenant``'s and the record's source, and that
+    no chunk has more windows than WINDOW_SLOTS (the file store's limit, kept by both stores so that both take
+    the same data). Returns the vectors as contiguous float32.
+
+    Raises:
+        LoragError: naming the document or chunk and what is wrong.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    expected = sum(vector_count(chunk) for chunk in chunks)
+    if vectors.shape != (expected, dimension):
+        raise LoragError(
+            f"document {record.source!r}: {len(chunks)} chunks with {expected} embedded texts need vectors of "
+            f"shape ({expected}, {dimension}), got {vectors.shape}"
+        )
+    if record.tenant != tenant:
+        raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {tenant!r}")
+    for chunk in chunks:
+        if chunk.source != record.source or chunk.tenant != tenant:
+            raise LoragError(
+                f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
+                f"not to document {record.source!r} of tenant {tenant!r}"
+            )
+        if len(chunk.windows) > WINDOW_SLOTS:
+            raise LoragError(f"chunk {chunk.id!r} of {record.source!r} has {len(chunk.windows)} windows, at most "
+                             f"{WINDOW_SLOTS} fit", hint="Raise chunking.window_tokens")
+    return vectors
+
+
 def connect(path: Path) -> sqlite3.Connection:
     # Created owner-only before SQLite opens it: its -wal and -shm files take the database file's mode.
     try:
@@ -301,11 +332,8 @@ class ChunkWriter:
         return self._connection.execute("SELECT 1 FROM documents WHERE source = ?", (source,)).fetchone() is not None
 
     def insert_document(self, record: DocumentRecord, chunks: Sequence[Chunk]) -> np.ndarray:
-        """Insert ``record`` and its ``chunks`` (in reading order); returns their vector ids, chunk by chunk.
-
-        Raises:
-            LoragError: a chunk belongs to another source or tenant, or has more than WINDOW_SLOTS windows.
-        """
+        """Insert ``record`` and its ``chunks`` (in reading order, checked by :func:`check_document`); returns
+        their vector ids, chunk by chunk."""
         self._connection.execute(
             f"INSERT INTO documents ({_DOCUMENT_COLUMNS}, name) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (record.document_id, record.source, record.pages, len(chunks), record.size_bytes, record.ingested_at,
@@ -313,17 +341,6 @@ class ChunkWriter:
         )
         rowids = []
         for ordinal, chunk in enumerate(chunks):
-            if chunk.source != record.source or chunk.tenant != self.tenant:
-                raise LoragError(
-                    f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
-                    f"not to document {record.source!r} of tenant {self.tenant!r}"
-                )
-            if len(chunk.windows) > WINDOW_SLOTS:
-                raise LoragError(
-                    f"chunk {chunk.id!r} of {record.source!r} has {len(chunk.windows)} windows, at most "
-                    f"{WINDOW_SLOTS} fit",
-                    hint="Raise chunking.window_tokens",
-                )
             cursor = self._connection.execute(
                 'INSERT INTO chunks (chunk_id, source, document_id, ordinal, page, start, "end", text, heading_path, '
                 "windows, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

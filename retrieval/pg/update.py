@@ -10,7 +10,7 @@ from core.errors import LoragError, NotFound
 from core.records import Chunk, DocumentRecord
 from retrieval.pg.index import DOCUMENT_COLUMNS, PgTenantIndex, vectors_table
 from retrieval.pg.keyword import keyword_text, term_counts
-from retrieval.store import WINDOW_SLOTS, vector_count
+from retrieval.store import check_document, vector_count
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,7 @@ class PgIndexUpdate:
         """
         self._check_open()
         index = self.index
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        dimension = index.manifest.dimension
-        expected = sum(vector_count(chunk) for chunk in chunks)
-        if vectors.shape != (expected, dimension):
-            raise LoragError(
-                f"document {record.source!r}: {len(chunks)} chunks with {expected} embedded texts need vectors of "
-                f"shape ({expected}, {dimension}), got {vectors.shape}"
-            )
-        if record.tenant != index.tenant:
-            raise LoragError(f"document {record.source!r} is for tenant {record.tenant!r}, not {index.tenant!r}")
-        for chunk in chunks:
-            if chunk.source != record.source or chunk.tenant != index.tenant:
-                raise LoragError(
-                    f"chunk {chunk.id!r} belongs to source {chunk.source!r} of tenant {chunk.tenant!r}, "
-                    f"not to document {record.source!r} of tenant {index.tenant!r}"
-                )
-            if len(chunk.windows) > WINDOW_SLOTS:  # the file store's limit, kept so both stores take the same data
-                raise LoragError(f"chunk {chunk.id!r} of {record.source!r} has {len(chunk.windows)} windows, at most "
-                                 f"{WINDOW_SLOTS} fit", hint="Raise chunking.window_tokens")
+        vectors = check_document(record, chunks, vectors, tenant=index.tenant, dimension=index.manifest.dimension)
         self.remove_source(record.source)
         connection, index_id = self._connection, index.index_id
         connection.execute(
