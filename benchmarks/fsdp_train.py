@@ -232,6 +232,10 @@ def run(args) -> dict | None:
         "peak_memory_bytes_per_gpu": [int(p.item()) for p in peaks], "build_s": build_s, "losses": losses,
         "dry_run": args.dry_run, "torch": torch.__version__,
     }
+    # Every rank leaves the group before exiting: a process that exits with gloo's threads still running aborts
+    # ("terminate called without an active exception"), which a loaded machine turned into a failed run.
+    dist.barrier()
+    dist.destroy_process_group()
     if not all(map(_finite, losses)):
         raise SystemExit(f"non-finite loss: {losses}")
     if rank != 0:
