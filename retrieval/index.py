@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import LoragError, NotFound
-from retrieval.keyword import KeywordIndex
+from retrieval.keyword import KeywordIndex, TermWeights
 from core.atomic import fsync_path
 from retrieval.manifest import IndexManifest, read_manifest, write_manifest
 from retrieval.store import (
@@ -222,6 +222,10 @@ class TenantIndex:
             if len(allowed) == 0:
                 return []
         return self._join(self._keyword_index().search(query, k, allowed_rowids=allowed))
+
+    def term_weights(self, text: str) -> TermWeights:
+        """``text``'s keyword terms weighted by their rarity among this index's chunks (BM25's idf)."""
+        return self._keyword_index().term_weights(text)
 
     def _keyword_index(self) -> KeywordIndex:
         with self._lock:

@@ -5,6 +5,8 @@ Terms are lower-cased, English stopwords dropped and, when PyStemmer is installe
 """
 
 import logging
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,6 +41,34 @@ def tokenize(texts: list[str], *, stemmer=None) -> list[list[str]]:
     return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
 
 
+def idf(document_frequency: int, chunk_count: int) -> float:
+    """Lucene BM25's inverse document frequency, the weight bm25s (and retrieval.pg.keyword) gives a term."""
+    return math.log(1 + (chunk_count - document_frequency + 0.5) / (document_frequency + 0.5))
+
+
+@dataclass(frozen=True)
+class TermWeights:
+    """A text's keyword terms, each weighted by how rare it is in one tenant's index (BM25's idf; a term no chunk
+    holds weighs most). Answerability uses it to ask how much of a question a passage covers with the question's
+    rare words counting most: "Is there an iPhone app?" over documents that never say "iPhone"."""
+
+    weights: dict[str, float]
+    stemmer_language: str | None = "english"
+
+    def without(self, terms: frozenset[str]) -> "TermWeights":
+        """These weights less ``terms`` (stemmed as the index stems them)."""
+        return TermWeights({t: w for t, w in self.weights.items() if t not in terms}, self.stemmer_language)
+
+    def covered(self, texts: list[str]) -> list[float]:
+        """Per text, the share of the total weight carried by the terms it holds (0 for a text with no term)."""
+        total = sum(self.weights.values())
+        if not texts or total <= 0:
+            return [0.0] * len(texts)
+        stemmer = load_stemmer(self.stemmer_language)
+        return [sum(self.weights[t] for t in set(terms) if t in self.weights) / total
+                for terms in tokenize(texts, stemmer=stemmer)]
+
+
 class KeywordIndex:
     """BM25 (Lucene variant) over ``texts``; hits are reported by the ``rowids`` given alongside them."""
 
@@ -50,14 +80,29 @@ class KeywordIndex:
         stemmer = load_stemmer(stemmer_language)
         self.stemmed = stemmer is not None
         self._bm25 = None
+        self._document_frequency = np.zeros(0, dtype=np.int64)  # by bm25s's term id
         if len(texts):
             corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, show_progress=False)
             self._bm25 = bm25s.BM25()
             self._bm25.index(corpus_tokens, show_progress=False)
+            # bm25s keeps its document frequencies private: count them once here (chunks holding each term).
+            frequency = np.zeros(len(corpus_tokens.vocab), dtype=np.int64)
+            for ids in corpus_tokens.ids:
+                frequency[np.unique(np.asarray(ids, dtype=np.int64))] += 1
+            self._document_frequency = frequency
+            self._term_ids = corpus_tokens.vocab
         log.debug("keyword index built over %d chunks (stemmed: %s)", len(texts), self.stemmed)
 
     def __len__(self) -> int:
         return len(self.rowids)
+
+    def term_weights(self, text: str) -> TermWeights:
+        """``text``'s terms with their idf over this index's chunks (see :class:`TermWeights`)."""
+        stemmer = load_stemmer(self.stemmer_language) if self.stemmed else None
+        terms = set(tokenize([text], stemmer=stemmer)[0])
+        known = self._term_ids if self._bm25 is not None else {}
+        return TermWeights({term: idf(int(self._document_frequency[known[term]]) if term in known else 0, len(self))
+                            for term in terms}, self.stemmer_language if self.stemmed else None)
 
     def search(self, query: str, k: int, *, allowed_rowids: np.ndarray | None = None) -> list[tuple[int, float]]:
         """The ``k`` best ``(rowid, bm25 score)`` pairs, best first; only chunks sharing a term with the query."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from retrieval.embedder import Embedder
 from core.errors import NotFound
 from retrieval.index import TenantIndex
+from retrieval.keyword import TermWeights
 from retrieval.tenant_indexes import index_exists, open_index
 from retrieval.reranker import load_reranker
 from retrieval.retriever import HybridRetriever
@@ -126,6 +127,13 @@ class RetrievalService:
                 )
             sources = named
         return retriever.retrieve(query, k=k, sources=sources, mode=mode)
+
+    def term_weights(self, tenant: str, text: str) -> TermWeights | None:
+        """``text``'s keyword terms weighted by how rare each is in ``tenant``'s index (None: no index yet)."""
+        index = self.index(tenant)
+        if index is None or len(index) == 0:
+            return None
+        return index.term_weights(text)
 
     def embed_texts(self, texts: Sequence[str]):
         """``(len(texts), dimension)`` L2-normalised vectors from the retrieval embedder (answer attribution

@@ -20,7 +20,8 @@ from core.errors import LoragError, NotFound
 from core.records import Chunk, DocumentRecord
 from retrieval.manifest import FORMAT_VERSION, IndexManifest
 from retrieval.pg.database import Database
-from retrieval.pg.keyword import BM25_SQL, query_terms
+from retrieval.keyword import TermWeights, idf
+from retrieval.pg.keyword import BM25_SQL, STEMMER_LANGUAGE, query_terms
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,21 @@ class PgTenantIndex:
         rows = self._rows(BM25_SQL, {"index": self.index_id, "terms": terms, "k": k,
                                      "sources": None if sources is None else list(sources)})
         return self._join([(int(rowid), float(score)) for rowid, score in rows if score > 0])
+
+    def term_weights(self, text: str) -> TermWeights:
+        """``text``'s keyword terms weighted by their rarity among this index's chunks (BM25's idf, as the file
+        store's keyword index computes it)."""
+        terms = sorted(set(query_terms(text)))
+        if not terms:
+            return TermWeights({}, STEMMER_LANGUAGE)
+        rows = self._rows(
+            "SELECT q.term, count(t.chunk_rowid), (SELECT chunk_count FROM lorag.indexes WHERE id = %(index)s) "
+            "FROM unnest(%(terms)s::text[]) AS q(term) "
+            "LEFT JOIN lorag.chunk_terms t ON t.index_id = %(index)s AND t.term = q.term GROUP BY q.term",
+            {"index": self.index_id, "terms": terms})
+        frequency = {term: int(count) for term, count, _ in rows}
+        chunk_count = int(rows[0][2] or 0) if rows else 0
+        return TermWeights({term: idf(frequency.get(term, 0), chunk_count) for term in terms}, STEMMER_LANGUAGE)
 
     def _join(self, hits: list[tuple[int, float]]) -> list[tuple[Chunk, float]]:
         if not hits:

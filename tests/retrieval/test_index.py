@@ -148,6 +148,27 @@ def test_keyword_search_finds_an_exact_rare_term(build_index):
     assert index.search_keyword("xylophone", 5) == []
 
 
+def test_term_weights_are_bm25_idf_over_the_tenants_chunks(build_index):
+    """A question's words weighted by rarity among the tenant's chunks: a word no chunk holds weighs most, a word
+    in every chunk of one document less, and a passage covering the rare words covers most of the weight."""
+    from retrieval.keyword import idf
+
+    index = build_index()
+    weights = index.term_weights("Is the Hardanger warranty on an iPhone?")
+    assert set(weights.weights) == {"hardang", "warranti", "iphon"}  # stemmed, stop words out
+    chunks = len(index)
+    assert weights.weights["iphon"] == pytest.approx(idf(0, chunks))  # no chunk says it: the most weight
+    assert weights.weights["hardang"] == pytest.approx(idf(1, chunks))
+    assert weights.weights["warranti"] == pytest.approx(idf(3, chunks))  # the three warranty chunks
+    assert weights.weights["iphon"] > weights.weights["hardang"] > weights.weights["warranti"]
+    rail, warranty, none = weights.covered(["Trains cross the Hardanger plateau.", "The warranty lasts two years.",
+                                            "Bake the loaf."])
+    total = sum(weights.weights.values())
+    assert rail == pytest.approx(weights.weights["hardang"] / total)
+    assert warranty == pytest.approx(weights.weights["warranti"] / total) and none == 0.0
+    assert index.term_weights("the of and").weights == {}  # no term at all: nothing to weigh
+
+
 def test_refresh_sees_another_writers_commit(build_index, embedder, corpus_vectors):
     reader = build_index(["recipes/bread.txt"])
     writer = reopen(reader, embedder)

@@ -47,6 +47,8 @@ def test_answers_match_the_file_store(build_pg_index, build_index, embedder):
         dense_files, dense_pg = files.search_dense(vector, 5), pg.search_dense(vector, 5)
         assert [c for c, _ in dense_pg] == [c for c, _ in dense_files], query
         assert [s for _, s in dense_pg] == pytest.approx([s for _, s in dense_files], abs=1e-5)
+        # The rarity of the query's words, which answerability weighs them by: the same in both stores.
+        assert pg.term_weights(query).weights == pytest.approx(files.term_weights(query).weights, rel=1e-9), query
         keyword_files, keyword_pg = files.search_keyword(query, 5), pg.search_keyword(query, 5)
         assert [c for c, _ in keyword_pg] == [c for c, _ in keyword_files], query  # BM25 reproduced exactly
         assert [s for _, s in keyword_pg] == pytest.approx([s for _, s in keyword_files], rel=1e-6)
