@@ -155,8 +155,9 @@ class ChatService:
         if attribute and passages:
             evidence = await run_in_threadpool(self.attributor.evidence, passages)
             if self.settings.attribution.abstain_below > 0:
+                rarity = await run_in_threadpool(self.retrieval.term_weights, tenant.id, query)
                 answerability = await run_in_threadpool(self.attributor.answerability, query, passages,
-                                                        evidence=evidence)
+                                                        evidence=evidence, rarity=rarity)
 
         request_id = f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
         request = GenerationRequest(

@@ -221,14 +221,15 @@ class AttributionSettings(BaseModel):
                                      "probability or more (held-out precision 0.90, recall 0.98)")
     keep_threshold: float = Field(0.10, ge=0, le=1, description="a marker the model wrote stays on this lower bar")
     max_citations: int = Field(2, ge=1, description="markers per sentence at most")
-    abstain_below: float = Field(0.52, ge=0, le=1, description="when no retrieved passage matches the question this "
-                                 "well, answer that the documents do not say, without generating; 0 = never")
+    abstain_below: float = Field(0.46, ge=0, le=1, description="when no retrieved passage matches the question this "
+                                 "well (its meaning and its words, the rare ones counting most), answer that the "
+                                 "documents do not say, without generating; 0 = never")
     unsupported: Literal["quote", "decline", "flag"] = Field(
         "quote", description="an answer none of whose claims a passage supports: 'quote' answers with the "
         "passages' sentences that best match the question, cited, or declines when none matches well enough; "
         "'decline' answers that the documents do not say; either way the draft stays in attribution.draft; "
         "'flag' returns it with its sentences flagged")
-    quote_min_support: float = Field(0.30, ge=0, le=1, description="'quote' quotes the passages only when their best "
+    quote_min_support: float = Field(0.0, ge=0, le=1, description="'quote' quotes the passages only when their best "
                                      "sentence supports the question this well (word coverage, as the extractive "
                                      "fallback's own bar), else declines")
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from core.prompt import CITATION_MARKER, marker_numbers
 from core.records import Passage
+from retrieval.keyword import TermWeights
 from server.attribution.sentences import split_sentences
 from server.settings import AttributionSettings
 from server.attribution.support import Claim, PassageEvidence, answerability, content_stems, support_probability
@@ -92,18 +93,20 @@ class Attributor:
         return _rewrite(answer, spans, results)
 
     def answerability(self, question: str, passages: Sequence[Passage], *,
-                      evidence: dict[str, PassageEvidence] | None = None) -> float:
+                      evidence: dict[str, PassageEvidence] | None = None, rarity: TermWeights | None = None) -> float:
         """How well the best passage window matches ``question`` (0..1); below ``abstain_below`` no passage
-        answers it."""
+        answers it. ``rarity``: the question's terms weighted by their rarity in the tenant's index
+        (RetrievalService.term_weights), so the words no passage holds count by how rare they are."""
         if not passages:
             return 0.0
         known = evidence if evidence is not None else self.evidence(passages)
         question_vector = self._embed([question])[0]
         stems = frozenset(content_stems(question))
-        return max(answerability(question_vector, stems, known[p.chunk.id]) for p in passages)
+        return max(answerability(question_vector, stems, known[p.chunk.id], rarity=rarity) for p in passages)
 
-    def should_abstain(self, question: str, passages: Sequence[Passage]) -> tuple[bool, float]:
-        score = self.answerability(question, passages)
+    def should_abstain(self, question: str, passages: Sequence[Passage], *,
+                       rarity: TermWeights | None = None) -> tuple[bool, float]:
+        score = self.answerability(question, passages, rarity=rarity)
         return score < self.settings.abstain_below, score
 
     def _judge(self, claim: Claim, written: list[int], evidence: list[PassageEvidence],

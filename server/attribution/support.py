@@ -23,7 +23,14 @@ import numpy as np
 import Stemmer
 
 from core.prompt import CITATION_MARKER
+from retrieval.keyword import TermWeights
 from server.attribution.numeric import Mention, Value, passage_mentions, sentence_values, states_values
+
+# Answerability's blend, chosen with attribution.abstain_below on the sample set, COVID-QA and HotpotQA drafts
+# (benchmarks/RESULTS.md, "Rare words weigh most"): how much the cosine counts against word coverage, and how much
+# of word coverage is weighted by rarity (1: all of it; plain coverage remains for a question without an index).
+COS_WEIGHT = 0.4
+RARE_WEIGHT = 1.0
 
 WEIGHTS = {"bias": -18.048, "cos_best": 1.833, "recall_q": 10.637, "num_ok": 4.820, "ent_ok": 3.721}
 
@@ -39,12 +46,21 @@ STOPWORDS = frozenset(
     which while who whom why will with would you your yours answer according document documents passage
     passages text states stated say says said based provided given mentioned following""".split()
 )
+# Words that shape a question rather than name what it asks about ("how MANY days", "how LONG is"): an answer
+# sentence rarely repeats them, so they do not count against its support.
+QUESTION_WORDS = frozenset(
+    "many much long often far old large big kind type sort whom whose did should could would must may might "
+    "shall".split()
+)
 _NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
 _stem_words = Stemmer.Stemmer("english").stemWords
+# Stems no passage is expected to repeat for a question: its stop words and question-shaping words. Their rarity
+# in the index says nothing (a corpus that seldom writes "what" or "often" would make them weigh most).
+_NO_CLAIM_STEMS = frozenset(_stem_words(sorted(STOPWORDS | QUESTION_WORDS)))
 
 
 def content_stems(text: str) -> list[str]:
@@ -130,14 +146,21 @@ def support_probability(claim: Claim, passage: PassageEvidence, question_stems: 
 
 
 def answerability(question_vector: np.ndarray, question_stems: frozenset[str], passage: PassageEvidence, *,
-                  cos_weight: float = 0.5) -> float:
-    """How well the best window of ``passage`` matches the question: ``cos_weight`` * cosine + the rest *
-    the share of the question's content stems the window holds."""
+                  rarity: TermWeights | None = None, cos_weight: float = COS_WEIGHT,
+                  rare_weight: float = RARE_WEIGHT) -> float:
+    """How well the best window of ``passage`` matches the question: ``cos_weight`` * cosine + the rest * the
+    share of the question the window covers. That share is the plain share of the question's content stems,
+    blended (``rare_weight``) with the share of its keyword terms weighted by their rarity in the tenant's index
+    (``rarity``), so that a question whose rare words no passage holds scores low however on-topic it reads."""
     if not passage.windows:
         return 0.0
     cosines = passage.window_vectors @ question_vector
+    rarity = rarity.without(_NO_CLAIM_STEMS) if rarity is not None else None
+    covered = rarity.covered(passage.windows) if rarity is not None and rarity.weights else None
     best = 0.0
-    for window, cosine in zip(passage.windows, cosines):
+    for index, (window, cosine) in enumerate(zip(passage.windows, cosines)):
         overlap = len(question_stems & set(content_stems(window))) / len(question_stems) if question_stems else 0.0
+        if covered is not None:
+            overlap = (1 - rare_weight) * overlap + rare_weight * covered[index]
         best = max(best, cos_weight * float(cosine) + (1 - cos_weight) * overlap)
     return best

@@ -15,6 +15,7 @@ from typing import Literal
 
 from core.records import Passage
 from retrieval.keyword import load_stemmer
+from server.attribution.support import QUESTION_WORDS
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
 
 NOTHING_FOUND = (
@@ -46,13 +47,6 @@ _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i in is it its of on or that the this to was "
     "were what when where which who why will with you your".split()
 )
-# Words that shape a question rather than name what it asks about ("how MANY days", "how LONG is"): an answer
-# sentence rarely repeats them, so they do not count against its support.
-_QUESTION_WORDS = frozenset(
-    "many much long often far old large big kind type sort whom whose did should could would must may might "
-    "shall".split()
-)
-
 _QUESTION_PARTS = re.compile(r"[,;]\s*(?:and\s+)?|\s+and\s+")  # where a question may ask a second thing
 
 # Page furniture: lines that are part of no sentence (each pattern matches a whole line, spaces collapsed).
@@ -317,7 +311,7 @@ def _word_support(question: str, by_passage: list[list[str]], headings: list[str
         words = [word for word in _terms(text) if word not in leave_out]
         return set(stemmer.stemWords(words) if stemmer is not None else words)
 
-    parts = [stems(part, leave_out=_QUESTION_WORDS) for part in _QUESTION_PARTS.split(question)]
+    parts = [stems(part, leave_out=QUESTION_WORDS) for part in _QUESTION_PARTS.split(question)]
     asked = set().union(*parts)
     found = {sentence: stems(sentence) & asked for sentences in by_passage for sentence in sentences}
     if not asked or not found:

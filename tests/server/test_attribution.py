@@ -82,6 +82,30 @@ def test_a_question_no_passage_answers_is_declined_and_an_answerable_one_is_not(
     assert decline and not answer and low < high
 
 
+def test_the_question_words_no_passage_holds_count_by_their_rarity_in_the_index(attributor):
+    """Answerability weighs a question's words by their rarity among the tenant's chunks (BM25's idf): a rare word
+    no passage holds ("iPhone") pulls the score down more than plain word overlap did, while words that only shape
+    the question ("how often", "should") are not held against it."""
+    import numpy as np
+
+    from retrieval.keyword import KeywordIndex
+
+    texts = [p.chunk.text for p in PASSAGES]
+    index = KeywordIndex(np.arange(len(texts)), texts)
+
+    def scores(question):
+        return (attributor.answerability(question, PASSAGES),
+                attributor.answerability(question, PASSAGES, rarity=index.term_weights(question)))
+
+    iphone_plain, iphone_rare = scores("What does the warranty cover for an iPhone?")
+    often_plain, often_rare = scores("How often should the pH probe be calibrated?")
+    assert iphone_rare < iphone_plain - 0.05  # the rarest word of the question is nowhere in the passages
+    assert often_rare > often_plain  # every word that names something is there; "how often should" asks, not names
+    assert often_rare - iphone_rare > often_plain - iphone_plain  # the two kinds of question move further apart
+    assert index.term_weights("What does the warranty cover for an iPhone?").weights["iphon"] == \
+        max(index.term_weights("What does the warranty cover for an iPhone?").weights.values())
+
+
 def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
     # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
     from core.prompt import ABSTENTION_ANSWER

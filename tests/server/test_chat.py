@@ -177,6 +177,22 @@ def test_a_question_the_documents_cannot_answer_is_declined_without_generating(c
     assert body["usage"]["completion_tokens"] == 0
 
 
+def test_answerability_weighs_the_question_words_by_their_rarity_in_the_tenants_own_index(client, corpus):
+    # The sample documents describe Kestrel Cloud and its app but never an iPhone: the question reads on-topic, and
+    # the rarity of "iPhone" in the tenant's index (no chunk has it) is what lowers its answerability.
+    question = "Is there an iPhone app for Kestrel Cloud?"
+    body = _chat(client, corpus.acme_key, messages=[{"role": "user", "content": question}]).json()
+    passages = corpus.retrieval.retrieve("acme", question)
+    attributor = client.app.state.services.chat.attributor
+    plain = attributor.answerability(question, passages)
+    rarity = corpus.retrieval.term_weights("acme", question)
+    rare = attributor.answerability(question, passages, rarity=rarity)
+    assert body["attribution"]["answerability"] == pytest.approx(rare, abs=1e-4) and rare < plain - 0.1
+    assert max(rarity.weights, key=rarity.weights.get) == "iphon"
+    # the rarity is the asking tenant's: beta's index is another corpus, with other weights
+    assert corpus.retrieval.term_weights("beta", question) != rarity
+
+
 def test_attribution_can_be_turned_off_per_request(client, corpus):
     body = _chat(client, corpus.acme_key, retrieval={"attribution": False}).json()
     assert body["attribution"] is None and body["citations"]  # the generator's own markers still resolve
