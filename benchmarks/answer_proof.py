@@ -35,12 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 FINANCEBENCH = ROOT.parent / "shared" / "datasets" / "financebench"
 COVIDQA = ROOT.parent / "shared" / "datasets" / "covidqa" / "covidQA.json"
+HOTPOTQA = ROOT.parent / "shared" / "datasets" / "hotpotqa" / "dev_subsampled.jsonl"
 MODES = ("before", "after")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("sample", "financebench", "covidqa"), default="sample")
+    parser.add_argument("--dataset", choices=("sample", "financebench", "covidqa", "hotpotqa"), default="sample")
     parser.add_argument("--questions", type=Path, help="a lorag question set (default: the dataset's)")
     parser.add_argument("--docs", type=Path, help="documents to ingest (default: the dataset's)")
     parser.add_argument("--generator", choices=("model", "extractive"), default="model")
@@ -52,10 +53,13 @@ def main() -> int:
     parser.add_argument("--modes", default="before,after",
                         help="comma-separated: before (attribution off), after (on); default both")
     parser.add_argument("--covidqa", type=Path, default=COVIDQA, help="COVID-QA's covidQA.json")
+    parser.add_argument("--hotpotqa", type=Path, default=HOTPOTQA, help="HotpotQA's dev_subsampled.jsonl")
     parser.add_argument("--articles", type=int, default=12, help="COVID-QA articles ingested")
-    parser.add_argument("--answerable", type=int, default=40, help="COVID-QA questions about ingested articles")
-    parser.add_argument("--unanswerable", type=int, default=20, help="COVID-QA questions of articles not ingested")
-    parser.add_argument("--seed", type=int, default=0, help="COVID-QA's choice of articles and questions")
+    parser.add_argument("--answerable", type=int, default=40,
+                        help="COVID-QA questions about ingested articles; HotpotQA questions whose paragraphs are ingested")
+    parser.add_argument("--unanswerable", type=int, default=20,
+                        help="COVID-QA questions of articles not ingested; HotpotQA questions whose paragraphs are not")
+    parser.add_argument("--seed", type=int, default=0, help="the choice of COVID-QA articles, HotpotQA questions")
     args = parser.parse_args()
     args.modes = tuple(m for m in MODES if m in args.modes.split(","))
     if not args.modes:
@@ -67,6 +71,8 @@ def main() -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="lorag-proof-"))
     if args.dataset == "covidqa":
         questions, docs = _covidqa(args, data_dir / "covidqa")
+    elif args.dataset == "hotpotqa":
+        questions, docs = _hotpotqa(args, data_dir / "hotpotqa")
     question_set = load_question_set(questions)
     items = question_set.questions[: args.limit or None]
     key, app = _server(data_dir, docs, args)
@@ -90,7 +96,7 @@ def main() -> int:
 
 
 def _dataset(args) -> tuple[Path | None, Path | None]:
-    if args.dataset == "covidqa":
+    if args.dataset in ("covidqa", "hotpotqa"):
         return None, None  # written into the data dir once it is known
     if args.dataset == "financebench":
         return args.questions or FINANCEBENCH / "questions.jsonl", args.docs or FINANCEBENCH / "pdfs"
@@ -131,6 +137,50 @@ def _covidqa(args, where: Path) -> tuple[Path, Path]:
     print(f"covidqa: {len(ingested)} articles ingested, {sum(1 for r in rows if not r.get('unanswerable'))} "
           f"answerable and {sum(1 for r in rows if r.get('unanswerable'))} unanswerable questions (seed {args.seed})",
           file=sys.stderr)
+    return questions, docs
+
+
+def _hotpotqa(args, where: Path) -> tuple[Path, Path]:
+    """Write HotpotQA paragraphs as text files and the question set as lorag JSONL under ``where``.
+
+    A seeded choice of ``--answerable`` questions has all ten of its paragraphs ingested (the two supporting ones
+    and eight distractors), each as a file named by its title; ``--unanswerable`` other questions, none of whose
+    supporting paragraphs is ingested and whose answer no ingested paragraph holds, are the unanswerable ones.
+    Unlike COVID-QA's, a HotpotQA question names its subject, so it means the same whatever else is ingested."""
+    records = [json.loads(line) for line in args.hotpotqa.read_text().splitlines() if line.strip()]
+    rng = random.Random(args.seed)
+    rng.shuffle(records)
+
+    def file_name(title: str) -> str:
+        return "".join(ch if ch.isalnum() else "-" for ch in title)[:80] + ".txt"
+
+    def answers_of(record: dict) -> list[str]:
+        return [span for answer in record["answers_objects"] for span in answer.get("spans", []) if span.strip()]
+
+    usable = [r for r in records if answers_of(r) and any(c["is_supporting"] for c in r["contexts"])]
+    chosen, rest = usable[: args.answerable], usable[args.answerable :]
+    docs = where / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for record in chosen:
+        for context in record["contexts"]:
+            texts.setdefault(file_name(context["title"]), f"{context['title']}\n\n{context['paragraph_text']}")
+    for name, text in texts.items():
+        (docs / name).write_text(text)
+    corpus = " ".join(" ".join(text.lower().split()) for text in texts.values())
+    rows = [{"id": f"hotpot-{r['question_id']}", "question": r["question_text"],
+             "answers": answers_of(r),
+             "sources": [{"doc": file_name(c["title"])} for c in r["contexts"] if c["is_supporting"]]}
+            for r in chosen]
+    absent = [r for r in rest
+              if not any(c["is_supporting"] and file_name(c["title"]) in texts for c in r["contexts"])
+              and not any(" ".join(a.lower().split()) in corpus for a in answers_of(r))]
+    rows += [{"id": f"hotpot-{r['question_id']}", "question": r["question_text"], "unanswerable": True}
+             for r in absent[: args.unanswerable]]
+    questions = where / "questions.jsonl"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"hotpotqa: {len(texts)} paragraphs ingested, {len(chosen)} answerable and "
+          f"{sum(1 for r in rows if r.get('unanswerable'))} unanswerable questions (seed {args.seed})", file=sys.stderr)
     return questions, docs
 
 

@@ -17,7 +17,12 @@ questions cited, citations whose passage holds the answer, citations on the gold
 questions declined, answerable ones declined. A row with ``--check`` compares a replay at the shipped settings
 with the server's own ``after`` answers in the same file (they must agree: the replay is the server's code).
 
-    python benchmarks/answer_proof_sweep.py sample=proof-sample.jsonl covidqa=proof-covidqa.jsonl
+Answerability weighs the question's words by their rarity in the tenant's index (RetrievalService.term_weights):
+name each run's data dir (``NAME=answers.jsonl@DATA_DIR``, tenant ``proof`` as answer_proof.py ingests it) for
+the replay to do the same; without it the replay has no index and uses plain word overlap. ``--blends`` sweeps
+answerability's blend (cosine weight, rarity weight: support.COS_WEIGHT, RARE_WEIGHT) as a third bar.
+
+    python benchmarks/answer_proof_sweep.py sample=proof-sample.jsonl@/tmp/sample covidqa=proof-covidqa.jsonl@/tmp/covid
 """
 
 import argparse
@@ -31,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.answer_proof import split_of  # noqa: E402
 
-ABSTAIN_BARS = (0.0, 0.4, 0.45, 0.48, 0.5, 0.52, 0.54, 0.55, 0.56, 0.58, 0.6)
+ABSTAIN_BARS = (0.0, *(round(0.4 + 0.01 * step, 2) for step in range(23)))  # 0, 0.40 .. 0.62
 QUOTE_BARS = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.64, 0.7, 0.8, 1.01)  # 1.01: never quote, decline instead
 CITED_TARGET, DECLINED_TARGET = 0.95, 0.80
 
@@ -45,7 +50,8 @@ class Replayed:
     half: str
     unanswerable: bool
     question: object  # evaluation.datasets.EvalQuestion
-    answerability: float
+    answerability: float  # at the shipped blend
+    blended: dict  # (cos weight, rare weight) -> answerability at that blend
     draft_text: str  # the draft with its markers fixed (what the client gets when the draft stands)
     draft_cited: list[int]
     draft_stands: bool  # a claim of it is supported: neither quoted nor declined (a claimless draft is either)
@@ -57,7 +63,9 @@ class Replayed:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="NAME=answers.jsonl from answer_proof.py --out")
+    parser.add_argument("runs", nargs="+", help="NAME=answers.jsonl[@DATA_DIR] from answer_proof.py --out [--data-dir]")
+    parser.add_argument("--blends", nargs="*", default=[], metavar="COS,RARE",
+                        help="answerability blends to sweep besides the shipped one (cosine weight, rarity weight)")
     parser.add_argument("--check", action="store_true", help="compare a replay at the shipped settings with the "
                         "file's own 'after' answers")
     parser.add_argument("--show", action="append", default=[], metavar="ABSTAIN,QUOTE",
@@ -69,31 +77,62 @@ def main() -> int:
     from server.attribution.attributor import Attributor
     from server.settings import ServerSettings
 
+    from server.attribution.support import COS_WEIGHT, RARE_WEIGHT
+
     settings = load_settings(ServerSettings)
-    embed = RetrievalService(settings).embed_texts  # the server's embedder, as in services.build_services
-    attributor = Attributor(embed, settings.attribution)
+    retrieval = RetrievalService(settings)
+    attributor = Attributor(retrieval.embed_texts, settings.attribution)  # the server's embedder
+    shipped_blend = (COS_WEIGHT, RARE_WEIGHT)
+    blends = [shipped_blend] + [b for b in (tuple(float(x) for x in text.split(",")) for text in args.blends)
+                                if b != shipped_blend]
     replayed: list[Replayed] = []
     for run in args.runs:
         name, _, path = run.partition("=")
+        path, _, data_dir = path.partition("@")
+        # The run's own index, for the rarity of the question's words (the embedder is the same).
+        rarity = (RetrievalService(load_settings(ServerSettings, data_dir=data_dir), embedder=retrieval.embedder)
+                  if data_dir else None)
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         drafts = {row["id"]: row for row in rows if row.get("mode") == "before" and "error" not in row}
         for row in drafts.values():
-            replayed.append(_replay(name, row, attributor, settings))
-        print(f"{name}: {len(drafts)} drafts from {path}", file=sys.stderr)
+            replayed.append(_replay(name, row, attributor, settings, rarity, blends))
+        print(f"{name}: {len(drafts)} drafts from {path}" + (f", rarity from {data_dir}" if data_dir else ""),
+              file=sys.stderr)
         if args.check:
-            _check(name, rows, attributor, settings)
+            _check(name, rows, attributor, settings, rarity)
     shipped = (settings.attribution.abstain_below, settings.attribution.quote_min_support)
-    _print_sweep(replayed, shipped, [tuple(float(x) for x in bars.split(",")) for bars in args.show])
+    for blend in blends:
+        for item in replayed:
+            item.answerability = item.blended[blend]
+        print(f"\n=== answerability blend: cosine weight {blend[0]}, rarity weight {blend[1]}"
+              + (" (shipped)" if blend == shipped_blend else ""))
+        _print_sweep(replayed, shipped, [tuple(float(x) for x in bars.split(",")) for bars in args.show],
+                     grid=blend == shipped_blend)
     return 0
 
 
-def _replay(name: str, row: dict, attributor, settings) -> Replayed:
+def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends=()) -> Replayed:
+    import numpy as np
+
+    from server.attribution.support import answerability as blended_answerability, content_stems
     from server.chat_service import prove
     from server.generation.extractive import ExtractiveGenerator
 
     question, passages = _question(row), _passages(row["passages"])
     evidence = attributor.evidence(passages)
-    answerability = attributor.answerability(row["question"], passages, evidence=evidence) if passages else 0.0
+    rarity = rarity_from.term_weights("proof", row["question"]) if rarity_from is not None else None
+    answerability = attributor.answerability(row["question"], passages, evidence=evidence, rarity=rarity) \
+        if passages else 0.0
+    blended = {}
+    if passages and blends:
+        vector = np.asarray(attributor.embed_texts([row["question"]]), dtype=np.float32)[0]
+        stems = frozenset(content_stems(row["question"]))
+        for cos_weight, rare_weight in blends:
+            blended[(cos_weight, rare_weight)] = max(
+                blended_answerability(vector, stems, evidence[p.chunk.id], rarity=rarity, cos_weight=cos_weight,
+                                      rare_weight=rare_weight) for p in passages)
+    else:
+        blended = {blend: 0.0 for blend in blends}
     quoter = ExtractiveGenerator(min_support=0.0)  # quotes whenever it finds sentences; the bar is applied below
     draft_text, draft_cited, stands = row["draft"], [], True
     quote_text, quote_cited = None, []
@@ -108,7 +147,7 @@ def _replay(name: str, row: dict, attributor, settings) -> Replayed:
             draft_text = attribution.draft
         else:
             draft_text, draft_cited = text, cited
-    return Replayed(row["id"], name, split_of(row["id"]), row["unanswerable"], question, answerability, draft_text,
+    return Replayed(row["id"], name, split_of(row["id"]), row["unanswerable"], question, answerability, blended, draft_text,
                     draft_cited, stands, quoter.support(row["question"], passages) if passages else 0.0, quote_text,
                     quote_cited, passages)
 
@@ -151,7 +190,9 @@ def _scores(items: list[Replayed], abstain_below: float, quote_bar: float) -> di
             "false_declined": _mean(false_declined), "n": (len(cited), len(declined))}
 
 
-def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: list[tuple[float, ...]]) -> None:
+def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: list[tuple[float, ...]], *,
+                 grid: bool = True) -> None:
+    """The grid of bars (``grid``), the choice, and full figures for the shipped, chosen and ``shown`` bars."""
     sets = sorted({item.set for item in items})
     groups = {(s, h): [i for i in items if i.set == s and (h == "all" or i.half == h)]
               for s in sets for h in ("tune", "report", "all")}
@@ -176,9 +217,10 @@ def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: lis
             shortfalls[(abstain_below, quote_bar)] = shortfall
             mark = "*" if ok else ""
             mark += " <- shipped" if (abstain_below, quote_bar) == shipped else ""
-            print(f"{abstain_below:>7.2f} {quote_bar:>6.2f}  "
-                  + "  ".join(f"{_pct(x['cited']):>14}/{_pct(x['declined']):>7}" for x in scores)
-                  + f"  {shortfall:>9.2f} {mark}")
+            if grid:
+                print(f"{abstain_below:>7.2f} {quote_bar:>6.2f}  "
+                      + "  ".join(f"{_pct(x['cited']):>14}/{_pct(x['declined']):>7}" for x in scores)
+                      + f"  {shortfall:>9.2f} {mark}")
     print(f"\nsettings meeting both targets on the choosing half of every set: {meeting or 'none'}")
     least = sorted(shortfalls, key=lambda bars: (shortfalls[bars], -bars[0], -bars[1]))[:3]
     if not meeting:
@@ -200,7 +242,7 @@ def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: lis
                   f"{_pct(x['doc']):>7} {_pct(x['declined']):>9} {_pct(x['false_declined']):>10}")
 
 
-def _check(name: str, rows: list[dict], attributor, settings) -> None:
+def _check(name: str, rows: list[dict], attributor, settings, rarity_from=None) -> None:
     """The replay at the shipped settings against what the server answered (``after`` rows)."""
     from core.prompt import strip_markers
 
@@ -208,7 +250,7 @@ def _check(name: str, rows: list[dict], attributor, settings) -> None:
     after = [r for r in rows if r.get("mode") == "after" and "error" not in r and r["id"] in before]
     same = 0
     for row in after:
-        item = _replay(name, before[row["id"]], attributor, settings)
+        item = _replay(name, before[row["id"]], attributor, settings, rarity_from)
         text, _ = _outcome(item, settings.attribution.abstain_below, settings.attribution.quote_min_support)
         if " ".join(strip_markers(text).split()) == " ".join(strip_markers(row["answer"]).split()):
             same += 1
