@@ -114,6 +114,7 @@ def main() -> int:
 def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends=()) -> Replayed:
     import numpy as np
 
+    from core.prompt import strip_prompt_markup
     from server.attribution.support import answerability as blended_answerability, content_stems
     from server.chat_service import prove
     from server.generation.extractive import ExtractiveGenerator
@@ -134,6 +135,7 @@ def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends
     else:
         blended = {blend: 0.0 for blend in blends}
     quoter = ExtractiveGenerator(min_support=0.0)  # quotes whenever it finds sentences; the bar is applied below
+    row["draft"] = strip_prompt_markup(row["draft"])  # as the server hands every answer on (drafts saved before did not)
     draft_text, draft_cited, stands = row["draft"], [], True
     quote_text, quote_cited = None, []
     if passages and row["draft"].strip():

@@ -157,6 +157,19 @@ def strip_markers(text: str) -> str:
     return _MARKER_WITH_SPACE.sub("", text)
 
 
+# The prompt's own block tags. A small model sometimes copies one into its answer ("The answer is:\n<document
+# number="6" source="x.txt">\nEleanor ..."), or starts one as max_tokens cuts it off.
+_DOCUMENT_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>|<document\b[^<>\n]{0,500}$")
+
+
+def strip_prompt_markup(text: str) -> str:
+    """``text`` without the prompt's ``<document ...>``/``</document>`` tags copied into it: markup, never part of
+    an answer. The copied passage text stays, for attribution to find the passage it came from."""
+    if "<document" not in text and "</document" not in text:
+        return text
+    return re.sub(r"[ \t]*\n{3,}", "\n\n", _DOCUMENT_TAG.sub("", text)).strip()
+
+
 def format_documents(passages: Sequence[Passage]) -> str:
     """The numbered ``<document>`` blocks the user turn carries; an explicit empty block when none fit."""
     if not passages:

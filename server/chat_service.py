@@ -19,7 +19,7 @@ from core.errors import LoragError
 from core.records import Passage
 from server.catalog import ModelCatalog, public_generator_name
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from core.prompt import ABSTENTION_ANSWER
+from core.prompt import ABSTENTION_ANSWER, strip_prompt_markup
 from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
 from server.generation.extractive import ExtractiveGenerator
@@ -318,6 +318,7 @@ class ChatService:
 
     async def _finish(self, prepared, stream: GenerationStream, text: str, tokens: int, finish_reason) -> ChatOutcome:
         used = list(stream.prompt.passages_used)  # [n] numbers these, 1-based
+        text = strip_prompt_markup(text)  # a <document ...> tag the model copied from its prompt
         attribution = None
         if prepared.abstained:
             attribution = AttributionOut(text=text, sentences=[], supported=0, unsupported=0, abstained=True,

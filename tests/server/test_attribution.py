@@ -106,6 +106,21 @@ def test_the_question_words_no_passage_holds_count_by_their_rarity_in_the_index(
         max(index.term_weights("What does the warranty cover for an iPhone?").weights.values())
 
 
+def test_a_document_tag_the_model_copied_from_its_prompt_is_dropped_and_the_copied_text_cited(attributor):
+    # As SmolLM2-135M wrote for 18 of 292 questions (benchmarks/RESULTS.md): the prompt's block tag, then the passage.
+    from core.prompt import format_documents, strip_prompt_markup
+
+    tag = format_documents(PASSAGES[1:2]).splitlines()[1].replace('number="1"', 'number="2"')
+    assert tag.startswith("<document number=\"2\"")
+    draft = f"The answer is:\n{tag}\n{WARRANTY}\n</document>"
+    text = strip_prompt_markup(draft)
+    assert "<document" not in text and "</document>" not in text and WARRANTY in text
+    proof = attributor.attribute(text, PASSAGES, question="How long is the buoy's warranty?")
+    assert proof.cited == [2]
+    assert strip_prompt_markup(f"Yes [2]. {tag[:30]}") == "Yes [2]."  # a tag cut off by max_tokens
+    assert strip_prompt_markup("The <b>pump</b> runs.") == "The <b>pump</b> runs."  # other markup is the answer's
+
+
 def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
     # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
     from core.prompt import ABSTENTION_ANSWER
