@@ -56,22 +56,26 @@ def copy_tenant_index(settings: Settings, tenant: str, *, to: str, dsn: str) -> 
                         dimension=manifest.dimension, index_type=manifest.index_type, create=False)
     destination = open_index(destination_settings, tenant, embedder_name=manifest.embedder_name,
                              dimension=manifest.dimension)  # Conflict here if built with another embedder
+    # Both writers' locks for the whole copy, the files' always first (two copies the opposite ways never wait
+    # on each other): no commit lands in the source midway, so the copy is one version of it, and nothing is
+    # ingested into the destination between the check that it is empty and the commit.
+    first, second = (source, destination) if to == "postgresql" else (destination, source)
     try:
-        existing = destination.documents()
-        if existing:
-            raise Conflict(
-                f"tenant {tenant!r} already has {len(existing)} documents in {destination_name}; nothing copied",
-                hint="Copy into a store where the tenant has no documents (remove them first with lorag remove)",
-            )
-        documents = chunks = vectors = 0
-        with destination.update() as update:
+        with first.update() as first_update, second.update() as second_update:
+            update = first_update if first is destination else second_update
+            source.refresh()  # the version the lock now holds still (a commit may have landed since it opened)
+            existing = destination.documents()
+            if existing:
+                raise Conflict(
+                    f"tenant {tenant!r} already has {len(existing)} documents in {destination_name}; nothing copied",
+                    hint="Copy into a store where the tenant has no documents (remove them first with lorag remove)",
+                )
+            documents = chunks = vectors = 0
             for record in source.documents():
                 exported = source.export_document(record.source)
-                if exported is None:  # removed by a concurrent writer since the listing
-                    continue
                 update.put_document(*exported)
                 documents, chunks, vectors = documents + 1, chunks + len(exported[1]), vectors + len(exported[2])
-            update.commit()
+            update.commit()  # the source's update is left uncommitted: it only held the lock
     finally:
         source.close()
         destination.close()

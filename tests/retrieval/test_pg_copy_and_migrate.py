@@ -87,3 +87,33 @@ def assert_same_tenant(original: Settings, copy: Settings, embedder) -> None:
         answers = [[(p.chunk.id, p.chunk.source, p.chunk.page, p.chunk.start, p.chunk.end)
                     for p in service.retrieve("acme", query, k=4)] for service in services]
         assert answers[0] == answers[1], query
+
+
+def test_a_copy_waits_for_a_writer_of_the_source_and_copies_one_version_of_it(tmp_path, embedder, postgres_dsn):
+    """The copy holds the source's writer lock: started while an update of the source is open, it copies the
+    index as that update commits it, never half of the old version and half of the new."""
+    import threading
+    import time
+
+    from retrieval.copy_tenant import copy_tenant_index
+
+    files = Settings(data_dir=tmp_path / "files")
+    ingest_paths([SAMPLE_DOCS / "handbook"], tenant="acme", settings=files, embedder=embedder)
+    writer = open_index(files, "acme", embedder_name=embedder.name, dimension=embedder.dimension, create=False)
+    removed = writer.documents()[0].source
+    reports = []
+    with writer.update() as update:
+        update.remove_source(removed)
+        copying = threading.Thread(target=lambda: reports.append(
+            copy_tenant_index(files, "acme", to="postgresql", dsn=postgres_dsn)))
+        copying.start()
+        time.sleep(0.5)
+        assert copying.is_alive() and not reports  # waiting for the lock, nothing copied yet
+        update.commit()
+    copying.join(timeout=120)
+    writer.close()
+    [report] = reports
+    assert report.documents == 1
+    copied = open_index(Settings(data_dir=tmp_path / "unused", retrieval={"store": postgres_dsn}), "acme",
+                        embedder_name=embedder.name, dimension=embedder.dimension, create=False)
+    assert [d.source for d in copied.documents()] != [] and removed not in [d.source for d in copied.documents()]
