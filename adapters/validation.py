@@ -167,11 +167,12 @@ def _check_base(name: str, config: dict, manifest: AdapterManifest | None, serve
     if local is not None and local == served.fingerprint:
         return  # a local copy of the same architecture under another path
     names = [public_model_name(name) for name in (served.name, *served.aliases)]
-    differs = (f"the model at {base!r} has fingerprint {local}, the served one {served.fingerprint}"
-               if local is not None else f"{base!r} is none of the served model's names {names}")
+    # One message whether or not ``base`` is a model folder on this machine: the refusal must not tell a tenant
+    # what lies at a server path it named (nor that model's fingerprint).
     raise Conflict(
         f"adapter {name!r} has no {MANIFEST_FILE} and its {CONFIG_FILE} field 'base_model_name_or_path' is "
-        f"{base!r}, not the served model: {differs}",
+        f"{base!r}, not the served model: it is none of the served model's names {names}, nor a copy of the "
+        "served model's architecture on this server",
         hint=f"if this server runs the weights of {base!r}, set server.served_model_name to {base!r} or add it to "
         "adapters.base_model_aliases; otherwise train the adapter on the served model",
     )

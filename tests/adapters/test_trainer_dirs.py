@@ -98,5 +98,12 @@ def test_a_local_copy_of_the_base_is_recognised_by_its_architecture(tiny_llama_p
     assert check(plain, served).rank == 4
     other = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(other | {"num_hidden_layers": 3}))
-    with pytest.raises(Conflict, match="has fingerprint sha256:"):
+    with pytest.raises(Conflict, match="nor a copy of the served model's architecture") as other_architecture:
         check(plain, served)
+    # the refusal reads the same as for a path where nothing is: it tells nothing of what lies at a server path
+    (plain / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(copy) + "-gone"}))
+    with pytest.raises(Conflict) as nothing_there:
+        check(plain, served)
+    assert str(other_architecture.value).replace(str(copy), "P") == \
+        str(nothing_there.value).replace(str(copy) + "-gone", "P")
+    assert "sha256:" not in str(other_architecture.value)
