@@ -110,9 +110,13 @@ def run_train(args: argparse.Namespace) -> int:
     }
     flags["base_model"] = args.base
     settings = load_settings(TrainSettings, config_file=args.config, data_dir=args.data_dir, training=flags)
-    result = train_adapter(
-        settings, tenant=args.tenant, data_file=args.data, name=args.name, val_file=args.val_file, resume=args.resume
-    )
+    try:
+        result = train_adapter(
+            settings, tenant=args.tenant, data_file=args.data, name=args.name, val_file=args.val_file,
+            resume=args.resume,
+        )
+    finally:
+        _leave_process_group()
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: lorag train ... --name {result.name} --resume", file=sys.stderr)
         return 128 + int(result.stop_signal or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -123,6 +127,16 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"  steps {metrics.steps}  train loss {_fmt(metrics.train_loss)}  val loss {_fmt(metrics.val_loss)}  "
           f"val perplexity base {_fmt(metrics.base_val_perplexity)} -> adapter {_fmt(metrics.val_perplexity)}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under ``accelerate launch``/``torchrun`` every rank leaves its process group before the process exits:
+    a group left to the interpreter's exit keeps gloo/NCCL threads alive, which can abort a rank (and torch
+    warns of it). The command owns the group it ran in, so the command ends it, not train_adapter."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_adapters(args: argparse.Namespace) -> int:

@@ -182,3 +182,26 @@ def test_trained_adapter_and_training_runs_are_owner_only(trained):
     assert {str(d): oct(stat.S_IMODE(d.stat().st_mode)) for d in directories} == {str(d): "0o700" for d in directories}
     files = list(result.adapter_dir.iterdir())
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o600" for f in files}
+
+
+def test_the_train_command_leaves_its_process_group(data_dir, memorise_file, tiny_llama_path, capsys):
+    # Under accelerate launch or torchrun each rank runs the command in a process group; the command ends it
+    # (a group left to interpreter exit keeps gloo/NCCL threads alive, which can abort a rank).
+    import socket
+
+    import torch.distributed as dist
+
+    from lorag.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        code = main(["train", "--tenant", "acme", "--data", str(memorise_file), "--base", str(tiny_llama_path),
+                     "--data-dir", str(data_dir), "--max-steps", "1", "--val-split", "0", "--name", "grouped"])
+        assert code == 0 and "adapter acme/grouped saved" in capsys.readouterr().out
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
