@@ -162,26 +162,13 @@ class RetrievalOptions(BaseModel):
                                      "unanswerable questions; default from attribution.enabled")
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "lorag",
-                    "messages": [{"role": "user", "content": "How long is the warranty?"}],
-                    "max_tokens": 200,
-                    "retrieval": {"k": 5},
-                }
-            ]
-        }
-    )
+class _GenerationRequest(BaseModel):
+    """The fields chat and text completions share: model, sampling, streaming, retrieval and citations."""
 
     model: str = Field(description="the base model's served name, 'lorag', 'base', one of the tenant's adapters, "
                        "or any of these with the suffix '-no-rag' (answer without retrieval)")
-    messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: until the model ends its answer or the context "
                                    "is full (server.default_max_tokens caps it when set)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default generation.temperature (0: greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM's extension: > 1 discourages "
@@ -195,20 +182,38 @@ class ChatRequest(BaseModel):
     retrieval: RetrievalOptions = RetrievalOptions()
     sources_in_content: bool | None = Field(None, description="lorag extension: append the cited sources to the "
                                             "answer as a Markdown list; default server.sources_in_content")
-    # OpenAI fields lorag does not implement (or not with every generator): parsed so server.openai_fields can
-    # refuse them by name (400, param).
+    # OpenAI fields lorag does not implement: parsed so server.openai_fields can refuse them by name (400, param).
+    logit_bias: NoBias = None
+    presence_penalty: NoPenalty = None
+    frequency_penalty: NoPenalty = None
+
+
+class ChatRequest(_GenerationRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "lorag",
+                    "messages": [{"role": "user", "content": "How long is the warranty?"}],
+                    "max_tokens": 200,
+                    "retrieval": {"k": 5},
+                }
+            ]
+        }
+    )
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens (newer OpenAI clients)")
+    logprobs: bool | None = Field(None, description="the generated tokens' log-probabilities (generative "
+                                  "generators; the extractive one refuses)")
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI fields lorag does not implement (or not with every generator), refused by name.
     tools: NoTools = None
     tool_choice: NoToolChoice = None
     parallel_tool_calls: bool | None = None
     functions: NoTools = None
     function_call: NoToolChoice = None
     response_format: TextFormat = None
-    logprobs: bool | None = Field(None, description="the generated tokens' log-probabilities (generative "
-                                  "generators; the extractive one refuses)")
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: NoBias = None
-    presence_penalty: NoPenalty = None
-    frequency_penalty: NoPenalty = None
     modalities: TextOnly = None
     audio: Unsupported = None
     prediction: Unsupported = None
@@ -249,37 +254,20 @@ class ChatResponse(BaseModel):
 
 
 # -- text completions (/v1/completions) ----------------------------------------------------------
-class CompletionRequest(BaseModel):
+class CompletionRequest(_GenerationRequest):
     """OpenAI's legacy completion: the prompt is answered as one user turn, with the same retrieval and
     citations as chat (LlamaIndex's OpenAILike calls it unless is_chat_model=True)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"model": "lorag", "prompt": "How long is the warranty?"}]})
 
-    model: str
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema({"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]})] = Field(
         description="text, or a list of one text (token ids and several prompts are refused by name)")
-    max_tokens: int | None = Field(None, ge=1, description="as in chat: default until the answer ends or the context "
-                                   "is full")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    user: str | None = None
-    n: OneChoice = None
-    retrieval: RetrievalOptions = RetrievalOptions()
-    sources_in_content: bool | None = None
     # fields lorag does not implement, refused by name
     logprobs: Annotated[int | None, Field(ge=0, le=5), WithJsonSchema(_NULL)] = None
     echo: Annotated[bool | None, WithJsonSchema({"anyOf": [{"const": False}, _NULL]})] = None
     suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"const": ""}, _NULL]})] = None
     best_of: OneChoice = None
-    logit_bias: NoBias = None
-    presence_penalty: NoPenalty = None
-    frequency_penalty: NoPenalty = None
 
 
 class CompletionChoice(BaseModel):
