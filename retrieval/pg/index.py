@@ -34,6 +34,12 @@ EF_SEARCH_MIN, EF_SEARCH_MAX = 200, 1000  # pgvector refuses ef_search above 100
 WINDOWS_FETCHED_PER_CHUNK = 4  # as retrieval.index: windows of one chunk often rank together
 
 _CHUNK_COLUMNS = 'rowid, chunk_id, source, document_id, page, start, "end", text, heading_path, windows, context'
+
+
+def _columns_of(alias: str) -> str:
+    """_CHUNK_COLUMNS of the table named ``alias`` in a join."""
+    return ", ".join(f"{alias}.{column.strip()}" for column in _CHUNK_COLUMNS.split(","))
+
 DOCUMENT_COLUMNS = "document_id, source, pages, chunk_count, size_bytes, ingested_at, name"
 _MANIFEST_COLUMNS = "id, embedder_name, dimension, index_type, created_at, format_version"
 
@@ -225,9 +231,13 @@ class PgTenantIndex:
         terms = query_terms(query)
         if not terms or k <= 0 or (sources is not None and not sources):
             return []
-        rows = self._rows(BM25_SQL, {"index": self.index_id, "terms": terms, "k": k,
-                                     "sources": None if sources is None else list(sources)})
-        return self._join([(int(rowid), float(score)) for rowid, score in rows if score > 0])
+        # The hits and their chunks in one round trip (BM25_SQL ranks, the join reads the rows it ranked).
+        rows = self._rows(
+            f"WITH hits AS ({BM25_SQL}) SELECT hits.score, {_columns_of('c')} FROM hits "
+            "JOIN lorag.chunks c ON c.index_id = %(index)s AND c.rowid = hits.chunk_rowid "
+            "ORDER BY hits.score DESC, hits.chunk_rowid",
+            {"index": self.index_id, "terms": terms, "k": k, "sources": None if sources is None else list(sources)})
+        return [(self._chunk(row[1:]), float(row[0])) for row in rows if row[0] > 0]
 
     def term_weights(self, text: str) -> TermWeights:
         """``text``'s keyword terms weighted by their rarity among this index's chunks (BM25's idf, as the file

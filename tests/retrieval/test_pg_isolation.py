@@ -14,6 +14,7 @@ from tests.retrieval.conftest import CORPUS, make_document
 
 # Methods that return no tenant data, or write (writes are checked through the reads after them).
 NOT_QUERIES = {"open", "exists", "close", "refresh", "update", "drop", "rename", "moved"}  # they return no rows
+COUNTS = {"term_weights"}  # returns numbers, not rows: checked below to count the tenant's own chunks only
 
 
 def test_no_query_method_returns_another_tenants_rows(postgres_dsn, embedder, corpus_vectors):
@@ -49,7 +50,7 @@ def test_no_query_method_returns_another_tenants_rows(postgres_dsn, embedder, co
     }
     public = {name for name, member in inspect.getmembers(PgTenantIndex)
               if not name.startswith("_") and callable(member)}
-    assert public - NOT_QUERIES == set(calls), "list the new query method's calls here"
+    assert public - NOT_QUERIES - COUNTS == set(calls), "list the new query method's calls here"
     assert {name for name in dir(PgIndexUpdate) if not name.startswith("_")} == \
         {"put_document", "remove_source", "commit", "discard"}  # writes: scoped to the locked index
 
@@ -74,6 +75,11 @@ def test_no_query_method_returns_another_tenants_rows(postgres_dsn, embedder, co
     assert globex.search_keyword("QX-7731B calibration fjords", 50) == []  # terms only acme has
     assert all(c.source in {"handbook/warranty.md", "recipes/bread.txt"} for c, _ in globex.search_dense(vector, 50))
     assert len(globex) == 5 and len(acme) == 10
+    # Term rarity counts the tenant's own chunks: words only acme has are, for globex, words no chunk holds.
+    from retrieval.keyword import idf
+
+    rare = globex.term_weights("fjords Hardanger warranty").weights
+    assert rare["fjord"] == rare["hardang"] == idf(0, len(globex)) > rare["warranti"]
 
 
 def _flatten(result):
