@@ -28,7 +28,7 @@ answerability's blend (cosine weight, rarity weight: support.COS_WEIGHT, RARE_WE
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,6 @@ class Replayed:
     unanswerable: bool
     question: object  # evaluation.datasets.EvalQuestion
     answerability: float  # at the shipped blend
-    blended: dict  # (cos weight, rare weight) -> answerability at that blend
     draft_text: str  # the draft with its markers fixed (what the client gets when the draft stands)
     draft_cited: list[int]
     draft_stands: bool  # a claim of it is supported: neither quoted nor declined (a claimless draft is either)
@@ -59,6 +58,7 @@ class Replayed:
     quote_text: str | None  # the quote answer, when the quoter finds sentences to quote
     quote_cited: list[int]
     passages: list
+    blended: dict = field(default_factory=dict)  # (cos weight, rare weight) -> answerability at that blend
 
 
 def main() -> int:
@@ -149,9 +149,9 @@ def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends
             draft_text = attribution.draft
         else:
             draft_text, draft_cited = text, cited
-    return Replayed(row["id"], name, split_of(row["id"]), row["unanswerable"], question, answerability, blended, draft_text,
+    return Replayed(row["id"], name, split_of(row["id"]), row["unanswerable"], question, answerability, draft_text,
                     draft_cited, stands, quoter.support(row["question"], passages) if passages else 0.0, quote_text,
-                    quote_cited, passages)
+                    quote_cited, passages, blended)
 
 
 def _outcome(item: Replayed, abstain_below: float, quote_bar: float) -> tuple[str, list[int]]:

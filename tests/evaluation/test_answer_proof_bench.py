@@ -62,3 +62,29 @@ def test_each_pair_of_bars_decides_as_the_server_does():
     assert outcome(unsupported, 0.52, 0.5) == ("Quote [2].", [2])
     assert outcome(unsupported, 0.52, 0.51) == (ABSTENTION_ANSWER, [])
     assert outcome(_item(draft_stands=False, quote_text=None), 0.52, 0.0) == (ABSTENTION_ANSWER, [])
+
+
+def test_hotpotqa_asks_unanswerable_questions_whose_paragraphs_are_not_ingested(tmp_path):
+    def record(i: int) -> dict:
+        return {"question_id": f"q{i}", "question_text": f"Where was Person{i} born?",
+                "answers_objects": [{"spans": [f"Town{i}"]}],
+                "contexts": [{"title": f"Person{i}", "paragraph_text": f"Person{i} was born in Town{i}.",
+                              "is_supporting": True},
+                             {"title": "Shared distractor", "paragraph_text": "A paragraph about nothing.",
+                              "is_supporting": False}]}
+
+    source = tmp_path / "dev.jsonl"
+    source.write_text("".join(json.dumps(record(i)) + "\n" for i in range(8)))
+    args = argparse.Namespace(hotpotqa=source, answerable=3, unanswerable=10, seed=0)
+    questions, docs = answer_proof._hotpotqa(args, tmp_path / "work")
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    ingested = {path.name for path in docs.iterdir()}
+    answerable = [r for r in rows if not r.get("unanswerable")]
+    unanswerable = [r for r in rows if r.get("unanswerable")]
+    assert len(answerable) == 3 and len(unanswerable) == 5  # every other question: its paragraph is not ingested
+    assert "Shared-distractor.txt" in ingested and len(ingested) == 4  # a paragraph shared by questions, once
+    assert all(r["sources"][0]["doc"] in ingested and r["answers"] for r in answerable)
+    corpus = " ".join((docs / name).read_text() for name in ingested)
+    for row in unanswerable:
+        person = row["question"].split()[-2]
+        assert f"{person}.txt" not in ingested and f"Town{person[6:]}" not in corpus
