@@ -56,9 +56,10 @@ def copy_tenant_index(settings: Settings, tenant: str, *, to: str, dsn: str) -> 
                         dimension=manifest.dimension, index_type=manifest.index_type, create=False)
     destination = open_index(destination_settings, tenant, embedder_name=manifest.embedder_name,
                              dimension=manifest.dimension)  # Conflict here if built with another embedder
-    # Both writers' locks for the whole copy, the files' always first (two copies the opposite ways never wait
-    # on each other): no commit lands in the source midway, so the copy is one version of it, and nothing is
-    # ingested into the destination between the check that it is empty and the commit.
+    # Both writers' locks for the whole copy, the files' always first (two copies the opposite ways wait for each
+    # other but never deadlock): no commit lands in the source midway, so the copy is one version of it, and
+    # nothing is ingested into the destination between the check that it is empty and the commit. Ingest and
+    # removal for this tenant, in either store, wait until the copy ends.
     first, second = (source, destination) if to == "postgresql" else (destination, source)
     try:
         with first.update() as first_update, second.update() as second_update:
@@ -73,6 +74,9 @@ def copy_tenant_index(settings: Settings, tenant: str, *, to: str, dsn: str) -> 
             documents = chunks = vectors = 0
             for record in source.documents():
                 exported = source.export_document(record.source)
+                if exported is None:  # the lock keeps writers out; a row deleted by hand is not copied half
+                    raise Conflict(f"tenant {tenant!r}: document {record.source!r} vanished from {source_name} "
+                                   "during the copy; nothing copied", hint="Run the copy again")
                 update.put_document(*exported)
                 documents, chunks, vectors = documents + 1, chunks + len(exported[1]), vectors + len(exported[2])
             update.commit()  # the source's update is left uncommitted: it only held the lock
