@@ -81,15 +81,16 @@ class KeywordIndex:
         self.stemmed = stemmer is not None
         self._bm25 = None
         self._document_frequency = np.zeros(0, dtype=np.int64)  # by bm25s's term id
+        self._term_ids: dict[str, int] = {}
         if len(texts):
             corpus_tokens = bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=stemmer, show_progress=False)
             self._bm25 = bm25s.BM25()
             self._bm25.index(corpus_tokens, show_progress=False)
-            # bm25s keeps its document frequencies private: count them once here (chunks holding each term).
-            frequency = np.zeros(len(corpus_tokens.vocab), dtype=np.int64)
-            for ids in corpus_tokens.ids:
-                frequency[np.unique(np.asarray(ids, dtype=np.int64))] += 1
-            self._document_frequency = frequency
+            # Chunks holding each term: bm25s's score matrix (one column of stored scores per term, saved with
+            # its index) has one entry per chunk the term occurs in. Its vocabulary may end in an empty term
+            # that no column counts: zero.
+            counts = np.diff(np.asarray(self._bm25.scores["indptr"], dtype=np.int64))
+            self._document_frequency = np.pad(counts, (0, max(0, len(corpus_tokens.vocab) - len(counts))))
             self._term_ids = corpus_tokens.vocab
         log.debug("keyword index built over %d chunks (stemmed: %s)", len(texts), self.stemmed)
 
@@ -100,7 +101,7 @@ class KeywordIndex:
         """``text``'s terms with their idf over this index's chunks (see :class:`TermWeights`)."""
         stemmer = load_stemmer(self.stemmer_language) if self.stemmed else None
         terms = set(tokenize([text], stemmer=stemmer)[0])
-        known = self._term_ids if self._bm25 is not None else {}
+        known = self._term_ids
         return TermWeights({term: idf(int(self._document_frequency[known[term]]) if term in known else 0, len(self))
                             for term in terms}, self.stemmer_language if self.stemmed else None)
 

@@ -130,10 +130,8 @@ class RetrievalService:
 
     def term_weights(self, tenant: str, text: str) -> TermWeights | None:
         """``text``'s keyword terms weighted by how rare each is in ``tenant``'s index (None: no index yet)."""
-        index = self.index(tenant)
-        if index is None or len(index) == 0:
-            return None
-        return index.term_weights(text)
+        index = self.index(tenant)  # an empty index weighs every term as unseen: no count to divide by
+        return None if index is None else index.term_weights(text)
 
     def embed_texts(self, texts: Sequence[str]):
         """``(len(texts), dimension)`` L2-normalised vectors from the retrieval embedder (answer attribution

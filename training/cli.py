@@ -2,7 +2,10 @@
 
 import argparse
 import json
+import logging
 import sys
+
+log = logging.getLogger(__name__)
 
 TRAIN_EPILOG = """examples:
   lorag train --tenant acme --data data/train/sample.jsonl --base Qwen/Qwen2.5-0.5B-Instruct --name support-v1
@@ -136,7 +139,10 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as error:  # noqa: BLE001 - never mask what training itself raised
+            log.warning("could not leave the process group: %s", error)
 
 
 def run_adapters(args: argparse.Namespace) -> int:

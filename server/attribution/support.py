@@ -17,6 +17,7 @@ such a passage (its probability could still clear ``keep_threshold``).
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,16 @@ _NUMBER_WORDS = {
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
-_stem_words = Stemmer.Stemmer("english").stemWords
+_stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread
+
+
+def _stem_words(words: list[str]) -> list[str]:
+    stemmer = getattr(_stemmers, "english", None)
+    if stemmer is None:
+        stemmer = _stemmers.english = Stemmer.Stemmer("english")
+    return stemmer.stemWords(words)
+
+
 # Stems no passage is expected to repeat for a question: its stop words and question-shaping words. Their rarity
 # in the index says nothing (a corpus that seldom writes "what" or "often" would make them weigh most).
 _NO_CLAIM_STEMS = frozenset(_stem_words(sorted(STOPWORDS | QUESTION_WORDS)))
