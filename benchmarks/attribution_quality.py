@@ -136,9 +136,21 @@ class Corpus:
         self.window_vectors = np.concatenate(groups)  # (windows, dimension)
         self.window_owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])  # (windows,)
         self.keyword = KeywordIndex(np.arange(len(self.passages)), [p.chunk.text for p in self.passages])
+        self._keyword_without: dict[int, KeywordIndex] = {}  # article -> the index of every other article
 
     def text(self, chunk: int) -> str:
         return self.passages[chunk].chunk.text
+
+    def rarity(self, question: str, *, exclude_article: int | None = None):
+        """The question's terms weighted by rarity among the corpus's chunks, as the server weighs them over a
+        tenant's index (RetrievalService.term_weights); without ``exclude_article``'s chunks when given (the
+        index of a tenant that never ingested that article)."""
+        if exclude_article is None:
+            return self.keyword.term_weights(question)
+        if exclude_article not in self._keyword_without:
+            kept = np.flatnonzero(self.article_of != exclude_article)
+            self._keyword_without[exclude_article] = KeywordIndex(kept, [self.text(c) for c in kept])
+        return self._keyword_without[exclude_article].term_weights(question)
 
     def best_window(self, vector: np.ndarray) -> np.ndarray:
         """Each chunk's best window cosine with ``vector``: ``(chunks,)``."""
@@ -539,7 +551,8 @@ def report_abstention(corpus: Corpus, held_out: set[int], attributor: Attributor
     found, answerable, unanswerable, leaked = [], [], [], 0
     for item, vector in zip(questions, vectors):
         top = hybrid_top(corpus, item.question, vector, retrieval)
-        score = attributor.answerability(item.question, [corpus.passages[c] for c in top], evidence=corpus.evidence)
+        score = attributor.answerability(item.question, [corpus.passages[c] for c in top], evidence=corpus.evidence,
+                                         rarity=corpus.rarity(item.question))
         answerable.append(score)
         found.append(bool(set(item.gold) & set(top)))
         without = hybrid_top(corpus, item.question, vector, retrieval, exclude_article=item.article)
@@ -547,7 +560,9 @@ def report_abstention(corpus: Corpus, held_out: set[int], attributor: Attributor
             leaked += 1  # another article holds the answer text: not a clean unanswerable question
             continue
         passages = [corpus.passages[c] for c in without]
-        unanswerable.append(attributor.answerability(item.question, passages, evidence=corpus.evidence))
+        unanswerable.append(attributor.answerability(
+            item.question, passages, evidence=corpus.evidence,
+            rarity=corpus.rarity(item.question, exclude_article=item.article)))
     answerable, found, unanswerable = np.array(answerable), np.array(found), np.array(unanswerable)
     print(f"held-out questions: {len(questions)}; gold chunk in the hybrid top 5: {found.mean():.3f} "
           f"(these {found.sum()} count as answerable); unanswerable (own article removed): {len(unanswerable)} "
@@ -584,7 +599,7 @@ def report_timing(corpus, items, pairs, embedder: Embedder, settings: Attributio
         evidence = attributor.evidence(passages)
         spent = [time.perf_counter() - clock]
         clock = time.perf_counter()
-        attributor.answerability(item.question, passages, evidence=evidence)
+        attributor.answerability(item.question, passages, evidence=evidence, rarity=corpus.rarity(item.question))
         spent.append(time.perf_counter() - clock)
         clock = time.perf_counter()
         attributor.attribute(answer, passages, question=item.question, evidence=evidence)
