@@ -213,7 +213,8 @@ class AdapterSettings(BaseModel):
 
 
 class AttributionSettings(BaseModel):
-    """Post-hoc attribution and abstention; thresholds measured on COVID-QA held-out articles (benchmarks/RESULTS.md)."""
+    """Post-hoc attribution and abstention: support thresholds measured on COVID-QA held-out articles, the abstention
+    and quote bars chosen on the sample set, COVID-QA and HotpotQA (benchmarks/RESULTS.md)."""
 
     enabled: bool = Field(True, description="match each answer sentence to the passages that support it and fix "
                           "its [n] markers; a request may turn it off with retrieval.attribution=false")
