@@ -193,6 +193,20 @@ def test_answerability_weighs_the_question_words_by_their_rarity_in_the_tenants_
     assert corpus.retrieval.term_weights("beta", question) != rarity
 
 
+def test_the_extractive_fallbacks_own_decline_stands(client, corpus):
+    # Past the answerability gate, the extractive fallback finds no sentence that covers the question well enough
+    # and declines in its own words; attribution must not overrule it by quoting under the lower quote bar.
+    from core.prompt import ABSTENTION_ANSWER
+    from server.generation.extractive import NOT_SUPPORTED
+
+    question = "Is there an iPhone app for Kestrel Cloud?"
+    body = _chat(client, corpus.acme_key, messages=[{"role": "user", "content": question}]).json()
+    proof = body["attribution"]
+    assert proof["answerability"] >= client.app.state.services.chat.settings.attribution.abstain_below
+    assert body["choices"][0]["message"]["content"] == ABSTENTION_ANSWER and not proof["quoted"]
+    assert proof["abstained"] and proof["draft"] == NOT_SUPPORTED and body["citations"] == []
+
+
 def test_attribution_can_be_turned_off_per_request(client, corpus):
     body = _chat(client, corpus.acme_key, retrieval={"attribution": False}).json()
     assert body["attribution"] is None and body["citations"]  # the generator's own markers still resolve
