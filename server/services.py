@@ -136,10 +136,9 @@ def build_services(
         # answer sentences are compared with passage windows in the space the index was built in
         attributor=Attributor(services.retrieval.embed_texts, settings.attribution),
         # word overlap, as the extractive fallback; its bar, attribution.quote_min_support, is measured with
-        # benchmarks/answer_proof_sweep.py (benchmarks/RESULTS.md). The extractive fallback's answers are quotes
-        # already, under its own measured bar: quoting again what it declined, under a lower bar, would overrule
-        # it, so it gets no quoter (an answer of it that no passage supports is declined).
-        quoter=None if services.generator.kind == "extractive"
+        # benchmarks/answer_proof_sweep.py (benchmarks/RESULTS.md). The extractive fallback quotes for itself,
+        # with its own measure and bar: a quoter with a lower bar would overrule its decline.
+        quoter=services.generator if services.generator.kind == "extractive"
         else ExtractiveGenerator(min_support=settings.attribution.quote_min_support),
     )
     return services
