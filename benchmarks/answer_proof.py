@@ -12,10 +12,12 @@ questions wrongly declined, and responses or prompts carrying an absolute server
     python benchmarks/answer_proof.py --dataset financebench --limit 39
     python benchmarks/answer_proof.py --dataset covidqa --articles 12 --answerable 40 --unanswerable 20 \
         --modes before --out covidqa.jsonl                         # drafts to replay (answer_proof_sweep.py)
+    python benchmarks/answer_proof.py --dataset hotpotqa --answerable 80 --unanswerable 40 --modes before \
+        --data-dir /tmp/hotpot --out hotpotqa.jsonl                # questions that name their subject
 
 COVID-QA: a seeded choice of ``--articles`` of its 98 articles is ingested; answerable questions are asked about
 them, unanswerable ones are questions of the articles left out (skipping any whose answer text an ingested
-article contains). ``--out`` keeps, per answer, the model's draft, the retrieved passages in prompt order and the
+article contains). HotpotQA: see ``_hotpotqa``. ``--out`` keeps, per answer, the model's draft, the retrieved passages in prompt order and the
 attribution, so that benchmarks/answer_proof_sweep.py re-runs attribution over them at other thresholds without
 generating again. With attribution off (``before``) the draft is exactly what the model writes with it on
 (greedy decoding; attribution only reads the answer afterwards), for every question.
