@@ -340,6 +340,9 @@ class StepTrace:
                 + ", ".join(f"({ms:.0f}, {p}, {d})" for ms, p, d in slowest))
 
 
+_ENGINE_FEW_ROWS: int | None = None  # the engine's own FEW_ROWS, read before any variant changes it
+
+
 def inductor_settings(variant: str) -> None:
     """Compile settings for the next single-request engine (dynamo's caches are reset so the layer compiles
     again): "default" as the engine compiles (tuned layer for steps of a few rows), "untuned" (the plain
@@ -350,8 +353,11 @@ def inductor_settings(variant: str) -> None:
 
     import server.engine.model as engine_model
 
+    global _ENGINE_FEW_ROWS
+    if _ENGINE_FEW_ROWS is None:
+        _ENGINE_FEW_ROWS = engine_model.FEW_ROWS
     torch._dynamo.reset()
-    engine_model.FEW_ROWS = 0 if variant == "untuned" else 8
+    engine_model.FEW_ROWS = 0 if variant == "untuned" else _ENGINE_FEW_ROWS
     inductor.max_autotune_gemm = variant == "max-autotune"
 
 

@@ -99,11 +99,9 @@ if triton is not None:
 
 def decode_splits(rows: int, kv_heads: int) -> int:
     """How many programs share each (row, kv head): enough that a small batch still gives the GPU about 256
-    programs (one per (row, kv head) leaves a lone row's step on 8 of an H200's 132 multiprocessors), one
-    from 32 (row, kv head) pairs up, where the batch fills the GPU by itself."""
+    programs (one per (row, kv head) leaves a lone row's step on 8 of an H200's 132 multiprocessors), and one
+    once there are more than 128 (row, kv head) pairs, where the batch fills the GPU by itself."""
     pairs = rows * kv_heads
-    if pairs >= 32 * 8:
-        return 1
     return min(16, triton.next_power_of_2(max(1, 256 // pairs)))
 
 
@@ -163,7 +161,7 @@ class CacheAccess:
     rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "kernel" (decode kernel over
     ``block_tables``/``lengths``), "gather" (reference: keys at ``read_slots`` (batch, length) under the
     additive ``mask`` (batch, 1, group * seq, length)) or "mixed" (one flat row of tokens: first the
-    prompts, read as ``parts[0]`` says with the (batch, seq) layout ``prompt_shape``, then one token per
+    prompts, read as ``parts[0]`` says (its ``write_block`` has their (batch, seq) layout), then one token per
     decode row, read as ``parts[1]`` says).
     """
 
@@ -175,7 +173,6 @@ class CacheAccess:
     read_slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     parts: tuple["CacheAccess", "CacheAccess"] | None = None
-    prompt_shape: tuple[int, int] | None = None
 
 
 def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
@@ -214,8 +211,7 @@ def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, de
     decode = cache_access(decode_positions[:, None], decode_tables, fresh=False, **common)
     write_block = torch.cat([prompts.write_block.reshape(1, -1), decode.write_block.reshape(1, -1)], dim=1)
     write_offset = torch.cat([prompts.write_offset.reshape(1, -1), decode.write_offset.reshape(1, -1)], dim=1)
-    return CacheAccess("mixed", write_block, write_offset, parts=(prompts, decode),
-                       prompt_shape=tuple(prompt_positions.shape))
+    return CacheAccess("mixed", write_block, write_offset, parts=(prompts, decode))
 
 
 def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -234,9 +230,9 @@ def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tens
           access: CacheAccess) -> torch.Tensor:
     """Attention of q over what ``access`` says it sees (the new k/v are in the cache already)."""
     if access.mode == "mixed":
-        batch, seq = access.prompt_shape
-        split, heads, head_dim = batch * seq, q.shape[2], q.shape[3]
         prompts, decode = access.parts
+        batch, seq = prompts.write_block.shape
+        split, heads, head_dim = batch * seq, q.shape[2], q.shape[3]
 
         def prompt_part(t):
             return t[0, :split].reshape(batch, seq, t.shape[2], head_dim)

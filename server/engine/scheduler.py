@@ -84,6 +84,8 @@ class Scheduler:
         max_group: int = 16,
         mix_decode: bool = True,
     ):
+        if prefill_chunk < 1 or prefill_budget < 1:
+            raise ValueError(f"prefill_chunk and prefill_budget must be >= 1, got {prefill_chunk} and {prefill_budget}")
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
@@ -239,7 +241,7 @@ class Scheduler:
 
     def _prefill(self, riders: list[Sequence]) -> bool:
         """Prefill pending prompts within the step's token budget; ``riders`` (decoding requests) get their
-        next token in the first forward. Returns whether one ran (a step without prompt work decodes alone).
+        next token in the first forward. Returns whether a forward ran (a step without one decodes alone).
 
         Whole prompts that fit one chunk are prefilled together in one forward (padded to the
         longest; causal attention keeps the padding after every real token), one such group per
@@ -260,19 +262,21 @@ class Scheduler:
         partial = [s for s in pending if s not in whole]
         group, width = self._choose_group(whole, budget)
         group_first = bool(group) and (not partial or group[0].seq_id < partial[0].seq_id)
+        ran = False  # whether a forward ran (and carried the riders)
         if group_first:
             budget -= self._prefill_group(group, width, riders)
-            riders = []
+            riders, ran = [], True
         for seq in partial:
             while budget > 0 and seq.computed < len(seq.prompt):
                 budget -= self._prefill_chunk(seq, min(self.prefill_chunk, budget, len(seq.prompt) - seq.computed),
                                               riders)
-                riders = []
+                riders, ran = [], True
             if budget <= 0:
                 break
         if group and not group_first and budget > 0:
             self._prefill_group(group, width, riders)
-        return True
+            ran = True
+        return ran
 
     def _choose_group(self, whole: list[Sequence], budget: int) -> tuple[list[Sequence], int]:
         """This step's group and its padded width: the oldest prompt, then those closest to it in length

@@ -271,3 +271,12 @@ def test_decode_step_never_writes_into_a_row_still_prefilling(engine):
     run_until_done(scheduler, [decoding_out, prefilling_out])
     assert decoding_out.tokens == expected_short
     assert prefilling_out.tokens == expected_long
+
+
+def test_a_prefill_budget_or_chunk_under_one_token_is_refused(engine):
+    # A budget of 0 would run no prompt forward, and with mixing on the decoding requests would wait forever.
+    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+    for chunk, budget in ((16, 0), (0, 32)):
+        with pytest.raises(ValueError, match="prefill_chunk and prefill_budget must be >= 1"):
+            Scheduler(engine.model, engine.cache, engine.adapters, decode=decode, prefill_chunk=chunk,
+                      prefill_budget=budget)
