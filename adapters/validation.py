@@ -264,7 +264,8 @@ def _pattern_matches_a_module(name: str, pattern: str, modules) -> bool:
         raise InvalidAdapter(f"{field} is {len(pattern)} characters long, over {PATTERN_MAX_CHARS}")
     try:
         re.compile(pattern)
-    except re.error as error:
+    # Not only re.error: "a{4294967296}" overflows, a thousand nested groups recurse too deep.
+    except (re.error, OverflowError, RecursionError) as error:
         raise InvalidAdapter(f"{field} is not a valid regular expression: {error}") from None
     try:
         # -I -S: no site packages, environment or user paths: the child needs the standard library only.

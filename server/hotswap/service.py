@@ -7,7 +7,6 @@ the old key is unloaded when its last request finishes.
 
 import asyncio
 import dataclasses
-import re
 import logging
 import threading
 import time
@@ -512,9 +511,11 @@ class AdapterService:
             extra = {}
             if checked.manifest is None:
                 extra[MANIFEST_FILE] = _manifest_for_plain(checked, self.served).model_dump_json(indent=2).encode()
-        except (TypeError, ValueError, AttributeError, re.error, RecursionError) as error:  # a malformed config
+        except (TypeError, ValueError, AttributeError) as error:  # a malformed config
             self._event("reject")
             raise InvalidAdapter(f"adapter {name!r}: malformed adapter_config.json ({_short(error)})") from error
+        except CheckUnavailable:  # not the adapter's fault (the check could not run): no rejection to count
+            raise
         except LoragError as error:
             self._event("reject")
             log.warning("adapter %s/%s rejected: %s", tenant, name, error)

@@ -212,6 +212,11 @@ def test_target_modules_pattern_that_is_no_regex_is_refused(adapter_sources, ser
     path = _with_targets(adapter_sources, tmp_path, "(q_proj")
     with pytest.raises(InvalidAdapter, match=r"target_modules.*is not a valid regular expression"):
         check(path, served)
+    # patterns that break the compiler other than by syntax: a repeat count too large, groups nested too deep
+    for number, pattern in enumerate(["q_proj{4294967296}", "(" * 1000 + "q_proj" + ")" * 1000]):
+        path = _with_targets(adapter_sources, tmp_path / str(number), pattern)
+        with pytest.raises(InvalidAdapter, match=r"target_modules.*is not a valid regular expression"):
+            check(path, served)
 
 
 def test_target_modules_pattern_matching_the_model_is_accepted(adapter_sources, served, tmp_path):
