@@ -283,7 +283,7 @@ class IndexUpdate:
         self._lock_file = open(_private_lock_file(index.directory), "a+b")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         try:
-            self._writer = ChunkWriter(index.directory / STORE_NAME, tenant=index.tenant)
+            self._writer = ChunkWriter(index.directory / STORE_NAME)
         except BaseException:
             self._release()
             raise

@@ -308,8 +308,7 @@ def read_generation(rows: list[tuple]) -> int:
 class ChunkWriter:
     """One write transaction on the chunk store; nothing is visible to readers until :meth:`commit`."""
 
-    def __init__(self, path: Path, *, tenant: str):
-        self.tenant = tenant
+    def __init__(self, path: Path):
         self._connection = connect(path)
         self._connection.execute("BEGIN IMMEDIATE")
         if not has_context_column(self._connection):  # a file from before chunk contexts; committed with the rest
