@@ -65,9 +65,11 @@ def run_copy_tenant(args: argparse.Namespace) -> int:
     # stopped after it (or after a failed index copy) is finished by running it again.
     files, postgres = TenantRegistry(settings.data_dir), PgTenantRegistry(shared_database(dsn))
     source, destination = (files, postgres) if args.to == "postgresql" else (postgres, files)
+    registered = True
     try:
         entry = source.get(args.tenant)
     except NotFound:
+        registered = False
         print(f"tenant {args.tenant}: not in the source's tenant registry; create it with `lorag tenant add`")
     else:
         try:
@@ -75,7 +77,14 @@ def run_copy_tenant(args: argparse.Namespace) -> int:
             print(f"tenant {args.tenant}: registry entry copied ({len(entry.key_hashes)} key(s) keep working)")
         except Conflict:
             print(f"tenant {args.tenant}: already in the destination's tenant registry, keys left as they are there")
-    report = copy_tenant_index(settings, args.tenant, to=args.to, dsn=dsn)
+    try:
+        report = copy_tenant_index(settings, args.tenant, to=args.to, dsn=dsn)
+    except NotFound:
+        if not registered:
+            raise
+        # A tenant that never ingested anything: its registry entry was all there was to copy.
+        print(f"tenant {args.tenant}: no index in the source, so no documents to copy")
+        return 0
     print(f"tenant {args.tenant}: copied {report.documents} documents ({report.chunks} chunks, {report.vectors} "
           f"vectors) from {report.source} to {report.destination}")
     return 0

@@ -117,3 +117,13 @@ def test_a_copy_waits_for_a_writer_of_the_source_and_copies_one_version_of_it(tm
     copied = open_index(Settings(data_dir=tmp_path / "unused", retrieval={"store": postgres_dsn}), "acme",
                         embedder_name=embedder.name, dimension=embedder.dimension, create=False)
     assert [d.source for d in copied.documents()] != [] and removed not in [d.source for d in copied.documents()]
+
+
+def test_copying_a_registered_tenant_without_documents_copies_its_keys_and_succeeds(tmp_path, postgres_dsn, capsys):
+    files = Settings(data_dir=tmp_path / "files")
+    _, key = TenantRegistry(files.data_dir).add("empty")
+    assert main(["db", "copy-tenant", "empty", "--to", "postgresql", "--dsn", postgres_dsn,
+                 "--data-dir", str(files.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "registry entry copied" in out and "no index in the source, so no documents to copy" in out
+    assert PgTenantRegistry(shared_database(postgres_dsn)).authenticate(key).id == "empty"
