@@ -68,6 +68,7 @@ class RequestLogMiddleware:
         finally:
             status = response["status"]
             route = getattr(scope.get("route"), "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started  # one reading for the log line and the metric
             fields = {
                 "request_id": request_id,
                 "method": scope["method"],
@@ -75,13 +76,13 @@ class RequestLogMiddleware:
                 "tenant": scope["state"].get("tenant"),
                 "model": _model_of(bytes(request_body)),
                 "status": status,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                "latency_ms": round(elapsed * 1000, 1),
                 "error": _error_reason(bytes(response["body"])) if status >= 400 else None,
             }
             if self.metrics is not None:
                 tenant = fields["tenant"] or "-"
                 self.metrics.requests.labels(route, fields["method"], str(status), tenant).inc()
-                self.metrics.latency.labels(route, tenant).observe(time.perf_counter() - started)
+                self.metrics.latency.labels(route, tenant).observe(elapsed)
             log.log(
                 logging.WARNING if status >= 500 else logging.INFO,
                 "%s %s %s status=%s tenant=%s model=%s latency_ms=%s%s",

@@ -120,6 +120,8 @@ class HTTPSettings(BaseModel):
 # Which generator serves: one list for the settings, `lorag serve --engine` and the generator factory.
 EngineChoice = Literal["auto", "engine", "transformers", "remote"]
 ENGINES = get_args(EngineChoice)
+FallbackChoice = Literal["packaged", "extractive", "error"]
+FALLBACKS = get_args(FallbackChoice)
 
 
 class GenerationSettings(BaseModel):
@@ -132,7 +134,7 @@ class GenerationSettings(BaseModel):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     max_batch_size: int = Field(8, ge=1)
     max_context_tokens: int | None = Field(None, ge=64, description="prompt + answer budget; None = model's")
-    fallback: Literal["packaged", "extractive", "error"] = Field(
+    fallback: FallbackChoice = Field(
         "packaged",
         description="when the model cannot be loaded: 'packaged' loads the packaged model (extractive if that fails "
         "too), 'extractive' quotes passages without a model, 'error' refuses to start",

@@ -11,11 +11,10 @@ from server.generation.extractive import ExtractiveGenerator
 from models.locate import locate_model
 from models.packaged import MODEL_NAME, ensure_packaged_model, is_packaged
 from server.generation.protocol import Generator
-from server.settings import ENGINES
+from server.settings import ENGINES, FALLBACKS
 
 log = logging.getLogger(__name__)
 
-FALLBACKS = ("packaged", "extractive", "error")
 
 
 def load_generator(settings, *, embedder=None, adapters=None, data_dir: Path | None = None) -> Generator:

@@ -50,7 +50,8 @@ async def remove_tenant(
 ) -> TenantRemoved:
     """Remove the tenant: its keys stop working and its data (index, uploads, adapters, training runs) moves to
     ``<data_dir>/quarantine``, or with ``purge=true`` is deleted. A tenant created later under the same id starts
-    empty. ``purge=true`` also deletes data left on disk by a tenant no longer registered."""
+    empty. ``purge=true`` also deletes data left on disk, or an index left in PostgreSQL, by a tenant no longer
+    registered."""
     removed = await run_in_threadpool(
         remove_tenant_and_data, services.registry, services.settings, tenant_id, purge=purge)
     if services.adapters is not None:
