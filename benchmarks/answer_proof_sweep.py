@@ -11,7 +11,7 @@ shipped support thresholds and the numeric check), and then each pair of bars de
 Choosing: the bars that meet both targets (cited >= 95% of answerable, declined >= 80% of unanswerable) on the
 choosing half of every set. When none do: the bars that keep both targets met on every set where some bars
 meet them, and among those the least total shortfall from the targets (cited and declined below target,
-summed over sets); the least shortfall over all bars is printed too.
+summed over sets); when no bars keep them met either, the least total shortfall over all bars.
 Per set and half (a fixed half of each set chooses, the other reports; see answer_proof.split_of): answerable
 questions cited, citations whose passage holds the answer, citations on the gold document, unanswerable
 questions declined, answerable ones declined. A row with ``--check`` compares a replay at the shipped settings
@@ -61,14 +61,37 @@ class Replayed:
     blended: dict = field(default_factory=dict)  # (cos weight, rare weight) -> answerability at that blend
 
 
+def _pair(text: str) -> tuple[float, float]:
+    """"A,B" as two numbers (a blend or a pair of bars)."""
+    try:
+        first, second = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two numbers as A,B") from None
+    return first, second
+
+
+def _run(text: str) -> tuple[str, Path, str]:
+    """NAME=answers.jsonl[@DATA_DIR] as (name, answers file, data dir or "")."""
+    name, _, rest = text.partition("=")
+    path, _, data_dir = rest.partition("@")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=answers.jsonl[@DATA_DIR]")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: no file {path}")
+    if data_dir and not Path(data_dir).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no directory {data_dir}")
+    return name, Path(path), data_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="NAME=answers.jsonl[@DATA_DIR] from answer_proof.py --out [--data-dir]")
-    parser.add_argument("--blends", nargs="*", default=[], metavar="COS,RARE",
+    parser.add_argument("runs", nargs="+", type=_run, help="NAME=answers.jsonl[@DATA_DIR] from answer_proof.py "
+                        "--out [--data-dir]")
+    parser.add_argument("--blends", nargs="*", default=[], type=_pair, metavar="COS,RARE",
                         help="answerability blends to sweep besides the shipped one (cosine weight, rarity weight)")
     parser.add_argument("--check", action="store_true", help="compare a replay at the shipped settings with the "
                         "file's own 'after' answers")
-    parser.add_argument("--show", action="append", default=[], metavar="ABSTAIN,QUOTE",
+    parser.add_argument("--show", action="append", default=[], type=_pair, metavar="ABSTAIN,QUOTE",
                         help="also print full figures for these bars (repeatable)")
     args = parser.parse_args()
 
@@ -83,15 +106,14 @@ def main() -> int:
     retrieval = RetrievalService(settings)
     attributor = Attributor(retrieval.embed_texts, settings.attribution)  # the server's embedder
     shipped_blend = (COS_WEIGHT, RARE_WEIGHT)
-    blends = [shipped_blend] + [b for b in (tuple(float(x) for x in text.split(",")) for text in args.blends)
-                                if b != shipped_blend]
+    blends = [shipped_blend] + [blend for blend in args.blends if blend != shipped_blend]
     replayed: list[Replayed] = []
-    for run in args.runs:
-        name, _, path = run.partition("=")
-        path, _, data_dir = path.partition("@")
+    for name, path, data_dir in args.runs:
         # The run's own index, for the rarity of the question's words (the embedder is the same).
         rarity = (RetrievalService(load_settings(ServerSettings, data_dir=data_dir), embedder=retrieval.embedder)
                   if data_dir else None)
+        if rarity is not None and rarity.index("proof") is None:
+            parser.error(f"{name}: {data_dir} holds no index of tenant 'proof' (answer_proof.py --data-dir)")
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         drafts = {row["id"]: row for row in rows if row.get("mode") == "before" and "error" not in row}
         for row in drafts.values():
@@ -106,8 +128,7 @@ def main() -> int:
             item.answerability = item.blended[blend]
         print(f"\n=== answerability blend: cosine weight {blend[0]}, rarity weight {blend[1]}"
               + (" (shipped)" if blend == shipped_blend else ""))
-        _print_sweep(replayed, shipped, [tuple(float(x) for x in bars.split(",")) for bars in args.show],
-                     grid=blend == shipped_blend)
+        _print_sweep(replayed, shipped, args.show, grid=blend == shipped_blend)
     return 0
 
 
@@ -232,12 +253,14 @@ def _print_sweep(items: list[Replayed], shipped: tuple[float, float], shown: lis
         kept = [bars for bars in shortfalls if all(met[(s, bars)] for s in reachable)]
         chosen = sorted(kept, key=lambda bars: (shortfalls[bars], -bars[0], -bars[1]))[:1]
         print(f"targets reachable on: {', '.join(reachable) or 'no set'}; keeping them met, least shortfall: "
-              + ", ".join(f"{bars} {shortfalls[bars]:.2f}" for bars in chosen))
+              + (", ".join(f"{bars} {shortfalls[bars]:.2f}" for bars in chosen)
+                 or f"no bars keep them met: the least total shortfall, {least[0]}, is the choice"))
         least = chosen + least
     print("\nfull figures (shipped settings first):")
     print(f"{'abstain':>7} {'quote':>6} {'set':<10} {'half':<7} {'cited':>6} {'holds':>6} {'doc ok':>7} "
           f"{'declined':>9} {'false decl':>10}")
-    for bars in [shipped] + [b for b in (meeting or least) if b != shipped][:4] + shown:
+    listed = [shipped] + [b for b in (meeting or least) if b != shipped][:4] + shown
+    for bars in dict.fromkeys(listed):  # each pair of bars once
         for (s, h), group in groups.items():
             x = _scores(group, *bars)
             print(f"{bars[0]:>7.2f} {bars[1]:>6.2f} {s:<10} {h:<7} {_pct(x['cited']):>6} {_pct(x['holds']):>6} "
