@@ -157,10 +157,13 @@ class ExtractiveGenerator:
         return self._quotes(passages, candidates, chosen)
 
     def _chosen(self, candidates: list[tuple[str, int]], scores: list[float]) -> list[int]:
-        ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i][1]))
+        # A question the passage asks ("What was the major finding of the study?") states nothing: never quoted,
+        # and it sets no bar for the statements that may answer it.
+        statements = [i for i, (sentence, _) in enumerate(candidates) if not sentence.endswith("?")]
+        ranked = sorted(statements, key=lambda i: (-scores[i], candidates[i][1]))
         # Quote only sentences that match nearly as well as the best one: padding the answer with
         # weak matches (a title sharing one word with the question) reads as if they were relevant.
-        floor = max(scores) * self.relative_floor
+        floor = max((scores[i] for i in statements), default=0.0) * self.relative_floor
         return [i for i in ranked if scores[i] > 0 and scores[i] >= floor][: self.max_sentences]
 
     def _quotes(self, passages: Sequence[Passage], candidates: list[tuple[str, int]], chosen: list[int]) -> list[str]:
@@ -203,7 +206,11 @@ class ExtractiveGenerator:
         if self.embedder is not None:
             vectors = self.embedder.embed_documents(sentences)  # (n, d), L2-normalised
             return [float(score) for score in vectors @ self.embedder.embed_query(question)]
-        return _bm25(_terms(question), [_terms(sentence) for sentence in sentences])
+        # Stemmed, as _word_support measures the best sentence: ranked on plain words, "What do the findings
+        # indicate?" found no sentence saying "finding" or "indicates" to quote although its support was 1.
+        stemmer = load_stemmer("english")  # a fresh one per call: PyStemmer objects are not thread-safe
+        terms = [_stemmed(_terms(text), stemmer) for text in (question, *sentences)]
+        return _bm25(terms[0], terms[1:])
 
 
 def _passage_sentences(passages: Sequence[Passage]) -> list[list[str]]:
@@ -292,6 +299,10 @@ def _terms(text: str) -> list[str]:
     return [word for word in _WORD.findall(text.lower()) if word not in _STOPWORDS]
 
 
+def _stemmed(words: list[str], stemmer) -> list[str]:
+    return stemmer.stemWords(words) if stemmer is not None else words
+
+
 def _headings(passages: Sequence[Passage]) -> list[str]:
     """Each passage's heading path and the Markdown headings in its text."""
     headings = []
@@ -308,8 +319,7 @@ def _word_support(question: str, by_passage: list[list[str]], headings: list[str
     stemmer = load_stemmer("english")  # a fresh one per call: PyStemmer objects are not thread-safe
 
     def stems(text: str, *, leave_out: frozenset[str] = frozenset()) -> set[str]:
-        words = [word for word in _terms(text) if word not in leave_out]
-        return set(stemmer.stemWords(words) if stemmer is not None else words)
+        return set(_stemmed([word for word in _terms(text) if word not in leave_out], stemmer))
 
     parts = [stems(part, leave_out=QUESTION_WORDS) for part in _QUESTION_PARTS.split(question)]
     asked = set().union(*parts)

@@ -109,6 +109,28 @@ def test_weak_matches_do_not_pad_the_answer():
     assert "Returns Policy" not in text
 
 
+
+def test_inflected_words_match_and_a_question_in_the_passage_is_never_the_quote():
+    """Sentences are ranked on stems, as support is measured: "findings ... indicate" finds "finding ...
+    indicated". The passage's own question shares the most words but states nothing, so the sentence that
+    answers it is quoted instead. (Ranked on plain words, no sentence matched and nothing was quoted although
+    support was 1.)"""
+    passages = (make_passage(1, "What was the major finding of the trial? The finding indicated that two doses "
+                                "halved the rate of severe disease."),)
+    generator = ExtractiveGenerator(min_support=0.0)
+    question = "What do the findings indicate?"
+
+    assert generator.support(question, passages) == pytest.approx(1.0)
+    assert generator.quote(question, passages) == [
+        "\n\nThe finding indicated that two doses halved the rate of severe disease. [1]"]
+    _, _, text = _answer(question, passages, generator=generator)
+    assert "major finding of the trial?" not in text
+    # The passage's question, sharing every word, sets no bar that the statement sharing one must reach.
+    echoed = (make_passage(1, "What was the finding in this study? Two doses halved the rate of severe disease, "
+                              "the study found."),)
+    assert generator.quote("What was the finding in this study?", echoed) == [
+        "\n\nTwo doses halved the rate of severe disease, the study found. [1]"]
+
 def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
     """(stream, deltas, text) of one request to ``generator`` (default: ExtractiveGenerator())."""
     async def main():
