@@ -136,7 +136,7 @@ def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends
     import numpy as np
 
     from core.prompt import strip_prompt_markup
-    from server.attribution.support import answerability as blended_answerability, content_stems
+    from server.attribution.support import COS_WEIGHT, RARE_WEIGHT, answerability as blended_answerability
     from server.chat_service import prove
     from server.generation.extractive import ExtractiveGenerator
 
@@ -145,16 +145,15 @@ def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends
     rarity = rarity_from.term_weights("proof", row["question"]) if rarity_from is not None else None
     answerability = attributor.answerability(row["question"], passages, evidence=evidence, rarity=rarity) \
         if passages else 0.0
-    blended = {}
-    if passages and blends:
+    shipped = (COS_WEIGHT, RARE_WEIGHT)  # the server's own blend: the answerability just computed
+    blended = {blend: answerability if blend == shipped or not passages else None for blend in blends}
+    others = [blend for blend, score in blended.items() if score is None]
+    if others:
         vector = np.asarray(attributor.embed_texts([row["question"]]), dtype=np.float32)[0]
-        stems = frozenset(content_stems(row["question"]))
-        for cos_weight, rare_weight in blends:
-            blended[(cos_weight, rare_weight)] = max(
-                blended_answerability(vector, stems, evidence[p.chunk.id], rarity=rarity, cos_weight=cos_weight,
-                                      rare_weight=rare_weight) for p in passages)
-    else:
-        blended = {blend: 0.0 for blend in blends}
+        for cos_weight, rare_weight in others:
+            blended[(cos_weight, rare_weight)] = blended_answerability(
+                row["question"], vector, [evidence[p.chunk.id] for p in passages], rarity=rarity,
+                cos_weight=cos_weight, rare_weight=rare_weight)
     quoter = ExtractiveGenerator(min_support=0.0)  # quotes whenever it finds sentences; the bar is applied below
     row["draft"] = strip_prompt_markup(row["draft"])  # as the server hands every answer on (drafts saved before did not)
     draft_text, draft_cited, stands = row["draft"], [], True

@@ -61,12 +61,19 @@ class TermWeights:
 
     def covered(self, texts: list[str]) -> list[float]:
         """Per text, the share of the total weight carried by the terms it holds (0 for a text with no term)."""
-        total = sum(self.weights.values())
-        if not texts or total <= 0:
-            return [0.0] * len(texts)
+        return [self.share(terms) for terms in self.held(texts)]
+
+    def held(self, texts: list[str]) -> list[frozenset[str]]:
+        """Per text, which of these terms it holds."""
+        if not texts or not self.weights:
+            return [frozenset()] * len(texts)
         stemmer = load_stemmer(self.stemmer_language)
-        return [sum(self.weights[t] for t in set(terms) if t in self.weights) / total
-                for terms in tokenize(texts, stemmer=stemmer)]
+        return [frozenset(terms).intersection(self.weights) for terms in tokenize(texts, stemmer=stemmer)]
+
+    def share(self, terms: frozenset[str]) -> float:
+        """The share of the total weight that ``terms`` carry (0 when there is no weight)."""
+        total = sum(self.weights.values())
+        return sum(self.weights[t] for t in terms if t in self.weights) / total if total > 0 else 0.0
 
 
 class KeywordIndex:

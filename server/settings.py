@@ -224,8 +224,9 @@ class AttributionSettings(BaseModel):
                                      "probability or more (held-out precision 0.90, recall 0.98)")
     keep_threshold: float = Field(0.10, ge=0, le=1, description="a marker the model wrote stays on this lower bar")
     max_citations: int = Field(2, ge=1, description="markers per sentence at most")
-    abstain_below: float = Field(0.46, ge=0, le=1, description="when no retrieved passage matches the question this "
-                                 "well (its meaning and its words, the rare ones counting most), answer that the "
+    abstain_below: float = Field(0.47, ge=0, le=1, description="when no retrieved passage matches the question this "
+                                 "well (its meaning and its words, the rare ones counting most; a question comparing "
+                                 "two named subjects may be matched by two passages together), answer that the "
                                  "documents do not say, without generating; 0 = never")
     unsupported: Literal["quote", "decline", "flag"] = Field(
         "quote", description="an answer none of whose claims a passage supports: 'quote' answers with the "

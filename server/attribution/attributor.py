@@ -94,15 +94,15 @@ class Attributor:
 
     def answerability(self, question: str, passages: Sequence[Passage], *,
                       evidence: dict[str, PassageEvidence] | None = None, rarity: TermWeights | None = None) -> float:
-        """How well the best passage window matches ``question`` (0..1); below ``abstain_below`` no passage
-        answers it. ``rarity``: the question's terms weighted by their rarity in the tenant's index
-        (RetrievalService.term_weights), so the words no passage holds count by how rare they are."""
+        """How well the best passage window (or pair of windows, for a question comparing subjects) matches
+        ``question`` (0..1); below ``abstain_below`` no passage answers it. ``rarity``: the question's terms
+        weighted by their rarity in the tenant's index (RetrievalService.term_weights), so the words no passage
+        holds count by how rare they are. See support.answerability."""
         if not passages:
             return 0.0
         known = evidence if evidence is not None else self.evidence(passages)
-        question_vector = self._embed([question])[0]
-        stems = frozenset(content_stems(question))
-        return max(answerability(question_vector, stems, known[p.chunk.id], rarity=rarity) for p in passages)
+        return answerability(question, self._embed([question])[0], [known[p.chunk.id] for p in passages],
+                             rarity=rarity)
 
     def should_abstain(self, question: str, passages: Sequence[Passage], *,
                        rarity: TermWeights | None = None) -> tuple[bool, float]:

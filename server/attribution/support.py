@@ -18,7 +18,9 @@ such a passage (its probability could still clear ``keep_threshold``).
 import math
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import Stemmer
@@ -58,6 +60,10 @@ _NUMBER_WORDS = {
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
+# A name: a capitalised word (Latin-1 capitals too: "Öresund", "Béla"), then more of them or joining particles
+# ("Battle Beyond the Sun", "James Der Derian"); two names joined by "or"/"and" are compared subjects.
+_NAME = r"[A-ZÀ-ÖØ-Þ][\w.'\-]*(?:\s+(?:[A-ZÀ-ÖØ-Þ][\w.'\-]*|de|der|van|von|of|the))*"
+_COMPARED = re.compile(_NAME + r"\s*,?\s+(?:or|and)\s+(?:the\s+)?" + _NAME)
 _stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread
 
 
@@ -155,22 +161,58 @@ def support_probability(claim: Claim, passage: PassageEvidence, question_stems: 
     return 1.0 / (1.0 + math.exp(-z))
 
 
-def answerability(question_vector: np.ndarray, question_stems: frozenset[str], passage: PassageEvidence, *,
+def answerability(question: str, question_vector: np.ndarray, passages: Sequence[PassageEvidence], *,
                   rarity: TermWeights | None = None, cos_weight: float = COS_WEIGHT,
                   rare_weight: float = RARE_WEIGHT) -> float:
-    """How well the best window of ``passage`` matches the question: ``cos_weight`` * cosine + the rest * the
-    share of the question the window covers. That share is the plain share of the question's content stems,
-    blended (``rare_weight``) with the share of its keyword terms weighted by their rarity in the tenant's index
-    (``rarity``), so that a question whose rare words no passage holds scores low however on-topic it reads."""
-    if not passage.windows:
-        return 0.0
-    cosines = passage.window_vectors @ question_vector
+    """How well the passages' best window matches the question (0 without a window): ``cos_weight`` * cosine +
+    the rest * the share of the question the window covers. That share is the plain share of the question's
+    content stems, blended (``rare_weight``) with the share of its keyword terms weighted by their rarity in the
+    tenant's index (``rarity``), so that a question whose rare words no passage holds scores low however
+    on-topic it reads.
+
+    A question that compares named subjects ("Who died first, Bryce Courtenay or Juan Carlos Onetti?") is
+    answered from one window per subject, usually in different documents, so the best pair of windows may
+    cover it together (their words pooled, the better cosine); no single window can. Only such questions pool:
+    pooling any question's best two windows also lifts the on-topic questions no passage answers (measured in
+    benchmarks/RESULTS.md, "Questions that compare")."""
+    stems = frozenset(content_stems(question))
     rarity = rarity.without(_NO_CLAIM_STEMS) if rarity is not None else None
-    covered = rarity.covered(passage.windows) if rarity is not None and rarity.weights else None
-    best = 0.0
-    for index, (window, cosine) in enumerate(zip(passage.windows, cosines)):
-        overlap = len(question_stems & set(content_stems(window))) / len(question_stems) if question_stems else 0.0
-        if covered is not None:
-            overlap = (1 - rare_weight) * overlap + rare_weight * covered[index]
-        best = max(best, cos_weight * float(cosine) + (1 - cos_weight) * overlap)
+    rarity = rarity if rarity is not None and rarity.weights else None  # no term left to weigh: plain overlap
+    matches = [match for passage in passages for match in _window_matches(question_vector, stems, passage, rarity)]
+    if not matches:
+        return 0.0
+
+    def score(cosine: float, held_stems: frozenset[str], held_terms: frozenset[str]) -> float:
+        overlap = len(held_stems) / len(stems) if stems else 0.0
+        if rarity is not None:
+            overlap = (1 - rare_weight) * overlap + rare_weight * rarity.share(held_terms)
+        return cos_weight * cosine + (1 - cos_weight) * overlap
+
+    best = max(score(*match) for match in matches)
+    if compares_subjects(question):
+        # Windows holding the same words pair alike: keep the best cosine of each, then try every two.
+        distinct: dict[tuple[frozenset[str], frozenset[str]], float] = {}
+        for cosine, held_stems, held_terms in matches:
+            key = (held_stems, held_terms)
+            distinct[key] = max(cosine, distinct.get(key, -1.0))
+        for ((stems_a, terms_a), cos_a), ((stems_b, terms_b), cos_b) in combinations(distinct.items(), 2):
+            best = max(best, score(max(cos_a, cos_b), stems_a | stems_b, terms_a | terms_b))
     return best
+
+
+def compares_subjects(question: str) -> bool:
+    """Whether ``question`` joins two named subjects with "or"/"and" ("Bryce Courtenay or Juan Carlos Onetti",
+    "Are Pothos and Tibouchina both ..."): a name is a run of capitalised words, the question's first word
+    not counted as one."""
+    return _COMPARED.search(question[:1].lower() + question[1:]) is not None
+
+
+def _window_matches(question_vector: np.ndarray, stems: frozenset[str], passage: PassageEvidence,
+                    rarity: TermWeights | None) -> list[tuple[float, frozenset[str], frozenset[str]]]:
+    """Per window of ``passage``: (cosine to the question, question stems it holds, weighted terms it holds)."""
+    if not passage.windows:
+        return []
+    cosines = passage.window_vectors @ question_vector
+    held = rarity.held(passage.windows) if rarity is not None else [frozenset()] * len(passage.windows)
+    return [(float(cosine), stems & frozenset(content_stems(window)), terms)
+            for window, cosine, terms in zip(passage.windows, cosines, held)]

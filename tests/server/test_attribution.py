@@ -106,6 +106,39 @@ def test_the_question_words_no_passage_holds_count_by_their_rarity_in_the_index(
         max(index.term_weights("What does the warranty cover for an iPhone?").weights.values())
 
 
+
+def test_a_question_comparing_two_named_subjects_may_be_covered_by_two_passages_together(attributor):
+    """Each subject of "Who died first, X or Y?" is in its own document: no one window covers the question, the
+    best pair does. A question that compares nothing is never pooled, so two passages each holding part of it
+    score as the better one alone."""
+    import numpy as np
+
+    from retrieval.keyword import KeywordIndex
+    from server.attribution.support import compares_subjects
+
+    courtenay = passage("Bryce Courtenay was a South African-born Australian novelist. He died on 22 November "
+                        "2012 in Canberra.", "courtenay.txt")
+    onetti = passage("Juan Carlos Onetti was a Uruguayan novelist and author of short stories. He died in Madrid "
+                     "on 30 May 1994.", "onetti.txt")
+    both = [courtenay, onetti]
+    compared = "Who died first, Bryce Courtenay or Juan Carlos Onetti?"
+
+    assert compares_subjects(compared) and compares_subjects("Are Pothos and Tibouchina both flowering plants?")
+    assert not compares_subjects("How often should the pH probe be calibrated?")
+    assert not compares_subjects("Does the warranty cover ice or collision damage?")  # no names joined
+    texts = [p.chunk.text for p in [*PASSAGES, *both]]
+    rarity = KeywordIndex(np.arange(len(texts)), texts).term_weights(compared)
+    for weights in (None, rarity):  # plain word overlap, and the words weighted by their rarity in an index
+        pooled = attributor.answerability(compared, both, rarity=weights)
+        alone = max(attributor.answerability(compared, [p], rarity=weights) for p in both)
+        assert pooled > alone + 0.1
+
+    # The same words, asked without naming two subjects: each passage counts alone, as before.
+    uncompared = "When did the novelist Courtenay die, and when did the novelist Onetti die?"
+    assert not compares_subjects(uncompared)
+    assert attributor.answerability(uncompared, both) == pytest.approx(
+        max(attributor.answerability(uncompared, [p]) for p in both))
+
 def test_a_document_tag_the_model_copied_from_its_prompt_is_dropped_and_the_copied_text_cited(attributor):
     # As SmolLM2-135M wrote for 18 of 292 questions (benchmarks/RESULTS.md): the prompt's block tag, then the passage.
     from core.prompt import format_documents, strip_prompt_markup
