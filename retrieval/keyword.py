@@ -59,10 +59,6 @@ class TermWeights:
         """These weights less ``terms`` (stemmed as the index stems them)."""
         return TermWeights({t: w for t, w in self.weights.items() if t not in terms}, self.stemmer_language)
 
-    def covered(self, texts: list[str]) -> list[float]:
-        """Per text, the share of the total weight carried by the terms it holds (0 for a text with no term)."""
-        return [self.share(terms) for terms in self.held(texts)]
-
     def held(self, texts: list[str]) -> list[frozenset[str]]:
         """Per text, which of these terms it holds."""
         if not texts or not self.weights:
@@ -71,7 +67,7 @@ class TermWeights:
         return [frozenset(terms).intersection(self.weights) for terms in tokenize(texts, stemmer=stemmer)]
 
     def share(self, terms: frozenset[str]) -> float:
-        """The share of the total weight that ``terms`` carry (0 when there is no weight)."""
+        """The share of the total weight that ``terms`` carry (0 for no term, or when there is no weight)."""
         total = sum(self.weights.values())
         return sum(self.weights[t] for t in terms if t in self.weights) / total if total > 0 else 0.0
 

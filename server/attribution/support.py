@@ -60,10 +60,6 @@ _NUMBER_WORDS = {
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
-# A name: a capitalised word (Latin-1 capitals too: "Öresund", "Béla"), then more of them or joining particles
-# ("Battle Beyond the Sun", "James Der Derian"); two names joined by "or"/"and" are compared subjects.
-_NAME = r"[A-ZÀ-ÖØ-Þ][\w.'\-]*(?:\s+(?:[A-ZÀ-ÖØ-Þ][\w.'\-]*|de|der|van|von|of|the))*"
-_COMPARED = re.compile(_NAME + r"\s*,?\s+(?:or|and)\s+(?:the\s+)?" + _NAME)
 _stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread
 
 
@@ -182,29 +178,55 @@ def answerability(question: str, question_vector: np.ndarray, passages: Sequence
     if not matches:
         return 0.0
 
-    def score(cosine: float, held_stems: frozenset[str], held_terms: frozenset[str]) -> float:
+    def coverage(held_stems: frozenset[str], held_terms: frozenset[str]) -> float:
         overlap = len(held_stems) / len(stems) if stems else 0.0
         if rarity is not None:
             overlap = (1 - rare_weight) * overlap + rare_weight * rarity.share(held_terms)
-        return cos_weight * cosine + (1 - cos_weight) * overlap
+        return overlap
 
-    best = max(score(*match) for match in matches)
-    if compares_subjects(question):
-        # Windows holding the same words pair alike: keep the best cosine of each, then try every two.
-        distinct: dict[tuple[frozenset[str], frozenset[str]], float] = {}
-        for cosine, held_stems, held_terms in matches:
-            key = (held_stems, held_terms)
-            distinct[key] = max(cosine, distinct.get(key, -1.0))
-        for ((stems_a, terms_a), cos_a), ((stems_b, terms_b), cos_b) in combinations(distinct.items(), 2):
-            best = max(best, score(max(cos_a, cos_b), stems_a | stems_b, terms_a | terms_b))
+    best = max(0.0, *(cos_weight * cosine + (1 - cos_weight) * coverage(s, t) for cosine, s, t in matches))
+    if not compares_subjects(question):
+        return best
+    # Windows holding the same words pair alike: keep the best cosine of each. Then every two, most covering
+    # first: a union covers at most what its two parts cover together, so once even the best cosine with that
+    # sum cannot beat the best score, no later pair can (exact, and few pairs are tried even with k = 50).
+    distinct: dict[tuple[frozenset[str], frozenset[str]], float] = {}
+    for cosine, held_stems, held_terms in matches:
+        distinct[(held_stems, held_terms)] = max(cosine, distinct.get((held_stems, held_terms), -1.0))
+    ranked = sorted(((coverage(*key), cosine, key) for key, cosine in distinct.items()), key=lambda item: -item[0])
+    top_cosine = max(distinct.values())
+
+    def bound(covered: float) -> float:
+        return cos_weight * top_cosine + (1 - cos_weight) * covered
+
+    for index, (covered_a, cosine_a, (stems_a, terms_a)) in enumerate(ranked):
+        if bound(2 * covered_a) <= best:
+            break
+        for covered_b, cosine_b, (stems_b, terms_b) in ranked[index + 1:]:
+            if bound(covered_a + covered_b) <= best:
+                break
+            pooled = coverage(stems_a | stems_b, terms_a | terms_b)
+            best = max(best, cos_weight * max(cosine_a, cosine_b) + (1 - cos_weight) * pooled)
     return best
 
 
 def compares_subjects(question: str) -> bool:
     """Whether ``question`` joins two named subjects with "or"/"and" ("Bryce Courtenay or Juan Carlos Onetti",
-    "Are Pothos and Tibouchina both ..."): a name is a run of capitalised words, the question's first word
-    not counted as one."""
-    return _COMPARED.search(question[:1].lower() + question[1:]) is not None
+    "Are Pothos and Tibouchina both ...", "the Marsilea or the Brabejum"): the words either side of the
+    conjunction are capitalised, the question's first word not counted as a name. One pass over the words (a
+    question is user input: no backtracking pattern)."""
+    words = [word.strip("\"'()\u201c\u201d\u2018\u2019") for word in question.split()]
+    for i in range(2, len(words) - 1):
+        if words[i] not in ("or", "and"):
+            continue
+        following = words[i + 2] if words[i + 1] == "the" and i + 2 < len(words) else words[i + 1]
+        if _capitalised(words[i - 1].rstrip(",:;")) and _capitalised(following):
+            return True
+    return False
+
+
+def _capitalised(word: str) -> bool:
+    return word[:1].isupper()
 
 
 def _window_matches(question_vector: np.ndarray, stems: frozenset[str], passage: PassageEvidence,

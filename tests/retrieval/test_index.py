@@ -161,8 +161,9 @@ def test_term_weights_are_bm25_idf_over_the_tenants_chunks(build_index):
     assert weights.weights["hardang"] == pytest.approx(idf(1, chunks))
     assert weights.weights["warranti"] == pytest.approx(idf(3, chunks))  # the three warranty chunks
     assert weights.weights["iphon"] > weights.weights["hardang"] > weights.weights["warranti"]
-    rail, warranty, none = weights.covered(["Trains cross the Hardanger plateau.", "The warranty lasts two years.",
-                                            "Bake the loaf."])
+    held = weights.held(["Trains cross the Hardanger plateau.", "The warranty lasts two years.", "Bake the loaf."])
+    assert held == [{"hardang"}, {"warranti"}, set()]
+    rail, warranty, none = map(weights.share, held)
     total = sum(weights.weights.values())
     assert rail == pytest.approx(weights.weights["hardang"] / total)
     assert warranty == pytest.approx(weights.weights["warranti"] / total) and none == 0.0

@@ -114,7 +114,7 @@ def test_a_question_comparing_two_named_subjects_may_be_covered_by_two_passages_
     import numpy as np
 
     from retrieval.keyword import KeywordIndex
-    from server.attribution.support import compares_subjects
+    from server.attribution.support import PassageEvidence, answerability, compares_subjects
 
     courtenay = passage("Bryce Courtenay was a South African-born Australian novelist. He died on 22 November "
                         "2012 in Canberra.", "courtenay.txt")
@@ -125,7 +125,18 @@ def test_a_question_comparing_two_named_subjects_may_be_covered_by_two_passages_
 
     assert compares_subjects(compared) and compares_subjects("Are Pothos and Tibouchina both flowering plants?")
     assert not compares_subjects("How often should the pH probe be calibrated?")
+    assert compares_subjects("Is the Marsilea or the Brabejum the larger genus?")
+    assert compares_subjects('Which came first, "See Yourself" or "Within You Without You"?')
     assert not compares_subjects("Does the warranty cover ice or collision damage?")  # no names joined
+    assert not compares_subjects("Kestrel or Osprey: which buoy floats?")  # the first word is no name
+    # A question is user input (up to server.max_json_bytes): one pass over its words, no backtracking. A
+    # pattern that retried every capital took minutes on these.
+    assert not compares_subjects("A" * 200_000) and not compares_subjects("Aa " * 100_000)
+    assert compares_subjects("Aa " * 100_000 + "or Bb")
+    # A window pointing away from the question scores 0, not below: answerability is 0..1.
+    unit = np.full(4, 0.5, dtype=np.float32)
+    away = PassageEvidence.of("x", ["unrelated words"], unit[None])
+    assert answerability("Who is older, Aa or Bb?", -unit, [away]) == 0
     texts = [p.chunk.text for p in [*PASSAGES, *both]]
     rarity = KeywordIndex(np.arange(len(texts)), texts).term_weights(compared)
     for weights in (None, rarity):  # plain word overlap, and the words weighted by their rarity in an index
