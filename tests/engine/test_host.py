@@ -177,7 +177,13 @@ def test_metrics_show_kv_blocks_and_the_prefix_cache_hit_rate(qwen2_engine):
     from tests.engine.conftest import make_sequence, prompt_of
 
     metrics = Metrics()
-    metrics.watch_engine(qwen2_engine.kv_cache_stats)
+    readings = []
+
+    def stats():
+        readings.append(qwen2_engine.kv_cache_stats())
+        return readings[-1]
+
+    metrics.watch_engine(stats)
     engine = qwen2_engine.engine
     pool = engine.cache.pool
     prompt = prompt_of(90, 40)  # two full blocks of 16 tokens the second request finds cached
@@ -187,6 +193,7 @@ def test_metrics_show_kv_blocks_and_the_prefix_cache_hit_rate(qwen2_engine):
         assert collector.done.wait(60)
     assert seq.cached == 32
     lines = metrics.render().decode().splitlines()
+    assert len(readings) == 1  # one reading per scrape: its used + cached + free come from the same moment
     stats = qwen2_engine.kv_cache_stats()
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_cached"] >= 2
     assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == pool.capacity
