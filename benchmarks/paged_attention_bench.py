@@ -1,6 +1,16 @@
 """Decode attention over the paged KV cache at the Llama-3-8B attention shape: the Triton paged kernel (tile and
-warp variants) against the gathering torch reference and against what the contiguous cache ran (SDPA over
-every row's whole max_len allocation under a mask), one layer, bf16.
+warp variants) against the gathering torch reference, against what the contiguous cache ran (SDPA over every
+row's whole max_len allocation under a mask), and against PyTorch's own length-aware candidates, one layer, bf16:
+
+- FlexAttention over the paged cache: the cache's blocks viewed as one long key sequence, a block mask per
+  step that lets each row see only its own blocks up to its length (built per step in the engine, since
+  tables change: timed with and without building it);
+- varlen attention (``torch.nn.attention.varlen.varlen_attn``, Flash Attention) reading the pages through a
+  block table, where this torch and the block size allow it;
+- varlen attention over keys first gathered into one packed sequence per row (what a non-paged varlen kernel
+  needs: the gather is part of its cost).
+
+A candidate this torch lacks, or that refuses the shape, is printed as unavailable with the reason.
 
 GPU:  python benchmarks/paged_attention_bench.py
 """
@@ -21,6 +31,7 @@ from server.engine.paged_attention import (  # noqa: E402
 )
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_LEN, LIVE = 32, 8, 128, 16, 2257, 1600
+CANDIDATE_ROWS = (1, 128, 384)
 
 
 def timed(fn, repeats=30) -> float:
@@ -69,14 +80,103 @@ def main() -> int:
         cache_k[kernel.write_block, kernel.write_offset] = k  # the step's own token, as attend_cache writes it
         cache_v[kernel.write_block, kernel.write_offset] = k
         reference = attend_cache(q, k, k, cache_k, cache_v, gather)
+        unavailable = {}
+        # PyTorch's candidates at one small and two large batches (each shape compiles FlexAttention anew).
+        candidates = _candidates(q[:, 0], cache_k, cache_v, kernel.block_tables, kernel.lengths) \
+            if rows in CANDIDATE_ROWS and live == LIVE else {}
+        for name, build in candidates.items():
+            try:
+                variants[name] = build()
+            except Exception as error:  # noqa: BLE001 - a candidate this torch or shape does not support
+                unavailable[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         for name, fn in variants.items():
-            if name.startswith("paged"):
-                torch.testing.assert_close(fn()[:, None], reference, atol=3e-2, rtol=3e-2)
+            if not name.startswith(("gathering", "contiguous")):
+                try:
+                    torch.testing.assert_close(fn().reshape(rows, 1, HEADS, HEAD_DIM), reference, atol=3e-2, rtol=3e-2)
+                except Exception as error:  # noqa: BLE001
+                    unavailable[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    continue
             us = timed(fn)
             print(f"{rows:5d} {live:5d} {name:40} {us:9.1f} {live_bytes / us / 1e3:16.0f}", flush=True)
+        for name, reason in unavailable.items():
+            print(f"{rows:5d} {live:5d} {name:40} unavailable: {reason}", flush=True)
         del cache_k, cache_v, variants
         torch.cuda.empty_cache()
     return 0
+
+
+def _candidates(q, cache_k, cache_v, tables, lengths) -> dict:
+    """PyTorch's length-aware attention, each as a builder of a callable giving (rows, heads, head_dim) for one
+    query token per row, q (rows, heads, head_dim)."""
+    import inspect
+
+    rows = q.shape[0]
+    blocks = cache_k.shape[0]
+
+    def flex(build_mask: bool):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        attend = torch.compile(flex_attention, dynamic=False)
+        # Which row owns each physical block, and where in that row's sequence the block starts.
+        owner = torch.full((blocks,), -1, device=q.device, dtype=torch.int32)
+        start = torch.zeros(blocks, device=q.device, dtype=torch.int32)
+        used = tables.shape[1]
+        owner[tables.long().flatten()] = torch.arange(rows, device=q.device, dtype=torch.int32).repeat_interleave(used)
+        start[tables.long().flatten()] = (torch.arange(used, device=q.device, dtype=torch.int32) * BLOCK).repeat(rows)
+        owner[0] = -1  # the scratch block belongs to nobody
+
+        def visible(b, h, q_index, kv_index):
+            block = kv_index // BLOCK
+            return (owner[block] == q_index) & (start[block] + kv_index % BLOCK < lengths[q_index])
+
+        def mask():
+            # Its kernel's key tile (64-128) must divide the mask's key block: 128 tokens, 8 cache blocks, which
+            # may belong to different rows (then the block is partial, and computed under the mask).
+            return create_block_mask(visible, None, None, rows, blocks * BLOCK, device=q.device,
+                                     BLOCK_SIZE=(128, 128))
+
+        keys = cache_k.view(1, blocks * BLOCK, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        values = cache_v.view(1, blocks * BLOCK, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        queries = q.transpose(0, 1)[None]  # (1, heads, rows, head_dim): each row is one query position
+        fixed = mask()
+        return lambda: attend(queries, keys, values, block_mask=mask() if build_mask else fixed,
+                              enable_gqa=True)[0].transpose(0, 1)
+
+    def varlen():
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+    cu_q = torch.arange(rows + 1, device=q.device, dtype=torch.int32)
+    cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    top = int(lengths.max())
+
+    def varlen_paged():
+        attend, takes = varlen()
+        if not {"block_table", "enable_gqa"} <= takes:
+            raise TypeError(f"varlen_attn of torch {torch.__version__} takes no block_table / enable_gqa")
+        return lambda: attend(q, cache_k, cache_v, cu_q, None, 1, top, enable_gqa=True, seqused_k=lengths,
+                              block_table=tables)
+
+    def varlen_gathered():
+        attend, takes = varlen()
+        # The packed slots: each row's live tokens, read through its block table.
+        slots = torch.cat([tables[r, torch.arange(int(lengths[r]), device=q.device) // BLOCK].long() * BLOCK
+                           + torch.arange(int(lengths[r]), device=q.device) % BLOCK for r in range(rows)])
+        flat_k, flat_v = cache_k.view(-1, KV_HEADS, HEAD_DIM), cache_v.view(-1, KV_HEADS, HEAD_DIM)
+        if "enable_gqa" in takes:
+            return lambda: attend(q, flat_k[slots], flat_v[slots], cu_q, cu_k, 1, top, enable_gqa=True)
+        # Without grouped-query support each kv head is repeated for its query heads: part of the cost.
+        group = HEADS // KV_HEADS
+        return lambda: attend(q, flat_k[slots].repeat_interleave(group, 1), flat_v[slots].repeat_interleave(group, 1),
+                              cu_q, cu_k, 1, top)
+
+    return {
+        "flex attention, mask given": lambda: flex(False),
+        "flex attention, mask built each step": lambda: flex(True),
+        "varlen (flash), paged block table": varlen_paged,
+        "varlen (flash), keys gathered first": varlen_gathered,
+    }
 
 
 if __name__ == "__main__":
