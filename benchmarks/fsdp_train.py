@@ -284,3 +284,11 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    if "LOCAL_RANK" in os.environ:  # one process of a torchrun group, its result written
+        # Leave without the interpreter's finalization. Gloo's worker threads can still hold finished work (and its
+        # tensors) after destroy_process_group, and releasing that while the interpreter tears down aborts the
+        # process now and then ("terminate called without an active exception": pytorch/pytorch#179291 describes
+        # it), which failed runs whose result was already written. A failure raised above exits as usual.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
