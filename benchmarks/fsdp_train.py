@@ -284,11 +284,11 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-    if "LOCAL_RANK" in os.environ:  # one process of a torchrun group, its result written
-        # Leave without the interpreter's finalization. Gloo's worker threads can still hold finished work (and its
-        # tensors) after destroy_process_group, and releasing that while the interpreter tears down aborts the
-        # process now and then ("terminate called without an active exception": pytorch/pytorch#179291 describes
-        # it), which failed runs whose result was already written. A failure raised above exits as usual.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Leave without the interpreter's finalization: a process of a gloo group now and then aborted there ("terminate
+    # called without an active exception") after destroy_process_group and after its result was written, failing
+    # the run. Gloo's worker threads releasing finished work (and its tensors) during teardown is the likely cause
+    # (the abandoned pytorch/pytorch#179291 describes that crash for groups never destroyed). A failure raised
+    # above exits as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
