@@ -170,6 +170,52 @@ def strip_prompt_markup(text: str) -> str:
     return re.sub(r"[ \t]*\n{3,}", "\n\n", _DOCUMENT_TAG.sub("", text)).strip()
 
 
+
+_WHOLE_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>")
+_OPEN_TAG = re.compile(r"</?document\b[^<>\n]{0,500}")  # begun, not yet closed
+_TAG_STARTS = ("<document", "</document")
+
+
+class StreamedMarkup:
+    """Drops the prompt's ``<document ...>`` tags from text streamed piece by piece, as strip_prompt_markup does
+    for the whole answer, so that a streaming client never shows one.
+
+    A piece that ends inside what may be such a tag ("<doc", '<document number="2') is held back until the next
+    piece tells: a tag is dropped, anything else is handed on unchanged (the "<" of "x < y" waits one piece at
+    most). A tag still open when the stream ends was cut off by max_tokens and is dropped too.
+    """
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        """The text of ``piece`` (after what was held) that can be shown now."""
+        text, shown = self.held + piece, []
+        self.held = ""
+        while (start := text.find("<")) >= 0:
+            shown.append(text[:start])
+            text = text[start:]
+            if (tag := _WHOLE_TAG.match(text)) is not None:
+                text = text[tag.end():]
+            elif _may_become_tag(text):
+                self.held = text
+                return "".join(shown)
+            else:
+                shown.append("<")
+                text = text[1:]
+        shown.append(text)
+        return "".join(shown)
+
+    def end(self) -> str:
+        """What was held when the stream ends: nothing if it is a tag cut off, else the held text."""
+        held, self.held = self.held, ""
+        return "" if _OPEN_TAG.fullmatch(held) else held
+
+
+def _may_become_tag(text: str) -> bool:
+    """Whether ``text`` (starting with "<") is a tag begun and not yet closed, or the start of one's name."""
+    return any(start.startswith(text) for start in _TAG_STARTS) or _OPEN_TAG.fullmatch(text) is not None
+
 def format_documents(passages: Sequence[Passage]) -> str:
     """The numbered ``<document>`` blocks the user turn carries; an explicit empty block when none fit."""
     if not passages:

@@ -19,7 +19,7 @@ from core.errors import LoragError
 from core.records import Passage
 from server.catalog import ModelCatalog, public_generator_name
 from server.errors import InvalidRequest, RequestTimeout, error_body, lorag_error_body
-from core.prompt import ABSTENTION_ANSWER, strip_prompt_markup
+from core.prompt import ABSTENTION_ANSWER, StreamedMarkup, strip_prompt_markup
 from retrieval.conversation import search_query
 from server.attribution.attributor import Attribution, Attributor
 from server.generation.extractive import ExtractiveGenerator
@@ -243,6 +243,16 @@ class ChatService:
         parts: list[str] = []
         tokens = 0
         finish_reason = None
+        markup = StreamedMarkup()  # a <document ...> tag copied from the prompt is never streamed
+        pending: list = []  # logprobs of tokens whose text is held back, sent with the next text shown
+
+        def piece(text: str) -> str:
+            chunk = choice({"content": text})
+            if prepared.logprobs:  # the tokens behind this piece of text, as OpenAI streams them
+                chunk["logprobs"] = {"content": [entry.as_openai() for entry in pending]}
+            pending.clear()
+            return _sse(base | {"choices": [chunk]})
+
         try:
             if not text_completion:
                 yield _sse(base | {"choices": [_choice({"role": "assistant", "content": ""})]})
@@ -251,12 +261,14 @@ class ChatService:
                     if not parts:
                         self._first_token(prepared)
                     parts.append(delta.text)
-                    chunk = choice({"content": delta.text})
-                    if prepared.logprobs:  # the tokens behind this piece of text, as OpenAI streams them
-                        chunk["logprobs"] = {"content": [entry.as_openai() for entry in delta.logprobs]}
-                    yield _sse(base | {"choices": [chunk]})
+                    pending += delta.logprobs
+                    shown = markup.feed(delta.text)
+                    if shown or not markup.held:
+                        yield piece(shown)
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason
+            if (rest := markup.end()) or pending:
+                yield piece(rest)
             outcome = await self._finish(prepared, stream, "".join(parts), tokens, finish_reason)
             if outcome.sources:
                 yield _sse(base | {"choices": [choice({"content": outcome.sources})]})

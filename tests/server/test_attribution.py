@@ -165,6 +165,29 @@ def test_a_document_tag_the_model_copied_from_its_prompt_is_dropped_and_the_copi
     assert strip_prompt_markup("The <b>pump</b> runs.") == "The <b>pump</b> runs."  # other markup is the answer's
 
 
+
+def test_a_streamed_answer_never_shows_a_document_tag_whatever_pieces_it_arrives_in():
+    """The stream drops the tags piece by piece as strip_prompt_markup drops them from the whole answer: a tag
+    split over pieces, one cut off by max_tokens, and never anything else ("x < y", "<documentation>")."""
+    from core.prompt import StreamedMarkup
+
+    def streamed(pieces):
+        markup = StreamedMarkup()
+        shown = [markup.feed(piece) for piece in pieces]
+        return shown, "".join(shown) + markup.end()
+
+    tag = '<document number="2" source="warranty.txt" page="1">'
+    draft = f"The answer is:\n{tag}\n{WARRANTY}\n</document>"
+    for size in (1, 3, 7, 50, len(draft)):  # every way of cutting it into pieces
+        shown, text = streamed([draft[i:i + size] for i in range(0, len(draft), size)])
+        assert "<doc" not in text and "</doc" not in text and WARRANTY in text
+        assert text == f"The answer is:\n\n{WARRANTY}\n"
+    shown, text = streamed(["Five years ", '<document number="1" sou'])  # cut off by max_tokens
+    assert text == "Five years " and shown == ["Five years ", ""]
+    shown, text = streamed(["x <", " y, a<b and <documentation> stay"])
+    assert shown == ["x ", "< y, a<b and <documentation> stay"] and text == "x < y, a<b and <documentation> stay"
+    assert streamed(["ends with <"])[1] == "ends with <"
+
 def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
     # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
     from core.prompt import ABSTENTION_ANSWER
