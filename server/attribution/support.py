@@ -63,7 +63,8 @@ _NUMBER_WORDS = {
 _stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread
 
 
-def _stem_words(words: list[str]) -> list[str]:
+def stem_words(words: list[str]) -> list[str]:
+    """``words`` Snowball-stemmed (English) with this thread's stemmer."""
     stemmer = getattr(_stemmers, "english", None)
     if stemmer is None:
         stemmer = _stemmers.english = Stemmer.Stemmer("english")
@@ -72,13 +73,13 @@ def _stem_words(words: list[str]) -> list[str]:
 
 # Stems no passage is expected to repeat for a question: its stop words and question-shaping words. Their rarity
 # in the index says nothing (a corpus that seldom writes "what" or "often" would make them weigh most).
-_NO_CLAIM_STEMS = frozenset(_stem_words(sorted(STOPWORDS | QUESTION_WORDS)))
+_NO_CLAIM_STEMS = frozenset(stem_words(sorted(STOPWORDS | QUESTION_WORDS)))
 
 
 def content_stems(text: str) -> list[str]:
     """Stemmed content words of ``text``, markers and stop words left out, number words as digits."""
     words = [_NUMBER_WORDS.get(w.lower(), w.lower()) for w in _WORD.findall(CITATION_MARKER.sub(" ", text))]
-    return _stem_words([w for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())])
+    return stem_words([w for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())])
 
 
 def numbers_of(text: str, *, number_words: bool = False) -> set[str]:

@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from core.records import Passage
-from retrieval.keyword import load_stemmer
-from server.attribution.support import QUESTION_WORDS
+from server.attribution.support import QUESTION_WORDS, stem_words
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
 
 NOTHING_FOUND = (
@@ -208,8 +207,7 @@ class ExtractiveGenerator:
             return [float(score) for score in vectors @ self.embedder.embed_query(question)]
         # Stemmed, as _word_support measures the best sentence: ranked on plain words, "What do the findings
         # indicate?" found no sentence saying "finding" or "indicates" to quote although its support was 1.
-        stemmer = load_stemmer("english")  # a fresh one per call: PyStemmer objects are not thread-safe
-        terms = [_stemmed(_terms(text), stemmer) for text in (question, *sentences)]
+        terms = [stem_words(_terms(text)) for text in (question, *sentences)]
         return _bm25(terms[0], terms[1:])
 
 
@@ -299,10 +297,6 @@ def _terms(text: str) -> list[str]:
     return [word for word in _WORD.findall(text.lower()) if word not in _STOPWORDS]
 
 
-def _stemmed(words: list[str], stemmer) -> list[str]:
-    return stemmer.stemWords(words) if stemmer is not None else words
-
-
 def _headings(passages: Sequence[Passage]) -> list[str]:
     """Each passage's heading path and the Markdown headings in its text."""
     headings = []
@@ -316,10 +310,8 @@ def _word_support(question: str, by_passage: list[list[str]], headings: list[str
     """The best inverse-frequency-weighted share of the question's terms that a sentence, its neighbours in its
     passage and that passage's headings contain; for a question in parts, the least supported part's share
     when that is more (see ExtractiveGenerator.support)."""
-    stemmer = load_stemmer("english")  # a fresh one per call: PyStemmer objects are not thread-safe
-
     def stems(text: str, *, leave_out: frozenset[str] = frozenset()) -> set[str]:
-        return set(_stemmed([word for word in _terms(text) if word not in leave_out], stemmer))
+        return set(stem_words([word for word in _terms(text) if word not in leave_out]))
 
     parts = [stems(part, leave_out=QUESTION_WORDS) for part in _QUESTION_PARTS.split(question)]
     asked = set().union(*parts)
