@@ -117,7 +117,7 @@ def main() -> int:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         drafts = {row["id"]: row for row in rows if row.get("mode") == "before" and "error" not in row}
         for row in drafts.values():
-            replayed.append(_replay(name, row, attributor, settings, rarity, blends))
+            replayed.append(_replay(name, row, attributor, settings, rarity, blends, shipped_blend))
         print(f"{name}: {len(drafts)} drafts from {path}" + (f", rarity from {data_dir}" if data_dir else ""),
               file=sys.stderr)
         if args.check:
@@ -132,11 +132,11 @@ def main() -> int:
     return 0
 
 
-def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends=()) -> Replayed:
+def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends=(), shipped_blend=None) -> Replayed:
     import numpy as np
 
     from core.prompt import strip_prompt_markup
-    from server.attribution.support import COS_WEIGHT, RARE_WEIGHT, answerability as blended_answerability
+    from server.attribution.support import answerability as blended_answerability
     from server.chat_service import prove
     from server.generation.extractive import ExtractiveGenerator
 
@@ -145,8 +145,8 @@ def _replay(name: str, row: dict, attributor, settings, rarity_from=None, blends
     rarity = rarity_from.term_weights("proof", row["question"]) if rarity_from is not None else None
     answerability = attributor.answerability(row["question"], passages, evidence=evidence, rarity=rarity) \
         if passages else 0.0
-    shipped = (COS_WEIGHT, RARE_WEIGHT)  # the server's own blend: the answerability just computed
-    blended = {blend: answerability if blend == shipped or not passages else None for blend in blends}
+    # The server's own blend is the answerability just computed.
+    blended = {blend: answerability if blend == shipped_blend or not passages else None for blend in blends}
     others = [blend for blend, score in blended.items() if score is None]
     if others:
         vector = np.asarray(attributor.embed_texts([row["question"]]), dtype=np.float32)[0]

@@ -29,8 +29,8 @@ DIMENSION = 384  # the embedder's (all-MiniLM-L6-v2)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--windows", type=int, default=15, help="windows per passage")
+    parser.add_argument("--runs", type=_positive, default=7)
+    parser.add_argument("--windows", type=_positive, default=15, help="windows per passage")
     args = parser.parse_args()
     rng = random.Random(0)
     vectors = np.random.default_rng(0)
@@ -62,6 +62,16 @@ def main() -> int:
                             args.runs)
         print(f"{count:>8} {pooled:>12.1f} {single:>16.1f} {pooled / single:>6.2f}")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _median_ms(call, runs: int) -> float:

@@ -72,7 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--peak-tbs", type=float, default=4.8)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("requests", "adapters", "rank", "poisson_requests", "prefill_budget", "poisson_chunk"):
+        if getattr(args, name) < 1:  # refused here, before a model is built, rather than by the engine after
+            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if min(args.concurrency) < 1:
+        p.error(f"--concurrency must be at least 1, not {min(args.concurrency)}")
+    return args
 
 
 def build_hf_model(shape: dict, *, dtype, device):

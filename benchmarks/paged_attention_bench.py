@@ -90,7 +90,9 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - a candidate this torch or shape does not support
                 unavailable[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         for name, fn in variants.items():
-            if not name.startswith(("gathering", "contiguous")):
+            if name.startswith("paged"):  # the engine's kernel: a wrong result stops the run
+                torch.testing.assert_close(fn()[:, None], reference, atol=3e-2, rtol=3e-2)
+            elif name in candidates:  # a candidate that fails at its first call is reported, not timed
                 try:
                     torch.testing.assert_close(fn().reshape(rows, 1, HEADS, HEAD_DIM), reference, atol=3e-2, rtol=3e-2)
                 except Exception as error:  # noqa: BLE001
