@@ -6,6 +6,7 @@ Terms are lower-cased, English stopwords dropped and, when PyStemmer is installe
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,16 +14,25 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+_stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread and language
+
+
 def load_stemmer(language: str | None):
-    """A PyStemmer stemmer for ``language``, or None when ``language`` is None or PyStemmer is missing."""
+    """This thread's PyStemmer stemmer for ``language``, or None when ``language`` is None or PyStemmer is
+    missing."""
     if language is None:
         return None
-    try:
-        import Stemmer
-    except ImportError:  # keyword search still works, only without stemming
-        log.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer)")
-        return None
-    return Stemmer.Stemmer(language)
+    cached = getattr(_stemmers, "by_language", None)
+    if cached is None:
+        cached = _stemmers.by_language = {}
+    if language not in cached:
+        try:
+            import Stemmer
+        except ImportError:  # keyword search still works, only without stemming
+            log.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer)")
+            return None
+        cached[language] = Stemmer.Stemmer(language)
+    return cached[language]
 
 
 def _bm25s():

@@ -17,16 +17,14 @@ such a passage (its probability could still clear ``keep_threshold``).
 
 import math
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
-import Stemmer
 
 from core.prompt import CITATION_MARKER
-from retrieval.keyword import TermWeights
+from retrieval.keyword import TermWeights, load_stemmer
 from server.attribution.numeric import Mention, Value, passage_mentions, sentence_values, states_values
 
 # Answerability's blend, chosen with attribution.abstain_below on the sample set, COVID-QA and HotpotQA drafts
@@ -60,15 +58,10 @@ _NUMBER_WORDS = {
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
-_stemmers = threading.local()  # PyStemmer objects must not be shared between threads: one per thread
-
-
 def stem_words(words: list[str]) -> list[str]:
-    """``words`` Snowball-stemmed (English) with this thread's stemmer."""
-    stemmer = getattr(_stemmers, "english", None)
-    if stemmer is None:
-        stemmer = _stemmers.english = Stemmer.Stemmer("english")
-    return stemmer.stemWords(words)
+    """``words`` Snowball-stemmed (English) with this thread's stemmer, as the keyword index stems them."""
+    stemmer = load_stemmer("english")
+    return stemmer.stemWords(words) if stemmer is not None else words
 
 
 # Stems no passage is expected to repeat for a question: its stop words and question-shaping words. Their rarity
