@@ -132,7 +132,7 @@ def read_manifest(adapter_dir: str | Path) -> AdapterManifest:
         raise NotFound(f"adapter manifest {str(path)!r} does not exist", hint="Train the adapter with `lorag train`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # invalid JSON or UTF-8, a number too long, deep nesting
         raise LoragError(f"adapter manifest {str(path)!r} is not readable JSON: {error}") from error
     if not isinstance(raw, dict):
         raise LoragError(f"adapter manifest {str(path)!r} must hold a JSON object, not {type(raw).__name__}")

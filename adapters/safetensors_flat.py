@@ -109,7 +109,7 @@ def read_flat(path: Path, *, pinned: bool = False) -> FlatTensors:
         raise InvalidSafetensors(f"{path}: the file is truncated")
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # invalid JSON or UTF-8, a number too long, deep nesting
         raise InvalidSafetensors(f"{path}: the header is not valid JSON: {error}") from error
     if not isinstance(header, dict):
         raise InvalidSafetensors(f"{path}: the header must be a JSON object")

@@ -50,6 +50,7 @@ def _write(path, header: bytes, data: bytes = b"", *, length: int | None = None)
 @pytest.mark.parametrize("header, data, length, reason", [
     (b"", b"", 2**40, "over the format's limit"),
     (b"{not json", b"", None, "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, b"", None, "not valid JSON"),  # nested past the parser's recursion limit
     (b"[1, 2]", b"", None, "must be a JSON object"),
     (json.dumps({"t": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}).encode(), b"\0" * 4, None,
      "unsupported dtype"),

@@ -69,6 +69,16 @@ def test_other_base_model_fingerprint_is_a_conflict(adapter_sources, served, tmp
         check(path, served)
 
 
+
+def test_a_manifest_nested_past_the_parsers_limit_is_refused_by_name(adapter_sources, served, tmp_path):
+    """A RecursionError from the JSON parser is the manifest's fault, named as such, never a 500."""
+    from core.errors import LoragError
+
+    path = shutil.copytree(adapter_sources["alpha"], tmp_path / "deep")
+    (path / "lorag_adapter.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(LoragError, match="not readable JSON"):
+        check(path, served)
+
 def test_rank_over_the_limit_is_refused(adapter_sources, served):
     with pytest.raises(InvalidAdapter, match=r"rank 4, over adapters.max_rank=2"):
         check(adapter_sources["alpha"], served, max_rank=2)
