@@ -159,7 +159,9 @@ def strip_markers(text: str) -> str:
 
 # The prompt's own block tags. A small model sometimes copies one into its answer ("The answer is:\n<document
 # number="6" source="x.txt">\nEleanor ..."), or starts one as max_tokens cuts it off.
-_DOCUMENT_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>|<document\b[^<>\n]{0,500}$")
+_WHOLE_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>")
+_OPEN_TAG = re.compile(r"</?document\b[^<>\n]{0,500}")  # begun, not yet closed
+_DOCUMENT_TAG = re.compile(f"{_WHOLE_TAG.pattern}|{_OPEN_TAG.pattern}$")  # a whole tag, or one cut off at the end
 
 
 def strip_prompt_markup(text: str) -> str:
@@ -171,8 +173,6 @@ def strip_prompt_markup(text: str) -> str:
 
 
 
-_WHOLE_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>")
-_OPEN_TAG = re.compile(r"</?document\b[^<>\n]{0,500}")  # begun, not yet closed
 _TAG_STARTS = ("<document", "</document")
 
 

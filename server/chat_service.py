@@ -244,7 +244,9 @@ class ChatService:
         tokens = 0
         finish_reason = None
         markup = StreamedMarkup()  # a <document ...> tag copied from the prompt is never streamed
-        pending: list = []  # logprobs of tokens whose text is held back, sent with the next text shown
+        # Logprobs of tokens whose text is held back (or is none: part of a character), sent with the next text
+        # shown; a dropped tag's tokens keep theirs there, so the streamed logprobs still cover every token.
+        pending: list = []
 
         def piece(text: str) -> str:
             chunk = choice({"content": text})
@@ -261,9 +263,9 @@ class ChatService:
                     if not parts:
                         self._first_token(prepared)
                     parts.append(delta.text)
-                    pending += delta.logprobs
-                    shown = markup.feed(delta.text)
-                    if shown or not markup.held:
+                    if prepared.logprobs:
+                        pending += delta.logprobs
+                    if shown := markup.feed(delta.text):
                         yield piece(shown)
                 tokens += delta.tokens
                 finish_reason = delta.finish_reason or finish_reason

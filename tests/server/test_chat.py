@@ -250,3 +250,51 @@ def test_no_response_or_prompt_carries_a_server_path(client, corpus):
         only = client.post("/v1/retrieve", json={"query": QUESTION, "sources": [name]},
                            headers=auth(corpus.acme_key)).json()["data"]
         assert only and {p["source"] for p in only} == {"policies/returns-and-warranty.txt"}
+
+
+class _CopiesItsPrompt:
+    """A generator whose answer copies a <document ...> tag from its prompt, split over streamed pieces, as
+    SmolLM2-135M does for some questions (benchmarks/RESULTS.md). The pieces are fixed so that the test pins where
+    they split: the real model writes a tag only on some questions, and not reliably."""
+
+    name = "copies-its-prompt"
+    kind = "generative"
+    logprobs = True  # reports token log-probabilities, as the transformers generator and the engine do
+    PIECES = ("Five years ", '<docu', 'ment number="1" source="', 'warranty.txt">', "[1].")
+
+    async def start(self, request):
+        from server.generation.protocol import GenerationStream, PromptInfo, TextDelta, TokenLogprob
+
+        async def deltas():
+            for i, piece in enumerate(self.PIECES):
+                yield TextDelta(piece, tokens=1, logprobs=(TokenLogprob(piece, -0.5),),
+                                finish_reason="stop" if i == len(self.PIECES) - 1 else None)
+
+        return GenerationStream(PromptInfo(prompt_tokens=10, passages_used=tuple(request.passages)), deltas())
+
+    async def close(self):
+        return None
+
+
+def test_a_copied_document_tag_never_reaches_a_streaming_client_and_its_logprobs_stay(corpus):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import server_settings
+
+    app = create_app(server_settings(corpus), retrieval=corpus.retrieval, generator=_CopiesItsPrompt())
+    with TestClient(app) as client:
+        for body in ({}, {"logprobs": True}):
+            response = _chat(client, corpus.acme_key, stream=True, max_tokens=20,
+                             retrieval={"attribution": False}, **body)
+            assert response.status_code == 200, response.text
+            chunks = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n")
+                      if line.startswith("data: {")]
+            pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices")]
+            text = "".join(p for p in pieces if p)
+            assert text == "Five years [1]." and "<doc" not in text
+            assert "" not in pieces[1:]  # no empty chunk for the pieces that only held the tag
+            if body:  # every generated token's logprob is streamed, the tag's with the text after it
+                tokens = [e["token"] for c in chunks if c.get("choices") and c["choices"][0].get("logprobs")
+                          for e in c["choices"][0]["logprobs"]["content"]]
+                assert tokens == list(_CopiesItsPrompt.PIECES)
