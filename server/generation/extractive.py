@@ -132,7 +132,11 @@ class ExtractiveGenerator:
         scores = self._scores(question, [sentence for sentence, _ in candidates])
         chosen = self._chosen(candidates, scores)
         if not chosen:
-            first_sentence, number = candidates[0]
+            # The best-ranked passage's first statement: a question it asks would read as the answer's start.
+            statements = [(sentence, number) for sentence, number in candidates if not sentence.endswith("?")]
+            if not statements:
+                return [NOTHING_FOUND]
+            first_sentence, number = statements[0]
             return [NO_MATCH, f"\n\n{first_sentence} [{number}]"]
         if self._support(question, passages, by_passage, scores) < self.min_support:
             return [NOT_SUPPORTED]

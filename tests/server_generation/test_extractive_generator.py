@@ -130,6 +130,10 @@ def test_inflected_words_match_and_a_question_in_the_passage_is_never_the_quote(
                               "the study found."),)
     assert generator.quote("What was the finding in this study?", echoed) == [
         "\n\nTwo doses halved the rate of severe disease, the study found. [1]"]
+    # When no statement matches, the top passage is shown from its first statement, not from its question.
+    asked = (make_passage(1, "Is the trial finished? Enrolment closed in March."),)
+    _, _, text = _answer("Which finished trial?", asked, generator=generator)
+    assert text.startswith(NO_MATCH) and text.endswith("Enrolment closed in March. [1]")
 
 def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
     """(stream, deltas, text) of one request to ``generator`` (default: ExtractiveGenerator())."""
