@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from core.errors import LoragError
@@ -95,6 +96,7 @@ class Scheduler:
         # Block table of every row (host side; all scratch where a row is free): rows' tables go to the
         # device with each forward, so growing a sequence is a host write.
         self.tables = torch.zeros(cache.rows, cache.max_blocks, dtype=torch.int32)
+        self._tables_np = self.tables.numpy()  # the same memory: numpy slice writes cost far less than torch's
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._wake = threading.Condition()
@@ -202,7 +204,7 @@ class Scheduler:
                     seq = self._waiting.popleft()
                     seq.row = row
                     self.rows[row] = seq
-                    self.tables[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+                    self._tables_np[row, : len(seq.blocks)] = seq.blocks
 
     def _claim_blocks(self, seq: Sequence) -> bool:
         """Share the prompt's cached leading blocks and reserve the rest; False (nothing taken) if they do not fit."""
@@ -226,11 +228,12 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, tokens: int) -> None:
         """Give ``seq`` blocks for its first ``tokens`` tokens (from its reservation)."""
-        while len(seq.blocks) * self.pool.block_size < tokens:
-            block = self.pool.allocate()
-            seq.reserved -= 1
-            self.tables[seq.row, len(seq.blocks)] = block
-            seq.blocks.append(block)
+        have, need = len(seq.blocks), self.pool.blocks_for(tokens)
+        if need > have:
+            new = [self.pool.allocate() for _ in range(need - have)]
+            seq.reserved -= len(new)
+            self._tables_np[seq.row, have:need] = new
+            seq.blocks += new
 
     def _publish(self, seq: Sequence) -> None:
         """Register the prompt's blocks that are now full and computed in the prefix cache."""
@@ -312,14 +315,13 @@ class Scheduler:
         for seq in group:
             self._grow(seq, len(seq.prompt))
         starts = [s.computed for s in group]
-        tokens = [s.prompt[a:] + [0] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
-        positions = [list(range(a, len(s.prompt))) + [-1] * (width - len(s.prompt) + a) for s, a in zip(group, starts)]
+        tokens, positions = self._prompt_batch(group, width)
         segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
                                   width=width, riders=riders)
         tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
-            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), cache=self.cache,
-            block_tables=tables.to(device), adapters=self.adapters, segments=segments,
+            tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
+            segments=segments,
             logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
             fresh=not any(starts), decode=self._decode_rows(riders),
         )
@@ -339,11 +341,10 @@ class Scheduler:
         start = seq.computed
         padded = self._padded(n)
         self._grow(seq, start + n)
-        tokens = seq.prompt[start : start + n] + [0] * (padded - n)
-        positions = list(range(start, start + n)) + [-1] * (padded - n)
+        tokens, positions = self._prompt_batch([seq], padded, upto=start + n)
         device = self.model.device
         logits = self.model.forward(
-            torch.tensor([tokens], device=device), torch.tensor([positions], device=device), cache=self.cache,
+            tokens, positions, cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
             segments=self._segments([n], [seq.adapter_slot], width=padded, riders=riders), logits_at=n - 1,
             fresh=start == 0, decode=self._decode_rows(riders),
@@ -356,6 +357,19 @@ class Scheduler:
             self._accept(seq, picked[0])
         self._take_next(riders, logits[1:])
         return padded
+
+    def _prompt_batch(self, seqs: list[Sequence], width: int, *, upto: int | None = None):
+        """(tokens, positions) on the device, (len(seqs), width): each prompt from its first uncomputed token
+        (to ``upto``, else its end), then padding (token 0, position -1). Built in numpy: a group holds
+        ~16k tokens, and this is on the host's path before every prompt forward, while the GPU waits."""
+        tokens = np.zeros((len(seqs), width), dtype=np.int64)
+        positions = np.full((len(seqs), width), -1, dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            start, end = seq.computed, upto if upto is not None else len(seq.prompt)
+            tokens[i, : end - start] = seq.prompt[start:end]
+            positions[i, : end - start] = np.arange(start, end)
+        device = self.model.device
+        return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device)
 
     def _segments(self, lengths: list[int], slots: list[int], *, width: int, riders: list[Sequence]):
         """Adapter segments of prompts laid out ``width`` tokens apart, then the riders' tokens; None when
