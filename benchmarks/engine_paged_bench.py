@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="prompt tokens per step in the chunked Poisson run (prompts split into chunks this long)")
     p.add_argument("--mix-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the main load with decode steps after prompts (mixing off)")
+    p.add_argument("--ahead-compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the main load with every decode step's tokens read before the next step is "
+                        "launched (the engine's decode_ahead off)")
     p.add_argument("--poisson-variants", nargs="+", default=["mixed", "chunked", "after"],
                    choices=["mixed", "chunked", "after", "server"],
                    help="Poisson runs: mixing with this script's budget, mixing with --poisson-chunk chunks, decode "
@@ -204,6 +207,11 @@ def main(argv=None) -> int:
         base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
         mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
         print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
+        if args.ahead_compare:
+            engine.scheduler.decode_ahead = False
+            record(f"{args.requests} at once, {args.adapters} adapters, every step read first",
+                   run_engine(engine, main_load, adapter_names=names), main_load)
+            engine.scheduler.decode_ahead = True
         if args.mix_compare:
             engine.scheduler.mix_decode = False
             record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",

@@ -3,7 +3,8 @@ either one optionally through the model's compiled layer (``compiled=True``, aft
 
 Both take python lists (token, position, adapter slot per row) and the rows' block tables (n, max_blocks)
 int32 on the host (idle rows: position 0 and an all-scratch table), and return float32 logits whose
-first n rows belong to those rows.
+first n rows belong to those rows. The tokens may instead be a (n,) tensor on the device: the step before's
+picks, which the host has not read (see Scheduler.decode_ahead).
 """
 
 import logging
@@ -24,13 +25,16 @@ class EagerDecode:
         self.model, self.cache, self.adapters = model, cache, adapters
         self.compiled = compiled  # every new batch size compiles once: meant for tests and small row counts
 
-    def __call__(self, tokens: list[int], positions: list[int], slots: list[int], tables: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int],
+                 tables: torch.Tensor) -> torch.Tensor:
         device = self.model.device
         segments = None
         if self.adapters is not None and any(slots):
             segments = to_segments(segment_rows(slots), device=device)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor(tokens, device=device)
         return self.model.forward(
-            torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
+            tokens[:, None], torch.tensor(positions, device=device)[:, None],
             cache=self.cache, block_tables=tables.to(device), adapters=self.adapters, segments=segments,
             compiled=self.compiled,
         )
@@ -60,11 +64,10 @@ class GraphedDecode:
         meta_len = decode_capacity(rows, slots) * (1 + DECODE_BLOCK)
         self.segment_meta = torch.zeros(meta_len, dtype=torch.int32, device=device)
         self.compiled = compiled
-        self._host = torch.zeros(2, rows, dtype=torch.long).pin_memory()
-        # numpy views of the page-locked buffers: a step writes them with numpy's cheap slice assignments
-        # (a torch op on a small host tensor costs microseconds of dispatch; a one-row step is ~4.5 ms at 8B).
-        self._host_np = self._host.numpy()
-        self._host_meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
+        # Two sets of page-locked inputs, used in turn: a step's inputs are written while the step before is
+        # still queued (Scheduler.decode_ahead), and its copies may not have run yet.
+        self._staging = [_Staging(rows, cache.max_blocks, meta_len) for _ in range(2)]
+        self._turn = 0
         self._planned: tuple | None = None  # the (bucket, slots) whose plan segment_meta holds
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -90,7 +93,7 @@ class GraphedDecode:
         for bucket in sorted(self.buckets, reverse=True):
             for lora in variants:
                 if lora:  # a valid plan for this bucket (every row without an adapter): warm-ups read real rows
-                    self._plan(bucket, [0] * bucket)
+                    self._plan(bucket, [0] * bucket, self._staging[0])
                     torch.cuda.current_stream().synchronize()  # the pinned host plan is rewritten next bucket
                 side.wait_stream(torch.cuda.current_stream())
                 # Warm-up allocates workspaces outside the graph and, when compiled, compiles this shape
@@ -108,28 +111,54 @@ class GraphedDecode:
         log.info("captured %d %sdecode graphs for buckets %s", len(self.graphs),
                  "compiled " if self.compiled else "", self.buckets)
 
-    def __call__(self, tokens: list[int], positions: list[int], slots: list[int], tables: torch.Tensor) -> torch.Tensor:
-        n = len(tokens)
+    def __call__(self, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int],
+                 tables: torch.Tensor) -> torch.Tensor:
+        n = len(positions)
         bucket = next(b for b in self.buckets if b >= n)
         lora = self.adapters is not None and any(slots)
-        host = self._host_np
+        staging = self._staging[self._turn]
+        self._turn ^= 1
+        staging.writable()
+        on_device = isinstance(tokens, torch.Tensor)
+        host = staging.inputs_np
         host[:, n:bucket] = 0
-        host[0, :n] = tokens
+        host[0, :n] = 0 if on_device else tokens
         host[1, :n] = positions
-        self._host_tables_np[n:bucket] = 0
-        self._host_tables_np[:n] = tables.numpy()
-        self.tokens[:bucket, 0].copy_(self._host[0, :bucket], non_blocking=True)
-        self.positions[:bucket, 0].copy_(self._host[1, :bucket], non_blocking=True)
-        self.tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
+        staging.tables_np[n:bucket] = 0
+        staging.tables_np[:n] = tables.numpy()
+        self.tokens[:bucket, 0].copy_(staging.inputs[0, :bucket], non_blocking=True)
+        self.positions[:bucket, 0].copy_(staging.inputs[1, :bucket], non_blocking=True)
+        self.tables[:bucket].copy_(staging.tables[:bucket], non_blocking=True)
         if lora and self._planned != (bucket, slots):  # most steps keep the previous step's batch
-            self._plan(bucket, slots + [0] * (bucket - n))  # idle rows too
+            self._plan(bucket, slots + [0] * (bucket - n), staging)  # idle rows too
             self._planned = (bucket, list(slots))
+        staging.copied.record()
+        if on_device:
+            self.tokens[:n, 0].copy_(tokens[:n])
         graph, logits = self.graphs[(bucket, lora)]
         graph.replay()
         return logits
 
-    def _plan(self, bucket: int, slots: list[int]) -> None:
+    def _plan(self, bucket: int, slots: list[int], staging: "_Staging") -> None:
         """Write the block plan of ``bucket`` rows with these slots into the graphs' plan buffer. Every
         block row must be below ``bucket``: the kernels index the bucket's tensors with them."""
-        fill_segments(self._host_meta, segment_rows(slots))
-        self.segment_meta.copy_(self._host_meta, non_blocking=True)
+        fill_segments(staging.meta, segment_rows(slots))
+        self.segment_meta.copy_(staging.meta, non_blocking=True)
+
+
+class _Staging:
+    """One set of a step's page-locked inputs (with numpy views: a step writes them with numpy's cheap slice
+    assignments; a torch op on a small host tensor costs microseconds of dispatch, and a one-row step is
+    ~4.5 ms at 8B), and an event after their copies to the device."""
+
+    def __init__(self, rows: int, max_blocks: int, meta_len: int):
+        self.inputs = torch.zeros(2, rows, dtype=torch.long).pin_memory()  # tokens, positions
+        self.inputs_np = self.inputs.numpy()
+        self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
+        self.tables_np = self.tables.numpy()
+        self.meta = torch.zeros(meta_len, dtype=torch.int32).pin_memory()
+        self.copied = torch.cuda.Event()
+
+    def writable(self) -> None:
+        """Wait until the copies last made from this set have run (at once unless two steps are queued)."""
+        self.copied.synchronize()

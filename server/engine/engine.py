@@ -39,6 +39,10 @@ class EngineConfig:
     # Decoding requests ride along prompt forwards (chunked prefill mixed into decode steps), so a running
     # batch keeps decoding while new prompts prefill; off: prompts first, then a decode step of their own.
     mix_decode: bool = True
+    # Greedy decode steps are launched before the host reads the step before's tokens (the device feeds its
+    # own picks forward), so the host's bookkeeping between steps overlaps the GPU's step. A request that
+    # ends on a stop token costs one discarded row of the step after. Sampled steps are read first.
+    decode_ahead: bool = True
 
 
 class Engine:
@@ -88,6 +92,7 @@ class Engine:
             decode = EagerDecode(model, cache, adapters, compiled=compiled)
         scheduler = Scheduler(model, cache, adapters, decode=decode, prefill_chunk=config.prefill_chunk,
                               prefill_budget=config.prefill_budget, mix_decode=config.mix_decode,
+                              decode_ahead=config.decode_ahead,
                               prefill_pad=config.prefill_pad or (64 if device.type == "cuda" else 1))
         if start:
             scheduler.start()

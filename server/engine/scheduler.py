@@ -5,8 +5,10 @@ blocks the request can ever need, see block_pool), prefills up to a token budget
 chunks, and gives every request that has its prompt in the cache its next token. Those decode rows ride
 along the step's first prompt forward (chunked prefill mixed into decoding: a running batch keeps its pace
 while new prompts prefill); a step without prompt work runs a decode step of its own. A prompt whose
-first blocks are in the prefix cache starts after them. The same logic runs on CPU (eager) and GPU
-(captured decode graphs).
+first blocks are in the prefix cache starts after them. Greedy decode steps run one step ahead of the
+host: while nothing else is to be done, the next step is launched from the device's own picks before the
+host reads the current step's tokens, so the host's bookkeeping overlaps the GPU's work. The same logic
+runs on CPU (eager) and GPU (captured decode graphs).
 """
 
 import itertools
@@ -69,6 +71,21 @@ class Sequence:
         return self.row is not None and self.computed == len(self.prompt) and self.finish is None
 
 
+@dataclass
+class InFlight:
+    """A greedy decode step launched on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    picked: torch.Tensor  # (rows,) long on the device: each cache row's argmax, the next step's input tokens
+    host: torch.Tensor  # the same, being copied to page-locked host memory (on the CPU: the same tensor)
+    copied: torch.cuda.Event | None  # recorded after that copy; None on the CPU
+
+    def tokens(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
 class Scheduler:
     """Owns the cache rows and drives the model; ``submit``/``cancel`` are safe from any thread."""
 
@@ -84,12 +101,15 @@ class Scheduler:
         prefill_pad: int = 1,
         max_group: int = 16,
         mix_decode: bool = True,
+        decode_ahead: bool = True,
     ):
         if prefill_chunk < 1 or prefill_budget < 1:
             raise ValueError(f"prefill_chunk and prefill_budget must be >= 1, got {prefill_chunk} and {prefill_budget}")
         self.model, self.cache, self.adapters, self.decode = model, cache, adapters, decode
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
+        self.decode_ahead = decode_ahead  # greedy decode steps launched before the last one's tokens are read
+        self._in_flight: InFlight | None = None
         self.max_group = max_group  # prompts prefilled in one forward
         self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
@@ -168,7 +188,19 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling round: retire, admit, prefill within budget, one token for every decoding request
-        (in the first prompt forward when ``mix_decode``, else in a decode step after the prompts)."""
+        (in the first prompt forward when ``mix_decode``, else in a decode step after the prompts).
+
+        A greedy decode step is left in flight (``decode_ahead``); the next round, when it has nothing else to
+        do, launches the following step from the device's picks first and reads the tokens after, so the GPU
+        never waits for the host between decode steps. Otherwise it reads them first and goes on as above.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            ahead = self._launch_ahead(in_flight)
+            self._land(in_flight)
+            if ahead is not None:
+                self._in_flight = ahead
+                return
         self._retire_cancelled()
         self._admit()
         mix = self.mix_decode  # once: a benchmark may flip it between steps from another thread
@@ -381,9 +413,10 @@ class Scheduler:
                 else segment_prompts(lengths, slots, width=width))
         return to_segments(plan, device=self.model.device)
 
-    def _next_position(self, seq: Sequence) -> int:
-        """The cache position of ``seq``'s newest token (the decode input), its block taken if new."""
-        position = len(seq.prompt) + len(seq.generated) - 1
+    def _next_position(self, seq: Sequence, *, unread: int = 0) -> int:
+        """The cache position of ``seq``'s newest token (the decode input), its block taken if new;
+        ``unread``: tokens generated on the device that the host has not read yet."""
+        position = len(seq.prompt) + len(seq.generated) + unread - 1
         self._grow(seq, position + 1)
         return position
 
@@ -400,23 +433,71 @@ class Scheduler:
         active = [s for s in self.rows if s is not None and s.decoding]
         if not active:
             return
-        n = max(s.row for s in active) + 1
-        # Rows not decoding (free, or still prefilling) write to and read the scratch block: position 0 of an
-        # all-scratch table.
-        tokens, positions, slots = [0] * n, [0] * n, [0] * n
-        for seq in active:
-            tokens[seq.row] = seq.generated[-1]
-            positions[seq.row] = self._next_position(seq)
-            slots[seq.row] = seq.adapter_slot
-        tables = self.tables[:n].clone()
-        if len(active) < n:  # free rows' tables are all scratch already; a row still prefilling must not be written
-            for row in {s.row for s in self.rows if s is not None and not s.decoding and s.row < n}:
-                tables[row] = 0
-        logits = self.decode(tokens, positions, slots, tables)  # (>= n, vocab)
+        if self.decode_ahead and all(_plain_greedy(s) for s in active):
+            self._in_flight = self._launch_greedy(active)
+            return
+        logits, n = self._run_decode(active, [s.generated[-1] for s in active])
         rows = [s.row for s in active]
         if rows != list(range(len(active))):
             logits = logits[torch.tensor(rows, device=logits.device)]
         self._take_next(active, logits[: len(active)])
+
+    def _run_decode(self, active: list[Sequence], tokens: list[int] | torch.Tensor, *, unread: int = 0):
+        """One decode step for ``active``: (logits with a row per cache row 0..n-1, n). ``tokens`` are the
+        active requests' inputs in their order, or a device tensor indexed by cache row."""
+        n = max(s.row for s in active) + 1
+        # Rows not decoding (free, still prefilling, or about to finish) write to and read the scratch block:
+        # position 0 of an all-scratch table.
+        positions, slots = [0] * n, [0] * n
+        for seq in active:
+            positions[seq.row] = self._next_position(seq, unread=unread)
+            slots[seq.row] = seq.adapter_slot
+        if not isinstance(tokens, torch.Tensor):
+            by_row = [0] * n
+            for seq, token in zip(active, tokens):
+                by_row[seq.row] = token
+            tokens = by_row
+        else:
+            tokens = tokens[:n]
+        tables = self.tables[:n].clone()
+        if len(active) < n:
+            tables[sorted(set(range(n)) - {s.row for s in active})] = 0
+        return self.decode(tokens, positions, slots, tables), n  # logits (>= n, vocab)
+
+    def _launch_greedy(self, active: list[Sequence], *, tokens: torch.Tensor | None = None) -> InFlight:
+        """Launch a greedy decode step without waiting for it: its picks stay on the device (the next step's
+        input) and are copied to the host behind it. ``tokens``: the inputs are the step before's picks,
+        which the host has not read yet."""
+        inputs = [s.generated[-1] for s in active] if tokens is None else tokens
+        logits, n = self._run_decode(active, inputs, unread=0 if tokens is None else 1)
+        picked = logits[:n].argmax(dim=-1)
+        if picked.is_cuda:
+            host = picked.to("cpu", non_blocking=True)  # into page-locked memory
+            copied = torch.cuda.Event()
+            copied.record()
+            return InFlight(active, picked, host, copied)
+        return InFlight(active, picked, picked, None)
+
+    def _launch_ahead(self, in_flight: InFlight) -> InFlight | None:
+        """The decode step after ``in_flight``, launched before its tokens are read, when this round would
+        do nothing else: no request waiting or cancelled, every occupied row in that step. Rows whose
+        length ends with that step's token are left out; a row that stops on a stop token is only known
+        once read, so its row in this step is computed and discarded (its blocks are freed after this
+        launch, and the step's write into them runs before any later step's, in stream order)."""
+        live = [s for s in in_flight.seqs if s.finish is None]
+        if self._waiting or self._cancelled or sum(s is not None for s in self.rows) != len(live):
+            return None
+        going_on = [s for s in live if len(s.generated) + 1 < s.max_tokens]
+        if not going_on:
+            return None
+        return self._launch_greedy(going_on, tokens=in_flight.picked)
+
+    def _land(self, in_flight: InFlight) -> None:
+        """Read a launched step's tokens and deliver them (requests finished since are skipped)."""
+        tokens = in_flight.tokens()
+        for seq in in_flight.seqs:
+            if seq.finish is None:
+                self._accept(seq, tokens[seq.row])
 
     def _take_next(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Pick and deliver each decoding request's next token from its row of ``logits`` (len(seqs), vocab)."""
@@ -484,7 +565,13 @@ class Scheduler:
                 self.cancel(seq.seq_id)
 
     def _fail_all(self, error: BaseException) -> None:
+        self._in_flight = None
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in waiting + [s for s in self.rows if s is not None]:
             self._finish(seq, "cancelled", error=error)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Whether ``seq``'s next token is the argmax of its logits alone (what a step run ahead picks)."""
+    return seq.temperature == 0 and seq.repetition_penalty == 1.0 and seq.top_logprobs is None

@@ -108,3 +108,40 @@ def run_until_done(scheduler, collectors, *, max_steps: int = 500) -> None:
 def prompt_of(seed: int, length: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 500, (length,), generator=generator).tolist()
+
+
+def decode_ahead_workload(engine, *, seed: int = 90):
+    """Eight requests for a four-row engine: two stop on a stop token a few tokens in (taken from their own
+    free run), the rest end on length at different counts; one samples (temperature 0.8, its own seed)."""
+    from server.engine.decode_step import EagerDecode
+    from server.engine.scheduler import Scheduler
+
+    plain = Scheduler(engine.model, engine.cache, engine.adapters, decode=EagerDecode(engine.model, engine.cache,
+                      engine.adapters), decode_ahead=False)
+    adapters = ["alpha", None, "beta", "gamma", "beta", None, "alpha", "gamma"]
+    specs = []
+    for i, adapter in enumerate(adapters):
+        prompt, n = prompt_of(seed + i, 9 + 4 * i), 6 + 3 * (i % 4)
+        stop = frozenset()
+        if i in (1, 4):
+            seq, out = make_sequence(engine, prompt, adapter=adapter, max_tokens=n)
+            plain.submit(seq)
+            run_until_done(plain, [out])
+            stop = frozenset({out.tokens[3]})
+        sampled = dict(temperature=0.8, seed=7) if i == 6 else {}
+        specs.append((prompt, adapter, n, dict(stop_token_ids=stop, **sampled)))
+    return specs
+
+
+def run_workload(engine, scheduler, specs) -> list[tuple[list[int], str]]:
+    """Submit the first four of ``specs``, the rest once the second has stopped (its blocks just freed, the
+    step after its stop possibly still queued), and run them all to the end: (tokens, finish) each."""
+    requests = [make_sequence(engine, prompt, adapter=adapter, max_tokens=n, **options)
+                for prompt, adapter, n, options in specs]
+    for seq, _ in requests[:4]:
+        scheduler.submit(seq)
+    run_until_done(scheduler, [requests[1][1]])
+    for seq, _ in requests[4:]:
+        scheduler.submit(seq)
+    run_until_done(scheduler, [c for _, c in requests])
+    return [(c.tokens, c.finish) for _, c in requests]

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.gpu
 ROWS = [("alpha", 12), (None, 40), ("gamma", 7), ("beta", 25), ("alpha", 3)]
 
 
-def _engine(arch_setup, *, cuda_graphs: bool, dtype=torch.float32, compile: bool = False, max_rows: int = 8):
+def _engine(arch_setup, *, cuda_graphs: bool, dtype=torch.float32, compile: bool = False, max_rows: int = 8,
+            **options):
     from transformers import AutoModelForCausalLM
 
     from server.engine.engine import Engine, EngineConfig
@@ -18,7 +19,7 @@ def _engine(arch_setup, *, cuda_graphs: bool, dtype=torch.float32, compile: bool
     _, model_path, dirs = arch_setup
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     config = EngineConfig(max_rows=max_rows, max_len=128, adapter_slots=3, max_rank=8, prefill_chunk=16,
-                          prefill_budget=32, cuda_graphs=cuda_graphs, compile=compile)
+                          prefill_budget=32, cuda_graphs=cuda_graphs, compile=compile, **options)
     engine = Engine.from_hf(hf, config=config, device="cuda", dtype=dtype, start=False)
     for name, path in dirs.items():
         engine.adapters.load(name, path)
@@ -104,3 +105,25 @@ def test_bf16_engine_runs_mixed_batch(arch_setup):
     outputs = _generate(engine, n=8)
     assert all(len(tokens) == 8 for tokens in outputs)
     assert len({tuple(t) for t in outputs}) > 1
+
+
+def test_decode_ahead_on_captured_graphs_gives_the_tokens_of_steps_read_first(arch_setup):
+    """Captured decode steps launched before the host reads the step before (the default) against every
+    step read first, on a cache small enough that a waiting request takes the blocks of one that stopped on
+    a stop token while the step after it was queued: the same tokens and finish reasons."""
+    from server.engine.decode_step import GraphedDecode
+    from tests.engine.conftest import decode_ahead_workload, run_workload
+
+    # 16 usable blocks: four requests of up to 52 tokens (4 blocks each), so a newcomer gets the blocks
+    # freed last
+    engine = _engine(arch_setup, cuda_graphs=True, max_rows=4, kv_blocks=17)
+    assert isinstance(engine.scheduler.decode, GraphedDecode)
+    specs = decode_ahead_workload(engine)
+    results = {}
+    for ahead in (False, True):
+        engine.cache.pool.clear_prefixes()
+        engine.scheduler.decode_ahead = ahead
+        results[ahead] = run_workload(engine, engine.scheduler, specs)
+        assert engine.cache.pool.used == 0
+    assert results[True] == results[False]
+    assert [finish for _, finish in results[True]].count("stop") == 2

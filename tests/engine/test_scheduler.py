@@ -1,11 +1,12 @@
 """Continuous batching: joining mid-flight, queueing past the row count, chunked prefill, stops, cancellation."""
 
 import pytest
+import torch
 
 from core.errors import LoragError
 from server.engine.decode_step import EagerDecode
 from server.engine.scheduler import Scheduler
-from tests.engine.conftest import make_sequence, prompt_of, run_until_done
+from tests.engine.conftest import decode_ahead_workload, make_sequence, prompt_of, run_until_done, run_workload
 
 
 def _alone(engine, prompt, adapter, n=12):
@@ -280,3 +281,30 @@ def test_a_prefill_budget_or_chunk_under_one_token_is_refused(engine):
         with pytest.raises(ValueError, match="prefill_chunk and prefill_budget must be >= 1"):
             Scheduler(engine.model, engine.cache, engine.adapters, decode=decode, prefill_chunk=chunk,
                       prefill_budget=budget)
+
+
+# ---- decode steps launched ahead of the host ----------------------------------------------------------
+
+def test_decode_ahead_gives_the_tokens_of_steps_read_one_by_one(engine):
+    """Greedy decode steps launched before the host reads the step before (the default) give the same
+    tokens and finish reasons as reading every step first, with requests stopping on a stop token while
+    the next step is launched, ending on length, joining mid-flight and sampling; every block is back in
+    the pool afterwards."""
+    specs = decode_ahead_workload(engine)
+    results = {}
+    for ahead in (False, True):
+        engine.cache.pool.clear_prefixes()
+        decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+        from_device = []
+
+        def counting(tokens, *rest, decode=decode, from_device=from_device):
+            from_device.append(isinstance(tokens, torch.Tensor))
+            return decode(tokens, *rest)
+
+        scheduler = Scheduler(engine.model, engine.cache, engine.adapters, decode=counting, prefill_chunk=64,
+                              prefill_budget=128, decode_ahead=ahead)
+        results[ahead] = run_workload(engine, scheduler, specs)
+        assert any(from_device) == ahead  # steps fed with the step before's picks, not read by the host
+        assert engine.cache.pool.used == 0 and not scheduler.tables.any()
+    assert results[True] == results[False]
+    assert [finish for _, finish in results[True]].count("stop") == 2
