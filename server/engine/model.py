@@ -196,6 +196,7 @@ class EngineModel:
         segments: Segments | None = None,
         logits_at: int | torch.Tensor | None = -1,
         fresh: bool = False,
+        cached: int | None = None,
         compiled: bool = False,
         decode: DecodeRows | None = None,
     ) -> torch.Tensor:
@@ -204,7 +205,9 @@ class EngineModel:
 
         Keys/values of the new tokens are written to their blocks first; each token attends to its
         sequence's positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
-        padding after them only), so attention needs only the new keys (causal, no cache read).
+        padding after them only), so attention needs only the new keys (causal, no cache read); ``cached``
+        says every row's tokens start at that position (padding after them), so attention reads the rows'
+        first cached + seq positions, causal aligned to the end (no mask tensor).
         ``segments`` groups the flattened (batch * seq) tokens by adapter slot (None: base model only).
         ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
@@ -218,12 +221,12 @@ class EngineModel:
         kernel = kernels_available(self.embed)
         common = dict(block_size=cache.block_size, kernel=kernel, group=s.heads // s.kv_heads, dtype=self.dtype)
         if decode is None:
-            access = cache_access(positions, block_tables, fresh=fresh, **common)
+            access = cache_access(positions, block_tables, fresh=fresh, cached=cached, **common)
         else:
             if logits_at is None:
                 raise ValueError("forward(decode=...) returns logits at chosen tokens only: give logits_at")
             access = mixed_access(positions, block_tables, decode.positions, decode.block_tables, fresh=fresh,
-                                  **common)
+                                  cached=cached, **common)
             prompts, width = tokens.shape
             row_starts = torch.arange(prompts, device=tokens.device) * width
             logits_at = torch.cat([row_starts + (logits_at % width),

@@ -1,23 +1,27 @@
 """Attention over the paged KV cache: each query reads only its own sequence's live keys and values.
 
-Three ways in, chosen per forward (see :func:`cache_access`):
+Four ways in, chosen per forward (see :func:`cache_access`):
 - fresh prompts (positions 0..n-1): causal attention over the new keys only, no cache read;
+- prompts that all continue after the same number of cached tokens (the rest after a shared prefix, the
+  next chunk of a long prompt): the rows' first cached + new positions gathered, then causal attention
+  aligned to the end (flash-capable: no mask tensor);
 - decode steps on CUDA: a Triton kernel that walks each row's block table up to the row's length
   (one program per (row, kv head); the query heads sharing a kv head read its keys once);
-- everything else (prompt chunks after cached tokens, CPU decode): the torch reference, which gathers
-  the rows' blocks into contiguous keys and runs SDPA with a mask. It is also the kernel's test oracle.
+- everything else (rows continuing from different positions, CPU decode): the torch reference, which
+  gathers the rows' blocks into contiguous keys and runs SDPA with a mask. It is also the test oracle.
 A forward that carries prompts and decode rows together (see :func:`mixed_access`) attends each part its
 own way: the tokens share every GEMM of the layer, only attention is per part.
 
 benchmarks/paged_attention_bench.py times the kernel against the gathering reference and against what the
-contiguous cache did (SDPA over every row's whole allocation). PyTorch's FlexAttention and varlen SDPA, the
-other candidates, are not measured there yet.
+contiguous cache did (SDPA over every row's whole allocation), and against PyTorch's FlexAttention and varlen
+attention.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from server.engine.lora_triton import triton
 
@@ -158,8 +162,9 @@ class CacheAccess:
     """Where one forward's new tokens go in the paged cache and how its queries read it.
 
     ``write_block``/``write_offset`` (batch, seq): the cache position of each new token (padding and idle
-    rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "kernel" (decode kernel over
-    ``block_tables``/``lengths``), "gather" (reference: keys at ``read_slots`` (batch, length) under the
+    rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "after" (keys at ``read_slots``
+    (batch, cached + seq), causal aligned to the end: ``mask`` is that causal bias), "kernel" (decode kernel
+    over ``block_tables``/``lengths``), "gather" (reference: keys at ``read_slots`` (batch, length) under the
     additive ``mask`` (batch, 1, group * seq, length)) or "mixed" (one flat row of tokens: first the
     prompts, read as ``parts[0]`` says (its ``write_block`` has their (batch, seq) layout), then one token per
     decode row, read as ``parts[1]`` says).
@@ -176,19 +181,28 @@ class CacheAccess:
 
 
 def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
-                 group: int, dtype) -> CacheAccess:
+                 group: int, dtype, cached: int | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of tokens at ``positions`` (batch, seq; -1 = padding) of rows whose blocks are
-    ``block_tables`` (batch, max_blocks) int32 (idle rows: all scratch, position 0)."""
+    ``block_tables`` (batch, max_blocks) int32 (idle rows: all scratch, position 0). ``cached``: every row's
+    tokens start at this position (that many tokens of the row in the cache already), padding after them."""
     real = positions >= 0
     at = positions.clamp(min=0)
     table = block_tables.long()
     write_block = torch.where(real, table.gather(1, at // block_size), 0)
     write_offset = torch.where(real, at % block_size, 0)
-    if fresh:
+    if fresh or cached == 0:
         return CacheAccess("fresh", write_block, write_offset)
     if kernel and positions.shape[1] == 1:
         return CacheAccess("kernel", write_block, write_offset, block_tables=block_tables,
                            lengths=(at[:, 0] + 1).to(torch.int32))
+    if cached is not None and positions.shape[1] > 1:
+        seq = positions.shape[1]
+        t = torch.arange(cached + seq, device=positions.device)
+        # A padded row may reach past its table; those keys are seen by padding queries only (query i sees
+        # keys up to cached + i), so any block will do there.
+        blocks = (t // block_size).clamp(max=table.shape[1] - 1)
+        return CacheAccess("after", write_block, write_offset, read_slots=table[:, blocks] * block_size + t % block_size,
+                           mask=causal_lower_right(seq, cached + seq))
     length = block_tables.shape[1] * block_size
     t = torch.arange(length, device=positions.device)
     read_slots = table[:, t // block_size] * block_size + t % block_size  # (batch, length)
@@ -202,12 +216,12 @@ def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_s
 
 def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, decode_positions: torch.Tensor,
                  decode_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool, group: int,
-                 dtype) -> CacheAccess:
+                 dtype, cached: int | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of one flat row of tokens: prompts at ``prompt_positions`` (batch, seq; -1 =
     padding) with their ``prompt_tables``, then one new token per decode row at ``decode_positions`` (rows,)
     with ``decode_tables`` (rows, max_blocks). Each part reads the cache as it would in a forward of its own."""
     common = dict(block_size=block_size, kernel=kernel, group=group, dtype=dtype)
-    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, **common)
+    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, cached=cached, **common)
     decode = cache_access(decode_positions[:, None], decode_tables, fresh=False, **common)
     write_block = torch.cat([prompts.write_block.reshape(1, -1), decode.write_block.reshape(1, -1)], dim=1)
     write_offset = torch.cat([prompts.write_offset.reshape(1, -1), decode.write_offset.reshape(1, -1)], dim=1)
@@ -252,6 +266,12 @@ def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tens
         op = paged_decode_op if torch.compiler.is_compiling() else paged_decode
         return op(q[:, 0], cache_k, cache_v, access.block_tables, access.lengths)[:, None]
     kv_heads, head_dim = cache_k.shape[2], cache_k.shape[3]
+    if access.mode == "after":
+        keys = cache_k.view(-1, kv_heads, head_dim)[access.read_slots]  # (batch, cached + seq, kv_heads, d)
+        values = cache_v.view(-1, kv_heads, head_dim)[access.read_slots]
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=access.mask, enable_gqa=True
+        ).transpose(1, 2)
     keys = cache_k.view(-1, kv_heads, head_dim)[access.read_slots].transpose(1, 2)  # (batch, kv_heads, length, d)
     values = cache_v.view(-1, kv_heads, head_dim)[access.read_slots].transpose(1, 2)
     return grouped_attention(q, keys, values, access.mask)

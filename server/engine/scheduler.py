@@ -318,14 +318,14 @@ class Scheduler:
         while the padded group fits the budget. Padding every prompt to the longest costs compute; prompts
         of like length waste little of it (with lengths spread over 1,000-2,000 tokens, groups in arrival
         order padded about a fifth of every forward), and the oldest still goes first. A group is all
-        fresh prompts (causal attention over their own tokens) or all rests after cached prefixes
-        (attention reads the cache), as the oldest is."""
+        fresh prompts (causal attention over their own tokens) or all rests after cached prefixes of the
+        oldest's length (attention reads the same cached positions of every row, without a mask tensor)."""
         if not whole:
             return [], 0
         anchor = whole[0]
         rest = len(anchor.prompt) - anchor.computed
         group, width = [anchor], self._padded(rest)
-        alike = [s for s in whole[1:] if (s.computed == 0) == (anchor.computed == 0)]
+        alike = [s for s in whole[1:] if s.computed == anchor.computed]
         for seq in sorted(alike, key=lambda s: (abs(len(s.prompt) - s.computed - rest), s.seq_id)):
             if len(group) == self.max_group:
                 break
@@ -355,7 +355,8 @@ class Scheduler:
             tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
             segments=segments,
             logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
-            fresh=not any(starts), decode=self._decode_rows(riders),
+            fresh=not any(starts), cached=starts[0] if len(set(starts)) == 1 else None,
+            decode=self._decode_rows(riders),
         )
         for seq in group:
             seq.computed = len(seq.prompt)
@@ -379,7 +380,7 @@ class Scheduler:
             tokens, positions, cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
             segments=self._segments([n], [seq.adapter_slot], width=padded, riders=riders), logits_at=n - 1,
-            fresh=start == 0, decode=self._decode_rows(riders),
+            fresh=start == 0, cached=start, decode=self._decode_rows(riders),
         )
         seq.computed += n
         self._publish(seq)

@@ -127,3 +127,20 @@ def test_decode_ahead_on_captured_graphs_gives_the_tokens_of_steps_read_first(ar
         assert engine.cache.pool.used == 0
     assert results[True] == results[False]
     assert [finish for _, finish in results[True]].count("stop") == 2
+
+
+def test_rests_after_a_cached_prefix_match_peft(arch_setup, reference):
+    """Prompts that share a cached prefix are prefilled from its end on the GPU (the rows' cached positions
+    gathered, causal attention aligned to the end) and give peft's tokens."""
+    engine = _engine(arch_setup, cuda_graphs=True)
+    system = prompt_of(30, 35)  # 2 full blocks of 16, then 3 tokens
+    prompts = [system + prompt_of(31 + i, 9 + 4 * i) for i in range(3)]
+    requests = [make_sequence(engine, p, adapter="beta", max_tokens=10) for p in prompts]
+    engine.scheduler.submit(requests[0][0])
+    run_until_done(engine.scheduler, [requests[0][1]])
+    for seq, _ in requests[1:]:
+        engine.scheduler.submit(seq)
+    run_until_done(engine.scheduler, [c for _, c in requests])
+    assert [seq.cached for seq, _ in requests] == [0, 32, 32]
+    for prompt, (_, collector) in zip(prompts, requests):
+        assert collector.tokens == reference(prompt, "beta", 10)

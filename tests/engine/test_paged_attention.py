@@ -67,3 +67,27 @@ def test_reference_reads_only_the_rows_own_blocks():
         poisoned_k[block], poisoned_v[block] = 1e4, -1e4
     poisoned_k[2, 3], poisoned_v[2, 3] = 1e4, -1e4  # past the row's length in its own last block
     torch.testing.assert_close(attend_cache(q, k, v, poisoned_k, poisoned_v, access), clean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+def test_rows_after_the_same_cached_prefix_attend_as_the_masked_reference(dtype):
+    """Prompt rests that all start after 6 cached tokens, padded to 7 tokens (the padding runs past the rows'
+    3-block tables), attend, causal aligned to the end and without a mask tensor, exactly as the masked
+    gathering reference does at their real tokens."""
+    gen = torch.Generator().manual_seed(1)
+    block_size, heads, kv_heads, head_dim, cached, seq = 4, 4, 2, 16, 6, 7
+    cache_k = torch.randn(12, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    cache_v = torch.randn(12, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    tables = torch.tensor([[5, 2, 9], [3, 11, 4]], dtype=torch.int32, device=DEVICE)
+    lengths = [6, 4]  # rest tokens: positions 6..11 and 6..9, then padding
+    positions = torch.tensor([[cached + i if i < n else -1 for i in range(seq)] for n in lengths], device=DEVICE)
+    q = torch.randn(2, seq, heads, head_dim, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(2, seq, kv_heads, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    common = dict(block_size=block_size, fresh=False, kernel=False, group=heads // kv_heads, dtype=dtype)
+    after = cache_access(positions, tables, cached=cached, **common)
+    reference = cache_access(positions, tables, **common)
+    assert after.mode == "after" and reference.mode == "gather"
+    out = attend_cache(q, k, v, cache_k.clone(), cache_v.clone(), after)
+    expected = attend_cache(q, k, v, cache_k.clone(), cache_v.clone(), reference)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(out[row, :n], expected[row, :n])
