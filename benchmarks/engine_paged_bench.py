@@ -13,10 +13,12 @@ step's bytes (weights once plus every running sequence's live keys and values) t
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--ahead-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the main load with every decode step's tokens read before the next step is "
                         "launched (the engine's decode_ahead off)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the main load (without and with adapters, and read first) this many times in turn")
+    p.add_argument("--prompt-block", type=int, default=None,
+                   help="also run the main load with prompt groups' LoRA plans cut into blocks of this many rows")
+    p.add_argument("--prompt-block-sweep", type=int, nargs="*", default=[],
+                   help="GPU time of one 8 x 1,500-token prompt forward with its LoRA plan in blocks of these sizes")
     p.add_argument("--poisson-variants", nargs="+", default=["mixed", "chunked", "after"],
                    choices=["mixed", "chunked", "after", "server"],
                    help="Poisson runs: mixing with this script's budget, mixing with --poisson-chunk chunks, decode "
@@ -76,9 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--peak-tbs", type=float, default=4.8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("requests", "adapters", "rank", "poisson_requests", "prefill_budget", "poisson_chunk"):
+    for name in ("requests", "adapters", "rank", "poisson_requests", "prefill_budget", "poisson_chunk", "repeats"):
         if getattr(args, name) < 1:  # refused here, before a model is built, rather than by the engine after
             p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if any(size not in (16, 32, 64, 128) for size in args.prompt_block_sweep + [args.prompt_block or 16]):
+        p.error("--prompt-block and --prompt-block-sweep take 16, 32, 64 or 128 (rows per LoRA block)")
     if min(args.concurrency) < 1:
         p.error(f"--concurrency must be at least 1, not {min(args.concurrency)}")
     return args
@@ -201,17 +211,13 @@ def main(argv=None) -> int:
     main_load = workload(rng, args.requests, prompt_range, new_range, vocab)
     if not args.no_throughput:
         run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
-        for label, adapters in (("no adapters", []), (f"{args.adapters} adapters", names)):
-            record(f"{args.requests} at once, {label}", run_engine(engine, main_load, adapter_names=adapters),
-                   main_load)
-        base = results["runs"][f"{args.requests} at once, no adapters"]["tok_s"]
-        mixed = results["runs"][f"{args.requests} at once, {args.adapters} adapters"]["tok_s"]
-        print(f"ratio {args.adapters} adapters / no adapters: {mixed / base:.2f}", flush=True)
-        if args.ahead_compare:
-            engine.scheduler.decode_ahead = False
-            record(f"{args.requests} at once, {args.adapters} adapters, every step read first",
-                   run_engine(engine, main_load, adapter_names=names), main_load)
-            engine.scheduler.decode_ahead = True
+        main_runs(engine, main_load, names, args, record)
+        if args.prompt_block:
+            with prompt_blocks_of(args.prompt_block):
+                run_engine(engine, main_load, adapter_names=names)  # warm-up: the LoRA kernels at this block size
+                main_runs(engine, main_load, names, args, record, suffix=f", prompt blocks of {args.prompt_block}")
+        if args.prompt_block_sweep and device.type == "cuda":
+            prompt_block_sweep(engine, names, device, sizes=args.prompt_block_sweep)
         if args.mix_compare:
             engine.scheduler.mix_decode = False
             record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",
@@ -306,6 +312,77 @@ def main(argv=None) -> int:
     if out:
         Path(out, f"engine_paged_bench_{args.shape}.json").write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def main_runs(engine, load, names, args, record, *, suffix: str = "") -> None:
+    """The main load without adapters, with them, and (--ahead-compare) with every decode step read before
+    the next is launched, --repeats times in turn; with repeats, the medians of each."""
+    variants = [("no adapters", [], True), (f"{args.adapters} adapters", names, True)]
+    if args.ahead_compare:
+        variants.append((f"{args.adapters} adapters, every step read first", names, False))
+    figures = {label: [] for label, _, _ in variants}
+    for run in range(args.repeats):
+        for label, adapters, ahead in variants:
+            engine.scheduler.decode_ahead = ahead
+            metrics = run_engine(engine, load, adapter_names=adapters)
+            engine.scheduler.decode_ahead = True
+            figures[label].append(metrics["tok_s"])
+            run_label = f" (run {run + 1})" if args.repeats > 1 else ""
+            record(f"{args.requests} at once, {label}{suffix}{run_label}", metrics, load)
+    median = {label: statistics.median(values) for label, values in figures.items()}
+    base, mixed = median["no adapters"], median[f"{args.adapters} adapters"]
+    if args.repeats > 1:
+        print(f"medians of {args.repeats}{suffix}: " + ", ".join(f"{label} {v:.0f} tok/s" for label, v in median.items()),
+              flush=True)
+    print(f"ratio {args.adapters} adapters / no adapters{suffix}: {mixed / base:.2f}", flush=True)
+
+
+@contextlib.contextmanager
+def prompt_blocks_of(rows: int):
+    """Prompt groups' LoRA block plans cut into blocks of ``rows`` tokens (the engine picks 64 for groups of
+    8,192 tokens and more, see segments.prompt_block) while inside."""
+    from server.engine import segments
+
+    chosen = segments.prompt_block
+    segments.prompt_block = lambda tokens: rows if tokens >= 64 * 128 else chosen(tokens)
+    try:
+        yield
+    finally:
+        segments.prompt_block = chosen
+
+
+def prompt_block_sweep(engine, names, device, *, sizes, group: int = 8, n: int = 1500) -> None:
+    """GPU time of one prompt forward (``group`` x ``n`` tokens, one adapter each) with its LoRA plan cut into
+    blocks of each of ``sizes`` rows, and without adapters: what the block size costs the prompt LoRA."""
+    from server.engine.segments import segment_prompts, to_segments
+
+    cache, model = engine.cache, engine.model
+    ids = torch.arange(group * cache.max_blocks) % (cache.num_blocks - 1) + 1
+    tables = ids.view(group, cache.max_blocks).to(torch.int32).to(device)
+    slots = [engine.adapters.acquire(names[i % len(names)]) for i in range(group)]
+    toks = torch.randint(3, model.shape.vocab_size, (group, n), device=device)
+    pos = torch.arange(n, device=device)[None].expand(group, n)
+    timings = {}
+    for size in [None, *sizes]:
+        segments = None if size is None else to_segments(segment_prompts([n] * group, slots, width=n, block_m=size),
+                                                        device=device)
+        run = dict(cache=cache, block_tables=tables, adapters=engine.adapters if size else None, segments=segments,
+                   fresh=True)
+        model.forward(toks, pos, **run)
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            model.forward(toks, pos, **run)
+        end.record()
+        sync(device)
+        timings[size] = start.elapsed_time(end) / 5
+    for slot in slots:
+        engine.adapters.release(slot)
+    base = timings.pop(None)
+    print(f"prompt forward {group} x {n} tokens: {base:.1f} ms without adapters; with {group} adapters: "
+          + ", ".join(f"blocks of {size}: {ms:.1f} ms (LoRA {ms - base:.1f})" for size, ms in timings.items()),
+          flush=True)
 
 
 class StepTrace:
