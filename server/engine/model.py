@@ -199,6 +199,7 @@ class EngineModel:
         cached: int | None = None,
         compiled: bool = False,
         decode: DecodeRows | None = None,
+        pack: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq) at ``positions`` (batch, seq; -1 = padding) of the sequences
         whose cache blocks are ``block_tables`` (batch, max_blocks) int32.
@@ -213,26 +214,23 @@ class EngineModel:
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
         int, or a (batch,) tensor with one index per row), or (batch, seq, vocab) when it is None.
 
+        ``pack`` (the flat indices of the real tokens of the (batch, seq) layout, ascending) runs only those
+        tokens, as one flat row: no GEMM, LoRA or norm works on padding; attention lays them out again.
         ``decode`` adds decode rows to the forward: the prompts and their tokens then run as one flat row
-        (``segments`` laid out that way, see segments.segment_mixed), and the logits are the prompts' rows
-        followed by one row per decode row: (batch + rows, vocab).
+        too, followed by one token per decode row. Either way ``segments`` is laid out as that row (see
+        segments.segment_mixed), and the logits are the prompts' rows followed by one row per decode row:
+        (batch + rows, vocab).
         """
         s = self.shape
         kernel = kernels_available(self.embed)
         common = dict(block_size=cache.block_size, kernel=kernel, group=s.heads // s.kv_heads, dtype=self.dtype)
         if decode is None:
-            access = cache_access(positions, block_tables, fresh=fresh, cached=cached, **common)
+            access = cache_access(positions, block_tables, fresh=fresh, cached=cached, pack=pack, **common)
         else:
-            if logits_at is None:
-                raise ValueError("forward(decode=...) returns logits at chosen tokens only: give logits_at")
             access = mixed_access(positions, block_tables, decode.positions, decode.block_tables, fresh=fresh,
-                                  cached=cached, **common)
-            prompts, width = tokens.shape
-            row_starts = torch.arange(prompts, device=tokens.device) * width
-            logits_at = torch.cat([row_starts + (logits_at % width),
-                                   prompts * width + torch.arange(len(decode.tokens), device=tokens.device)])
-            tokens = torch.cat([tokens.reshape(-1), decode.tokens])[None]
-            positions = torch.cat([positions.reshape(-1), decode.positions])[None]
+                                  cached=cached, pack=pack, **common)
+        if pack is not None or decode is not None:
+            tokens, positions, logits_at = _one_row(tokens, positions, logits_at, pack, decode)
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.embed)  # (batch, seq, hidden)
         at = positions.clamp(min=0)
@@ -260,6 +258,24 @@ class EngineModel:
         elif logits_at is not None:
             x = x[:, logits_at]
         return F.linear(_rms_norm(x, self.norm, s.rms_eps), self.lm_head).float()
+
+
+def _one_row(tokens: torch.Tensor, positions: torch.Tensor, logits_at, pack: torch.Tensor | None,
+             decode: DecodeRows | None):
+    """The prompts' (batch, seq) tokens and positions as one flat row (only those at ``pack`` when given), then
+    the decode rows' tokens; ``logits_at`` (per prompt row) as indices into that row, then each decode row's."""
+    if logits_at is None:
+        raise ValueError("a packed or mixed forward returns logits at chosen tokens only: give logits_at")
+    prompts, width = tokens.shape
+    at = torch.arange(prompts, device=tokens.device) * width + (logits_at % width)
+    tokens, positions = tokens.reshape(-1), positions.reshape(-1)
+    if pack is not None:
+        at = torch.searchsorted(pack, at)
+        tokens, positions = tokens[pack], positions[pack]
+    if decode is not None:
+        at = torch.cat([at, len(tokens) + torch.arange(len(decode.tokens), device=tokens.device)])
+        tokens, positions = torch.cat([tokens, decode.tokens]), torch.cat([positions, decode.positions])
+    return tokens[None], positions[None], at
 
 
 @dataclass(frozen=True)

@@ -165,8 +165,9 @@ class CacheAccess:
     rows: the scratch block). ``mode``: "fresh" (causal over the new tokens), "after" (keys at ``read_slots``
     (batch, cached + seq), causal aligned to the end: ``mask`` is that causal bias), "kernel" (decode kernel
     over ``block_tables``/``lengths``), "gather" (reference: keys at ``read_slots`` (batch, length) under the
-    additive ``mask`` (batch, 1, group * seq, length)) or "mixed" (one flat row of tokens: first the
-    prompts, read as ``parts[0]`` says (its ``write_block`` has their (batch, seq) layout), then one token per
+    additive ``mask`` (batch, 1, group * seq, length)), "packed" (one flat row of the real tokens of a (batch,
+    seq) layout, at its flat indices ``pack``: attention lays them out again and reads as ``parts[0]`` says)
+    or "mixed" (one flat row of tokens: first the prompts, read as ``parts[0]`` says, then one token per
     decode row, read as ``parts[1]`` says).
     """
 
@@ -177,14 +178,21 @@ class CacheAccess:
     lengths: torch.Tensor | None = None
     read_slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    parts: tuple["CacheAccess", "CacheAccess"] | None = None
+    parts: tuple["CacheAccess", ...] | None = None
+    pack: torch.Tensor | None = None
 
 
 def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
-                 group: int, dtype, cached: int | None = None) -> CacheAccess:
+                 group: int, dtype, cached: int | None = None, pack: torch.Tensor | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of tokens at ``positions`` (batch, seq; -1 = padding) of rows whose blocks are
     ``block_tables`` (batch, max_blocks) int32 (idle rows: all scratch, position 0). ``cached``: every row's
-    tokens start at this position (that many tokens of the row in the cache already), padding after them."""
+    tokens start at this position (that many tokens of the row in the cache already), padding after them.
+    ``pack``: the forward runs only the tokens at these flat indices of the (batch, seq) layout, as one row."""
+    if pack is not None:
+        laid_out = cache_access(positions, block_tables, block_size=block_size, fresh=fresh, kernel=kernel,
+                                group=group, dtype=dtype, cached=cached)
+        return CacheAccess("packed", laid_out.write_block.reshape(1, -1)[:, pack],
+                           laid_out.write_offset.reshape(1, -1)[:, pack], parts=(laid_out,), pack=pack)
     real = positions >= 0
     at = positions.clamp(min=0)
     table = block_tables.long()
@@ -216,12 +224,12 @@ def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_s
 
 def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, decode_positions: torch.Tensor,
                  decode_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool, group: int,
-                 dtype, cached: int | None = None) -> CacheAccess:
+                 dtype, cached: int | None = None, pack: torch.Tensor | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of one flat row of tokens: prompts at ``prompt_positions`` (batch, seq; -1 =
     padding) with their ``prompt_tables``, then one new token per decode row at ``decode_positions`` (rows,)
     with ``decode_tables`` (rows, max_blocks). Each part reads the cache as it would in a forward of its own."""
     common = dict(block_size=block_size, kernel=kernel, group=group, dtype=dtype)
-    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, cached=cached, **common)
+    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, cached=cached, pack=pack, **common)
     decode = cache_access(decode_positions[:, None], decode_tables, fresh=False, **common)
     write_block = torch.cat([prompts.write_block.reshape(1, -1), decode.write_block.reshape(1, -1)], dim=1)
     write_offset = torch.cat([prompts.write_offset.reshape(1, -1), decode.write_offset.reshape(1, -1)], dim=1)
@@ -258,6 +266,17 @@ def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tens
         out_decode = _read(decode_part(q), decode_part(k), decode_part(v), cache_k, cache_v, decode)
         return torch.cat([out_prompts.reshape(1, split, heads, head_dim),
                           out_decode.reshape(1, -1, heads, head_dim)], dim=1)
+    if access.mode == "packed":
+        (laid_out,) = access.parts
+        batch, seq = laid_out.write_block.shape
+
+        def lay_out(t):  # (1, n, h, d) -> (batch, seq, h, d), zeros where the layout has padding
+            spread = t.new_zeros(batch * seq, t.shape[2], t.shape[3])
+            spread[access.pack] = t[0]
+            return spread.view(batch, seq, t.shape[2], t.shape[3])
+
+        out = _read(lay_out(q), lay_out(k), lay_out(v), cache_k, cache_v, laid_out)
+        return out.reshape(batch * seq, q.shape[2], q.shape[3])[access.pack][None]
     if access.mode == "fresh":
         return F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True

@@ -341,22 +341,22 @@ class Scheduler:
         return -(-n // self.prefill_pad) * self.prefill_pad
 
     def _prefill_group(self, group: list[Sequence], width: int, riders: list[Sequence]) -> int:
-        """The rest of every prompt of ``group`` in one forward, (len(group), width) padded, with the riders'
-        next tokens; returns prompt tokens spent."""
+        """The rest of every prompt of ``group`` in one forward, laid out (len(group), width) for attention and
+        packed (no padding) everywhere else, with the riders' next tokens; returns prompt tokens spent."""
         device = self.model.device
         for seq in group:
             self._grow(seq, len(seq.prompt))
         starts = [s.computed for s in group]
-        tokens, positions = self._prompt_batch(group, width)
+        tokens, positions, pack = self._prompt_batch(group, width)
         segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
-                                  width=width, riders=riders)
+                                  riders=riders)
         tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
             segments=segments,
             logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
             fresh=not any(starts), cached=starts[0] if len(set(starts)) == 1 else None,
-            decode=self._decode_rows(riders),
+            decode=self._decode_rows(riders), pack=pack,
         )
         for seq in group:
             seq.computed = len(seq.prompt)
@@ -374,13 +374,13 @@ class Scheduler:
         start = seq.computed
         padded = self._padded(n)
         self._grow(seq, start + n)
-        tokens, positions = self._prompt_batch([seq], padded, upto=start + n)
+        tokens, positions, pack = self._prompt_batch([seq], padded, upto=start + n)
         device = self.model.device
         logits = self.model.forward(
             tokens, positions, cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
-            segments=self._segments([n], [seq.adapter_slot], width=padded, riders=riders), logits_at=n - 1,
-            fresh=start == 0, cached=start, decode=self._decode_rows(riders),
+            segments=self._segments([n], [seq.adapter_slot], riders=riders), logits_at=n - 1,
+            fresh=start == 0, cached=start, decode=self._decode_rows(riders), pack=pack,
         )
         seq.computed += n
         self._publish(seq)
@@ -392,26 +392,31 @@ class Scheduler:
         return padded
 
     def _prompt_batch(self, seqs: list[Sequence], width: int, *, upto: int | None = None):
-        """(tokens, positions) on the device, (len(seqs), width): each prompt from its first uncomputed token
-        (to ``upto``, else its end), then padding (token 0, position -1). Built in numpy: a group holds
-        ~16k tokens, and this is on the host's path before every prompt forward, while the GPU waits."""
+        """(tokens, positions, pack) on the device: tokens and positions (len(seqs), width), each prompt from
+        its first uncomputed token (to ``upto``, else its end), then padding (token 0, position -1); pack the
+        flat indices of the real tokens (the forward runs those only, see EngineModel.forward). Built in
+        numpy: a group holds ~16k tokens, and this is on the host's path before every prompt forward, while
+        the GPU waits."""
         tokens = np.zeros((len(seqs), width), dtype=np.int64)
         positions = np.full((len(seqs), width), -1, dtype=np.int64)
+        pack = []
         for i, seq in enumerate(seqs):
             start, end = seq.computed, upto if upto is not None else len(seq.prompt)
             tokens[i, : end - start] = seq.prompt[start:end]
             positions[i, : end - start] = np.arange(start, end)
+            pack.append(np.arange(i * width, i * width + end - start))
         device = self.model.device
-        return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device)
+        return (torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
+                torch.from_numpy(np.concatenate(pack)).to(device))
 
-    def _segments(self, lengths: list[int], slots: list[int], *, width: int, riders: list[Sequence]):
-        """Adapter segments of prompts laid out ``width`` tokens apart, then the riders' tokens; None when
-        none of them has an adapter."""
+    def _segments(self, lengths: list[int], slots: list[int], *, riders: list[Sequence]):
+        """Adapter segments of prompts packed back to back, then the riders' tokens; None when none of them
+        has an adapter."""
         rider_slots = [s.adapter_slot for s in riders]
         if self.adapters is None or not any(slots + rider_slots):
             return None
-        plan = (segment_mixed(lengths, slots, width=width, decode_slots=rider_slots) if riders
-                else segment_prompts(lengths, slots, width=width))
+        plan = (segment_mixed(lengths, slots, width=None, decode_slots=rider_slots) if riders
+                else segment_prompts(lengths, slots, width=None))
         return to_segments(plan, device=self.model.device)
 
     def _next_position(self, seq: Sequence, *, unread: int = 0) -> int:

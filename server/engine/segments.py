@@ -91,26 +91,35 @@ def segment_rows(slots: list[int], *, block_m: int = DECODE_BLOCK) -> SegmentPla
     return SegmentPlan(block_slots, torch.tensor(rows, dtype=torch.int32), block_m)
 
 
-def segment_prompts(lengths: list[int], slots: list[int], *, width: int, block_m: int | None = None) -> SegmentPlan:
+def segment_prompts(lengths: list[int], slots: list[int], *, width: int | None,
+                    block_m: int | None = None) -> SegmentPlan:
     """Plan for prompts laid out row after row, ``width`` tokens each: every token is in a block (the
     fused activation kernel covers all of them), the prompt's real tokens under its slot, the padding
-    after them under slot 0 (no LoRA work)."""
+    after them under slot 0 (no LoRA work). ``width`` None: packed back to back, no padding."""
     groups = []
-    block_m = block_m or prompt_block(width * len(lengths))
-    for i, (length, slot) in enumerate(zip(lengths, slots)):
-        groups.append((slot, range(i * width, i * width + length)))
-        if length < width:
-            groups.append((0, range(i * width + length, (i + 1) * width)))
+    block_m = block_m or prompt_block(_prompt_tokens(lengths, width))
+    start = 0
+    for length, slot in zip(lengths, slots):
+        groups.append((slot, range(start, start + length)))
+        if width is not None and length < width:
+            groups.append((0, range(start + length, start + width)))
+        start += length if width is None else width
     return plan_blocks(groups, block_m=block_m)
 
 
-def segment_mixed(lengths: list[int], slots: list[int], *, width: int, decode_slots: list[int]) -> SegmentPlan:
+def _prompt_tokens(lengths: list[int], width: int | None) -> int:
+    return sum(lengths) if width is None else width * len(lengths)
+
+
+def segment_mixed(lengths: list[int], slots: list[int], *, width: int | None,
+                  decode_slots: list[int]) -> SegmentPlan:
     """Plan for a forward carrying prompts and decode rows (model.DecodeRows): the prompts laid out as in
     :func:`segment_prompts`, then one token per decode row, grouped by slot as in :func:`segment_rows`."""
-    block_m = prompt_block(width * len(lengths) + len(decode_slots))
+    prompt_tokens = _prompt_tokens(lengths, width)
+    block_m = prompt_block(prompt_tokens + len(decode_slots))
     prompts = segment_prompts(lengths, slots, width=width, block_m=block_m)
     rows = segment_rows(decode_slots, block_m=block_m)
-    shifted = torch.where(rows.rows >= 0, rows.rows + width * len(lengths), rows.rows)
+    shifted = torch.where(rows.rows >= 0, rows.rows + prompt_tokens, rows.rows)
     return SegmentPlan(prompts.slot + rows.slot, torch.cat([prompts.rows, shifted]), block_m)
 
 

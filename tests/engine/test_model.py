@@ -81,3 +81,29 @@ def test_head_dim_the_cuda_kernels_cannot_take_is_refused_on_cuda():
     with pytest.raises(UnsupportedModel, match="head_dim 24 is not a power of two"):
         EngineModel.from_hf(hf, cache_len=64, dtype=torch.float32, device="cuda")
     assert EngineModel.from_hf(hf, cache_len=64, dtype=torch.float32, device="cpu").shape.head_dim == 24
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_prompts_give_the_logits_of_the_padded_layout(arch, request):
+    """Two prompts of 9 and 16 tokens, padded to 16: run packed (the 25 real tokens only, one flat row) they
+    give the padded forward's logits at each prompt's last token, fresh and after 8 cached tokens."""
+    from server.engine.model import _one_row
+
+    hf, model, cache = _engine_model(request.getfixturevalue(f"tiny_{arch}_path"))
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    lengths = [9, 16]
+    tables = torch.tensor([[5, 2, 7, 0], [1, 8, 3, 0]], dtype=torch.int32)
+    for start in (0, 8):  # fresh, then the rest after 8 cached tokens (written by the fresh run)
+        tokens = ids[:, start : start + 16].clone()
+        positions = torch.stack([torch.arange(start, start + 16)] * 2)
+        positions[0, lengths[0]:] = -1
+        tokens[0, lengths[0]:] = 0
+        pack = torch.cat([torch.arange(lengths[0]), 16 + torch.arange(lengths[1])])
+        last = torch.tensor([n - 1 for n in lengths])
+        run = dict(cache=cache, block_tables=tables, adapters=None, logits_at=last, fresh=start == 0,
+                   cached=start)
+        padded = model.forward(tokens, positions, **run)
+        packed = model.forward(tokens, positions, pack=pack, **run)
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+        flat_tokens, _, at = _one_row(tokens, positions, last, pack, None)
+        assert flat_tokens.shape == (1, 25) and at.tolist() == [8, 24]
