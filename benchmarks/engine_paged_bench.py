@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--ahead-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the main load with every decode step's tokens read before the next step is "
                         "launched (the engine's decode_ahead off)")
+    p.add_argument("--pack-compare", action="store_true",
+                   help="also run the main load and the lone prompt with prompts laid out padded (pack_prompts off)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the main load (without and with adapters, and read first) this many times in turn")
     p.add_argument("--prompt-block", type=int, default=None,
@@ -212,6 +214,10 @@ def main(argv=None) -> int:
     if not args.no_throughput:
         run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
         main_runs(engine, main_load, names, args, record)
+        if args.pack_compare:
+            engine.scheduler.pack_prompts = False
+            main_runs(engine, main_load, names, args, record, suffix=", prompts padded")
+            engine.scheduler.pack_prompts = True
         if args.prompt_block:
             with prompt_blocks_of(args.prompt_block):
                 run_engine(engine, main_load, adapter_names=names)  # warm-up: the LoRA kernels at this block size
@@ -270,9 +276,13 @@ def main(argv=None) -> int:
         results[label] = 1000 / metrics["tpot_p50_ms"]
         print(f"{label}: {results[label]:.0f} tok/s", flush=True)
     long_prompt = [rng.randrange(3, vocab) for _ in range(2000 if not tiny else 60)]
-    ttft = min(run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
-    results["ttft_lone_prompt_ms"] = ttft
-    print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0): {ttft:.1f} ms", flush=True)
+    for packed in (True, False) if args.pack_compare else (True,):
+        engine.scheduler.pack_prompts = packed
+        ttft = min(run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
+        label = "" if packed else ", padded"
+        results["ttft_lone_prompt_ms" + label.replace(", ", "_")] = ttft
+        print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0){label}: {ttft:.1f} ms", flush=True)
+    engine.scheduler.pack_prompts = True
 
     if device.type == "cuda" and not args.no_profile:
         profile(engine, names, device, at=1500, rows=min(128, rows))

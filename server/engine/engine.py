@@ -43,6 +43,9 @@ class EngineConfig:
     # own picks forward), so the host's bookkeeping between steps overlaps the GPU's step. A request that
     # ends on a stop token costs one discarded row of the step after. Sampled steps are read first.
     decode_ahead: bool = True
+    # Prompt forwards run their real tokens only (packed into one row; attention lays them out again), so no
+    # GEMM works on the padding of a group of prompts of different lengths.
+    pack_prompts: bool = True
 
 
 class Engine:
@@ -92,7 +95,7 @@ class Engine:
             decode = EagerDecode(model, cache, adapters, compiled=compiled)
         scheduler = Scheduler(model, cache, adapters, decode=decode, prefill_chunk=config.prefill_chunk,
                               prefill_budget=config.prefill_budget, mix_decode=config.mix_decode,
-                              decode_ahead=config.decode_ahead,
+                              decode_ahead=config.decode_ahead, pack_prompts=config.pack_prompts,
                               prefill_pad=config.prefill_pad or (64 if device.type == "cuda" else 1))
         if start:
             scheduler.start()

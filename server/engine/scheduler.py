@@ -102,6 +102,7 @@ class Scheduler:
         max_group: int = 16,
         mix_decode: bool = True,
         decode_ahead: bool = True,
+        pack_prompts: bool = True,
     ):
         if prefill_chunk < 1 or prefill_budget < 1:
             raise ValueError(f"prefill_chunk and prefill_budget must be >= 1, got {prefill_chunk} and {prefill_budget}")
@@ -110,6 +111,7 @@ class Scheduler:
         self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
         self.decode_ahead = decode_ahead  # greedy decode steps launched before the last one's tokens are read
         self._in_flight: InFlight | None = None
+        self.pack_prompts = pack_prompts  # prompt forwards run their real tokens only (no padding)
         self.max_group = max_group  # prompts prefilled in one forward
         self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
@@ -349,7 +351,7 @@ class Scheduler:
         starts = [s.computed for s in group]
         tokens, positions, pack = self._prompt_batch(group, width)
         segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
-                                  riders=riders)
+                                  width=None if self.pack_prompts else width, riders=riders)
         tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
@@ -379,7 +381,8 @@ class Scheduler:
         logits = self.model.forward(
             tokens, positions, cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
-            segments=self._segments([n], [seq.adapter_slot], riders=riders), logits_at=n - 1,
+            segments=self._segments([n], [seq.adapter_slot], width=None if self.pack_prompts else padded,
+                                    riders=riders), logits_at=n - 1,
             fresh=start == 0, cached=start, decode=self._decode_rows(riders), pack=pack,
         )
         seq.computed += n
@@ -394,7 +397,8 @@ class Scheduler:
     def _prompt_batch(self, seqs: list[Sequence], width: int, *, upto: int | None = None):
         """(tokens, positions, pack) on the device: tokens and positions (len(seqs), width), each prompt from
         its first uncomputed token (to ``upto``, else its end), then padding (token 0, position -1); pack the
-        flat indices of the real tokens (the forward runs those only, see EngineModel.forward). Built in
+        flat indices of the real tokens (the forward runs those only, see EngineModel.forward; None when
+        ``pack_prompts`` is off). Built in
         numpy: a group holds ~16k tokens, and this is on the host's path before every prompt forward, while
         the GPU waits."""
         tokens = np.zeros((len(seqs), width), dtype=np.int64)
@@ -406,17 +410,17 @@ class Scheduler:
             positions[i, : end - start] = np.arange(start, end)
             pack.append(np.arange(i * width, i * width + end - start))
         device = self.model.device
-        return (torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
-                torch.from_numpy(np.concatenate(pack)).to(device))
+        pack = torch.from_numpy(np.concatenate(pack)).to(device) if self.pack_prompts else None
+        return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), pack
 
-    def _segments(self, lengths: list[int], slots: list[int], *, riders: list[Sequence]):
-        """Adapter segments of prompts packed back to back, then the riders' tokens; None when none of them
-        has an adapter."""
+    def _segments(self, lengths: list[int], slots: list[int], *, width: int | None, riders: list[Sequence]):
+        """Adapter segments of prompts laid out ``width`` tokens apart (None: packed back to back), then the
+        riders' tokens; None when none of them has an adapter."""
         rider_slots = [s.adapter_slot for s in riders]
         if self.adapters is None or not any(slots + rider_slots):
             return None
-        plan = (segment_mixed(lengths, slots, width=None, decode_slots=rider_slots) if riders
-                else segment_prompts(lengths, slots, width=None))
+        plan = (segment_mixed(lengths, slots, width=width, decode_slots=rider_slots) if riders
+                else segment_prompts(lengths, slots, width=width))
         return to_segments(plan, device=self.model.device)
 
     def _next_position(self, seq: Sequence, *, unread: int = 0) -> int:

@@ -308,3 +308,16 @@ def test_decode_ahead_gives_the_tokens_of_steps_read_one_by_one(engine):
         assert engine.cache.pool.used == 0 and not scheduler.tables.any()
     assert results[True] == results[False]
     assert [finish for _, finish in results[True]].count("stop") == 2
+
+
+def test_packed_and_padded_prompt_groups_give_the_same_tokens(engine):
+    """Prompt groups run packed (the default: real tokens only) or laid out padded give the same tokens."""
+    specs = decode_ahead_workload(engine, seed=120)
+    results = {}
+    for packed in (True, False):
+        engine.cache.pool.clear_prefixes()
+        scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
+                              decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=64,
+                              prefill_budget=128, pack_prompts=packed)
+        results[packed] = run_workload(engine, scheduler, specs)
+    assert results[True] == results[False]
