@@ -43,8 +43,8 @@ class EngineConfig:
     # own picks forward), so the host's bookkeeping between steps overlaps the GPU's step. A request that
     # ends on a stop token costs one discarded row of the step after. Sampled steps are read first.
     decode_ahead: bool = True
-    # Prompt forwards run their real tokens only (packed into one row; attention lays them out again), so no
-    # GEMM works on the padding of a group of prompts of different lengths.
+    # A forward of several prompts runs their real tokens only (packed into one row; attention lays them out
+    # again), so no GEMM works on the padding of a group of prompts of different lengths.
     pack_prompts: bool = True
 
 

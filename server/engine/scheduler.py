@@ -111,7 +111,7 @@ class Scheduler:
         self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
         self.decode_ahead = decode_ahead  # greedy decode steps launched before the last one's tokens are read
         self._in_flight: InFlight | None = None
-        self.pack_prompts = pack_prompts  # prompt forwards run their real tokens only (no padding)
+        self.pack_prompts = pack_prompts  # forwards of several prompts run their real tokens only (no padding)
         self.max_group = max_group  # prompts prefilled in one forward
         self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
@@ -351,7 +351,7 @@ class Scheduler:
         starts = [s.computed for s in group]
         tokens, positions, pack = self._prompt_batch(group, width)
         segments = self._segments([len(s.prompt) - a for s, a in zip(group, starts)], [s.adapter_slot for s in group],
-                                  width=None if self.pack_prompts else width, riders=riders)
+                                  width=None if pack is not None else width, riders=riders)
         tables = self.tables[[s.row for s in group]]
         logits = self.model.forward(
             tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
@@ -381,7 +381,7 @@ class Scheduler:
         logits = self.model.forward(
             tokens, positions, cache=self.cache,
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
-            segments=self._segments([n], [seq.adapter_slot], width=None if self.pack_prompts else padded,
+            segments=self._segments([n], [seq.adapter_slot], width=None if pack is not None else padded,
                                     riders=riders), logits_at=n - 1,
             fresh=start == 0, cached=start, decode=self._decode_rows(riders), pack=pack,
         )
@@ -397,8 +397,8 @@ class Scheduler:
     def _prompt_batch(self, seqs: list[Sequence], width: int, *, upto: int | None = None):
         """(tokens, positions, pack) on the device: tokens and positions (len(seqs), width), each prompt from
         its first uncomputed token (to ``upto``, else its end), then padding (token 0, position -1); pack the
-        flat indices of the real tokens (the forward runs those only, see EngineModel.forward; None when
-        ``pack_prompts`` is off). Built in
+        flat indices of the real tokens (the forward runs those only, see EngineModel.forward; None for one
+        prompt, or when ``pack_prompts`` is off). Built in
         numpy: a group holds ~16k tokens, and this is on the host's path before every prompt forward, while
         the GPU waits."""
         tokens = np.zeros((len(seqs), width), dtype=np.int64)
@@ -410,7 +410,10 @@ class Scheduler:
             positions[i, : end - start] = np.arange(start, end)
             pack.append(np.arange(i * width, i * width + end - start))
         device = self.model.device
-        pack = torch.from_numpy(np.concatenate(pack)).to(device) if self.pack_prompts else None
+        # One prompt's padding is the rounding to prefill_pad only: packing it would save little and add the
+        # kernels that lay attention out again, which a launch-bound forward (a small model) pays for.
+        packed = self.pack_prompts and len(seqs) > 1
+        pack = torch.from_numpy(np.concatenate(pack)).to(device) if packed else None
         return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), pack
 
     def _segments(self, lengths: list[int], slots: list[int], *, width: int | None, riders: list[Sequence]):

@@ -313,11 +313,23 @@ def test_decode_ahead_gives_the_tokens_of_steps_read_one_by_one(engine):
 def test_packed_and_padded_prompt_groups_give_the_same_tokens(engine):
     """Prompt groups run packed (the default: real tokens only) or laid out padded give the same tokens."""
     specs = decode_ahead_workload(engine, seed=120)
-    results = {}
-    for packed in (True, False):
-        engine.cache.pool.clear_prefixes()
-        scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
-                              decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=64,
-                              prefill_budget=128, pack_prompts=packed)
-        results[packed] = run_workload(engine, scheduler, specs)
+    results, packs = {}, []
+    forward = engine.model.forward
+
+    def recording_forward(*args, pack=None, **kwargs):
+        packs.append(pack is not None)
+        return forward(*args, pack=pack, **kwargs)
+
+    engine.model.forward = recording_forward
+    try:
+        for packed in (True, False):
+            engine.cache.pool.clear_prefixes()
+            packs.clear()
+            scheduler = Scheduler(engine.model, engine.cache, engine.adapters,
+                                  decode=EagerDecode(engine.model, engine.cache, engine.adapters), prefill_chunk=64,
+                                  prefill_budget=128, pack_prompts=packed)
+            results[packed] = run_workload(engine, scheduler, specs)
+            assert any(packs) == packed  # the four prompts submitted together went as one packed forward
+    finally:
+        del engine.model.forward
     assert results[True] == results[False]
