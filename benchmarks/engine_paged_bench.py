@@ -64,11 +64,13 @@ def parse_args(argv=None):
                    help="also run the main load with every decode step's tokens read before the next step is "
                         "launched (the engine's decode_ahead off)")
     p.add_argument("--pack-compare", action="store_true",
-                   help="also run the main load and the lone prompt with prompts laid out padded (pack_prompts off)")
+                   help="also run the main load with prompt groups laid out padded (pack_prompts off; a lone "
+                        "prompt is never packed)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the main load (without and with adapters, and read first) this many times in turn")
     p.add_argument("--prompt-block", type=int, default=None,
-                   help="also run the main load with prompt groups' LoRA plans cut into blocks of this many rows")
+                   help="also run the main load with the LoRA plans of forwards of 8,192+ prompt tokens cut into "
+                        "blocks of this many rows (smaller forwards keep segments.prompt_block's choice)")
     p.add_argument("--prompt-block-sweep", type=int, nargs="*", default=[],
                    help="GPU time of one 8 x 1,500-token prompt forward with its LoRA plan in blocks of these sizes")
     p.add_argument("--poisson-variants", nargs="+", default=["mixed", "chunked", "after"],
@@ -213,15 +215,18 @@ def main(argv=None) -> int:
     main_load = workload(rng, args.requests, prompt_range, new_range, vocab)
     if not args.no_throughput:
         run_engine(engine, main_load, adapter_names=names)  # warm-up: allocator, kernel choices per prompt shape
-        main_runs(engine, main_load, names, args, record)
+        results["medians"] = main_runs(engine, main_load, names, args, record)
         if args.pack_compare:
             engine.scheduler.pack_prompts = False
-            main_runs(engine, main_load, names, args, record, suffix=", prompts padded")
+            run_engine(engine, main_load, adapter_names=names)  # warm-up: kernels for the padded row counts
+            results["medians, prompts padded"] = main_runs(engine, main_load, names, args, record,
+                                                           suffix=", prompts padded")
             engine.scheduler.pack_prompts = True
         if args.prompt_block:
             with prompt_blocks_of(args.prompt_block):
                 run_engine(engine, main_load, adapter_names=names)  # warm-up: the LoRA kernels at this block size
-                main_runs(engine, main_load, names, args, record, suffix=f", prompt blocks of {args.prompt_block}")
+                results[f"medians, prompt blocks of {args.prompt_block}"] = main_runs(
+                    engine, main_load, names, args, record, suffix=f", prompt blocks of {args.prompt_block}")
         if args.prompt_block_sweep and device.type == "cuda":
             prompt_block_sweep(engine, names, device, sizes=args.prompt_block_sweep)
         if args.mix_compare:
@@ -276,13 +281,9 @@ def main(argv=None) -> int:
         results[label] = 1000 / metrics["tpot_p50_ms"]
         print(f"{label}: {results[label]:.0f} tok/s", flush=True)
     long_prompt = [rng.randrange(3, vocab) for _ in range(2000 if not tiny else 60)]
-    for packed in (True, False) if args.pack_compare else (True,):
-        engine.scheduler.pack_prompts = packed
-        ttft = min(run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
-        label = "" if packed else ", padded"
-        results["ttft_lone_prompt_ms" + label.replace(", ", "_")] = ttft
-        print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0){label}: {ttft:.1f} ms", flush=True)
-    engine.scheduler.pack_prompts = True
+    ttft = min(run_engine(engine, [(long_prompt, 1)], adapter_names=["a0"])["ttft_p50_ms"] for _ in range(3))
+    results["ttft_lone_prompt_ms"] = ttft
+    print(f"TTFT of a lone {len(long_prompt)}-token prompt (adapter a0): {ttft:.1f} ms", flush=True)
 
     if device.type == "cuda" and not args.no_profile:
         profile(engine, names, device, at=1500, rows=min(128, rows))
@@ -324,7 +325,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def main_runs(engine, load, names, args, record, *, suffix: str = "") -> None:
+def main_runs(engine, load, names, args, record, *, suffix: str = "") -> dict[str, float]:
     """The main load without adapters, with them, and (--ahead-compare) with every decode step read before
     the next is launched, --repeats times in turn; with repeats, the medians of each."""
     variants = [("no adapters", [], True), (f"{args.adapters} adapters", names, True)]
@@ -345,6 +346,7 @@ def main_runs(engine, load, names, args, record, *, suffix: str = "") -> None:
         print(f"medians of {args.repeats}{suffix}: " + ", ".join(f"{label} {v:.0f} tok/s" for label, v in median.items()),
               flush=True)
     print(f"ratio {args.adapters} adapters / no adapters{suffix}: {mixed / base:.2f}", flush=True)
+    return median
 
 
 @contextlib.contextmanager
@@ -374,10 +376,12 @@ def prompt_block_sweep(engine, names, device, *, sizes, group: int = 8, n: int =
     pos = torch.arange(n, device=device)[None].expand(group, n)
     timings = {}
     for size in [None, *sizes]:
-        segments = None if size is None else to_segments(segment_prompts([n] * group, slots, width=n, block_m=size),
+        segments = None if size is None else to_segments(segment_prompts([n] * group, slots, width=None, block_m=size),
                                                         device=device)
+        # packed, as the engine runs a group of prompts
         run = dict(cache=cache, block_tables=tables, adapters=engine.adapters if size else None, segments=segments,
-                   fresh=True)
+                   fresh=True, pack=torch.arange(group * n, device=device),
+                   logits_at=torch.full((group,), n - 1, device=device))
         model.forward(toks, pos, **run)
         sync(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -396,8 +400,9 @@ def prompt_block_sweep(engine, names, device, *, sizes, group: int = 8, n: int =
 
 
 class StepTrace:
-    """Times every scheduler step of a run (wall clock; a step ends when its tokens are on the host) with
-    what it did: prompt tokens prefilled and requests that got a token. Explains TTFT/TPOT tails."""
+    """Times every scheduler round of a run (wall clock) with what it did: prompt tokens prefilled and requests
+    that got a token. A round ends once the tokens it read are delivered; with decode ahead, a decode step's
+    tokens are read, and counted, in the round after the one that launched it. Explains TTFT/TPOT tails."""
 
     def __init__(self, scheduler, device):
         self.scheduler, self.device, self.steps = scheduler, device, []
@@ -464,7 +469,8 @@ def inductor_settings(variant: str) -> None:
 
 def single_step_profile(engine, device, *, at: int, tpot_ms: float) -> dict:
     """One-row decode: GPU time of the captured step replayed back to back (the GPU's share) against the
-    measured time per token (the rest is the host's scheduling between steps), and the kernels of one step."""
+    measured time per token (the rest: time the GPU is not running the step, the host's work between steps
+    that decode ahead does not hide), and the kernels of one step."""
     decode = engine.scheduler.decode
     table = (torch.arange(engine.cache.max_blocks) % (engine.cache.num_blocks - 1) + 1).to(torch.int32)[None]
     for lora in (False, True):
@@ -486,7 +492,7 @@ def single_step_profile(engine, device, *, at: int, tpot_ms: float) -> dict:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
             host_ms = tpot_ms - gpu_ms
             print(f"single-row decode step at {at} tokens: {gpu_ms:.2f} ms of GPU time replayed back to back, "
-                  f"{tpot_ms:.2f} ms per token measured: {host_ms:.2f} ms ({host_ms / tpot_ms:.0%}) between steps",
+                  f"{tpot_ms:.2f} ms per token measured: {host_ms:.2f} ms ({host_ms / tpot_ms:.0%}) outside the step",
                   flush=True)
             result = {"gpu_ms": gpu_ms, "tpot_ms": tpot_ms}
         else:

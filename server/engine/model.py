@@ -269,8 +269,8 @@ def _one_row(tokens: torch.Tensor, positions: torch.Tensor, logits_at, pack: tor
     prompts, width = tokens.shape
     at = torch.arange(prompts, device=tokens.device) * width + (logits_at % width)
     tokens, positions = tokens.reshape(-1), positions.reshape(-1)
-    if pack is not None:
-        at = torch.searchsorted(pack, at)
+    if pack is not None:  # the packed index of that token (of the row's last real token, if it is padding)
+        at = torch.searchsorted(pack, at, right=True) - 1
         tokens, positions = tokens[pack], positions[pack]
     if decode is not None:
         at = torch.cat([at, len(tokens) + torch.arange(len(decode.tokens), device=tokens.device)])

@@ -275,7 +275,9 @@ def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tens
             spread[access.pack] = t[0]
             return spread.view(batch, seq, t.shape[2], t.shape[3])
 
-        out = _read(lay_out(q), lay_out(k), lay_out(v), cache_k, cache_v, laid_out)
+        # Only fresh prompts attend to their new keys directly; the other modes read them back from the cache.
+        k, v = (lay_out(k), lay_out(v)) if laid_out.mode == "fresh" else (k, v)
+        out = _read(lay_out(q), k, v, cache_k, cache_v, laid_out)
         return out.reshape(batch * seq, q.shape[2], q.shape[3])[access.pack][None]
     if access.mode == "fresh":
         return F.scaled_dot_product_attention(

@@ -493,12 +493,15 @@ class Scheduler:
 
     def _launch_ahead(self, in_flight: InFlight) -> InFlight | None:
         """The decode step after ``in_flight``, launched before its tokens are read, when this round would
-        do nothing else: no request waiting or cancelled, every occupied row in that step. Rows whose
+        do nothing else: no cancellation, no waiting request with a free row to take, every occupied row in
+        that step (a full engine with a queue keeps running ahead; a row freed by this landing is filled next
+        round). Rows whose
         length ends with that step's token are left out; a row that stops on a stop token is only known
         once read, so its row in this step is computed and discarded (its blocks are freed after this
         launch, and the step's write into them runs before any later step's, in stream order)."""
         live = [s for s in in_flight.seqs if s.finish is None]
-        if self._waiting or self._cancelled or sum(s is not None for s in self.rows) != len(live):
+        admissible = self._waiting and None in self.rows
+        if admissible or self._cancelled or sum(s is not None for s in self.rows) != len(live):
             return None
         going_on = [s for s in live if len(s.generated) + 1 < s.max_tokens]
         if not going_on:

@@ -333,3 +333,59 @@ def test_packed_and_padded_prompt_groups_give_the_same_tokens(engine):
     finally:
         del engine.model.forward
     assert results[True] == results[False]
+
+
+def _ahead_scheduler(engine):
+    """A scheduler running decode steps ahead, and a record of which steps took the step before's picks."""
+    decode = EagerDecode(engine.model, engine.cache, engine.adapters)
+    from_device = []
+
+    def counting(tokens, *rest):
+        from_device.append(isinstance(tokens, torch.Tensor))
+        return decode(tokens, *rest)
+
+    engine.cache.pool.clear_prefixes()
+    return Scheduler(engine.model, engine.cache, engine.adapters, decode=counting, prefill_chunk=64,
+                     prefill_budget=128), from_device
+
+
+def test_a_full_engine_with_a_queue_still_decodes_ahead(engine, reference):
+    """Six requests on four rows: while two wait for a row the running four keep decoding ahead (a waiting
+    request with no row to take is no reason to read every step), and every request gets its tokens."""
+    scheduler, from_device = _ahead_scheduler(engine)
+    prompts = [prompt_of(130 + i, 10) for i in range(6)]
+    requests = [make_sequence(engine, p, max_tokens=12) for p in prompts]
+    for seq, _ in requests:
+        scheduler.submit(seq)
+    for _ in range(6):
+        scheduler.step()
+    assert scheduler._waiting and any(from_device)
+    run_until_done(scheduler, [c for _, c in requests])
+    for prompt, (_, collector) in zip(prompts, requests):
+        assert collector.tokens == reference(prompt, None, 12)
+
+
+def test_cancel_and_failure_with_a_step_in_flight(engine):
+    """A cancel while a step runs ahead ends that request after the step is read; a failure with a step in
+    flight drops it, frees every block, and the next request is served."""
+    scheduler, _ = _ahead_scheduler(engine)
+    requests = [make_sequence(engine, prompt_of(140 + i, 10), max_tokens=n) for i, n in enumerate([1, 2, 3, 30])]
+    for seq, _ in requests:
+        scheduler.submit(seq)
+    for _ in range(5):
+        scheduler.step()
+    scheduler.cancel(requests[3][0].seq_id)
+    run_until_done(scheduler, [c for _, c in requests])
+    assert [(len(c.tokens), c.finish) for _, c in requests[:3]] == [(1, "length"), (2, "length"), (3, "length")]
+    assert requests[3][1].finish == "cancelled" and 0 < len(requests[3][1].tokens) < 30
+    seq, collector = make_sequence(engine, prompt_of(145, 10), max_tokens=30)
+    scheduler.submit(seq)
+    for _ in range(4):
+        scheduler.step()
+    assert scheduler._in_flight is not None
+    scheduler._fail_all(RuntimeError("the device failed"))
+    assert collector.finish == "cancelled" and engine.cache.pool.used == 0
+    after, after_out = make_sequence(engine, prompt_of(146, 10), max_tokens=5)
+    scheduler.submit(after)
+    run_until_done(scheduler, [after_out])
+    assert after_out.finish == "length" and len(after_out.tokens) == 5
