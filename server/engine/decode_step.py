@@ -58,8 +58,6 @@ class GraphedDecode:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.tables = torch.zeros(rows, cache.max_blocks, dtype=torch.int32, device=device)
-        self._host_tables = torch.zeros(rows, cache.max_blocks, dtype=torch.int32).pin_memory()
-        self._host_tables_np = self._host_tables.numpy()
         slots = adapters.num_slots if adapters is not None else 0
         meta_len = decode_capacity(rows, slots) * (1 + DECODE_BLOCK)
         self.segment_meta = torch.zeros(meta_len, dtype=torch.int32, device=device)

@@ -110,8 +110,8 @@ class Scheduler:
         self.prefill_chunk, self.prefill_budget, self.prefill_pad = prefill_chunk, prefill_budget, prefill_pad
         self.mix_decode = mix_decode  # decode rows ride along the step's first prompt forward
         self.decode_ahead = decode_ahead  # greedy decode steps launched before the last one's tokens are read
-        self._in_flight: InFlight | None = None
         self.pack_prompts = pack_prompts  # forwards of several prompts run their real tokens only (no padding)
+        self._in_flight: InFlight | None = None
         self.max_group = max_group  # prompts prefilled in one forward
         self.pool = cache.pool
         self.rows: list[Sequence | None] = [None] * cache.rows
@@ -398,22 +398,20 @@ class Scheduler:
         """(tokens, positions, pack) on the device: tokens and positions (len(seqs), width), each prompt from
         its first uncomputed token (to ``upto``, else its end), then padding (token 0, position -1); pack the
         flat indices of the real tokens (the forward runs those only, see EngineModel.forward; None for one
-        prompt, or when ``pack_prompts`` is off). Built in
-        numpy: a group holds ~16k tokens, and this is on the host's path before every prompt forward, while
-        the GPU waits."""
+        prompt, or when ``pack_prompts`` is off). Built in numpy: a group holds ~16k tokens, and this is on
+        the host's path before every prompt forward, while the GPU waits."""
         tokens = np.zeros((len(seqs), width), dtype=np.int64)
         positions = np.full((len(seqs), width), -1, dtype=np.int64)
-        pack = []
         for i, seq in enumerate(seqs):
             start, end = seq.computed, upto if upto is not None else len(seq.prompt)
             tokens[i, : end - start] = seq.prompt[start:end]
             positions[i, : end - start] = np.arange(start, end)
-            pack.append(np.arange(i * width, i * width + end - start))
         device = self.model.device
+        pack = None
         # One prompt's padding is the rounding to prefill_pad only: packing it would save little and add the
         # kernels that lay attention out again, which a launch-bound forward (a small model) pays for.
-        packed = self.pack_prompts and len(seqs) > 1
-        pack = torch.from_numpy(np.concatenate(pack)).to(device) if packed else None
+        if self.pack_prompts and len(seqs) > 1:
+            pack = torch.from_numpy(np.flatnonzero(positions >= 0)).to(device)
         return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), pack
 
     def _segments(self, lengths: list[int], slots: list[int], *, width: int | None, riders: list[Sequence]):
@@ -495,10 +493,9 @@ class Scheduler:
         """The decode step after ``in_flight``, launched before its tokens are read, when this round would
         do nothing else: no cancellation, no waiting request with a free row to take, every occupied row in
         that step (a full engine with a queue keeps running ahead; a row freed by this landing is filled next
-        round). Rows whose
-        length ends with that step's token are left out; a row that stops on a stop token is only known
-        once read, so its row in this step is computed and discarded (its blocks are freed after this
-        launch, and the step's write into them runs before any later step's, in stream order)."""
+        round). Rows whose length ends with that step's token are left out; a row that stops on a stop token
+        is only known once read, so its row in this step is computed and discarded (its blocks are freed
+        after this launch, and the step's write into them runs before any later step's, in stream order)."""
         live = [s for s in in_flight.seqs if s.finish is None]
         admissible = self._waiting and None in self.rows
         if admissible or self._cancelled or sum(s is not None for s in self.rows) != len(live):
