@@ -242,12 +242,12 @@ def profile(engine, vocab, device):
             segments = to_segments(segment_prompts([n], [slot], width=n), device=device) if slot else None
             for _ in range(2):
                 model.forward(toks, pos, cache=cache, block_tables=tables(1).to(device), adapters=engine.adapters, segments=segments,
-                              fresh=True)
+                              cached=0)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(5):
                 model.forward(toks, pos, cache=cache, block_tables=tables(1).to(device), adapters=engine.adapters, segments=segments,
-                              fresh=True)
+                              cached=0)
             sync(device)
             print(f"prefill {n} tokens adapter slot {slot}: {(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
     # A prefill group as the scheduler forms it: 8 prompts of 1,500 tokens, each with its own adapter or none.
@@ -263,7 +263,7 @@ def profile(engine, vocab, device):
                 sync(device)
                 t0 = time.perf_counter()
             model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments,
-                          fresh=True)
+                          cached=0)
         sync(device)
         print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters: "
               f"{(time.perf_counter() - t0) / 5 * 1000:.2f} ms", flush=True)
@@ -285,11 +285,11 @@ def profile(engine, vocab, device):
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     for slots in ([0] * group, [1 + i % engine.adapters.num_slots for i in range(group)]):
         segments = (to_segments(segment_prompts([n] * group, slots, width=n), device=device) if any(slots) else None)
-        model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments, fresh=True)
+        model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments, cached=0)
         sync(device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model.forward(toks, pos, cache=cache, block_tables=group_tables, adapters=engine.adapters, segments=segments,
-                          fresh=True)
+                          cached=0)
             sync(device)
         print(f"prefill group {group} x {n} tokens, {len(set(slots) - {0})} adapters (one forward):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))

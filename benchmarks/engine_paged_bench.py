@@ -380,7 +380,7 @@ def prompt_block_sweep(engine, names, device, *, sizes, group: int = 8, n: int =
                                                         device=device)
         # packed, as the engine runs a group of prompts
         run = dict(cache=cache, block_tables=tables, adapters=engine.adapters if size else None, segments=segments,
-                   fresh=True, pack=torch.arange(group * n, device=device),
+                   cached=0, pack=torch.arange(group * n, device=device),
                    logits_at=torch.full((group,), n - 1, device=device))
         model.forward(toks, pos, **run)
         sync(device)
@@ -533,7 +533,7 @@ def profile(engine, names, device, *, at: int, rows: int):
     plan = segment_prompts([n] * group, [1 + i for i in range(group)], width=n)
     segments = to_segments(plan, device=device)
     run = dict(cache=cache, block_tables=tables[:group].to(device), adapters=engine.adapters, segments=segments,
-               fresh=True)
+               cached=0)
     model.forward(toks, pos, **run)
     sync(device)
     t0 = time.perf_counter()

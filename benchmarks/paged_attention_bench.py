@@ -60,8 +60,8 @@ def main() -> int:
         q = torch.randn(rows, 1, HEADS, HEAD_DIM, device=dev, dtype=dtype)
         k = torch.randn(rows, 1, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
         live_bytes = rows * live * KV_HEADS * HEAD_DIM * 2 * 2
-        kernel = cache_access(positions, tables, block_size=BLOCK, fresh=False, kernel=True, group=4, dtype=dtype)
-        gather = cache_access(positions, tables, block_size=BLOCK, fresh=False, kernel=False, group=4, dtype=dtype)
+        kernel = cache_access(positions, tables, block_size=BLOCK, kernel=True, group=4, dtype=dtype)
+        gather = cache_access(positions, tables, block_size=BLOCK, kernel=False, group=4, dtype=dtype)
         variants = {f"paged kernel, tile {n}, {w} warps": (lambda n=n, w=w: paged_decode(
             q[:, 0], cache_k, cache_v, kernel.block_tables, kernel.lengths, block_n=n, num_warps=w, splits=1))
             for n in (32, 64, 128) for w in (4, 8)}

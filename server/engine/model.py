@@ -195,7 +195,6 @@ class EngineModel:
         adapters: AdapterSlots | None,
         segments: Segments | None = None,
         logits_at: int | torch.Tensor | None = -1,
-        fresh: bool = False,
         cached: int | None = None,
         compiled: bool = False,
         decode: DecodeRows | None = None,
@@ -205,10 +204,10 @@ class EngineModel:
         whose cache blocks are ``block_tables`` (batch, max_blocks) int32.
 
         Keys/values of the new tokens are written to their blocks first; each token attends to its
-        sequence's positions <= its own. ``fresh`` says the tokens are prompts' starts (positions 0..n-1,
-        padding after them only), so attention needs only the new keys (causal, no cache read); ``cached``
-        says every row's tokens start at that position (padding after them), so attention reads the rows'
-        first cached + seq positions, causal aligned to the end (no mask tensor).
+        sequence's positions <= its own. ``cached`` says every row's tokens start at that position (padding
+        after them): 0, prompts' starts, attend to the new keys only (causal, no cache read); more, to the
+        rows' first cached + seq positions, causal aligned to the end (no mask tensor). None: positions as
+        they come (decode steps; the masked gathering reference for rows continuing from different places).
         ``segments`` groups the flattened (batch * seq) tokens by adapter slot (None: base model only).
         ``compiled`` runs the layers through the compiled layer (see compile_decode; meant for decode
         steps, whose shapes repeat). Returns float32 (batch, vocab) for token index ``logits_at`` (an
@@ -225,10 +224,10 @@ class EngineModel:
         kernel = kernels_available(self.embed)
         common = dict(block_size=cache.block_size, kernel=kernel, group=s.heads // s.kv_heads, dtype=self.dtype)
         if decode is None:
-            access = cache_access(positions, block_tables, fresh=fresh, cached=cached, pack=pack, **common)
+            access = cache_access(positions, block_tables, cached=cached, pack=pack, **common)
         else:
-            access = mixed_access(positions, block_tables, decode.positions, decode.block_tables, fresh=fresh,
-                                  cached=cached, pack=pack, **common)
+            access = mixed_access(positions, block_tables, decode.positions, decode.block_tables, cached=cached,
+                                  pack=pack, **common)
         if pack is not None or decode is not None:
             tokens, positions, logits_at = _one_row(tokens, positions, logits_at, pack, decode)
         batch, seq = tokens.shape

@@ -182,15 +182,16 @@ class CacheAccess:
     pack: torch.Tensor | None = None
 
 
-def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool,
-                 group: int, dtype, cached: int | None = None, pack: torch.Tensor | None = None) -> CacheAccess:
+def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_size: int, kernel: bool, group: int,
+                 dtype, cached: int | None = None, pack: torch.Tensor | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of tokens at ``positions`` (batch, seq; -1 = padding) of rows whose blocks are
     ``block_tables`` (batch, max_blocks) int32 (idle rows: all scratch, position 0). ``cached``: every row's
-    tokens start at this position (that many tokens of the row in the cache already), padding after them.
+    tokens start at this position (that many tokens of the row in the cache already), padding after them; 0:
+    prompts from their start, attending to their new keys only (None: positions as they come).
     ``pack``: the forward runs only the tokens at these flat indices of the (batch, seq) layout, as one row."""
     if pack is not None:
-        laid_out = cache_access(positions, block_tables, block_size=block_size, fresh=fresh, kernel=kernel,
-                                group=group, dtype=dtype, cached=cached)
+        laid_out = cache_access(positions, block_tables, block_size=block_size, kernel=kernel, group=group,
+                                dtype=dtype, cached=cached)
         return CacheAccess("packed", laid_out.write_block.reshape(1, -1)[:, pack],
                            laid_out.write_offset.reshape(1, -1)[:, pack], parts=(laid_out,), pack=pack)
     real = positions >= 0
@@ -198,7 +199,7 @@ def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_s
     table = block_tables.long()
     write_block = torch.where(real, table.gather(1, at // block_size), 0)
     write_offset = torch.where(real, at % block_size, 0)
-    if fresh or cached == 0:
+    if cached == 0:
         return CacheAccess("fresh", write_block, write_offset)
     if kernel and positions.shape[1] == 1:
         return CacheAccess("kernel", write_block, write_offset, block_tables=block_tables,
@@ -223,14 +224,14 @@ def cache_access(positions: torch.Tensor, block_tables: torch.Tensor, *, block_s
 
 
 def mixed_access(prompt_positions: torch.Tensor, prompt_tables: torch.Tensor, decode_positions: torch.Tensor,
-                 decode_tables: torch.Tensor, *, block_size: int, fresh: bool, kernel: bool, group: int,
+                 decode_tables: torch.Tensor, *, block_size: int, kernel: bool, group: int,
                  dtype, cached: int | None = None, pack: torch.Tensor | None = None) -> CacheAccess:
     """The :class:`CacheAccess` of one flat row of tokens: prompts at ``prompt_positions`` (batch, seq; -1 =
     padding) with their ``prompt_tables``, then one new token per decode row at ``decode_positions`` (rows,)
     with ``decode_tables`` (rows, max_blocks). Each part reads the cache as it would in a forward of its own."""
     common = dict(block_size=block_size, kernel=kernel, group=group, dtype=dtype)
-    prompts = cache_access(prompt_positions, prompt_tables, fresh=fresh, cached=cached, pack=pack, **common)
-    decode = cache_access(decode_positions[:, None], decode_tables, fresh=False, **common)
+    prompts = cache_access(prompt_positions, prompt_tables, cached=cached, pack=pack, **common)
+    decode = cache_access(decode_positions[:, None], decode_tables, **common)
     write_block = torch.cat([prompts.write_block.reshape(1, -1), decode.write_block.reshape(1, -1)], dim=1)
     write_offset = torch.cat([prompts.write_offset.reshape(1, -1), decode.write_offset.reshape(1, -1)], dim=1)
     return CacheAccess("mixed", write_block, write_offset, parts=(prompts, decode))

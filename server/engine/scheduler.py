@@ -357,8 +357,7 @@ class Scheduler:
             tokens, positions, cache=self.cache, block_tables=tables.to(device), adapters=self.adapters,
             segments=segments,
             logits_at=torch.tensor([len(s.prompt) - a - 1 for s, a in zip(group, starts)], device=device),
-            fresh=not any(starts), cached=starts[0] if len(set(starts)) == 1 else None,
-            decode=self._decode_rows(riders), pack=pack,
+            cached=starts[0] if len(set(starts)) == 1 else None, decode=self._decode_rows(riders), pack=pack,
         )
         for seq in group:
             seq.computed = len(seq.prompt)
@@ -383,7 +382,7 @@ class Scheduler:
             block_tables=self.tables[seq.row : seq.row + 1].to(device), adapters=self.adapters,
             segments=self._segments([n], [seq.adapter_slot], width=None if pack is not None else padded,
                                     riders=riders), logits_at=n - 1,
-            fresh=start == 0, cached=start, decode=self._decode_rows(riders), pack=pack,
+            cached=start, decode=self._decode_rows(riders), pack=pack,
         )
         seq.computed += n
         self._publish(seq)

@@ -76,7 +76,7 @@ def test_compiled_step_logits_close_to_eager_in_bf16(arch_setup):
     prompts = [prompt_of(70 + i, 20) for i in range(4)]
     tables = torch.arange(1, 1 + 4 * cache.max_blocks, dtype=torch.int32, device="cuda").view(4, cache.max_blocks)
     model.forward(torch.tensor(prompts, device="cuda"), torch.arange(20, device="cuda").expand(4, 20), cache=cache,
-                  block_tables=tables, adapters=None, fresh=True)
+                  block_tables=tables, adapters=None, cached=0)
     tokens, positions = torch.tensor([[5], [6], [7], [8]], device="cuda"), torch.full((4, 1), 20, device="cuda")
     segments = to_segments(segment_rows([1, 0, 2, 3]), device="cuda", capacity=4)
     for adapters, rows_segments in ((None, None), (engine.adapters, segments)):

@@ -27,8 +27,8 @@ def test_logits_match_transformers_whole_and_in_chunks(arch, request):
     run = dict(cache=cache, adapters=None, logits_at=None)
     # Blocks out of order and not contiguous: the chunk after the first 10 tokens reads them back through its table.
     one, other = torch.tensor([[5, 2, 7, 0]], dtype=torch.int32), torch.tensor([[1, 8, 3, 0]], dtype=torch.int32)
-    whole = model.forward(ids, torch.arange(24)[None], block_tables=other, fresh=True, **run)[0]
-    first = model.forward(ids[:, :10], torch.arange(10)[None], block_tables=one, fresh=True, **run)[0]
+    whole = model.forward(ids, torch.arange(24)[None], block_tables=other, cached=0, **run)[0]
+    first = model.forward(ids[:, :10], torch.arange(10)[None], block_tables=one, cached=0, **run)[0]
     rest = model.forward(ids[:, 10:], torch.arange(10, 24)[None], block_tables=one, **run)[0]
     torch.testing.assert_close(whole, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat([first, rest]), expected, rtol=1e-4, atol=1e-4)
@@ -100,8 +100,7 @@ def test_packed_prompts_give_the_logits_of_the_padded_layout(arch, request):
         tokens[0, lengths[0]:] = 0
         pack = torch.cat([torch.arange(lengths[0]), 16 + torch.arange(lengths[1])])
         last = torch.tensor([n - 1 for n in lengths])
-        run = dict(cache=cache, block_tables=tables, adapters=None, logits_at=last, fresh=start == 0,
-                   cached=start)
+        run = dict(cache=cache, block_tables=tables, adapters=None, logits_at=last, cached=start)
         padded = model.forward(tokens, positions, **run)
         packed = model.forward(tokens, positions, pack=pack, **run)
         torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ def test_decode_kernel_matches_gathering_reference(heads, kv_heads, head_dim, dt
 
     def run(kernel):
         ck, cv = cache_k.clone(), cache_v.clone()
-        access = cache_access(positions.to(DEVICE), tables.to(DEVICE), block_size=block_size, fresh=False,
+        access = cache_access(positions.to(DEVICE), tables.to(DEVICE), block_size=block_size,
                               kernel=kernel, group=heads // kv_heads, dtype=dtype)
         if kernel:  # the kernel path is the one decode steps on CUDA take; here it is forced on any device
             ck[access.write_block, access.write_offset] = k_new
@@ -59,7 +59,7 @@ def test_reference_reads_only_the_rows_own_blocks():
     tables = torch.tensor([[6, 2, 0]], dtype=torch.int32)
     positions = torch.tensor([[6]])  # 7 tokens: block 6 whole, block 2 up to offset 2
     q, k, v = (torch.randn(1, 1, n, head_dim, generator=gen) for n in (4, kv_heads, kv_heads))
-    access = cache_access(positions, tables, block_size=block_size, fresh=False, kernel=False, group=2,
+    access = cache_access(positions, tables, block_size=block_size, kernel=False, group=2,
                           dtype=torch.float32)
     clean = attend_cache(q, k, v, cache_k.clone(), cache_v.clone(), access)
     poisoned_k, poisoned_v = cache_k.clone(), cache_v.clone()
@@ -83,7 +83,7 @@ def test_rows_after_the_same_cached_prefix_attend_as_the_masked_reference(dtype)
     positions = torch.tensor([[cached + i if i < n else -1 for i in range(seq)] for n in lengths], device=DEVICE)
     q = torch.randn(2, seq, heads, head_dim, generator=gen).to(DEVICE, dtype)
     k, v = (torch.randn(2, seq, kv_heads, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
-    common = dict(block_size=block_size, fresh=False, kernel=False, group=heads // kv_heads, dtype=dtype)
+    common = dict(block_size=block_size, kernel=False, group=heads // kv_heads, dtype=dtype)
     after = cache_access(positions, tables, cached=cached, **common)
     reference = cache_access(positions, tables, **common)
     assert after.mode == "after" and reference.mode == "gather"

@@ -42,7 +42,7 @@ def test_rope_kernel_stores_k_and_v_where_attend_cache_would(dtype):
     cos, sin = rope_tables(inverse_frequencies(config, head_dim), 32, dtype=dtype, device=DEVICE)
     positions = torch.tensor([[0, 1, 2, 3, 4], [9, 10, 11, -1, -1]], device=DEVICE)  # row 1: two padding tokens
     tables = torch.tensor([[3, 7, 0, 0], [5, 1, 9, 0]], dtype=torch.int32, device=DEVICE)
-    access = cache_access(positions, tables, block_size=block_size, fresh=False, kernel=False, group=3, dtype=dtype)
+    access = cache_access(positions, tables, block_size=block_size, kernel=False, group=3, dtype=dtype)
     qkv = torch.randn(batch, seq, heads + 2 * kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
     at = positions.clamp(min=0)
     at_cos, at_sin = cos[at].unsqueeze(2), sin[at].unsqueeze(2)

@@ -147,7 +147,7 @@ def test_one_group_of_whole_prompts_per_step(engine):
     forward = engine.model.forward
 
     def counting_forward(*args, **kwargs):
-        forwards.append(kwargs.get("fresh", False))
+        forwards.append(kwargs.get("cached") == 0)  # a forward of prompts from their start
         return forward(*args, **kwargs)
 
     engine.model.forward = counting_forward
