@@ -109,7 +109,6 @@ def test_weak_matches_do_not_pad_the_answer():
     assert "Returns Policy" not in text
 
 
-
 def test_inflected_words_match_and_a_question_in_the_passage_is_never_the_quote():
     """Sentences are ranked on stems, as support is measured: "findings ... indicate" finds "finding ...
     indicated". The passage's own question shares the most words but states nothing, so the sentence that
@@ -134,6 +133,7 @@ def test_inflected_words_match_and_a_question_in_the_passage_is_never_the_quote(
     asked = (make_passage(1, "Is the trial finished? Enrolment closed in March."),)
     _, _, text = _answer("Which finished trial?", asked, generator=generator)
     assert text.startswith(NO_MATCH) and text.endswith("Enrolment closed in March. [1]")
+
 
 def _answer(question: str, passages, *, generator=None, max_tokens: int = 256):
     """(stream, deltas, text) of one request to ``generator`` (default: ExtractiveGenerator())."""
