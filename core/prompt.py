@@ -161,7 +161,9 @@ def strip_markers(text: str) -> str:
 # number="6" source="x.txt">\nEleanor ..."), or starts one as max_tokens cuts it off.
 _WHOLE_TAG = re.compile(r"</?document\b[^<>\n]{0,500}>")
 _OPEN_TAG = re.compile(r"</?document\b[^<>\n]{0,500}")  # begun, not yet closed
-_DOCUMENT_TAG = re.compile(f"{_WHOLE_TAG.pattern}|{_OPEN_TAG.pattern}$")  # a whole tag, or one cut off at the end
+# A whole tag, or one cut off at the very end (\Z: "$" would also match before a final newline, which the stream
+# shows, since a tag never spans one).
+_DOCUMENT_TAG = re.compile(f"{_WHOLE_TAG.pattern}|{_OPEN_TAG.pattern}\\Z")
 
 
 def strip_prompt_markup(text: str) -> str:
@@ -170,7 +172,6 @@ def strip_prompt_markup(text: str) -> str:
     if "<document" not in text and "</document" not in text:
         return text
     return re.sub(r"[ \t]*\n{3,}", "\n\n", _DOCUMENT_TAG.sub("", text)).strip()
-
 
 
 _TAG_STARTS = ("<document", "</document")
@@ -215,6 +216,7 @@ class StreamedMarkup:
 def _may_become_tag(text: str) -> bool:
     """Whether ``text`` (starting with "<") is a tag begun and not yet closed, or the start of one's name."""
     return any(start.startswith(text) for start in _TAG_STARTS) or _OPEN_TAG.fullmatch(text) is not None
+
 
 def format_documents(passages: Sequence[Passage]) -> str:
     """The numbered ``<document>`` blocks the user turn carries; an explicit empty block when none fit."""

@@ -169,7 +169,7 @@ def test_a_document_tag_the_model_copied_from_its_prompt_is_dropped_and_the_copi
 def test_a_streamed_answer_never_shows_a_document_tag_whatever_pieces_it_arrives_in():
     """The stream drops the tags piece by piece as strip_prompt_markup drops them from the whole answer: a tag
     split over pieces, one cut off by max_tokens, and never anything else ("x < y", "<documentation>")."""
-    from core.prompt import StreamedMarkup
+    from core.prompt import StreamedMarkup, strip_prompt_markup
 
     def streamed(pieces):
         markup = StreamedMarkup()
@@ -187,6 +187,11 @@ def test_a_streamed_answer_never_shows_a_document_tag_whatever_pieces_it_arrives
     shown, text = streamed(["x <", " y, a<b and <documentation> stay"])
     assert shown == ["x ", "< y, a<b and <documentation> stay"] and text == "x < y, a<b and <documentation> stay"
     assert streamed(["ends with <"])[1] == "ends with <"
+    # A tag begun and left before a line break is no tag cut off at the end: both paths keep it (the whole
+    # answer is also stripped of surrounding whitespace).
+    broken = 'Five years <document number="3" x\n'
+    assert streamed([broken])[1] == broken and strip_prompt_markup(broken) == broken.strip()
+
 
 def test_a_draft_that_makes_no_checkable_claim_is_quoted_or_declined_like_an_unsupported_one(attributor):
     # "No." carries no proof: the client gets the passages' own sentences, cited, and the draft stays aside.
