@@ -28,11 +28,19 @@ def load_stemmer(language: str | None):
     if language not in cached:
         try:
             import Stemmer
-        except ImportError:  # keyword search still works, only without stemming
+        except ImportError:  # keyword search still works, only without stemming (said once per thread)
             log.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer)")
-            return None
-        cached[language] = Stemmer.Stemmer(language)
+            cached[language] = None
+        else:
+            cached[language] = Stemmer.Stemmer(language)
     return cached[language]
+
+
+def stem_words(words: list[str], language: str = "english") -> list[str]:
+    """``words`` Snowball-stemmed with this thread's stemmer, as the keyword index stems them (unchanged
+    without PyStemmer)."""
+    stemmer = load_stemmer(language)
+    return stemmer.stemWords(words) if stemmer is not None else words
 
 
 def _bm25s():

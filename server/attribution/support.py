@@ -19,12 +19,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations
 
 import numpy as np
 
 from core.prompt import CITATION_MARKER
-from retrieval.keyword import TermWeights, load_stemmer
+from retrieval.keyword import TermWeights, stem_words
 from server.attribution.numeric import Mention, Value, passage_mentions, sentence_values, states_values
 
 # Answerability's blend, chosen with attribution.abstain_below on the sample set, COVID-QA and HotpotQA drafts
@@ -58,12 +57,6 @@ _NUMBER_WORDS = {
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20",
     "thirty": "30", "fifty": "50", "hundred": "100", "half": "50%",
 }
-def stem_words(words: list[str]) -> list[str]:
-    """``words`` Snowball-stemmed (English) with this thread's stemmer, as the keyword index stems them."""
-    stemmer = load_stemmer("english")
-    return stemmer.stemWords(words) if stemmer is not None else words
-
-
 # Stems no passage is expected to repeat for a question: its stop words and question-shaping words. Their rarity
 # in the index says nothing (a corpus that seldom writes "what" or "often" would make them weigh most).
 _NO_CLAIM_STEMS = frozenset(stem_words(sorted(STOPWORDS | QUESTION_WORDS)))

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from core.records import Passage
-from server.attribution.support import QUESTION_WORDS, stem_words
+from retrieval.keyword import stem_words
+from server.attribution.support import QUESTION_WORDS
 from server.generation.protocol import GenerationRequest, GenerationStream, PromptInfo, TextDelta
 
 NOTHING_FOUND = (
