@@ -72,7 +72,8 @@ def read_config(path: Path, *, name: str | None = None) -> tuple[dict, bytes]:
     except UnicodeDecodeError as error:
         raise InvalidAdapter(f"{where}: {CONFIG_FILE} is not UTF-8 text (byte {error.start})") from error
     if (depth := _nesting_depth(text)) > MAX_CONFIG_DEPTH:
-        # Checked before parsing: json's decoder recurses per level and a deep enough file overflows the stack.
+        # Checked before parsing, to say the depth and the limit: json's decoder recurses per level, and past
+        # the interpreter's limit it only raises RecursionError (caught below, as the other JSON readers do).
         raise InvalidAdapter(f"{where}: {CONFIG_FILE} is nested {depth} levels deep; at most {MAX_CONFIG_DEPTH}")
     try:
         config = json.loads(text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant)
