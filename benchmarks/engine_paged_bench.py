@@ -39,6 +39,8 @@ SHAPES = {  # as tests/model_factory's, without its tokenizer dependencies
     "llama3-8b": dict(architecture="llama", hidden_size=4096, layers=32, heads=32, kv_heads=8,
                       intermediate_size=14336, vocab_size=128256, max_positions=8192),
 }
+# The throughput workload: prompt and new-token counts per request, drawn uniformly (--shape tiny: smaller).
+PROMPT_RANGE, NEW_RANGE = (1000, 2000), (128, 256)
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -91,8 +93,14 @@ def parse_args(argv=None):
     for name in ("requests", "adapters", "rank", "poisson_requests", "prefill_budget", "poisson_chunk", "repeats"):
         if getattr(args, name) < 1:  # refused here, before a model is built, rather than by the engine after
             p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if any(size not in (16, 32, 64, 128) for size in args.prompt_block_sweep + [args.prompt_block or 16]):
+    blocks = args.prompt_block_sweep + ([args.prompt_block] if args.prompt_block is not None else [])
+    if any(size not in (16, 32, 64, 128) for size in blocks):
         p.error("--prompt-block and --prompt-block-sweep take 16, 32, 64 or 128 (rows per LoRA block)")
+    if (args.prompt_block or args.prompt_block_sweep or args.pack_compare) and args.no_throughput:
+        p.error("--prompt-block, --prompt-block-sweep and --pack-compare are parts of the throughput run: "
+                "leave out --no-throughput")
+    if args.poisson_rate <= 0:
+        p.error(f"--poisson-rate must be above 0 requests a second, not {args.poisson_rate:g}")
     if min(args.concurrency) < 1:
         p.error(f"--concurrency must be at least 1, not {min(args.concurrency)}")
     return args
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     tiny = args.shape == "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    prompt_range, new_range = ((20, 60), (8, 16)) if tiny else ((1000, 2000), (128, 256))
+    prompt_range, new_range = ((20, 60), (8, 16)) if tiny else (PROMPT_RANGE, NEW_RANGE)
     shared_prefix = min(args.shared_prefix, prompt_range[0] - 1)
     concurrency = [min(c, 16) for c in args.concurrency] if tiny else args.concurrency
     rng = random.Random(args.seed)
@@ -229,6 +237,8 @@ def main(argv=None) -> int:
                     engine, main_load, names, args, record, suffix=f", prompt blocks of {args.prompt_block}")
         if args.prompt_block_sweep and device.type == "cuda":
             prompt_block_sweep(engine, names, device, sizes=args.prompt_block_sweep)
+        elif args.prompt_block_sweep:
+            print("prompt-block sweep skipped: it times CUDA kernels", flush=True)
         if args.mix_compare:
             engine.scheduler.mix_decode = False
             record(f"{args.requests} at once, {args.adapters} adapters, decode after prompts",
