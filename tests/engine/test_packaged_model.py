@@ -70,3 +70,47 @@ def test_engine_streams_what_transformers_and_peft_generate(served):
         answers[adapter] = ids
     assert answers[None] != answers["acme"]  # the adapter is applied
     assert tokenizer.decode(answers[None]).strip()
+
+
+def test_packed_prompts_decoded_ahead_and_prefix_rests_match_transformers(packaged_model_path, one_torch_thread):
+    """The real model through the engine's own scheduler: two RAG prompts of different lengths prefilled as one
+    packed group, their greedy steps run ahead of the host, then two more whose shared opening (the system
+    prompt) comes from the prefix cache and whose rests are prefilled together after it. Every answer equals
+    transformers' greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.engine.engine import Engine, EngineConfig
+    from tests.engine.conftest import make_sequence, run_until_done
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_path)
+    hf = AutoModelForCausalLM.from_pretrained(packaged_model_path, dtype=torch.float32).eval()
+    engine = Engine.from_hf(hf, config=EngineConfig(max_rows=2, max_len=512, adapter_slots=1, max_rank=8),
+                            device="cpu", dtype=torch.float32, start=False)
+    questions = ["How long is the warranty on a Kestrel Tide buoy?", "Does the warranty cover ice damage?",
+                 "What does the warranty cover?", "Who pays for return shipping?"]
+    prompts = [build_prompt((ChatMessage("user", q),), PASSAGES, tokenizer=tokenizer).token_ids for q in questions]
+    assert len({len(p) for p in prompts[:2]}) == 2  # different lengths: the group has padding to leave out
+    scheduler, forwards = engine.scheduler, []
+    forward = engine.model.forward
+
+    def recording_forward(*args, **kwargs):
+        forwards.append((kwargs.get("pack") is not None, kwargs.get("cached")))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording_forward
+    answers = []
+    for pair in (prompts[:2], prompts[2:]):
+        requests = [make_sequence(engine, list(p), max_tokens=12) for p in pair]
+        for seq, _ in requests:
+            scheduler.submit(seq)
+        run_until_done(scheduler, [c for _, c in requests])
+        answers += [c.tokens for _, c in requests]
+        if pair is prompts[2:]:
+            assert requests[0][0].cached == requests[1][0].cached > 0  # the system prompt, from the cache
+    assert (True, 0) in forwards  # the first pair: one packed forward from the prompts' start
+    assert any(packed and cached for packed, cached in forwards)  # the second: rests after the cached prefix
+    for prompt, tokens in zip(prompts, answers):
+        with torch.no_grad():
+            expected = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                                   do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == expected
